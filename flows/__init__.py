@@ -1,0 +1,1 @@
+"""Prefect flows, the CLI, the config object and presets."""

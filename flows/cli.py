@@ -1,0 +1,205 @@
+"""``embedpipe`` command line. Exit codes: 0 success, 1 run failed, 2 bad usage or bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from embedpipe.storage.errors import EmbedpipeError, InputError
+
+log = logging.getLogger("embedpipe")
+
+PROTOCOLS = ("holidays", "none")
+
+# Prefect runs on its ephemeral local server unless the user points PREFECT_API_URL elsewhere;
+# Ray and Dask stay on loopback. Users' own settings win.
+ENV_DEFAULTS = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+}
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="named preset (see 'embedpipe presets')")
+    p.add_argument("--out", type=Path, help="run directory; re-running with the same one resumes")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set extract.max_side=512 (repeatable)",
+    )
+    p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embedpipe", description=__doc__.splitlines()[0].strip("`"))
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="whole pipeline on the bundled demo dataset (no network)")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default runs/demo)")
+    demo.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key (repeatable)",
+    )
+
+    run = sub.add_parser("run", help="whole pipeline on your images")
+    run.add_argument("config", nargs="?", type=Path, help="YAML config file")
+    run.add_argument("--images", type=Path, help="folder of images (recursive)")
+    run.add_argument("--protocol", choices=PROTOCOLS, help="evaluation protocol (default holidays)")
+    _config_args(run)
+
+    bench = sub.add_parser("bench", help="side-by-side benchmarks written as JSON")
+    bench.add_argument("what", choices=("extract",), help="what to measure")
+    bench.add_argument("--json", type=Path, help="write the result here (also printed)")
+    bench.add_argument("--images", type=Path, help="images to use (default: the demo dataset)")
+    bench.add_argument(
+        "--n", type=int, default=200, help="number of images, cycling the inputs (default 200)"
+    )
+    _config_args(bench)
+
+    sub.add_parser("presets", help="list the named presets")
+    return parser
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+
+def _run_flow(cfg) -> dict:
+    from embedpipe.flows.pipeline import pipeline
+
+    return pipeline(cfg)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from embedpipe.flows.config import load_config
+    from embedpipe.workers.demo_data import generate_demo
+
+    cfg = load_config(preset="demo", overrides={"out": args.out}, sets=args.sets)
+    info = generate_demo(cfg.out / "demo-images", seed=cfg.seed)
+    log.info("demo dataset: %d images, %d queries in %s", info.n_images, info.n_queries, info.root)
+    cfg = cfg.model_copy(update={"images": info.root})
+    metrics = _run_flow(cfg)
+    _print_table(metrics, cfg.out)
+    return 0
+
+
+def _load_run_config(args: argparse.Namespace):
+    from embedpipe.flows.config import load_config
+    from embedpipe.storage.dataset import list_images
+
+    overrides = {
+        "images": getattr(args, "images", None),
+        "protocol": getattr(args, "protocol", None),
+        "out": args.out,
+    }
+    if args.ray_address:
+        overrides["ray"] = {"address": args.ray_address}
+    cfg = load_config(
+        preset=args.preset or ("default" if not getattr(args, "config", None) else None),
+        path=getattr(args, "config", None),
+        overrides=overrides,
+        sets=args.sets,
+    )
+    if cfg.images is not None:
+        list_images(cfg.images)  # fail fast, before any engine starts
+    return cfg
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load_run_config(args)
+    if cfg.images is None:
+        raise InputError("no images given (--images PATH or 'images:' in the config)")
+    metrics = _run_flow(cfg)
+    _print_table(metrics, cfg.out)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from embedpipe.storage.dataset import list_images
+    from embedpipe.workers.bench import bench_extract
+    from embedpipe.workers.demo_data import generate_demo
+
+    if args.n < 1:
+        raise InputError("--n must be at least 1")
+    cfg = _load_run_config(args)
+    if cfg.images is None:
+        root = Path(tempfile.gettempdir()) / "embedpipe-bench-demo"
+        cfg = cfg.model_copy(update={"images": generate_demo(root, seed=cfg.seed).root})
+    files = [str(p) for p in list_images(cfg.images)]
+    paths = [files[i % len(files)] for i in range(args.n)]
+    result = bench_extract(paths, cfg)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    sys.stdout.write(text + "\n")
+    log.info(
+        "bench extract: ours %.1f img/s, baseline %.1f img/s, ratio %.3f",
+        result["ours"]["images_per_s"],
+        result["baseline"]["images_per_s"],
+        result["ratio"],
+    )
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from embedpipe.flows.config import preset_names
+
+    sys.stdout.write("\n".join(preset_names()) + "\n")
+    return 0
+
+
+def _print_table(metrics: dict, out: Path) -> None:
+    lines = [f"{'descriptor':<12}{'post':<10}{'dim':>6}{'mAP':>9}{'mP@10':>9}"]
+    for r in metrics["results"]:
+        lines.append(
+            f"{r['descriptor']:<12}{r['post']:<10}{r['dim']:>6}{r.get('map', float('nan')):>9.4f}"
+            f"{r.get('mp@10', float('nan')):>9.4f}"
+        )
+    lines.append(f"report: {out / 'report' / 'index.html'}")
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+COMMANDS = {"demo": cmd_demo, "run": cmd_run, "bench": cmd_bench, "presets": cmd_presets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    try:
+        return COMMANDS[args.command](args)
+    except EmbedpipeError as err:
+        if args.debug:
+            raise
+        sys.stderr.write(f"embedpipe: error: {err}\n")
+        return err.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("embedpipe: interrupted; re-run the same command to resume\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

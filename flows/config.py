@@ -1,0 +1,159 @@
+"""The one config object of a run: frozen pydantic models, unknown keys rejected.
+
+Sources, later wins: preset YAML (``flows/presets/<name>.yaml``), a user YAML file, CLI flags, then
+``--set section.key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from embedpipe.storage.errors import InputError
+
+Descriptor = Literal["gem", "spoc", "mac"]
+Protocol = Literal["holidays", "none"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ExtractConfig(_Frozen):
+    backbone: str = "efficientnet_lite0"
+    weights: Path | None = Field(None, description="local weights file for backbones not bundled")
+    max_side: int = Field(1024, ge=32, description="images larger than this are downscaled, aspect kept")
+    descriptors: tuple[Descriptor, ...] = ("gem", "spoc")
+    gem_p: float = Field(3.0, gt=0)
+    batch_size: int = Field(8, ge=1, description="images per batch between Ray stages")
+    shard_size: int = Field(256, ge=1, description="images per Parquet part file")
+    actors: int = Field(0, ge=0, description="model actors; 0 derives it from the cluster's CPUs")
+    torch_threads: int = Field(0, ge=0, description="torch threads per actor; 0 derives it")
+
+    @field_validator("descriptors")
+    @classmethod
+    def _unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("descriptors must be a non-empty list without repeats")
+        return v
+
+
+class FitConfig(_Frozen):
+    whiten: bool = True
+    dim: int = Field(128, ge=0, description="PCA-whitening output dim; 0 keeps all that the data supports")
+    shrinkage: float = Field(
+        1.0, ge=0, description="eigenvalue regularisation: adds this fraction of the mean eigenvalue"
+    )
+    scheduler: Literal["ray", "threads", "local-cluster"] = "ray"
+    block_rows: int = Field(65536, ge=1, description="rows per Dask block when reading the store")
+
+
+class IndexConfig(_Frozen):
+    factory: Literal["Flat"] = "Flat"
+
+
+class RayConfig(_Frozen):
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+    object_store_mb: int = Field(1024, ge=128)
+    progress_timeout_s: float = Field(
+        600.0, gt=0, description="fail a stage that makes no progress this long"
+    )
+
+
+class Config(_Frozen):
+    images: Path | None = None
+    protocol: Protocol = "holidays"
+    out: Path = Path("runs/latest")
+    seed: int = 0
+    extract: ExtractConfig = ExtractConfig()
+    fit: FitConfig = FitConfig()
+    index: IndexConfig = IndexConfig()
+    ray: RayConfig = RayConfig()
+
+    def fingerprint(self, *sections: str) -> str:
+        """Hash of the named sections (all when none): what a stage's output depends on."""
+        data = self.model_dump(mode="json")
+        picked = {k: data[k] for k in (sections or data.keys())}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("embedpipe.flows") / "presets"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, origin: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise InputError(f"{origin}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{origin}: expected a mapping of config keys")
+    return data
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _apply_set(data: dict[str, Any], assignment: str) -> dict[str, Any]:
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise InputError(f"--set {assignment!r}: expected key=value, e.g. extract.max_side=512")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    node: dict[str, Any] = {}
+    nested = node
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        nested[part] = {}
+        nested = nested[part]
+    nested[parts[-1]] = value
+    return _merge(data, node)
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key '{where}'{more}"
+    return f"bad config value for '{where}': {first['msg']}{more}"
+
+
+def load_config(
+    preset: str | None = None,
+    path: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+) -> Config:
+    """Build the run's Config; every problem becomes one ``InputError`` line."""
+    data: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in preset_names():
+            raise InputError(f"unknown preset '{preset}' (known: {', '.join(preset_names())})")
+        text = (resources.files("embedpipe.flows") / "presets" / f"{preset}.yaml").read_text()
+        data = _merge(data, _read_yaml(text, f"preset {preset}"))
+    if path is not None:
+        if not Path(path).is_file():
+            raise InputError(f"config file not found: {path}")
+        data = _merge(data, _read_yaml(Path(path).read_text(), str(path)))
+    data = _merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+    for assignment in sets or []:
+        data = _apply_set(data, assignment)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise InputError(_one_line(err)) from None

@@ -1,0 +1,181 @@
+"""The ``pipeline`` Prefect flow: ingest -> extract (Ray) -> fit (Dask) -> index + evaluate -> report.
+
+Tasks are thin wrappers around plain functions from ``embedpipe.workers``. Each stage records a
+fingerprint of its inputs and config in ``manifest.json``; a re-run with the same ``--out`` skips every
+stage whose fingerprint is unchanged, so an interrupted run resumes and a finished run is a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from embedpipe.flows.config import Config
+from embedpipe.storage.artifacts import save_npz
+from embedpipe.storage.dataset import ShardPlan, plan_shards
+from embedpipe.storage.errors import InputError, RunFailed
+from embedpipe.storage.layout import RunLayout, write_json_atomic
+from embedpipe.storage.quarantine import read_quarantine, write_quarantine
+from embedpipe.workers.dask_jobs import fit_pca_whitening
+from embedpipe.workers.evaluate import index_and_evaluate, whitening_name
+from embedpipe.workers.extract import run_extract
+from embedpipe.workers.ray_stages import ray_session
+from embedpipe.workers.report import render_report
+
+STAGES = ("extract", "fit", "evaluate")
+
+
+def _chain(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for dist in ("embedpipe", "torch", "timm", "ray", "prefect", "dask", "faiss-cpu", "pyarrow", "numpy"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[dist] = importlib.metadata.version(dist)
+    return out
+
+
+def fingerprints(cfg: Config, plan: ShardPlan) -> dict[str, str]:
+    extract = _chain(plan.fingerprint, cfg.fingerprint("extract"))
+    fit = _chain(extract, cfg.fingerprint("fit"))
+    return {"extract": extract, "fit": fit, "evaluate": _chain(fit, cfg.fingerprint("index", "protocol"))}
+
+
+class LazyRay:
+    """Starts the run's Ray session the first time a stage needs it, and only then."""
+
+    def __init__(self, cfg: Config, stack: contextlib.ExitStack):
+        self.cfg, self.stack, self.started = cfg, stack, False
+
+    def ensure(self) -> None:
+        if not self.started:
+            self.stack.enter_context(ray_session(self.cfg.ray))
+            self.started = True
+
+
+@task(name="extract", cache_policy=NO_CACHE)
+def extract_task(cfg: Config, plan: ShardPlan, layout: RunLayout, ray: LazyRay) -> dict[str, Any]:
+    ray.ensure()
+    result = run_extract(plan, cfg, layout)
+    write_quarantine(layout.quarantine, result.quarantined)
+    if result.n_ok == 0:
+        raise RunFailed(f"no usable image among {result.n_inputs} inputs (reasons in {layout.quarantine})")
+    return {"n_ok": result.n_ok, "n_quarantined": len(result.quarantined), "summary": result.summary}
+
+
+@task(name="fit", cache_policy=NO_CACHE)
+def fit_task(cfg: Config, layout: RunLayout, ray: LazyRay) -> dict[str, Any]:
+    logger = get_run_logger()
+    if cfg.fit.scheduler == "ray":
+        ray.ensure()
+    fitted = {}
+    for name in cfg.extract.descriptors:
+        model, n = fit_pca_whitening(layout.feature_dir(name), cfg.fit)
+        meta = {
+            "kind": "pca-whitening",
+            "descriptor": name,
+            "n_train": n,
+            "fit": cfg.fit.model_dump(mode="json"),
+        }
+        save_npz(layout.model(whitening_name(name)), meta, **model)
+        fitted[name] = int(model["proj"].shape[0])
+        logger.info(
+            "fit: PCA-whitening %s %d -> %d dims on %d vectors", name, model["mean"].shape[0], fitted[name], n
+        )
+    return fitted
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(cfg: Config, layout: RunLayout, n_images: int) -> dict[str, Any]:
+    results, n_queries = [], 0
+    for name in cfg.extract.descriptors:
+        rows, n_queries = index_and_evaluate(layout, cfg, name)
+        results.extend(rows)
+    n_quarantined = read_quarantine(layout.quarantine).num_rows
+    return {
+        "protocol": cfg.protocol,
+        "dataset": {
+            "path": str(cfg.images),
+            "n_images": n_images,
+            "n_queries": n_queries,
+            "n_quarantined": n_quarantined,
+        },
+        "results": results,
+    }
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(cfg: Config, layout: RunLayout, metrics: dict[str, Any]) -> None:
+    write_json_atomic(layout.metrics, metrics)
+    stages = layout.read_manifest().get("stages", {})
+    timings = {k: v.get("seconds", 0.0) for k, v in stages.items()}
+    quarantine = read_quarantine(layout.quarantine).to_pylist()
+    layout.report_html.write_text(render_report(metrics, timings, quarantine, cfg.model_dump(mode="json")))
+
+
+def _run_stage(layout: RunLayout, stage: str, fp: str, fn, logger) -> Any:
+    if layout.stage_done(stage, fp):
+        logger.info("%s: up to date, skipped", stage)
+        return layout.read_manifest()["stages"][stage].get("result")
+    layout.mark_stage(stage, fp, "running")
+    start = time.perf_counter()
+    result = fn()
+    layout.mark_stage(stage, fp, "done", seconds=round(time.perf_counter() - start, 3), result=result)
+    return result
+
+
+@flow(name="pipeline", log_prints=False, validate_parameters=False)
+def pipeline(cfg: Config) -> dict[str, Any]:
+    """Run every stage for ``cfg`` into ``cfg.out``; returns the metrics.json content."""
+    logger = get_run_logger()
+    if cfg.images is None:
+        raise InputError("no images given (--images PATH or 'images:' in the config)")
+    layout = RunLayout(cfg.out)
+    plan = plan_shards(cfg.images, cfg.extract.shard_size)
+    fps = fingerprints(cfg, plan)
+    if all(layout.stage_done(s, fps[s]) for s in STAGES) and layout.metrics.exists():
+        logger.info("run %s is complete and up to date: nothing to do", layout.root)
+        return layout.read_manifest()["stages"]["evaluate"]["result"]
+    layout.root.mkdir(parents=True, exist_ok=True)
+    layout.update_manifest(
+        config=cfg.model_dump(mode="json"),
+        versions=versions(),
+        input={
+            "path": str(plan.root),
+            "n_files": len(plan.paths),
+            "fingerprint": plan.fingerprint,
+            "n_shards": plan.n_shards,
+        },
+    )
+    logger.info("run %s: %d inputs in %d shard(s)", layout.root, len(plan.paths), plan.n_shards)
+    with contextlib.ExitStack() as stack:
+        ray = LazyRay(cfg, stack)
+        extracted = _run_stage(
+            layout, "extract", fps["extract"], lambda: extract_task(cfg, plan, layout, ray), logger
+        )
+        if cfg.fit.whiten:
+            _run_stage(layout, "fit", fps["fit"], lambda: fit_task(cfg, layout, ray), logger)
+        else:
+            layout.mark_stage("fit", fps["fit"], "done", seconds=0.0, result={})
+    metrics = _run_stage(
+        layout, "evaluate", fps["evaluate"], lambda: evaluate_task(cfg, layout, extracted["n_ok"]), logger
+    )
+    report_task(cfg, layout, metrics)
+    best = max(metrics["results"], key=lambda r: r.get("map", 0.0))
+    logger.info(
+        "done: %s; best %s-%s mAP %.4f; report %s",
+        extracted["summary"],
+        best["descriptor"],
+        best["post"],
+        best.get("map", float("nan")),
+        layout.report_html,
+    )
+    return metrics

@@ -1,0 +1,1 @@
+"""On-disk formats: run layout, Parquet feature store, quarantine, errors."""

@@ -1,0 +1,139 @@
+"""Parquet feature store: one dataset per descriptor, ``part-XXXXX-of-YYYYY.parquet`` plus a manifest.
+
+Rows: ``id`` (content hash), ``path`` (source), ``width``/``height`` (original image size) and
+``descriptor`` (fixed-size list of float32). Files open with pandas, duckdb or pyarrow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embedpipe.storage.layout import write_json_atomic
+
+MANIFEST = "_manifest.json"
+
+
+def feature_schema(dim: int, metadata: dict[str, str] | None = None) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("path", pa.string(), nullable=False),
+            pa.field("width", pa.int32(), nullable=False),
+            pa.field("height", pa.int32(), nullable=False),
+            pa.field("descriptor", pa.list_(pa.float32(), dim), nullable=False),
+        ],
+        metadata=metadata,
+    )
+
+
+def part_name(shard: int, n_shards: int) -> str:
+    return f"part-{shard:05d}-of-{n_shards:05d}.parquet"
+
+
+class FeatureWriter:
+    """Streams rows into part files. Rows of one shard arrive together and shards in increasing order,
+    so at most one part file is open at a time and memory stays flat."""
+
+    def __init__(self, directory: Path, dim: int, n_shards: int, meta: dict[str, Any]):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.dim = dim
+        self.n_shards = n_shards
+        self.meta = meta
+        self.schema = feature_schema(dim, {"embedpipe": json.dumps(meta, sort_keys=True)})
+        self._shard: int | None = None
+        self._writer: pq.ParquetWriter | None = None
+        self._done: set[int] = set()
+        self.rows = 0
+
+    def _tmp(self, shard: int) -> Path:
+        return self.directory / f".{part_name(shard, self.n_shards)}.tmp"
+
+    def _close_current(self) -> None:
+        if self._shard is None:
+            return
+        assert self._writer is not None
+        self._writer.close()
+        os.replace(self._tmp(self._shard), self.directory / part_name(self._shard, self.n_shards))
+        self._done.add(self._shard)
+        self._shard, self._writer = None, None
+
+    def write(self, shard: int, ids, paths, widths, heights, vectors: np.ndarray) -> None:
+        if shard != self._shard:
+            if shard in self._done or (self._shard is not None and shard < self._shard):
+                raise ValueError(f"rows of shard {shard} arrived after the shard was closed")
+            self._close_current()
+            self._shard = shard
+            self._writer = pq.ParquetWriter(self._tmp(shard), self.schema, compression="zstd")
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"expected vectors of shape (n, {self.dim}), got {vectors.shape}")
+        flat = pa.array(vectors.reshape(-1), type=pa.float32())
+        table = pa.table(
+            {
+                "id": pa.array(list(ids), pa.string()),
+                "path": pa.array(list(paths), pa.string()),
+                "width": pa.array(widths, pa.int32()),
+                "height": pa.array(heights, pa.int32()),
+                "descriptor": pa.FixedSizeListArray.from_arrays(flat, self.dim),
+            },
+            schema=self.schema,
+        )
+        assert self._writer is not None
+        self._writer.write_table(table)
+        self.rows += len(table)
+
+    def close(self) -> None:
+        """Finish the open part, write empty parts for shards that had no usable image, then the manifest."""
+        self._close_current()
+        for shard in range(self.n_shards):
+            if shard not in self._done:
+                pq.write_table(self.schema.empty_table(), self.directory / part_name(shard, self.n_shards))
+        write_json_atomic(
+            self.directory / MANIFEST,
+            {"dim": self.dim, "rows": self.rows, "n_parts": self.n_shards, **self.meta},
+        )
+
+
+def part_files(directory: Path) -> list[Path]:
+    return sorted(Path(directory).glob("part-*-of-*.parquet"))
+
+
+def read_store_manifest(directory: Path) -> dict[str, Any]:
+    return json.loads((Path(directory) / MANIFEST).read_text())
+
+
+def vectors_of(table: pa.Table) -> np.ndarray:
+    """The ``descriptor`` column as a contiguous (n, dim) float32 array, without a per-row copy."""
+    column = table.column("descriptor").combine_chunks()
+    dim = column.type.list_size
+    values = column.values.to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(values.reshape(len(column), dim), dtype=np.float32)
+
+
+def read_part(path: Path, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(path, columns=columns)
+
+
+def iter_parts(directory: Path, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    for path in part_files(directory):
+        yield read_part(path, columns)
+
+
+def read_features(directory: Path) -> tuple[pa.Table, np.ndarray]:
+    """All rows (metadata table without the vectors) and the (n, dim) vectors, in store order."""
+    tables = list(iter_parts(directory))
+    table = (
+        pa.concat_tables(tables)
+        if tables
+        else feature_schema(read_store_manifest(directory)["dim"]).empty_table()
+    )
+    return table.drop_columns(["descriptor"]), vectors_of(table)

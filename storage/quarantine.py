@@ -1,0 +1,31 @@
+"""quarantine.parquet: every input that could not be used, with the stage and the reason."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("id", pa.string()),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+    ]
+)
+
+
+def write_quarantine(path: Path, rows: list[dict[str, str | None]]) -> None:
+    """Write the quarantine table (sorted by path for byte-identical output), replacing any earlier one."""
+    rows = sorted(rows, key=lambda r: (r["path"], r["stage"]))
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def read_quarantine(path: Path) -> pa.Table:
+    return pq.read_table(path) if path.exists() else SCHEMA.empty_table()

@@ -1,0 +1,67 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def embedpipe(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "embedpipe.flows.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["run"], ["bench"], ["presets"]])
+def test_help(command):
+    out = embedpipe(*command, "--help")
+    assert out.returncode == 0 and "usage: embedpipe" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--images", "/nonexistent/photos"], "images path not found: /nonexistent/photos"),
+        (["run"], "no images given"),
+        (["run", "--images", ".", "--set", "extract.bogus=1"], "unknown config key 'extract.bogus'"),
+        (["run", "--images", ".", "--preset", "nope"], "unknown preset 'nope'"),
+        (["run", "/nonexistent.yaml"], "config file not found"),
+        (["bench", "extract", "--n", "0"], "--n must be at least 1"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(args, message):
+    out = embedpipe(*args)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("embedpipe: error:") and message in lines[0]
+    assert "Traceback" not in out.stderr
+
+
+def test_argparse_errors_exit_2():
+    assert embedpipe().returncode == 2
+    assert embedpipe("run", "--protocol", "nope").returncode == 2
+
+
+@pytest.mark.slow
+def test_bench_extract_writes_side_by_side_json(tmp_path, small_holidays):
+    out = embedpipe(
+        "bench",
+        "extract",
+        "--images",
+        small_holidays,
+        "--n",
+        6,
+        "--set",
+        "extract.max_side=256",
+        "--json",
+        tmp_path / "b.json",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["name"] == "extract" and result["n_images"] == 6
+    for side in ("ours", "baseline"):
+        assert result[side]["time_s"] > 0 and result[side]["failed"] == 0
+    assert result["ratio"] == pytest.approx(result["baseline"]["time_s"] / result["ours"]["time_s"], rel=1e-3)
+    assert json.loads(out.stdout) == result

@@ -1,0 +1,66 @@
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+
+from embedpipe.storage.artifacts import load_npz, save_npz
+from embedpipe.storage.features import FeatureWriter, part_files, read_features, read_store_manifest
+from embedpipe.storage.quarantine import read_quarantine, write_quarantine
+
+
+def _write(directory, shards, dim=8, n_shards=3):
+    rng = np.random.default_rng(1)
+    writer = FeatureWriter(directory, dim, n_shards, {"descriptor": "gem", "backbone": "x"})
+    expected = []
+    for shard, n in shards:
+        vecs = rng.standard_normal((n, dim)).astype(np.float32)
+        ids = [f"id{shard}-{i}" for i in range(n)]
+        writer.write(shard, ids, [f"/p/{x}.jpg" for x in ids], np.full(n, 640), np.full(n, 480), vecs)
+        expected.append(vecs)
+    writer.close()
+    return np.concatenate(expected)
+
+
+def test_parquet_round_trip(tmp_path):
+    expected = _write(tmp_path / "gem", [(0, 5), (0, 2), (2, 4)])
+    names = [p.name for p in part_files(tmp_path / "gem")]
+    assert names == [
+        "part-00000-of-00003.parquet",
+        "part-00001-of-00003.parquet",
+        "part-00002-of-00003.parquet",
+    ]
+    meta, vectors = read_features(tmp_path / "gem")
+    assert vectors.dtype == np.float32 and np.array_equal(vectors, expected)
+    assert meta.column("id").to_pylist()[:2] == ["id0-0", "id0-1"]
+    assert read_store_manifest(tmp_path / "gem")["rows"] == 11
+    # standard tools read it
+    df = pd.read_parquet(tmp_path / "gem")
+    assert len(df) == 11 and len(df["descriptor"].iloc[0]) == 8
+    n = duckdb.sql(f"select count(*) from read_parquet('{tmp_path / 'gem'}/part-*.parquet')").fetchall()[0][0]
+    assert n == 11
+
+
+def test_writer_rejects_out_of_order_shards(tmp_path):
+    with pytest.raises(ValueError, match="arrived after"):
+        _write(tmp_path / "gem", [(1, 2), (0, 2)])
+
+
+def test_npz_is_byte_identical_and_loads_with_numpy(tmp_path):
+    arrays = {"mean": np.arange(4, dtype=np.float32), "proj": np.eye(4, dtype=np.float32)}
+    save_npz(tmp_path / "a.npz", {"k": 1}, **arrays)
+    save_npz(tmp_path / "b.npz", {"k": 1}, **arrays)
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    loaded, meta = load_npz(tmp_path / "a.npz")
+    assert meta == {"k": 1} and np.array_equal(loaded["proj"], arrays["proj"])
+    assert np.array_equal(np.load(tmp_path / "a.npz")["mean"], arrays["mean"])
+
+
+def test_quarantine_round_trip(tmp_path):
+    rows = [
+        {"path": "/b.jpg", "id": None, "stage": "extract", "reason": "empty file"},
+        {"path": "/a.jpg", "id": "ab", "stage": "extract", "reason": "not an image"},
+    ]
+    write_quarantine(tmp_path / "q.parquet", rows)
+    table = read_quarantine(tmp_path / "q.parquet")
+    assert table.column("path").to_pylist() == ["/a.jpg", "/b.jpg"]
+    assert read_quarantine(tmp_path / "missing.parquet").num_rows == 0

@@ -1,0 +1,1 @@
+"""Computation: descriptors (pure), decode, engines (Ray, Dask), FAISS, metrics, report."""

@@ -1,0 +1,60 @@
+"""Image decode and downscale with clear errors for bad inputs.
+
+JPEGs are decoded at a reduced DCT scale when the target is at most half the stored size
+(``Image.draft``), then resized with a bicubic filter so the longer side is at most ``max_side``.
+Images are never upscaled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from embedpipe.storage.errors import DecodeError
+
+
+def content_id(data: bytes) -> str:
+    """Content-hash id of an input: hex SHA-256 of its bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def target_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def decode_image(data: bytes, max_side: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode ``data`` to an RGB uint8 array (H, W, 3) with longer side <= ``max_side``.
+
+    Returns the array and the original (width, height) after EXIF orientation.
+    Raises ``DecodeError`` with a one-line reason for empty, truncated, corrupt or non-image data.
+    """
+    if not data:
+        raise DecodeError("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            width, height = (img.height, img.width) if rotated else img.size
+            tw, th = target_size(width, height, max_side)
+            if img.format == "JPEG":
+                # DCT-domain downscale; draft() sees the stored orientation and keeps both sides >= request.
+                img.draft("RGB", (th, tw) if rotated else (tw, th))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+            if img.size != (tw, th):
+                img = img.resize((tw, th), Image.Resampling.BICUBIC)
+            array = np.asarray(img, dtype=np.uint8)
+    except UnidentifiedImageError:
+        raise DecodeError("not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as err:
+        raise DecodeError(f"image too large: {err}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise DecodeError(f"truncated or corrupt image: {err}") from None
+    if array.ndim != 3 or array.shape[2] != 3 or array.size == 0:
+        raise DecodeError(f"unusable pixel data of shape {array.shape}")
+    return np.ascontiguousarray(array), (width, height)

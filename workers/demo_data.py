@@ -1,0 +1,148 @@
+"""The embedded demo dataset: Copydays/Holidays-style, built from photographs that ship in pip packages.
+
+Each query photo (scikit-image, scikit-learn sample images) becomes a query plus six transformed copies
+(crop, rotation, scale, strong JPEG, colour jitter, blur; seeded); other photos give distractors.
+Written in the INRIA Holidays layout: ``NNNNNN.jpg``, query <=> imno % 100 == 0, group = imno // 100,
+so the demo runs the same code path as the real benchmark. Deterministic: same seed, same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter
+
+GENERATOR_VERSION = 1
+MAX_SIDE = 800
+QUERY_PHOTOS = (
+    ("skimage", "astronaut.png"),
+    ("skimage", "chelsea.png"),
+    ("skimage", "coffee.png"),
+    ("skimage", "rocket.jpg"),
+    ("skimage", "motorcycle_left.png"),
+    ("skimage", "retina.jpg"),
+    ("skimage", "hubble_deep_field.jpg"),
+    ("skimage", "ihc.png"),
+    ("sklearn", "china.jpg"),
+    ("sklearn", "flower.jpg"),
+)
+DISTRACTOR_PHOTOS = (
+    ("skimage", "camera.png"),
+    ("skimage", "coins.png"),
+    ("skimage", "moon.png"),
+    ("skimage", "page.png"),
+    ("skimage", "text.png"),
+    ("skimage", "horse.png"),
+    ("skimage", "clock_motion.png"),
+    ("skimage", "cell.png"),
+    ("skimage", "microaneurysms.png"),
+    ("skimage", "brick.png"),
+    ("skimage", "grass.png"),
+    ("skimage", "gravel.png"),
+)
+CROPS_PER_DISTRACTOR = 2
+TRANSFORMS = ("crop", "rotate", "scale", "jpeg", "colour", "blur")
+
+
+@dataclass(frozen=True)
+class DemoInfo:
+    root: Path
+    n_images: int
+    n_queries: int
+
+
+def _photo_path(package: str, name: str) -> Path:
+    if package == "skimage":
+        import skimage.data
+
+        return Path(skimage.data.__file__).parent / name
+    import sklearn.datasets
+
+    return Path(sklearn.datasets.__file__).parent / "images" / name
+
+
+def load_photo(package: str, name: str) -> Image.Image:
+    """A bundled photograph as RGB, longer side at most ``MAX_SIDE``."""
+    with Image.open(_photo_path(package, name)) as img:
+        img = img.convert("RGB")
+    img.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
+    return img
+
+
+def _random_crop(img: Image.Image, rng: np.random.Generator, lo: float, hi: float) -> Image.Image:
+    w, h = img.size
+    frac = rng.uniform(lo, hi)
+    cw, ch = max(16, int(w * frac)), max(16, int(h * frac))
+    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    return img.crop((x0, y0, x0 + cw, y0 + ch))
+
+
+def transform(img: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Image.Image, int]:
+    """One Copydays-style attack. Returns the image and the JPEG quality to save it with."""
+    if kind == "crop":
+        return _random_crop(img, rng, 0.55, 0.8), 90
+    if kind == "rotate":
+        angle = float(rng.choice([-1, 1]) * rng.uniform(8, 20))
+        rotated = img.rotate(angle, resample=Image.Resampling.BICUBIC, expand=False)
+        w, h = img.size
+        return rotated.crop((w // 8, h // 8, w - w // 8, h - h // 8)), 90
+    if kind == "scale":
+        f = rng.uniform(0.3, 0.5)
+        return img.resize(
+            (max(16, int(img.width * f)), max(16, int(img.height * f))), Image.Resampling.BICUBIC
+        ), 90
+    if kind == "jpeg":
+        return img, int(rng.integers(8, 16))
+    if kind == "colour":
+        img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.7, 1.3))
+        img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.7, 1.3))
+        return ImageEnhance.Color(img).enhance(rng.uniform(0.3, 1.6)), 90
+    if kind == "blur":
+        return img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(2.0, 4.0)))), 90
+    raise ValueError(f"unknown transform {kind}")
+
+
+def _jpeg_bytes(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality, optimize=False, progressive=False)
+    return buf.getvalue()
+
+
+def generate_demo(root: Path, seed: int = 0) -> DemoInfo:
+    """Write the demo dataset under ``root`` (skipped when an identical one is already there)."""
+    root = Path(root)
+    stamp = root / ".demo.json"  # hidden: inputs are the visible files
+    key = {"generator": GENERATOR_VERSION, "seed": seed}
+    if stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
+        info = json.loads(stamp.read_text())
+        return DemoInfo(root, info["n_images"], info["n_queries"])
+    root.mkdir(parents=True, exist_ok=True)
+    files: dict[str, bytes] = {}
+    for g, (package, name) in enumerate(QUERY_PHOTOS):
+        photo = load_photo(package, name)
+        base = 100000 + 100 * g
+        files[f"{base:06d}.jpg"] = _jpeg_bytes(photo, 95)
+        rng = np.random.default_rng([seed, g])
+        for k, kind in enumerate(TRANSFORMS, start=1):
+            copy, quality = transform(photo, kind, rng)
+            files[f"{base + k:06d}.jpg"] = _jpeg_bytes(copy, quality)
+    for d, (package, name) in enumerate(DISTRACTOR_PHOTOS):
+        photo = load_photo(package, name)
+        rng = np.random.default_rng([seed, 1000 + d])
+        for c in range(CROPS_PER_DISTRACTOR):
+            imno = 200001 + 100 * (d * CROPS_PER_DISTRACTOR + c)  # imno % 100 == 1: never a query
+            files[f"{imno:06d}.jpg"] = _jpeg_bytes(_random_crop(photo, rng, 0.6, 0.9), 90)
+    for old in root.glob("*.jpg"):
+        if old.name not in files:
+            old.unlink()
+    for fname, data in files.items():
+        (root / fname).write_bytes(data)
+    n_queries = len(QUERY_PHOTOS)
+    stamp.write_text(
+        json.dumps({"key": key, "n_images": len(files), "n_queries": n_queries}, indent=2) + "\n"
+    )
+    return DemoInfo(root, len(files), n_queries)

@@ -1,0 +1,1 @@
+"""Descriptor code: pure torch/numpy, no engine imports."""

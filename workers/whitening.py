@@ -1,0 +1,46 @@
+"""PCA-whitening maths (pure numpy): learn from first and second moments, apply to vectors."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def pca_whitening_from_moments(
+    total: np.ndarray, gram: np.ndarray, n: int, dim: int, shrinkage: float
+) -> dict[str, np.ndarray]:
+    """PCA-whitening from the column sums ``total`` (D,) and Gram matrix ``gram`` = XᵀX (D, D) of n rows.
+
+    Keeps the ``dim`` leading components (0: all that n rows support, i.e. min(D, n - 1)). Eigenvalues are
+    regularised by ``shrinkage`` times their mean before the inverse square root, which keeps tiny
+    components from amplifying noise when n is small. Eigenvector signs are fixed (largest-magnitude
+    entry positive) so the result is reproducible.
+
+    Returns mean (D,), proj (dim, D) and eigvals (dim,): whitened y = proj @ (x - mean)."""
+    total = np.asarray(total, np.float64)
+    gram = np.asarray(gram, np.float64)
+    if n < 2:
+        raise ValueError("PCA-whitening needs at least 2 vectors")
+    mean = total / n
+    cov = (gram - n * np.outer(mean, mean)) / (n - 1)
+    cov = (cov + cov.T) / 2.0
+    eigvals, eigvecs = np.linalg.eigh(cov)
+    order = np.argsort(eigvals)[::-1]
+    eigvals, eigvecs = np.clip(eigvals[order], 0.0, None), eigvecs[:, order]
+    limit = min(cov.shape[0], n - 1)
+    dim = limit if dim <= 0 else min(dim, limit)
+    eigvals, eigvecs = eigvals[:dim], eigvecs[:, :dim]
+    signs = np.sign(eigvecs[np.abs(eigvecs).argmax(axis=0), np.arange(dim)])
+    eigvecs = eigvecs * np.where(signs == 0, 1.0, signs)
+    reg = eigvals + shrinkage * eigvals.mean() + 1e-12
+    proj = (eigvecs / np.sqrt(reg)).T
+    return {
+        "mean": mean.astype(np.float32),
+        "proj": proj.astype(np.float32),
+        "eigvals": eigvals.astype(np.float32),
+    }
+
+
+def apply_whitening(x: np.ndarray, mean: np.ndarray, proj: np.ndarray) -> np.ndarray:
+    """Project and L2-normalise. x: (n, D) -> (n, dim) float32."""
+    y = (np.asarray(x, np.float32) - mean) @ proj.T
+    return (y / (np.linalg.norm(y, axis=1, keepdims=True) + 1e-12)).astype(np.float32)
