@@ -51,7 +51,6 @@ class FitConfig(_Frozen):
         1.0, ge=0, description="eigenvalue regularisation: adds this fraction of the mean eigenvalue"
     )
     scheduler: Literal["ray", "threads", "local-cluster"] = "ray"
-    block_rows: int = Field(65536, ge=1, description="rows per Dask block when reading the store")
 
 
 class IndexConfig(_Frozen):

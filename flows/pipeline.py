@@ -116,7 +116,7 @@ def evaluate_task(cfg: Config, layout: RunLayout, n_images: int) -> dict[str, An
 def report_task(cfg: Config, layout: RunLayout, metrics: dict[str, Any]) -> None:
     write_json_atomic(layout.metrics, metrics)
     stages = layout.read_manifest().get("stages", {})
-    timings = {k: v.get("seconds", 0.0) for k, v in stages.items()}
+    timings = {s: stages[s].get("seconds", 0.0) for s in STAGES if s in stages}
     quarantine = read_quarantine(layout.quarantine).to_pylist()
     layout.report_html.write_text(render_report(metrics, timings, quarantine, cfg.model_dump(mode="json")))
 

@@ -51,6 +51,8 @@ def test_timm_and_torchvision_from_local_weights(tmp_path):
         load_backbone("timm:resnet34", tmp_path / "timm_r18.pth")
     with pytest.raises(BackboneError, match="needs a local weights file"):
         load_backbone("torchvision:resnet18")
+    with pytest.raises(BackboneError, match="timm:not_a_net"):
+        load_backbone("timm:not_a_net", tmp_path / "timm_r18.pth")
     with pytest.raises(BackboneError, match="unknown backbone"):
         load_backbone("nope")
 

@@ -64,3 +64,10 @@ def test_quarantine_round_trip(tmp_path):
     table = read_quarantine(tmp_path / "q.parquet")
     assert table.column("path").to_pylist() == ["/a.jpg", "/b.jpg"]
     assert read_quarantine(tmp_path / "missing.parquet").num_rows == 0
+
+
+def test_shard_runs_split_batches_at_shard_boundaries():
+    from embedpipe.workers.extract import shard_runs
+
+    assert shard_runs([0, 0, 1, 1, 1, 3]) == [(0, 0, 2), (1, 2, 5), (3, 5, 6)]
+    assert shard_runs([]) == []

@@ -28,12 +28,32 @@ class ExtractResult:
     summary: str
 
 
+def shard_runs(shards: list[int]) -> list[tuple[int, int, int]]:
+    """(shard, start, stop) for each run of equal consecutive values: a batch may straddle shards."""
+    if not shards:
+        return []
+    cuts = [0] + [j for j in range(1, len(shards)) if shards[j] != shards[j - 1]] + [len(shards)]
+    return [(shards[a], a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=False)]
+
+
 def run_extract(plan: ShardPlan, cfg: Config, layout: RunLayout) -> ExtractResult:
     """Extract every descriptor of ``cfg.extract`` for the inputs of ``plan`` (inside a Ray session)."""
     ecfg = cfg.extract
     writers: dict[str, FeatureWriter] = {}
     quarantined: list[dict[str, str | None]] = []
     progress = Progress("extract", len(plan.paths), log)
+
+    def writer(name: str, dim: int) -> FeatureWriter:
+        if name not in writers:
+            meta = {
+                "descriptor": name,
+                "backbone": ecfg.backbone,
+                "max_side": ecfg.max_side,
+                "gem_p": ecfg.gem_p if name == "gem" else None,
+            }
+            writers[name] = FeatureWriter(layout.feature_dir(name), dim, plan.n_shards, meta)
+        return writers[name]
+
     for name in ecfg.descriptors:
         shutil.rmtree(layout.feature_dir(name), ignore_errors=True)
     for batch in stream_descriptors(list(plan.paths), ecfg, cfg.ray):
@@ -49,35 +69,22 @@ def run_extract(plan: ShardPlan, cfg: Config, layout: RunLayout) -> ExtractResul
                     "reason": reason,
                 }
             )
-        if ok.any():
-            shards = [plan.shard_of(int(p)) for p in batch["pos"][ok]]
-            # a batch may straddle a shard boundary: write each run of equal shards separately
-            starts = [0] + [j for j in range(1, len(shards)) if shards[j] != shards[j - 1]] + [len(shards)]
-            for a, b in zip(starts[:-1], starts[1:], strict=False):
-                sel = ok.nonzero()[0][a:b]
-                for name in ecfg.descriptors:
-                    vectors = batch[f"d_{name}"][sel]
-                    if name not in writers:
-                        meta = {
-                            "descriptor": name,
-                            "backbone": ecfg.backbone,
-                            "max_side": ecfg.max_side,
-                            "gem_p": ecfg.gem_p if name == "gem" else None,
-                        }
-                        writers[name] = FeatureWriter(
-                            layout.feature_dir(name), vectors.shape[1], plan.n_shards, meta
-                        )
-                    writers[name].write(
-                        shards[a],
-                        batch["id"][sel],
-                        batch["path"][sel],
-                        batch["width"][sel],
-                        batch["height"][sel],
-                        vectors,
-                    )
+        rows = ok.nonzero()[0]
+        for shard, a, b in shard_runs([plan.shard_of(int(p)) for p in batch["pos"][rows]]):
+            sel = rows[a:b]
+            for name in ecfg.descriptors:
+                vectors = batch[f"d_{name}"][sel]
+                writer(name, vectors.shape[1]).write(
+                    shard,
+                    batch["id"][sel],
+                    batch["path"][sel],
+                    batch["width"][sel],
+                    batch["height"][sel],
+                    vectors,
+                )
         progress.update(len(batch["pos"]))
-    for writer in writers.values():
-        writer.close()
+    for w in writers.values():
+        w.close()
     n_ok = progress.done - len(quarantined)
     summary = progress.finish(f"{n_ok} ok, {len(quarantined)} quarantined")
     return ExtractResult(progress.done, n_ok, quarantined, progress.elapsed, summary)

@@ -120,29 +120,28 @@ def _lite(variant: int) -> Callable[[Path | None], tuple[nn.Module, BackboneSpec
     return build
 
 
-def _timm(arch: str, weights: Path | None) -> tuple[nn.Module, BackboneSpec]:
-    import timm
-
+def _with_local_weights(name: str, create: Callable[[], nn.Module], weights: Path | None) -> nn.Module:
+    """Build an architecture and load a local state dict into it strictly; one-line errors."""
     if weights is None:
-        raise BackboneError(f"timm:{arch} needs a local weights file (set extract.weights)")
+        raise BackboneError(f"{name} needs a local weights file (set extract.weights)")
     try:
-        model = timm.create_model(arch, pretrained=False)
-    except RuntimeError as err:
-        raise BackboneError(f"timm:{arch}: {err}") from None
+        model = create()
+    except (RuntimeError, ValueError) as err:
+        raise BackboneError(f"{name}: {err}") from None
     try:
         model.load_state_dict(_read_weights(weights))
     except RuntimeError as err:
-        raise BackboneError(
-            f"timm:{arch}: weights {weights} do not fit: {str(err).splitlines()[0]}"
-        ) from None
+        raise BackboneError(f"{name}: weights {weights} do not fit: {str(err).splitlines()[0]}") from None
+    return model
+
+
+def _timm(arch: str, weights: Path | None) -> tuple[nn.Module, BackboneSpec]:
+    import timm
+
+    model = _with_local_weights(f"timm:{arch}", lambda: timm.create_model(arch, pretrained=False), weights)
     cfg = model.pretrained_cfg
-    spec = BackboneSpec(
-        f"timm:{arch}",
-        tuple(cfg.get("mean", IMAGENET_MEAN)),
-        tuple(cfg.get("std", IMAGENET_STD)),
-        model.num_features,
-    )
-    return _TimmTrunk(model), spec
+    mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+    return _TimmTrunk(model), BackboneSpec(f"timm:{arch}", mean, std, model.num_features)
 
 
 def _torchvision_trunk(model: nn.Module) -> nn.Module:
@@ -160,18 +159,9 @@ def _torchvision_trunk(model: nn.Module) -> nn.Module:
 def _torchvision(arch: str, weights: Path | None) -> tuple[nn.Module, BackboneSpec]:
     import torchvision
 
-    if weights is None:
-        raise BackboneError(f"torchvision:{arch} needs a local weights file (set extract.weights)")
-    try:
-        model = torchvision.models.get_model(arch, weights=None)
-    except ValueError as err:
-        raise BackboneError(f"torchvision:{arch}: {err}") from None
-    try:
-        model.load_state_dict(_read_weights(weights))
-    except RuntimeError as err:
-        raise BackboneError(
-            f"torchvision:{arch}: weights {weights} do not fit: {str(err).splitlines()[0]}"
-        ) from None
+    model = _with_local_weights(
+        f"torchvision:{arch}", lambda: torchvision.models.get_model(arch, weights=None), weights
+    )
     trunk = _torchvision_trunk(model).eval()
     with torch.no_grad():
         channels = trunk(torch.zeros(1, 3, 64, 64)).shape[1]
