@@ -15,6 +15,7 @@ from embedpipe.storage.errors import EmbedpipeError, InputError
 log = logging.getLogger("embedpipe")
 
 PROTOCOLS = ("holidays", "none")
+EVAL_PROTOCOLS = ("holidays", "oxford5k", "paris6k", "roxford5k", "rparis6k", "ukbench")
 
 # Prefect runs on its ephemeral local server unless the user points PREFECT_API_URL elsewhere;
 # Ray and Dask stay on loopback. Users' own settings win.
@@ -72,6 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--n", type=int, default=200, help="number of images, cycling the inputs (default 200)"
     )
     _config_args(bench)
+
+    ev = sub.add_parser("eval-ranks", help="score a ranking file against a benchmark's ground truth")
+    ev.add_argument("--protocol", required=True, choices=EVAL_PROTOCOLS)
+    ev.add_argument(
+        "--gnd",
+        required=True,
+        type=Path,
+        help="revisitop gnd_*.pkl (oxford/paris), or the database image list (holidays, ukbench)",
+    )
+    ev.add_argument(
+        "--ranks",
+        required=True,
+        type=Path,
+        help=".npy int array (n_queries, n_ranked): database indices per query, best first",
+    )
+    ev.add_argument("--json", type=Path, help="write the metrics here (also printed)")
 
     sub.add_parser("presets", help="list the named presets")
     return parser
@@ -163,6 +180,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_json(result: dict, path: Path | None) -> None:
+    text = json.dumps(result, indent=2)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    sys.stdout.write(text + "\n")
+
+
+def cmd_eval_ranks(args: argparse.Namespace) -> int:
+    from embedpipe.workers.eval_ranks import eval_ranks, load_ranks
+
+    _write_json(eval_ranks(args.protocol, args.gnd, load_ranks(args.ranks)), args.json)
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from embedpipe.flows.config import preset_names
 
@@ -171,17 +203,22 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _print_table(metrics: dict, out: Path) -> None:
-    lines = [f"{'descriptor':<12}{'post':<10}{'dim':>6}{'mAP':>9}{'mP@10':>9}"]
+    nan = float("nan")
+    lines = [f"{'descriptor':<12}{'post':<10}{'rerank':<9}{'dim':>6}{'mAP':>9}{'mP@10':>9}"]
     for r in metrics["results"]:
-        lines.append(
-            f"{r['descriptor']:<12}{r['post']:<10}{r['dim']:>6}{r.get('map', float('nan')):>9.4f}"
-            f"{r.get('mp@10', float('nan')):>9.4f}"
-        )
+        head = f"{r['descriptor']:<12}{r['post']:<10}{r['rerank']:<9}{r['dim']:>6}"
+        lines.append(f"{head}{r.get('map', nan):>9.4f}{r.get('mp@10', nan):>9.4f}")
     lines.append(f"report: {out / 'report' / 'index.html'}")
     sys.stdout.write("\n".join(lines) + "\n")
 
 
-COMMANDS = {"demo": cmd_demo, "run": cmd_run, "bench": cmd_bench, "presets": cmd_presets}
+COMMANDS = {
+    "demo": cmd_demo,
+    "run": cmd_run,
+    "bench": cmd_bench,
+    "eval-ranks": cmd_eval_ranks,
+    "presets": cmd_presets,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,14 @@ class IndexConfig(_Frozen):
     factory: Literal["Flat"] = "Flat"
 
 
+class RerankConfig(_Frozen):
+    methods: tuple[Literal["aqe", "dba", "dba+aqe"], ...] = ("aqe", "dba", "dba+aqe")
+    aqe_k: int = Field(2, ge=1, description="αQE: database neighbours added to each query")
+    aqe_alpha: float = Field(3.0, ge=0, description="αQE: similarity exponent of the weights")
+    dba_k: int = Field(2, ge=1, description="DBA: neighbours added to each database vector")
+    dba_alpha: float = Field(3.0, ge=0, description="DBA: similarity exponent of the weights")
+
+
 class RayConfig(_Frozen):
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1)
@@ -74,6 +82,7 @@ class Config(_Frozen):
     extract: ExtractConfig = ExtractConfig()
     fit: FitConfig = FitConfig()
     index: IndexConfig = IndexConfig()
+    rerank: RerankConfig = RerankConfig()
     ray: RayConfig = RayConfig()
 
     def fingerprint(self, *sections: str) -> str:

@@ -46,7 +46,11 @@ def versions() -> dict[str, str]:
 def fingerprints(cfg: Config, plan: ShardPlan) -> dict[str, str]:
     extract = _chain(plan.fingerprint, cfg.fingerprint("extract"))
     fit = _chain(extract, cfg.fingerprint("fit"))
-    return {"extract": extract, "fit": fit, "evaluate": _chain(fit, cfg.fingerprint("index", "protocol"))}
+    return {
+        "extract": extract,
+        "fit": fit,
+        "evaluate": _chain(fit, cfg.fingerprint("index", "rerank", "protocol")),
+    }
 
 
 class LazyRay:

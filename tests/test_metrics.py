@@ -4,6 +4,8 @@ import pytest
 from embedpipe.workers.metrics import compute_ap, compute_map
 from embedpipe.workers.protocols import holidays
 
+from .revisitop_reference import revisitop_compute_map as _revisitop_reference
+
 
 def test_ap_hand_computed():
     # positives at ranks 0, 2, 5 of 3: (1+1)/2/3 + (1/2+2/3)/2/3 + (2/5+3/6)/2/3
@@ -31,39 +33,6 @@ def test_map_skips_queries_without_positives_and_handles_truncation():
     assert np.isnan(out["aps"][1])
     assert out["map"] == 0.0 and out["n_queries"] == 1
     assert out["mp@10"] == 0.0
-
-
-def _revisitop_reference(ranks, gnd, kappas):
-    """Literal transcription of revisitop's compute_map (ranks as (n_db, n_q))."""
-    nq = len(gnd)
-    mAP, nempty = 0.0, 0
-    pr = np.zeros(len(kappas))
-    for i in range(nq):
-        qgnd = np.array(gnd[i]["ok"])
-        if qgnd.shape[0] == 0:
-            nempty += 1
-            continue
-        qgndj = np.array(gnd[i]["junk"])
-        pos = np.arange(ranks.shape[0])[np.isin(ranks[:, i], qgnd)]
-        junk = np.arange(ranks.shape[0])[np.isin(ranks[:, i], qgndj)]
-        k, ij = 0, 0
-        if len(junk):
-            ip = 0
-            while ip < len(pos):
-                while ij < len(junk) and pos[ip] > junk[ij]:
-                    k += 1
-                    ij += 1
-                pos[ip] = pos[ip] - k
-                ip += 1
-        ap = compute_ap(pos, len(qgnd))
-        mAP += ap
-        pos += 1
-        prs = np.zeros(len(kappas))
-        for j in np.arange(len(kappas)):
-            kq = min(max(pos), kappas[j])
-            prs[j] = (pos <= kq).sum() / kq
-        pr += prs
-    return mAP / (nq - nempty), pr / (nq - nempty)
 
 
 def test_map_matches_revisitop_on_random_rankings():

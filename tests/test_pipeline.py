@@ -38,12 +38,12 @@ def test_demo_end_to_end(tmp_path):
     metrics = json.loads((run / "report" / "metrics.json").read_text())
     assert metrics["protocol"] == "holidays"
     assert metrics["dataset"]["n_images"] == 94 and metrics["dataset"]["n_queries"] == 10
-    assert {(r["descriptor"], r["post"]) for r in metrics["results"]} == {
-        ("gem", "l2"),
-        ("gem", "pcaw64"),
-        ("spoc", "l2"),
-        ("spoc", "pcaw64"),
-    }
+    assert [(r["descriptor"], r["post"], r["rerank"]) for r in metrics["results"]] == [
+        (d, p, r)
+        for d in ("gem", "spoc")
+        for p in ("l2", "pcaw64")
+        for r in ("none", "aqe", "dba", "dba+aqe")
+    ]
     for row in metrics["results"]:
         assert RESULT_KEYS <= set(row)
         assert row["map"] >= 0.9, row  # every transformed copy must be found

@@ -6,6 +6,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,7 +16,8 @@ from embedpipe.storage.features import read_features, read_store_manifest
 from embedpipe.storage.layout import RunLayout
 from embedpipe.workers.ann import build_index, bytes_per_vector, search, write_index
 from embedpipe.workers.metrics import compute_map
-from embedpipe.workers.protocols import ground_truth
+from embedpipe.workers.protocols import GroundTruth, ground_truth
+from embedpipe.workers.rerank import alpha_qe, dba, drop_excluded
 from embedpipe.workers.whitening import apply_whitening
 
 if TYPE_CHECKING:
@@ -42,10 +44,28 @@ def variants(
     return out
 
 
-def index_and_evaluate(layout: RunLayout, cfg: Config, descriptor: str) -> tuple[list[dict[str, Any]], int]:
-    """Build and save one index per variant, search every query, compute the protocol's metrics.
+def rerank_ranks(method: str, cfg: Config, x: np.ndarray, index: faiss.Index, gt: GroundTruth) -> np.ndarray:
+    """Rankings of every query after αQE, DBA or both (DBA first, then αQE on the augmented database).
 
-    Returns the result rows (metrics.json contract) and the number of queries."""
+    Queries keep their original vectors under DBA; neighbours used for αQE never include the query's
+    own junk (the query itself when it is in the database)."""
+    r = cfg.rerank
+    queries = x[gt.queries]
+    db, db_index = x, index
+    if method.startswith("dba"):
+        sims, idx = search(db_index, x, r.dba_k + 1)  # includes each vector itself
+        db = dba(x, sims, idx, r.dba_alpha)
+        db_index = build_index(db, cfg.index.factory)
+    if method.endswith("aqe"):
+        sims, idx = search(db_index, queries, r.aqe_k + max(len(j) for j in gt.junk))
+        sims, idx = drop_excluded(sims, idx, gt.junk, r.aqe_k)
+        queries = alpha_qe(queries, db, sims, idx, r.aqe_alpha)
+    return search(db_index, queries, db_index.ntotal)[1]
+
+
+def index_and_evaluate(layout: RunLayout, cfg: Config, descriptor: str) -> tuple[list[dict[str, Any]], int]:
+    """Build and save one index per variant, search every query (plain and re-ranked), compute the
+    protocol's metrics. Returns the result rows (metrics.json contract) and the number of queries."""
     meta, vectors = read_features(layout.feature_dir(descriptor))
     store = read_store_manifest(layout.feature_dir(descriptor))
     paths = meta.column("path").to_pylist()
@@ -56,17 +76,15 @@ def index_and_evaluate(layout: RunLayout, cfg: Config, descriptor: str) -> tuple
         start = time.perf_counter()
         index = build_index(x, cfg.index.factory)
         write_index(index, layout.index_dir(name) / "index.faiss")
-        pq.write_table(
-            pa.table(
-                {
-                    "row": np.arange(len(paths), dtype=np.int64),
-                    "id": meta.column("id"),
-                    "path": meta.column("path"),
-                }
-            ),
-            layout.index_dir(name) / "ids.parquet",
+        ids = pa.table(
+            {
+                "row": np.arange(len(paths), dtype=np.int64),
+                "id": meta.column("id"),
+                "path": meta.column("path"),
+            }
         )
-        row: dict[str, Any] = {
+        pq.write_table(ids, layout.index_dir(name) / "ids.parquet")
+        base = {
             "descriptor": descriptor,
             "post": post,
             "backbone": store["backbone"],
@@ -74,13 +92,31 @@ def index_and_evaluate(layout: RunLayout, cfg: Config, descriptor: str) -> tuple
             "index": cfg.index.factory,
             "bytes_per_vector": bytes_per_vector(index),
         }
-        if gt is not None:
-            _, ranks = search(index, x[gt.queries], index.ntotal)
-            layout.report_dir.mkdir(parents=True, exist_ok=True)
-            np.save(layout.report_dir / f"ranks-{name}.npy", ranks)
+        if gt is None:
+            rows.append({**base, "rerank": "none", "time_s": round(time.perf_counter() - start, 4)})
+            continue
+        layout.report_dir.mkdir(parents=True, exist_ok=True)
+        for method in ("none", *cfg.rerank.methods):
+            if method != "none":
+                start = time.perf_counter()
+            ranks = (
+                search(index, x[gt.queries], index.ntotal)[1]
+                if method == "none"
+                else rerank_ranks(method, cfg, x, index, gt)
+            )
+            suffix = "" if method == "none" else f"-{method.replace('+', '-')}"
+            np.save(layout.report_dir / f"ranks-{name}{suffix}.npy", ranks)
             result = compute_map(ranks, gt.positives, gt.junk, KAPPAS)
-            row.update({"map": result["map"], **{f"mp@{k}": result[f"mp@{k}"] for k in KAPPAS}})
-            log.info("evaluate: %s mAP %.4f over %d queries", name, result["map"], result["n_queries"])
-        row["time_s"] = round(time.perf_counter() - start, 4)
-        rows.append(row)
+            rows.append(
+                {
+                    **base,
+                    "rerank": method,
+                    "map": result["map"],
+                    **{f"mp@{k}": result[f"mp@{k}"] for k in KAPPAS},
+                    "time_s": round(time.perf_counter() - start, 4),
+                }
+            )
+            log.info(
+                "evaluate: %s%s mAP %.4f over %d queries", name, suffix, result["map"], result["n_queries"]
+            )
     return rows, 0 if gt is None else int(gt.queries.size)

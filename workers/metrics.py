@@ -71,3 +71,15 @@ def compute_map(
     for j, kappa in enumerate(kappas):
         out[f"mp@{kappa}"] = float(prs[valid, j].mean()) if valid.any() else float("nan")
     return out
+
+
+def ns_score(ranks: np.ndarray, groups: np.ndarray, top: int = 4) -> float:
+    """UKBench N-S score (Nistér & Stewénius): mean number of the query's group among its top 4 results,
+    the query itself included (it is in the database). In [0, 4].
+
+    ranks: (n_images, n_ranked) with query i = database image i; groups: (n_images,) group of each image."""
+    ranks = np.asarray(ranks)[:, :top]
+    groups = np.asarray(groups)
+    if ranks.shape[0] != groups.shape[0]:
+        raise ValueError(f"ukbench ranks need one row per image ({groups.shape[0]}), got {ranks.shape[0]}")
+    return float((groups[ranks] == groups[:, None]).sum(axis=1).mean())

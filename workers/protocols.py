@@ -54,3 +54,50 @@ def ground_truth(protocol: str, paths: list[str]) -> GroundTruth | None:
     if protocol == "none":
         return None
     raise InputError(f"unknown protocol '{protocol}'")
+
+
+def _as_index(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64).reshape(-1)
+
+
+def revisitop_setups(gnd: list[dict]) -> dict[str, GroundTruth]:
+    """revisitop's protocols from a ``gnd`` list, exactly as its example evaluation builds them.
+
+    Revisited (easy/hard/junk): easy = ok easy, junk junk+hard; medium = ok easy+hard, junk junk;
+    hard = ok hard, junk junk+easy. Classic (ok/junk): one setup, ``classic``. Queries are external
+    images, so ``queries`` holds the query numbers 0..n-1."""
+    queries = np.arange(len(gnd), dtype=np.int64)
+    if all("easy" in g for g in gnd):
+        parts = {k: [_as_index(g[k]) for g in gnd] for k in ("easy", "hard", "junk")}
+        combos = {
+            "easy": (("easy",), ("junk", "hard")),
+            "medium": (("easy", "hard"), ("junk",)),
+            "hard": (("hard",), ("junk", "easy")),
+        }
+        return {
+            name: GroundTruth(
+                queries,
+                [np.concatenate([parts[k][i] for k in ok]) for i in range(len(gnd))],
+                [np.concatenate([parts[k][i] for k in junk]) for i in range(len(gnd))],
+            )
+            for name, (ok, junk) in combos.items()
+        }
+    return {
+        "classic": GroundTruth(
+            queries, [_as_index(g["ok"]) for g in gnd], [_as_index(g["junk"]) for g in gnd]
+        )
+    }
+
+
+_UKBENCH_NAME = re.compile(r"(\d+)$")
+
+
+def ukbench_groups(paths: list[str]) -> np.ndarray:
+    """UKBench: images ``ukbenchNNNNN.jpg`` come in groups of four consecutive numbers."""
+    groups = []
+    for p in paths:
+        match = _UKBENCH_NAME.search(PurePath(p).stem)
+        if match is None:
+            raise InputError(f"ukbench protocol: '{p}' has no image number")
+        groups.append(int(match.group(1)) // 4)
+    return np.array(groups, dtype=np.int64)

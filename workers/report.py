@@ -44,19 +44,21 @@ def render_report(
     config: dict[str, Any],
 ) -> str:
     ds = metrics["dataset"]
-    cols = [
-        "descriptor",
-        "post",
-        "backbone",
-        "dim",
-        "index",
-        "bytes_per_vector",
-        "map",
-        "mp@1",
-        "mp@5",
-        "mp@10",
-        "time_s",
+    columns = [
+        ("descriptor", "descriptor"),
+        ("post", "post-processing"),
+        ("rerank", "re-ranking"),
+        ("backbone", "backbone"),
+        ("dim", "dim"),
+        ("index", "index"),
+        ("bytes_per_vector", "bytes/vector"),
+        ("map", "mAP"),
+        ("mp@1", "mP@1"),
+        ("mp@5", "mP@5"),
+        ("mp@10", "mP@10"),
+        ("time_s", "time (s)"),
     ]
+    cols = [key for key, _ in columns]
     rows = [[r.get(c) for c in cols] for r in metrics["results"]]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>embedpipe report</title>",
@@ -67,19 +69,7 @@ def render_report(
         f"{ds['n_images']} images, {ds['n_queries']} queries, {ds.get('n_quarantined', 0)} quarantined.</p>",
         "<h2>Results</h2>",
         _table(
-            [
-                "descriptor",
-                "post-processing",
-                "backbone",
-                "dim",
-                "index",
-                "bytes/vector",
-                "mAP",
-                "mP@1",
-                "mP@5",
-                "mP@10",
-                "time (s)",
-            ],
+            [header for _, header in columns],
             rows,
             best_col=cols.index("map"),
         ),
