@@ -63,5 +63,6 @@ def test_bench_extract_writes_side_by_side_json(tmp_path, small_holidays):
     assert result["name"] == "extract" and result["n_images"] == 6
     for side in ("ours", "baseline"):
         assert result[side]["time_s"] > 0 and result[side]["failed"] == 0
+    assert 0 < result["ours"]["first_batch_s"] <= result["ours"]["time_s"]
     assert result["ratio"] == pytest.approx(result["baseline"]["time_s"] / result["ours"]["time_s"], rel=1e-3)
     assert json.loads(out.stdout) == result

@@ -58,15 +58,20 @@ def ray_pipeline(paths: list[str], cfg: Config) -> dict[str, Any]:
         actors, threads, _ = pool_size(cfg.extract, cluster_cpus())
         t0 = time.perf_counter()
         progress = Progress("bench ours", len(paths), log)
-        failed = 0
+        failed, first_s, first_n = 0, None, 0
         for batch in stream_descriptors(paths, cfg.extract, cfg.ray):
             failed += int((batch["error"] != "").sum())
             progress.update(len(batch["pos"]))
+            if first_s is None:  # actor start-up and model load end with the first batch
+                first_s, first_n = time.perf_counter() - t0, progress.done
         progress.finish()
         run = time.perf_counter() - t0
+        steady = (len(paths) - first_n) / (run - first_s) if first_s is not None and run > first_s else 0.0
     return {
         "time_s": round(run, 3),
         "startup_s": round(startup, 3),
+        "first_batch_s": round(first_s or 0.0, 3),
+        "steady_images_per_s": round(steady, 3),
         "images_per_s": round(len(paths) / run, 3),
         "failed": failed,
         "actors": actors,
