@@ -14,7 +14,7 @@ from embedpipe.storage.errors import EmbedpipeError, InputError
 
 log = logging.getLogger("embedpipe")
 
-PROTOCOLS = ("holidays", "none")
+PROTOCOLS = ("holidays", "ukbench", "labels", "none")
 EVAL_PROTOCOLS = ("holidays", "oxford5k", "paris6k", "roxford5k", "rparis6k", "ukbench")
 
 # Prefect runs on its ephemeral local server unless the user points PREFECT_API_URL elsewhere;
@@ -89,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=".npy int array (n_queries, n_ranked): database indices per query, best first",
     )
     ev.add_argument("--json", type=Path, help="write the metrics here (also printed)")
+
+    rep = sub.add_parser("report", help="rebuild RUN/report/index.html from the run directory")
+    rep.add_argument("run", type=Path, help="run directory")
+
+    cmp_ = sub.add_parser("compare", help="side-by-side metrics of two runs")
+    cmp_.add_argument("run_a", type=Path)
+    cmp_.add_argument("run_b", type=Path)
+    cmp_.add_argument("--json", type=Path, help="write the comparison here")
 
     sub.add_parser("presets", help="list the named presets")
     return parser
@@ -195,6 +203,70 @@ def cmd_eval_ranks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finished_run(path: Path):
+    from embedpipe.flows.config import Config
+    from embedpipe.storage.layout import RunLayout
+
+    layout = RunLayout(path)
+    if not layout.metrics.is_file():
+        raise InputError(f"{path} is not a finished run (no report/metrics.json)")
+    return layout, Config.model_validate(layout.read_manifest()["config"])
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from embedpipe.workers.report import write_report
+
+    layout, cfg = _finished_run(args.run)
+    sys.stdout.write(f"{write_report(layout, cfg)}\n")
+    return 0
+
+
+def compare_runs(metrics_a: dict, metrics_b: dict) -> list[dict]:
+    """Rows of both runs matched by (descriptor, post, rerank), with B - A differences."""
+
+    def key(r: dict) -> tuple[str, str, str]:
+        return (r["descriptor"], r["post"], r.get("rerank", "none"))
+
+    a = {key(r): r for r in metrics_a["results"]}
+    b = {key(r): r for r in metrics_b["results"]}
+    rows = []
+    for k in list(a) + [k for k in b if k not in a]:
+        ra, rb = a.get(k, {}), b.get(k, {})
+        row = {"descriptor": k[0], "post": k[1], "rerank": k[2]}
+        for m in ("map", "mp@10", "bytes_per_vector"):
+            va, vb = ra.get(m), rb.get(m)
+            row[f"{m}_a"], row[f"{m}_b"] = va, vb
+            row[f"{m}_delta"] = vb - va if va is not None and vb is not None else None
+        rows.append(row)
+    return rows
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    (layout_a, _), (layout_b, _) = _finished_run(args.run_a), _finished_run(args.run_b)
+    rows = compare_runs(json.loads(layout_a.metrics.read_text()), json.loads(layout_b.metrics.read_text()))
+
+    def num(v, signed=False):
+        return "—" if v is None else (f"{v:+.4f}" if signed else f"{v:.4f}")
+
+    lines = [
+        f"A = {args.run_a}",
+        f"B = {args.run_b}",
+        f"{'descriptor':<12}{'post':<10}{'rerank':<9}{'mAP A':>9}{'mAP B':>9}{'Δ':>9}{'mP@10 Δ':>10}",
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['descriptor']:<12}{r['post']:<10}{r['rerank']:<9}{num(r['map_a']):>9}"
+            f"{num(r['map_b']):>9}{num(r['map_delta'], True):>9}{num(r['mp@10_delta'], True):>10}"
+        )
+    sys.stdout.write("\n".join(lines) + "\n")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps({"a": str(args.run_a), "b": str(args.run_b), "rows": rows}, indent=2) + "\n"
+        )
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from embedpipe.flows.config import preset_names
 
@@ -203,11 +275,12 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _print_table(metrics: dict, out: Path) -> None:
-    nan = float("nan")
+    from embedpipe.workers.report import fmt_metric
+
     lines = [f"{'descriptor':<12}{'post':<10}{'rerank':<9}{'dim':>6}{'mAP':>9}{'mP@10':>9}"]
     for r in metrics["results"]:
         head = f"{r['descriptor']:<12}{r['post']:<10}{r['rerank']:<9}{r['dim']:>6}"
-        lines.append(f"{head}{r.get('map', nan):>9.4f}{r.get('mp@10', nan):>9.4f}")
+        lines.append(f"{head}{fmt_metric(r.get('map')):>9}{fmt_metric(r.get('mp@10')):>9}")
     lines.append(f"report: {out / 'report' / 'index.html'}")
     sys.stdout.write("\n".join(lines) + "\n")
 
@@ -217,6 +290,8 @@ COMMANDS = {
     "run": cmd_run,
     "bench": cmd_bench,
     "eval-ranks": cmd_eval_ranks,
+    "report": cmd_report,
+    "compare": cmd_compare,
     "presets": cmd_presets,
 }
 

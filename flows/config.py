@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from embedpipe.storage.errors import InputError
 
 Descriptor = Literal["gem", "spoc", "mac"]
-Protocol = Literal["holidays", "none"]
+Protocol = Literal["holidays", "ukbench", "labels", "none"]
 
 
 class _Frozen(BaseModel):

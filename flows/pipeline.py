@@ -14,21 +14,20 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from embedpipe.flows.config import Config
 from embedpipe.storage.artifacts import save_npz
 from embedpipe.storage.dataset import ShardPlan, plan_shards
 from embedpipe.storage.errors import InputError, RunFailed
-from embedpipe.storage.layout import RunLayout, write_json_atomic
+from embedpipe.storage.layout import STAGES, RunLayout, write_json_atomic
 from embedpipe.storage.quarantine import read_quarantine, write_quarantine
 from embedpipe.workers.dask_jobs import fit_pca_whitening
 from embedpipe.workers.evaluate import index_and_evaluate, whitening_name
 from embedpipe.workers.extract import run_extract
 from embedpipe.workers.ray_stages import ray_session
-from embedpipe.workers.report import render_report
-
-STAGES = ("extract", "fit", "evaluate")
+from embedpipe.workers.report import fmt_metric, map_of, row_label, write_report
 
 
 def _chain(*parts: str) -> str:
@@ -116,13 +115,35 @@ def evaluate_task(cfg: Config, layout: RunLayout, n_images: int) -> dict[str, An
     }
 
 
+def metrics_markdown(metrics: dict[str, Any]) -> str:
+    """The metrics table as Markdown, best mAP first (the flow run's artifact in the Prefect UI)."""
+    rows = sorted(metrics["results"], key=lambda r: -map_of(r))
+    lines = [
+        "| descriptor | post | rerank | dim | bytes/vector | mAP | mP@10 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['descriptor']} | {r['post']} | {r['rerank']} | {r['dim']} | {r['bytes_per_vector']} | "
+            f"{fmt_metric(r.get('map'))} | {fmt_metric(r.get('mp@10'))} |"
+        )
+    ds = metrics["dataset"]
+    head = (
+        f"**{metrics['protocol']}** on `{ds['path']}`: {ds['n_images']} images, {ds['n_queries']} queries\n\n"
+    )
+    return head + "\n".join(lines)
+
+
 @task(name="report", cache_policy=NO_CACHE)
 def report_task(cfg: Config, layout: RunLayout, metrics: dict[str, Any]) -> None:
     write_json_atomic(layout.metrics, metrics)
-    stages = layout.read_manifest().get("stages", {})
-    timings = {s: stages[s].get("seconds", 0.0) for s in STAGES if s in stages}
-    quarantine = read_quarantine(layout.quarantine).to_pylist()
-    layout.report_html.write_text(render_report(metrics, timings, quarantine, cfg.model_dump(mode="json")))
+    write_report(layout, cfg)
+    create_table_artifact(
+        key="metrics", table=metrics["results"], description=f"embedpipe metrics, {layout.root}"
+    )
+    create_markdown_artifact(
+        key="metrics-summary", markdown=metrics_markdown(metrics), description="embedpipe results, best first"
+    )
 
 
 def _run_stage(layout: RunLayout, stage: str, fp: str, fn, logger) -> Any:
@@ -173,13 +194,12 @@ def pipeline(cfg: Config) -> dict[str, Any]:
         layout, "evaluate", fps["evaluate"], lambda: evaluate_task(cfg, layout, extracted["n_ok"]), logger
     )
     report_task(cfg, layout, metrics)
-    best = max(metrics["results"], key=lambda r: r.get("map", 0.0))
+    best = max(metrics["results"], key=map_of)
     logger.info(
-        "done: %s; best %s-%s mAP %.4f; report %s",
+        "done: %s; best %s; mAP %s; report %s",
         extracted["summary"],
-        best["descriptor"],
-        best["post"],
-        best.get("map", float("nan")),
+        row_label(best),
+        fmt_metric(best.get("map")),
         layout.report_html,
     )
     return metrics

@@ -17,6 +17,9 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+STAGES = ("extract", "fit", "evaluate")  # the resumable stages, in pipeline order
+
+
 @dataclass(frozen=True)
 class RunLayout:
     """Every path of a run directory; see the run-directory contract in the README."""

@@ -63,3 +63,33 @@ def test_holidays_ground_truth_from_names():
     assert gt.queries.tolist() == [0, 3]
     assert gt.positives[0].tolist() == [1, 2] and gt.positives[1].tolist() == [4]
     assert gt.junk[0].tolist() == [0] and gt.junk[1].tolist() == [3]
+
+
+def test_ukbench_and_labels_ground_truth():
+    from embedpipe.workers.protocols import ground_truth
+
+    uk = ground_truth("ukbench", [f"/u/ukbench{i:05d}.jpg" for i in range(8)])
+    assert uk.queries.tolist() == list(range(8)) and uk.positives[5].tolist() == [4, 5, 6, 7]
+    assert uk.junk[5].size == 0
+    paths = ["/d/cat/a.jpg", "/d/cat/b.jpg", "/d/dog/c.jpg", "/d/dog/sub/d.jpg", "/d/dog/e.jpg"]
+    lab = ground_truth("labels", paths, "/d")
+    assert lab.group_names == ("cat", "dog") and lab.groups.tolist() == [0, 0, 1, 1, 1]
+    assert lab.positives[3].tolist() == [2, 4] and lab.junk[3].tolist() == [3]
+
+
+def test_precision_recall_and_few_shot():
+    from embedpipe.workers.metrics import few_shot_accuracy, precision_at_k, recall_at_k
+
+    ranks = np.array([[0, 3, 1, 5, 2, 4]])
+    p = precision_at_k(ranks, [np.array([3, 5])], [np.array([0])], (1, 2, 5))
+    assert p == pytest.approx({"p@1": 1.0, "p@2": 0.5, "p@5": 0.4})
+    assert recall_at_k(np.array([[1, 2, 9]]), np.array([[2, 1, 3]]), 3) == pytest.approx(2 / 3)
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((3, 16)) * 5
+    classes = np.repeat(np.arange(3), 12)
+    x = centres[classes] + rng.standard_normal((36, 16))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    assert few_shot_accuracy(x, classes, 1) > 0.9
+    noise = rng.standard_normal((36, 16))
+    assert few_shot_accuracy(noise / np.linalg.norm(noise, axis=1, keepdims=True), classes, 5) < 0.7
+    assert np.isnan(few_shot_accuracy(x, classes, 12))

@@ -1,6 +1,8 @@
 """End to end with real engines: Prefect (ephemeral server, test harness), local Ray, Dask, Parquet, FAISS."""
 
+import io
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -29,12 +31,25 @@ def _files(root: Path, *folders: str) -> dict[str, bytes]:
     }
 
 
-def test_demo_end_to_end(tmp_path):
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "embedpipe.flows.cli", "demo", "--out", str(run)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-5000:]
+def embedpipe(*args, timeout=900):
+    return subprocess.run(
+        [sys.executable, "-m", "embedpipe.flows.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("demo") / "run"
+    out = embedpipe("demo", "--out", run)
+    assert out.returncode == 0, out.stderr[-5000:]
+    return run, out
+
+
+def test_demo_end_to_end(demo_run):
+    run, out = demo_run
     metrics = json.loads((run / "report" / "metrics.json").read_text())
     assert metrics["protocol"] == "holidays"
     assert metrics["dataset"]["n_images"] == 94 and metrics["dataset"]["n_queries"] == 10
@@ -65,7 +80,7 @@ def test_demo_end_to_end(tmp_path):
     # a finished run is a no-op
     before = _files(run, "features", "index", "models", "report")
     start = time.perf_counter()
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    again = embedpipe("demo", "--out", run)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "nothing to do" in again.stderr + again.stdout
     assert _files(run, "features", "index", "models", "report") == before
@@ -123,3 +138,109 @@ def test_bad_inputs_quarantined_and_output_is_deterministic(tmp_path, small_holi
     ).read_bytes()
     strip = [{k: v for k, v in r.items() if k != "time_s"} for r in metrics["results"]]
     assert strip == [{k: v for k, v in r.items() if k != "time_s"} for r in metrics_b["results"]]
+
+
+def _data_images(page: str) -> list[bytes]:
+    import base64
+    import re
+
+    return [
+        base64.b64decode(m) for m in re.findall(r"src=['\"]data:image/(?:png|jpeg);base64,([^'\"]+)", page)
+    ]
+
+
+def test_report_rebuild_and_compare(demo_run, tmp_path):
+    from PIL import Image
+
+    run, _ = demo_run
+    html_path = run / "report" / "index.html"
+    html_path.unlink()
+    out = embedpipe("report", run)
+    assert out.returncode == 0, out.stderr[-3000:]
+    page = html_path.read_text()
+    for section in (
+        "winner",
+        "results",
+        "pr",
+        "per-query",
+        "queries",
+        "tsne",
+        "timings",
+        "quarantine",
+        "config",
+    ):
+        assert f"id='{section}'" in page, section
+    images = _data_images(page)
+    assert len(images) >= 3 + 8 * 11  # three figures, eight query grids of query + ten results
+    for data in images:
+        Image.open(io.BytesIO(data)).verify()
+    assert "class='pos'" in page and "class='junk'" in page
+
+    cmp = embedpipe("compare", run, run, "--json", tmp_path / "cmp.json")
+    assert cmp.returncode == 0, cmp.stderr
+    rows = json.loads((tmp_path / "cmp.json").read_text())["rows"]
+    assert len(rows) == 16 and all(r["map_delta"] == 0.0 for r in rows)
+    assert "+0.0000" in cmp.stdout
+    bad = embedpipe("report", tmp_path)
+    assert bad.returncode == 2 and "not a finished run" in bad.stderr
+
+
+def test_report_renders_in_chromium(demo_run, tmp_path):
+    from PIL import Image
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (Debian package 'chromium'; .ci/run installs it)")
+    run, _ = demo_run
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    url = (run / "report" / "index.html").resolve().as_uri()
+    dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "embedpipe retrieval report" in dom.stdout and 'id="winner"' in dom.stdout
+    assert len(_data_images(dom.stdout)) >= 3
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [chromium, *flags, "--window-size=1200,2400", f"--screenshot={shot}", url],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    pixels = Image.open(shot).convert("L")
+    assert pixels.getextrema()[1] - pixels.getextrema()[0] > 100  # not a blank page
+
+
+def test_labels_protocol_run(tmp_path, demo_images):
+    root = tmp_path / "classes"
+    for p in sorted(demo_images.glob("10*.jpg")):
+        group = int(p.stem) // 100
+        if group in (1000, 1001, 1002, 1003):
+            (root / f"class{group}").mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, root / f"class{group}" / p.name)
+    with prefect_test_harness(server_startup_timeout=180):
+        cfg = load_config(
+            overrides={"images": root, "out": tmp_path / "run", "protocol": "labels"},
+            sets=[
+                "extract.max_side=256",
+                "fit.dim=16",
+                "fit.scheduler=threads",
+                "extract.descriptors=[gem]",
+                "rerank.methods=[aqe]",
+            ],
+        )
+        metrics = pipeline(cfg)
+    assert metrics["dataset"]["n_queries"] == 28
+    plain = [r for r in metrics["results"] if r["rerank"] == "none"]
+    for row in plain:
+        assert row["map"] >= 0.9 and row["p@1"] >= 0.9 and row["fewshot@1"] >= 0.9, row
+        assert row["fewshot@10"] is None  # seven images per class: not enough for 10 shots
+    assert all("fewshot@1" not in r for r in metrics["results"] if r["rerank"] == "aqe")

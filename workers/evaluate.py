@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import faiss
@@ -15,7 +16,7 @@ from embedpipe.storage.artifacts import load_npz
 from embedpipe.storage.features import read_features, read_store_manifest
 from embedpipe.storage.layout import RunLayout
 from embedpipe.workers.ann import build_index, bytes_per_vector, search, write_index
-from embedpipe.workers.metrics import compute_map
+from embedpipe.workers.metrics import compute_map, few_shot_accuracy, ns_score, precision_at_k
 from embedpipe.workers.protocols import GroundTruth, ground_truth
 from embedpipe.workers.rerank import alpha_qe, dba, drop_excluded
 from embedpipe.workers.whitening import apply_whitening
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("embedpipe.evaluate")
 KAPPAS = (1, 5, 10)
+SHOTS = (1, 5, 10)
 
 
 def whitening_name(descriptor: str) -> str:
@@ -42,6 +44,21 @@ def variants(
             (f"pcaw{arrays['proj'].shape[0]}", apply_whitening(vectors, arrays["mean"], arrays["proj"]))
         )
     return out
+
+
+def protocol_extras(
+    cfg: Config, gt: GroundTruth, ranks: np.ndarray, x: np.ndarray | None
+) -> dict[str, float]:
+    """Scores a protocol adds to mAP: UKBench's N-S score; for labels, precision@k and (on the features
+    themselves, ``x``) kNN few-shot classification accuracy at 1, 5 and 10 shots."""
+    if cfg.protocol == "ukbench":
+        return {"ns_score": ns_score(ranks, gt.groups)}
+    if cfg.protocol == "labels":
+        out = precision_at_k(ranks, gt.positives, gt.junk, KAPPAS)
+        if x is not None:
+            out.update({f"fewshot@{s}": few_shot_accuracy(x, gt.groups, s, seed=cfg.seed) for s in SHOTS})
+        return out
+    return {}
 
 
 def rerank_ranks(method: str, cfg: Config, x: np.ndarray, index: faiss.Index, gt: GroundTruth) -> np.ndarray:
@@ -69,7 +86,7 @@ def index_and_evaluate(layout: RunLayout, cfg: Config, descriptor: str) -> tuple
     meta, vectors = read_features(layout.feature_dir(descriptor))
     store = read_store_manifest(layout.feature_dir(descriptor))
     paths = meta.column("path").to_pylist()
-    gt = ground_truth(cfg.protocol, paths)
+    gt = ground_truth(cfg.protocol, paths, str(Path(cfg.images).resolve()) if cfg.images else None)
     rows = []
     for post, x in variants(layout, cfg, descriptor, vectors):
         name = f"{descriptor}-{post}"
@@ -113,10 +130,14 @@ def index_and_evaluate(layout: RunLayout, cfg: Config, descriptor: str) -> tuple
                     "rerank": method,
                     "map": result["map"],
                     **{f"mp@{k}": result[f"mp@{k}"] for k in KAPPAS},
+                    **protocol_extras(cfg, gt, ranks, x if method == "none" else None),
+                    "ranks_file": f"ranks-{name}{suffix}.npy",
                     "time_s": round(time.perf_counter() - start, 4),
                 }
             )
             log.info(
                 "evaluate: %s%s mAP %.4f over %d queries", name, suffix, result["map"], result["n_queries"]
             )
+    # NaN (e.g. too few images per class for a shot count) is not JSON: write null
+    rows = [{k: None if isinstance(v, float) and v != v else v for k, v in r.items()} for r in rows]
     return rows, 0 if gt is None else int(gt.queries.size)

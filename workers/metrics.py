@@ -83,3 +83,50 @@ def ns_score(ranks: np.ndarray, groups: np.ndarray, top: int = 4) -> float:
     if ranks.shape[0] != groups.shape[0]:
         raise ValueError(f"ukbench ranks need one row per image ({groups.shape[0]}), got {ranks.shape[0]}")
     return float((groups[ranks] == groups[:, None]).sum(axis=1).mean())
+
+
+def precision_at_k(
+    ranks: np.ndarray,
+    positives: Sequence[np.ndarray],
+    junk: Sequence[np.ndarray],
+    kappas: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """Plain precision@k (positives among the first k results, junk removed first), averaged over queries."""
+    out = {}
+    kept = [row[~np.isin(row, j)] for row, j in zip(np.asarray(ranks), junk, strict=True)]
+    for k in kappas:
+        out[f"p@{k}"] = float(
+            np.mean([np.isin(row[:k], pos).sum() / k for row, pos in zip(kept, positives, strict=True)])
+        )
+    return out
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
+    """k-recall@k of an approximate search: the share of the exact top-k that the approximate top-k
+    also returns, averaged over queries. approx, exact: (n_queries, >= k) database ids."""
+    approx, exact = np.asarray(approx)[:, :k], np.asarray(exact)[:, :k]
+    return float(np.mean([np.isin(e, a).sum() / k for a, e in zip(approx, exact, strict=True)]))
+
+
+def few_shot_accuracy(
+    vectors: np.ndarray, classes: np.ndarray, shots: int, episodes: int = 5, seed: int = 0
+) -> float:
+    """kNN (1-NN, cosine) few-shot classification over frozen, L2-normalised features.
+
+    Each episode draws ``shots`` support images per class (classes with more than ``shots`` images),
+    classifies every other image of those classes by its nearest support image; the accuracy is the
+    mean over seeded episodes. NaN when no class has enough images."""
+    classes = np.asarray(classes)
+    eligible = [c for c in np.unique(classes) if (classes == c).sum() > shots]
+    if len(eligible) < 2:
+        return float("nan")
+    accuracies = []
+    for episode in range(episodes):
+        rng = np.random.default_rng([seed, shots, episode])
+        support = np.concatenate(
+            [rng.choice(np.flatnonzero(classes == c), shots, replace=False) for c in eligible]
+        )
+        test = np.flatnonzero(np.isin(classes, eligible) & ~np.isin(np.arange(len(classes)), support))
+        nearest = support[np.argmax(vectors[test] @ vectors[support].T, axis=1)]
+        accuracies.append(float((classes[nearest] == classes[test]).mean()))
+    return float(np.mean(accuracies))

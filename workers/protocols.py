@@ -20,6 +20,8 @@ class GroundTruth:
     queries: np.ndarray
     positives: list[np.ndarray]
     junk: list[np.ndarray]
+    groups: np.ndarray | None = None  # per database row (group / class id, -1 for none), for plots
+    group_names: tuple[str, ...] = ()  # name of each group id, when the layout has names
 
 
 def holidays_imno(path: str) -> int | None:
@@ -45,12 +47,49 @@ def holidays(paths: list[str]) -> GroundTruth:
         same = np.flatnonzero(groups == groups[q])
         positives.append(same[same != q])
         junk.append(np.array([q], dtype=np.int64))
-    return GroundTruth(queries, positives, junk)
+    return GroundTruth(queries, positives, junk, groups)
 
 
-def ground_truth(protocol: str, paths: list[str]) -> GroundTruth | None:
+def every_image_queries(groups: np.ndarray, include_self: bool) -> GroundTruth:
+    """Every image is a query whose positives are the other members of its group (and itself when
+    ``include_self``, as UKBench scores count it); otherwise the query is junk in its own ranking."""
+    rows = np.arange(len(groups), dtype=np.int64)
+    positives, junk = [], []
+    for q in rows:
+        same = np.flatnonzero(groups == groups[q])
+        positives.append(same if include_self else same[same != q])
+        junk.append(np.empty(0, np.int64) if include_self else np.array([q], dtype=np.int64))
+    return GroundTruth(rows, positives, junk, groups)
+
+
+def ukbench(paths: list[str]) -> GroundTruth:
+    """UKBench: groups of four consecutive image numbers; every image queries, itself included."""
+    return every_image_queries(ukbench_groups(paths), include_self=True)
+
+
+def labels(paths: list[str], root: str) -> GroundTruth:
+    """Labels from a folder per class (the first folder under ``root``): every image queries its class,
+    itself removed from its own ranking."""
+    names = []
+    for p in paths:
+        rel = PurePath(p).relative_to(root)
+        if len(rel.parts) < 2:
+            raise InputError(f"labels protocol: {p} is not inside a class folder of {root}")
+        names.append(rel.parts[0])
+    classes = tuple(sorted(set(names)))
+    groups = np.array([classes.index(n) for n in names], dtype=np.int64)
+    gt = every_image_queries(groups, include_self=False)
+    return GroundTruth(gt.queries, gt.positives, gt.junk, groups, classes)
+
+
+def ground_truth(protocol: str, paths: list[str], root: str | None = None) -> GroundTruth | None:
+    """The protocol's ground truth over the database ``paths`` (``root``: the dataset folder)."""
     if protocol == "holidays":
         return holidays(paths)
+    if protocol == "ukbench":
+        return ukbench(paths)
+    if protocol == "labels":
+        return labels(paths, root or str(PurePath(paths[0]).parent.parent))
     if protocol == "none":
         return None
     raise InputError(f"unknown protocol '{protocol}'")
