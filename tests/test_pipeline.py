@@ -52,7 +52,7 @@ def test_demo_end_to_end(demo_run):
     run, out = demo_run
     metrics = json.loads((run / "report" / "metrics.json").read_text())
     assert metrics["protocol"] == "holidays"
-    assert metrics["dataset"]["n_images"] == 94 and metrics["dataset"]["n_queries"] == 10
+    assert metrics["dataset"]["n_images"] == 106 and metrics["dataset"]["n_queries"] == 10
     assert [(r["descriptor"], r["post"], r["rerank"]) for r in metrics["results"]] == [
         (d, p, r)
         for d in ("gem", "spoc")
@@ -65,12 +65,12 @@ def test_demo_end_to_end(demo_run):
         assert row["backbone"] == "efficientnet_lite0"
 
     gem = pd.read_parquet(run / "features" / "gem")
-    assert len(gem) == 94 and len(gem["descriptor"].iloc[0]) == 1280 and gem["id"].str.len().eq(64).all()
+    assert len(gem) == 106 and len(gem["descriptor"].iloc[0]) == 1280 and gem["id"].str.len().eq(64).all()
     assert sorted(p.name for p in (run / "features" / "gem").glob("part-*")) == [
-        f"part-0000{i}-of-00003.parquet" for i in range(3)
+        f"part-0000{i}-of-00004.parquet" for i in range(4)
     ]
     index = faiss.read_index(str(run / "index" / "gem-pcaw64" / "index.faiss"))
-    assert index.ntotal == 94 and index.d == 64
+    assert index.ntotal == 106 and index.d == 64
     assert "mAP" in (run / "report" / "index.html").read_text()
     manifest = json.loads((run / "manifest.json").read_text())
     assert all(manifest["stages"][s]["state"] == "done" for s in ("extract", "fit", "evaluate"))

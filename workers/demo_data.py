@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MAX_SIDE = 800
 QUERY_PHOTOS = (
     ("skimage", "astronaut.png"),
@@ -44,7 +44,7 @@ DISTRACTOR_PHOTOS = (
     ("skimage", "grass.png"),
     ("skimage", "gravel.png"),
 )
-CROPS_PER_DISTRACTOR = 2
+CROPS_PER_DISTRACTOR = 3
 TRANSFORMS = ("crop", "rotate", "scale", "jpeg", "colour", "blur")
 
 
@@ -82,27 +82,27 @@ def _random_crop(img: Image.Image, rng: np.random.Generator, lo: float, hi: floa
 
 
 def transform(img: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Image.Image, int]:
-    """One Copydays-style attack. Returns the image and the JPEG quality to save it with."""
+    """One Copydays-style attack, strong enough that descriptors differ in how many copies they find.
+    Returns the image and the JPEG quality to save it with."""
     if kind == "crop":
-        return _random_crop(img, rng, 0.55, 0.8), 90
+        return _random_crop(img, rng, 0.4, 0.6), 90
     if kind == "rotate":
-        angle = float(rng.choice([-1, 1]) * rng.uniform(8, 20))
+        angle = float(rng.choice([-1, 1]) * rng.uniform(15, 30))
         rotated = img.rotate(angle, resample=Image.Resampling.BICUBIC, expand=False)
         w, h = img.size
-        return rotated.crop((w // 8, h // 8, w - w // 8, h - h // 8)), 90
+        return rotated.crop((w // 6, h // 6, w - w // 6, h - h // 6)), 90
     if kind == "scale":
-        f = rng.uniform(0.3, 0.5)
-        return img.resize(
-            (max(16, int(img.width * f)), max(16, int(img.height * f))), Image.Resampling.BICUBIC
-        ), 90
+        f = rng.uniform(0.12, 0.25)
+        size = (max(16, int(img.width * f)), max(16, int(img.height * f)))
+        return img.resize(size, Image.Resampling.BICUBIC), 90
     if kind == "jpeg":
-        return img, int(rng.integers(8, 16))
+        return img, int(rng.integers(3, 7))
     if kind == "colour":
-        img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.7, 1.3))
-        img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.7, 1.3))
-        return ImageEnhance.Color(img).enhance(rng.uniform(0.3, 1.6)), 90
+        img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.5, 1.5))
+        img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.5, 1.5))
+        return ImageEnhance.Color(img).enhance(rng.uniform(0.0, 2.0)), 90
     if kind == "blur":
-        return img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(2.0, 4.0)))), 90
+        return img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(4.0, 7.0)))), 90
     raise ValueError(f"unknown transform {kind}")
 
 

@@ -37,7 +37,8 @@ class Embedder:
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 -> (1, 3, H, W) float32, normalised for the backbone."""
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+        pixels = torch.from_numpy(np.require(image, requirements=["C", "W"]))  # copies only read-only input
+        x = pixels.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
         return (x - self.mean) / self.std
 
     @torch.inference_mode()
