@@ -93,3 +93,15 @@ def test_precision_recall_and_few_shot():
     noise = rng.standard_normal((36, 16))
     assert few_shot_accuracy(noise / np.linalg.norm(noise, axis=1, keepdims=True), classes, 5) < 0.7
     assert np.isnan(few_shot_accuracy(x, classes, 12))
+
+
+def test_pr_curve_by_hand():
+    from embedpipe.workers.protocols import GroundTruth
+    from embedpipe.workers.report import RECALLS, pr_curve
+
+    # positives {1, 3} of a query whose junk is {0}: after junk removal the list is [1, 2, 3]
+    gt = GroundTruth(np.array([0]), [np.array([1, 3])], [np.array([0])])
+    curve = pr_curve(np.array([[0, 1, 2, 3]]), gt)
+    # recall 0.5 reached at precision 1 (rank 1), recall 1 at precision 2/3 (rank 3)
+    assert curve[RECALLS <= 0.5] == pytest.approx(1.0)
+    assert curve[RECALLS > 0.5] == pytest.approx(2 / 3)

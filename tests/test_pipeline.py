@@ -11,6 +11,9 @@ from pathlib import Path
 import faiss
 import pandas as pd
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, TaskRunFilter
+from prefect.client.schemas.sorting import ArtifactSort
 from prefect.testing.utilities import prefect_test_harness
 
 from embedpipe.flows.config import load_config
@@ -238,6 +241,19 @@ def test_labels_protocol_run(tmp_path, demo_images):
             ],
         )
         metrics = pipeline(cfg)
+        with get_client(sync_client=True) as client:
+            keys = ArtifactFilter(key=ArtifactFilterKey(any_=["metrics", "metrics-summary"]))
+            found = client.read_artifacts(
+                artifact_filter=keys,
+                flow_run_filter=FlowRunFilter(),
+                task_run_filter=TaskRunFilter(),
+                limit=10,
+                offset=0,
+                sort=ArtifactSort.CREATED_DESC,
+            )
+            artifacts = {a.key: a for a in found}
+    assert artifacts["metrics"].type == "table" and "aqe" in str(artifacts["metrics"].data)
+    assert artifacts["metrics-summary"].type == "markdown" and "| gem |" in artifacts["metrics-summary"].data
     assert metrics["dataset"]["n_queries"] == 28
     plain = [r for r in metrics["results"] if r["rerank"] == "none"]
     for row in plain:
