@@ -1,17 +1,8 @@
 import json
-import subprocess
-import sys
 
 import pytest
 
-
-def embedpipe(*args, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "embedpipe.flows.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from .helpers import embedpipe
 
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["run"], ["bench"], ["presets"]])

@@ -1,8 +1,6 @@
 import json
 import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ from embedpipe.storage.groundtruth import load_pickle_safely
 from embedpipe.workers.eval_ranks import eval_ranks
 from embedpipe.workers.metrics import ns_score
 
+from .helpers import embedpipe
 from .revisitop_reference import revisitop_compute_map
 
 
@@ -121,9 +120,6 @@ def test_eval_ranks_cli_holidays(tmp_path):
     (tmp_path / "list.txt").write_text("\n".join(names) + "\n")
     np.save(tmp_path / "ranks.npy", np.array([[0, 1, 2, 3, 4], [2, 0, 3, 1, 4]]))
     cmd = [
-        sys.executable,
-        "-m",
-        "embedpipe.flows.cli",
         "eval-ranks",
         "--protocol",
         "holidays",
@@ -134,12 +130,12 @@ def test_eval_ranks_cli_holidays(tmp_path):
         "--json",
         str(tmp_path / "o.json"),
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    out = embedpipe(*cmd)
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "o.json").read_text())
     # query 0: its copy first -> AP 1. Query 2: without itself the list is [0, 3, 1, 4], its copies
     # (3 and 4) sit at ranks 1 and 3 -> (0/1 + 1/2)/2/2 + (1/3 + 2/4)/2/2 = 1/3
     q2 = (0 / 1 + 1 / 2) / 2 / 2 + (1 / 3 + 2 / 4) / 2 / 2
     assert result["map"] == pytest.approx((1.0 + q2) / 2)
-    bad = subprocess.run(cmd[:-4] + ["--ranks", str(tmp_path / "list.txt")], capture_output=True, text=True)
+    bad = embedpipe(*cmd[:-4], "--ranks", tmp_path / "list.txt")
     assert bad.returncode == 2 and bad.stderr.startswith("embedpipe: error:")

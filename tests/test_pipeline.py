@@ -4,7 +4,6 @@ import io
 import json
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +19,8 @@ from embedpipe.flows.config import load_config
 from embedpipe.flows.pipeline import pipeline
 from embedpipe.storage.quarantine import read_quarantine
 
+from .helpers import embedpipe
+
 pytestmark = pytest.mark.slow
 
 RESULT_KEYS = {"descriptor", "backbone", "dim", "index", "bytes_per_vector", "map", "mp@10", "time_s"}
@@ -33,14 +34,6 @@ def _files(root: Path, *folders: str) -> dict[str, bytes]:
         if p.is_file()
     }
 
-
-def embedpipe(*args, timeout=900):
-    return subprocess.run(
-        [sys.executable, "-m", "embedpipe.flows.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="module")
