@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, help="write the result here (also printed)")
     bench.add_argument("--images", type=Path, help="images to use (default: the demo dataset)")
     bench.add_argument(
-        "--n", type=int, default=200, help="number of images, cycling the inputs (default 200)"
+        "--n", type=int, default=2000, help="number of images, cycling the inputs (default 2000)"
+    )
+    bench.add_argument(
+        "--sweep", default="", metavar="N,N,...", help="also time the pipeline with these model-actor counts"
     )
     _config_args(bench)
 
@@ -167,13 +170,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise InputError("--n must be at least 1")
+    try:
+        sweep = [int(v) for v in args.sweep.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"--sweep expects comma-separated actor counts, got '{args.sweep}'") from None
+    if any(v < 1 for v in sweep):
+        raise InputError("--sweep actor counts must be at least 1")
     cfg = _load_run_config(args)
     if cfg.images is None:
         root = Path(tempfile.gettempdir()) / "embedpipe-bench-demo"
         cfg = cfg.model_copy(update={"images": generate_demo(root, seed=cfg.seed).root})
     files = [str(p) for p in list_images(cfg.images)]
     paths = [files[i % len(files)] for i in range(args.n)]
-    result = bench_extract(paths, cfg)
+    result = bench_extract(paths, cfg, sweep)
     text = json.dumps(result, indent=2)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from embedpipe.storage.errors import InputError
 
-Descriptor = Literal["gem", "spoc", "mac"]
+Descriptor = Literal["gem", "spoc", "spoc-cp", "mac", "rmac", "crow", "fc6", "fc7"]
 Protocol = Literal["holidays", "ukbench", "labels", "none"]
 
 
@@ -31,10 +31,25 @@ class ExtractConfig(_Frozen):
     max_side: int = Field(1024, ge=32, description="images larger than this are downscaled, aspect kept")
     descriptors: tuple[Descriptor, ...] = ("gem", "spoc")
     gem_p: float = Field(3.0, gt=0)
+    scales: tuple[float, ...] = Field(
+        (1.0,), description="multi-scale: descriptors averaged over these scales"
+    )
+    power: float = Field(1.0, gt=0, description="power normalisation sign(x)|x|^power before the final L2")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="autocast dtype of the forward pass"
+    )
     batch_size: int = Field(8, ge=1, description="images per batch between Ray stages")
     shard_size: int = Field(256, ge=1, description="images per Parquet part file")
     actors: int = Field(0, ge=0, description="model actors; 0 derives it from the cluster's CPUs")
     torch_threads: int = Field(0, ge=0, description="torch threads per actor; 0 derives it")
+
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(s <= 0 or s > 4 for s in v):
+            raise ValueError("scales must be a non-empty list of factors in (0, 4]")
+        return v
 
     @field_validator("descriptors")
     @classmethod

@@ -20,6 +20,7 @@ def test_help(command):
         (["run", "--images", ".", "--preset", "nope"], "unknown preset 'nope'"),
         (["run", "/nonexistent.yaml"], "config file not found"),
         (["bench", "extract", "--n", "0"], "--n must be at least 1"),
+        (["bench", "extract", "--sweep", "1,x"], "--sweep expects comma-separated actor counts"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(args, message):
@@ -44,6 +45,8 @@ def test_bench_extract_writes_side_by_side_json(tmp_path, small_holidays):
         small_holidays,
         "--n",
         6,
+        "--sweep",
+        "1,2",
         "--set",
         "extract.max_side=256",
         "--json",
@@ -55,5 +58,6 @@ def test_bench_extract_writes_side_by_side_json(tmp_path, small_holidays):
     for side in ("ours", "baseline"):
         assert result[side]["time_s"] > 0 and result[side]["failed"] == 0
     assert 0 < result["ours"]["first_batch_s"] <= result["ours"]["time_s"]
+    assert [r["actors"] for r in result["sweep"]] == [1, 2] and all(r["failed"] == 0 for r in result["sweep"])
     assert result["ratio"] == pytest.approx(result["baseline"]["time_s"] / result["ours"]["time_s"], rel=1e-3)
     assert json.loads(out.stdout) == result

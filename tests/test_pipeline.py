@@ -35,7 +35,6 @@ def _files(root: Path, *folders: str) -> dict[str, bytes]:
     }
 
 
-
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("demo") / "run"

@@ -71,3 +71,18 @@ def test_shard_runs_split_batches_at_shard_boundaries():
 
     assert shard_runs([0, 0, 1, 1, 1, 3]) == [(0, 0, 2), (1, 2, 5), (3, 5, 6)]
     assert shard_runs([]) == []
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 3, 4, 8, 16])
+@pytest.mark.parametrize("actors", [0, 1, 2, 3])
+def test_actor_pool_always_leaves_room_for_decode(cpus, actors):
+    from embedpipe.flows.config import ExtractConfig
+    from embedpipe.workers.ray_stages import pool_size
+
+    pool = pool_size(ExtractConfig(actors=actors), cpus)
+    assert pool.actors == (actors or max(1, cpus // 4))
+    assert pool.actors * pool.actor_cpus + pool.decode_cpus <= cpus + 1e-9
+    if not actors:  # default pools ask distinct CPU amounts, so Ray Data keeps decode a separate stage
+        assert pool.actor_cpus != pool.decode_cpus
+    gpu = pool_size(ExtractConfig(actors=actors), cpus, gpus=2)
+    assert gpu.actors == (actors or 2) and 0 < gpu.actor_gpus <= 1

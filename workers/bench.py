@@ -13,7 +13,13 @@ from embedpipe.storage.errors import DecodeError
 from embedpipe.workers.decode import decode_image
 from embedpipe.workers.embed import Embedder
 from embedpipe.workers.progress import Progress
-from embedpipe.workers.ray_stages import cluster_cpus, pool_size, ray_session, stream_descriptors
+from embedpipe.workers.ray_stages import (
+    cluster_cpus,
+    cluster_gpus,
+    pool_size,
+    ray_session,
+    stream_descriptors,
+)
 
 if TYPE_CHECKING:
     from embedpipe.flows.config import Config
@@ -50,40 +56,46 @@ def plain_loop(paths: list[str], cfg: Config) -> dict[str, Any]:
     }
 
 
-def ray_pipeline(paths: list[str], cfg: Config) -> dict[str, Any]:
-    """Ours: the extraction stage exactly as the pipeline runs it (Ray start-up timed apart)."""
-    start = time.perf_counter()
-    with ray_session(cfg.ray):
-        startup = time.perf_counter() - start
-        actors, threads, _ = pool_size(cfg.extract, cluster_cpus())
-        t0 = time.perf_counter()
-        progress = Progress("bench ours", len(paths), log)
-        failed, first_s, first_n = 0, None, 0
-        for batch in stream_descriptors(paths, cfg.extract, cfg.ray):
-            failed += int((batch["error"] != "").sum())
-            progress.update(len(batch["pos"]))
-            if first_s is None:  # actor start-up and model load end with the first batch
-                first_s, first_n = time.perf_counter() - t0, progress.done
-        progress.finish()
-        run = time.perf_counter() - t0
-        steady = (len(paths) - first_n) / (run - first_s) if first_s is not None and run > first_s else 0.0
+def _timed_stream(paths: list[str], cfg: Config, label: str) -> dict[str, Any]:
+    """One pass of the extraction stage inside a running Ray session."""
+    pool = pool_size(cfg.extract, cluster_cpus(), cluster_gpus())
+    t0 = time.perf_counter()
+    progress = Progress(label, len(paths), log)
+    failed, first_s, first_n = 0, None, 0
+    for batch in stream_descriptors(paths, cfg.extract, cfg.ray):
+        failed += int((batch["error"] != "").sum())
+        progress.update(len(batch["pos"]))
+        if first_s is None:  # actor start-up and model load end with the first batch
+            first_s, first_n = time.perf_counter() - t0, progress.done
+    progress.finish()
+    run = time.perf_counter() - t0
+    steady = (len(paths) - first_n) / (run - first_s) if first_s is not None and run > first_s else 0.0
     return {
         "time_s": round(run, 3),
-        "startup_s": round(startup, 3),
         "first_batch_s": round(first_s or 0.0, 3),
         "steady_images_per_s": round(steady, 3),
         "images_per_s": round(len(paths) / run, 3),
         "failed": failed,
-        "actors": actors,
-        "threads_per_actor": threads,
+        "actors": pool.actors,
+        "threads_per_actor": pool.threads,
+        "gpus_per_actor": pool.actor_gpus,
     }
 
 
-def bench_extract(paths: list[str], cfg: Config) -> dict[str, Any]:
+def bench_extract(paths: list[str], cfg: Config, sweep: list[int] | None = None) -> dict[str, Any]:
+    """Plain loop vs the Ray pipeline on the same images in one run; then, optionally, the pipeline again
+    for each actor count of ``sweep``. ``ratio`` = baseline time / ours, Ray start-up excluded (reported)."""
     for path in paths:  # same page-cache state for both sides
         Path(path).read_bytes()
     baseline = plain_loop(paths, cfg)
-    ours = ray_pipeline(paths, cfg)
+    start = time.perf_counter()
+    with ray_session(cfg.ray):
+        startup = time.perf_counter() - start
+        ours = {**_timed_stream(paths, cfg, "bench ours"), "startup_s": round(startup, 3)}
+        runs = []
+        for actors in sweep or []:
+            swept = cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"actors": actors})})
+            runs.append(_timed_stream(paths, swept, f"bench sweep actors={actors}"))
     return {
         "name": "extract",
         "n_images": len(paths),
@@ -94,6 +106,9 @@ def bench_extract(paths: list[str], cfg: Config) -> dict[str, Any]:
         "ours": ours,
         "baseline": baseline,
         "ratio": round(baseline["time_s"] / ours["time_s"], 4),
-        "ratio_note": "baseline_time / ours_time; ours excludes Ray start-up (ours.startup_s)",
+        "ratio_steady": round(ours["steady_images_per_s"] / baseline["images_per_s"], 4),
+        "ratio_note": "baseline_time / ours_time with Ray start-up excluded (ours.startup_s); ratio_steady "
+        "compares rates after the first batch (actor start and model load)",
+        "sweep": runs,
         "driver_peak_rss_mb": round(_peak_rss_mb(), 1),
     }

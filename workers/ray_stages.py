@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,16 +67,37 @@ def cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def pool_size(cfg: ExtractConfig, cpus: int) -> tuple[int, int, float]:
-    """(model actors, torch threads per actor, CPUs reserved per actor and per decode task).
+@dataclass(frozen=True)
+class Pool:
+    actors: int
+    threads: int  # torch threads per actor
+    actor_cpus: float
+    actor_gpus: float
+    decode_cpus: float  # per decode task
 
-    Actors never take every CPU: a decode task can always be scheduled beside them, so the two stages
-    cannot wait on each other (no deadlock on 1 or 2 CPUs)."""
-    slot = 1.0 if cpus >= 2 else 0.5
-    actors = cfg.actors or max(1, cpus // 4)
-    actors = max(1, min(actors, int((cpus - slot) // slot)))
-    threads = cfg.torch_threads or max(1, cpus // actors)
-    return actors, threads, slot
+
+def pool_size(cfg: ExtractConfig, cpus: float, gpus: int = 0) -> Pool:
+    """Model-actor pool for a cluster of ``cpus`` CPUs and ``gpus`` GPUs.
+
+    One actor per GPU when there are GPUs (and ``extract.device`` is not cpu); on CPUs one per four CPUs
+    unless ``extract.actors`` says otherwise. The actors together never reserve the CPUs of one decode
+    task, so decode can always run beside them: the stages cannot wait on each other, whatever the
+    number of actors (no deadlock on 1 or 2 CPUs). Distinct CPU requests also keep Ray Data from fusing
+    decode into the actors, so the stages overlap."""
+    decode = 0.25 if cpus < 2 else 0.5 if cpus < 4 else 1.0
+    on_gpu = gpus > 0 and cfg.device != "cpu"
+    actors = cfg.actors or (gpus if on_gpu else max(1, int(cpus) // 4))
+    actor_cpus = (cpus - decode) / actors
+    if on_gpu:
+        return Pool(actors, cfg.torch_threads or 2, min(1.0, actor_cpus), min(1.0, gpus / actors), decode)
+    threads = cfg.torch_threads or max(1, round(cpus / actors))
+    return Pool(actors, threads, actor_cpus, 0.0, decode)
+
+
+def cluster_gpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
 
 
 def decode_batch(batch: dict[str, np.ndarray], max_side: int) -> dict[str, np.ndarray]:
@@ -119,7 +141,7 @@ class EmbedActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["path"])
-        out = {name: np.zeros((n, self.embedder.dim), np.float32) for name in self.names}
+        out = {name: np.zeros((n, dim), np.float32) for name, dim in self.embedder.dims().items()}
         errors = batch["error"].copy()
         for i in range(n):
             if errors[i]:
@@ -151,26 +173,33 @@ def stream_descriptors(paths: list[str], cfg: ExtractConfig, ray_cfg: RayConfig)
     ctx.execution_no_progress_timeout_s = ray_cfg.progress_timeout_s
     ctx.wait_for_min_actors_s = int(ray_cfg.progress_timeout_s)
 
-    actors, threads, slot = pool_size(cfg, cluster_cpus())
-    log.info("extract: %d model actor(s) x %d torch thread(s), backbone %s", actors, threads, cfg.backbone)
+    pool = pool_size(cfg, cluster_cpus(), cluster_gpus())
+    log.info(
+        "extract: %d model actor(s) x %d torch thread(s)%s, backbone %s",
+        pool.actors,
+        pool.threads,
+        f", {pool.actor_gpus:g} GPU each" if pool.actor_gpus else "",
+        cfg.backbone,
+    )
     items = [{"pos": i, "path": p} for i, p in enumerate(paths)]
     n_blocks = max(1, min(len(items), -(-len(items) // cfg.batch_size)))
     ds = ray.data.from_items(items, override_num_blocks=n_blocks)
-    # Decode tasks ask for half a slot: cheaper to schedule beside the actors, and a different resource
-    # request keeps Ray Data from fusing decode into the model actor, so the two stages overlap.
+    # Decode tasks ask for other CPU amounts than the actors (see pool_size): Ray Data then keeps them a
+    # separate stage instead of fusing them into the model actor, so decode and inference overlap.
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs={"max_side": cfg.max_side},
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        num_cpus=slot / 2,
+        num_cpus=pool.decode_cpus,
     )
     ds = ds.map_batches(
         EmbedActor,
-        fn_constructor_kwargs={"cfg": cfg, "threads": threads},
+        fn_constructor_kwargs={"cfg": cfg, "threads": pool.threads},
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=slot,
+        compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        num_cpus=pool.actor_cpus,
+        num_gpus=pool.actor_gpus or None,
     )
     yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)

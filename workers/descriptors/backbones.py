@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,24 @@ class BackboneSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     channels: int
+    fc_codes: nn.Module | None = None  # conv map -> {"fc6", "fc7"} for VGG-style classifiers
+
+
+class FcCodes(nn.Module):
+    """Neural codes (Babenko et al., ECCV 2014) of a VGG/AlexNet-style torchvision classifier, taken from
+    the same conv map as the poolings: fc6 and fc7 activations after their ReLU.
+    (B, C, h, w) -> {"fc6": (B, 4096), "fc7": (B, 4096)}"""
+
+    def __init__(self, avgpool: nn.Module, classifier: nn.Sequential):
+        super().__init__()
+        linears = [m for m in classifier if isinstance(m, nn.Linear)]
+        if len(linears) < 3:
+            raise BackboneError("fc codes need a classifier of three linear layers (VGG / AlexNet style)")
+        self.avgpool, self.fc6, self.fc7 = avgpool, linears[0], linears[1]
+
+    def forward(self, fmap: torch.Tensor) -> dict[str, torch.Tensor]:
+        fc6 = torch.relu(self.fc6(torch.flatten(self.avgpool(fmap), 1)))
+        return {"fc6": fc6, "fc7": torch.relu(self.fc7(fc6))}
 
 
 class _TimmTrunk(nn.Module):
@@ -165,7 +184,11 @@ def _torchvision(arch: str, weights: Path | None) -> tuple[nn.Module, BackboneSp
     trunk = _torchvision_trunk(model).eval()
     with torch.no_grad():
         channels = trunk(torch.zeros(1, 3, 64, 64)).shape[1]
-    return trunk, BackboneSpec(f"torchvision:{arch}", IMAGENET_MEAN, IMAGENET_STD, int(channels))
+    fc = None
+    if isinstance(getattr(model, "classifier", None), nn.Sequential) and hasattr(model, "avgpool"):
+        with contextlib.suppress(BackboneError):
+            fc = FcCodes(model.avgpool, model.classifier).eval()
+    return trunk, BackboneSpec(f"torchvision:{arch}", IMAGENET_MEAN, IMAGENET_STD, int(channels), fc)
 
 
 REGISTRY: dict[str, Callable[[Path | None], tuple[nn.Module, BackboneSpec]]] = {
