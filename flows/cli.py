@@ -135,6 +135,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _load_run_config(args: argparse.Namespace):
     from embedpipe.flows.config import load_config
     from embedpipe.storage.dataset import list_images
+    from embedpipe.workers.descriptors.backbones import check_backbone
 
     overrides = {
         "images": getattr(args, "images", None),
@@ -151,6 +152,7 @@ def _load_run_config(args: argparse.Namespace):
     )
     if cfg.images is not None:
         list_images(cfg.images)  # fail fast, before any engine starts
+    check_backbone(cfg.extract.backbone, cfg.extract.weights, cfg.extract.descriptors)
     return cfg
 
 

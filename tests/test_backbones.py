@@ -65,3 +65,63 @@ def test_embedder_descriptors_are_unit_and_deterministic(demo_images):
         assert a[name].shape == (1280,) and a[name].dtype == np.float32
         assert np.linalg.norm(a[name]) == pytest.approx(1.0, abs=1e-5)
         assert np.array_equal(a[name], b[name])
+
+
+@pytest.fixture(scope="module")
+def alexnet_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    model = torchvision.models.alexnet()
+    path = tmp_path_factory.mktemp("w") / "alexnet.pth"
+    torch.save(model.state_dict(), path)
+    return path, model.eval()
+
+
+def test_fc_codes_come_from_the_same_forward_pass(alexnet_weights, demo_images):
+    path, model = alexnet_weights
+    cfg = ExtractConfig(
+        backbone="torchvision:alexnet", weights=path, descriptors=("fc6", "fc7", "gem", "rmac")
+    )
+    emb = Embedder(cfg)
+    image = np.asarray(Image.open(demo_images / "100100.jpg").convert("RGB"))[:180, :240]
+    out = emb(image)
+    assert {k: v.shape for k, v in out.items()} == {
+        "fc6": (4096,),
+        "fc7": (4096,),
+        "gem": (256,),
+        "rmac": (256,),
+    }
+    with torch.no_grad():
+        x = emb.preprocess(image)
+        fc6 = torch.relu(model.classifier[1](torch.flatten(model.avgpool(model.features(x)), 1)))
+        fc7 = torch.relu(model.classifier[4](fc6))
+    for name, ref in (("fc6", fc6), ("fc7", fc7)):
+        ref = (ref / ref.norm()).numpy()[0]
+        assert np.allclose(out[name], ref, atol=1e-5), name
+    with pytest.raises(BackboneError, match="fc6/fc7"):
+        Embedder(ExtractConfig(descriptors=("fc6",)))
+
+
+def test_multi_scale_power_and_bf16(demo_images):
+    from embedpipe.workers.descriptors.pooling import gem, l2n
+    from embedpipe.workers.embed import rescale
+
+    image = np.asarray(Image.open(demo_images / "100200.jpg").convert("RGB"))[:240, :320]
+    one = Embedder(ExtractConfig(descriptors=("gem",)))
+    multi = Embedder(ExtractConfig(descriptors=("gem",), scales=(1.0, 0.5), power=0.5))
+    with torch.no_grad():
+        parts = [l2n(gem(one.model(one.preprocess(rescale(image, s))))) for s in (1.0, 0.5)]
+        total = parts[0] + parts[1]
+        ref = l2n(total.sign() * total.abs().sqrt())[0].numpy()
+    assert rescale(image, 0.5).shape == (120, 160, 3)
+    assert np.allclose(multi(image)["gem"], ref, atol=1e-5)
+    fast = Embedder(ExtractConfig(descriptors=("gem",), precision="bf16"))(image)["gem"]
+    assert float(fast @ one(image)["gem"]) > 0.99
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_lite1_and_lite2_weights_are_real(demo_images, variant):
+    model = lite_classifier(variant)
+    img = Image.open(demo_images / "100100.jpg").convert("RGB").resize((240, 240), Image.Resampling.BICUBIC)
+    x = (torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        assert int(model(x).argmax()) in CAT_CLASSES

@@ -20,6 +20,12 @@ def test_help(command):
         (["run", "--images", ".", "--preset", "nope"], "unknown preset 'nope'"),
         (["run", "/nonexistent.yaml"], "config file not found"),
         (["bench", "extract", "--n", "0"], "--n must be at least 1"),
+        (
+            ["run", "--images", ".", "--set", "extract.backbone=torchvision:vgg16"],
+            "needs a local weights file",
+        ),
+        (["run", "--images", ".", "--set", "extract.descriptors=[fc6]"], "fc6/fc7 need a VGG-style"),
+        (["run", "--images", ".", "--set", "extract.scales=[0]"], "scales must be"),
         (["bench", "extract", "--sweep", "1,x"], "--sweep expects comma-separated actor counts"),
     ],
 )

@@ -71,3 +71,19 @@ def test_exif_orientation_is_applied():
 
 def test_content_id_is_sha256():
     assert content_id(b"abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_query_crop_keeps_the_database_scale(photo):
+    from embedpipe.workers.decode import decode_query_crop
+
+    full = Image.open(io.BytesIO(photo)).convert("RGB")
+    w, h = full.size
+    box = (10, 20, 210, 170)
+    out = decode_query_crop(photo, 256, box)
+    factor = 256 / max(w, h)
+    assert out.shape == (round(150 * factor), round(200 * factor), 3)
+    ref = np.asarray(full.crop(box).resize((out.shape[1], out.shape[0]), Image.Resampling.BICUBIC))
+    assert np.abs(out.astype(int) - ref.astype(int)).mean() < 1.0
+    assert decode_query_crop(photo, 4096, box).shape == (150, 200, 3)  # never upscaled
+    with pytest.raises(DecodeError, match="outside"):
+        decode_query_crop(photo, 256, (w + 5, 0, w + 50, 10))

@@ -252,3 +252,18 @@ def test_labels_protocol_run(tmp_path, demo_images):
         assert row["map"] >= 0.9 and row["p@1"] >= 0.9 and row["fewshot@1"] >= 0.9, row
         assert row["fewshot@10"] is None  # seven images per class: not enough for 10 shots
     assert all("fewshot@1" not in r for r in metrics["results"] if r["rerank"] == "aqe")
+
+
+def test_descriptors_all_preset_gives_a_row_per_pooling(tmp_path, small_holidays):
+    with prefect_test_harness(server_startup_timeout=180):
+        cfg = load_config(
+            preset="descriptors-all",
+            overrides={"images": small_holidays, "out": tmp_path / "run"},
+            sets=["extract.max_side=256", "fit.dim=16", "fit.scheduler=threads"],
+        )
+        metrics = pipeline(cfg)
+    rows = {(r["descriptor"], r["post"]): r for r in metrics["results"]}
+    poolings = ("spoc", "spoc-cp", "mac", "gem", "rmac", "crow")
+    assert set(rows) == {(d, p) for d in poolings for p in ("l2", "pcaw16")}
+    for key, row in rows.items():
+        assert row["map"] >= 0.8 and row["rerank"] == "none", (key, row["map"])

@@ -58,3 +58,19 @@ def decode_image(data: bytes, max_side: int) -> tuple[np.ndarray, tuple[int, int
     if array.ndim != 3 or array.shape[2] != 3 or array.size == 0:
         raise DecodeError(f"unusable pixel data of shape {array.shape}")
     return np.ascontiguousarray(array), (width, height)
+
+
+def decode_query_crop(data: bytes, max_side: int, bbox: tuple[float, float, float, float]) -> np.ndarray:
+    """A query as the Oxford/Paris protocols define it: crop the bounding box (x1, y1, x2, y2, in the
+    original image's pixels) from the full-resolution image, then resize the crop by the factor the whole
+    image gets (longer side to ``max_side``, never up), so the query has the scale of the database images."""
+    full, (width, height) = decode_image(data, max_side=1 << 30)  # full resolution
+    x1, y1, x2, y2 = (int(round(v)) for v in bbox)
+    x1, y1 = max(0, x1), max(0, y1)
+    x2, y2 = min(width, x2), min(height, y2)
+    if x2 <= x1 or y2 <= y1:
+        raise DecodeError(f"query box {tuple(bbox)} is outside the {width}x{height} image")
+    crop = Image.fromarray(full[y1:y2, x1:x2])
+    factor = min(1.0, max_side / max(width, height))
+    size = (max(1, round(crop.width * factor)), max(1, round(crop.height * factor)))
+    return np.asarray(crop.resize(size, Image.Resampling.BICUBIC) if factor < 1.0 else crop)

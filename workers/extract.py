@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from embedpipe.storage.dataset import ShardPlan
 from embedpipe.storage.features import FeatureWriter
 from embedpipe.storage.layout import RunLayout
+from embedpipe.workers.descriptors.backbones import check_backbone
 from embedpipe.workers.progress import Progress
 from embedpipe.workers.ray_stages import stream_descriptors
 
@@ -56,6 +57,7 @@ def run_extract(plan: ShardPlan, cfg: Config, layout: RunLayout) -> ExtractResul
 
     for name in ecfg.descriptors:
         shutil.rmtree(layout.feature_dir(name), ignore_errors=True)
+    check_backbone(ecfg.backbone, ecfg.weights, ecfg.descriptors)
     for batch in stream_descriptors(list(plan.paths), ecfg, cfg.ray):
         ok = batch["error"] == ""
         for i in (~ok).nonzero()[0]:

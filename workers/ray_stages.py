@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedpipe.storage.errors import DecodeError
+from embedpipe.storage.errors import DecodeError, RunFailed
 from embedpipe.workers.decode import content_id, decode_image
 from embedpipe.workers.embed import Embedder
 
@@ -202,4 +202,10 @@ def stream_descriptors(paths: list[str], cfg: ExtractConfig, ray_cfg: RayConfig)
         num_cpus=pool.actor_cpus,
         num_gpus=pool.actor_gpus or None,
     )
-    yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
+    except ray.exceptions.RayError as err:  # a model actor that cannot start, a worker lost for good, ...
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise RunFailed(
+            f"extraction failed on the Ray cluster: {lines[-1] if lines else type(err).__name__}"
+        ) from err

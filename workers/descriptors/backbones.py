@@ -196,15 +196,30 @@ REGISTRY: dict[str, Callable[[Path | None], tuple[nn.Module, BackboneSpec]]] = {
 }
 
 
+def check_backbone(name: str, weights: Path | None, descriptors: tuple[str, ...] = ()) -> None:
+    """Cheap checks before any engine starts: a known name, a weights file where one is needed, fc codes
+    only from torchvision classifiers. Raises ``BackboneError`` with one line."""
+    if name in REGISTRY:
+        pass
+    elif name.startswith(("timm:", "torchvision:")):
+        if weights is None:
+            raise BackboneError(f"{name} needs a local weights file (set extract.weights)")
+    else:
+        known = ", ".join(sorted(REGISTRY))
+        raise BackboneError(f"unknown backbone '{name}' (known: {known}, timm:<arch>, torchvision:<arch>)")
+    if weights is not None and not Path(weights).is_file():
+        raise BackboneError(f"weights file not found: {weights}")
+    if {"fc6", "fc7"} & set(descriptors) and not name.startswith("torchvision:"):
+        raise BackboneError(f"fc6/fc7 need a VGG-style torchvision backbone, not {name}")
+
+
 def load_backbone(name: str, weights: Path | None = None) -> tuple[nn.Module, BackboneSpec]:
     """Build the backbone ``name`` in eval mode. Raises ``BackboneError`` with one line on any problem."""
+    check_backbone(name, weights)
     if name in REGISTRY:
         trunk, spec = REGISTRY[name](weights)
     elif name.startswith("timm:"):
         trunk, spec = _timm(name.removeprefix("timm:"), weights)
-    elif name.startswith("torchvision:"):
-        trunk, spec = _torchvision(name.removeprefix("torchvision:"), weights)
     else:
-        known = ", ".join(sorted(REGISTRY))
-        raise BackboneError(f"unknown backbone '{name}' (known: {known}, timm:<arch>, torchvision:<arch>)")
+        trunk, spec = _torchvision(name.removeprefix("torchvision:"), weights)
     return trunk.eval(), spec
