@@ -27,7 +27,10 @@ class _Frozen(BaseModel):
 
 class ExtractConfig(_Frozen):
     backbone: str = "efficientnet_lite0"
-    weights: Path | None = Field(None, description="local weights file for backbones not bundled")
+    weights: Literal["cache"] | Path | None = Field(
+        None,
+        description="local weights file for timm:/torchvision: backbones, or 'cache' for the library's cache",
+    )
     max_side: int = Field(1024, ge=32, description="images larger than this are downscaled, aspect kept")
     descriptors: tuple[Descriptor, ...] = ("gem", "spoc")
     gem_p: float = Field(3.0, gt=0)

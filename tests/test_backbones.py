@@ -5,7 +5,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from embedpipe.flows.config import ExtractConfig
+from embedpipe.flows.config import ExtractConfig, load_config
 from embedpipe.storage.errors import BackboneError
 from embedpipe.workers.descriptors.backbones import lite_classifier, load_backbone, load_in_order
 from embedpipe.workers.embed import Embedder
@@ -125,3 +125,23 @@ def test_lite1_and_lite2_weights_are_real(demo_images, variant):
     x = (torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
     with torch.no_grad():
         assert int(model(x).argmax()) in CAT_CLASSES
+
+
+def test_weights_from_the_library_cache(tmp_path, monkeypatch):
+    from embedpipe.workers.descriptors.backbones import cached_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(BackboneError, match="no cached weights"):
+        load_backbone("torchvision:resnet18", "cache")
+    with pytest.raises(BackboneError, match="Hugging Face cache"):
+        cached_weights("timm:resnet18")
+    torch.manual_seed(3)
+    model = torchvision.models.resnet18()
+    url = torchvision.models.get_model_weights("resnet18").DEFAULT.url
+    target = tmp_path / "torch" / "hub" / "checkpoints" / url.rsplit("/", 1)[1]
+    target.parent.mkdir(parents=True)
+    torch.save(model.state_dict(), target)
+    trunk, _ = load_backbone("torchvision:resnet18", "cache")
+    assert torch.equal(trunk[0].weight, model.conv1.weight)
+    assert load_config(sets=["extract.weights=cache"]).extract.weights == "cache"

