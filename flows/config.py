@@ -46,6 +46,11 @@ class ExtractConfig(_Frozen):
     shard_size: int = Field(256, ge=1, description="images per Parquet part file")
     actors: int = Field(0, ge=0, description="model actors; 0 derives it from the cluster's CPUs")
     torch_threads: int = Field(0, ge=0, description="torch threads per actor; 0 derives it")
+    decode_in: Literal["auto", "actor", "stage"] = Field(
+        "auto",
+        description="where images are decoded: in the model actors or a stage of their own "
+        "(auto: in the actors on CPU nodes of fewer than 4 CPUs)",
+    )
 
     @field_validator("scales")
     @classmethod

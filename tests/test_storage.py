@@ -75,14 +75,17 @@ def test_shard_runs_split_batches_at_shard_boundaries():
 
 @pytest.mark.parametrize("cpus", [1, 2, 3, 4, 8, 16])
 @pytest.mark.parametrize("actors", [0, 1, 2, 3])
-def test_actor_pool_always_leaves_room_for_decode(cpus, actors):
+def test_actor_pool_never_starves_decode(cpus, actors):
     from embedpipe.flows.config import ExtractConfig
     from embedpipe.workers.ray_stages import pool_size
 
-    pool = pool_size(ExtractConfig(actors=actors), cpus)
-    assert pool.actors == (actors or max(1, cpus // 4))
-    assert pool.actors * pool.actor_cpus + pool.decode_cpus <= cpus + 1e-9
+    auto = pool_size(ExtractConfig(actors=actors), cpus)
+    assert auto.actors == (actors or max(1, cpus // 4))
+    assert auto.fused == (cpus < 4)  # small CPU nodes decode inside the actors
+    assert auto.actors * auto.actor_cpus <= cpus + 1e-9
+    split = pool_size(ExtractConfig(actors=actors, decode_in="stage"), cpus)
+    assert not split.fused and split.actors * split.actor_cpus + split.decode_cpus <= cpus + 1e-9
     if not actors:  # default pools ask distinct CPU amounts, so Ray Data keeps decode a separate stage
-        assert pool.actor_cpus != pool.decode_cpus
+        assert split.actor_cpus != split.decode_cpus
     gpu = pool_size(ExtractConfig(actors=actors), cpus, gpus=2)
-    assert gpu.actors == (actors or 2) and 0 < gpu.actor_gpus <= 1
+    assert not gpu.fused and gpu.actors == (actors or 2) and 0 < gpu.actor_gpus <= 1

@@ -51,8 +51,7 @@ class Embedder:
     cnnimageretrieval-pytorch's multi-scale extraction)."""
 
     def __init__(self, cfg: ExtractConfig, threads: int = 0):
-        if threads > 0:
-            torch.set_num_threads(threads)
+        self.threads = threads
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.model, self.spec = load_backbone(cfg.backbone, cfg.weights)
@@ -87,6 +86,10 @@ class Embedder:
 
     @torch.inference_mode()
     def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        # torch's thread count is per calling thread (OpenMP), and engines may call from another thread
+        # than the one that built the embedder: set it where the work happens.
+        if self.threads > 0 and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         total: dict[str, torch.Tensor] = {}
         for scale in self.cfg.scales:
             with self._autocast():

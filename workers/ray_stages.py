@@ -2,8 +2,9 @@
 
 Extraction is two Ray Data stages: a CPU task that reads, hashes, decodes and downscales each input
 (bad inputs become rows with an ``error``), then a pool of model actors (``EmbedActor``, model loaded
-once in ``__init__``) mapping batches of pixels to descriptors. Results stream back in input order and
-are written to the Parquet store by the caller, so memory does not grow with the number of images.
+once in ``__init__``) mapping batches of pixels to descriptors. On small CPU nodes the actors decode
+their own batches instead (see ``pool_size``). Results stream back in input order and are written to
+the Parquet store by the caller, so memory does not grow with the number of images.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    temp_dir = None
     if cfg.address:
         ray.init(address=cfg.address, logging_level=logging.WARNING, log_to_driver=False)
     else:
@@ -59,6 +62,8 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def cluster_cpus() -> int:
@@ -73,25 +78,41 @@ class Pool:
     threads: int  # torch threads per actor
     actor_cpus: float
     actor_gpus: float
-    decode_cpus: float  # per decode task
+    decode_cpus: float  # per decode task; 0 when the actors decode themselves
+    fused: bool  # decode inside the model actors instead of a separate stage
 
 
 def pool_size(cfg: ExtractConfig, cpus: float, gpus: int = 0) -> Pool:
     """Model-actor pool for a cluster of ``cpus`` CPUs and ``gpus`` GPUs.
 
     One actor per GPU when there are GPUs (and ``extract.device`` is not cpu); on CPUs one per four CPUs
-    unless ``extract.actors`` says otherwise. The actors together never reserve the CPUs of one decode
-    task, so decode can always run beside them: the stages cannot wait on each other, whatever the
-    number of actors (no deadlock on 1 or 2 CPUs). Distinct CPU requests also keep Ray Data from fusing
-    decode into the actors, so the stages overlap."""
-    decode = 0.25 if cpus < 2 else 0.5 if cpus < 4 else 1.0
+    unless ``extract.actors`` says otherwise.
+
+    Decode is a separate stage when there are cores to spare for it (GPUs, or 4+ CPUs): the actors
+    together never reserve the CPUs of one decode task, so the stages cannot wait on each other, and
+    their distinct CPU requests keep Ray Data from fusing them. On smaller CPU nodes a separate decode
+    stage only steals cycles from the model's threads (and their barriers stall on the busy core), so
+    each actor decodes its own batch, as a plain loop would (``extract.decode_in`` overrides)."""
     on_gpu = gpus > 0 and cfg.device != "cpu"
     actors = cfg.actors or (gpus if on_gpu else max(1, int(cpus) // 4))
+    fused = cfg.decode_in == "actor" or (cfg.decode_in == "auto" and not on_gpu and cpus < 4)
+    if fused:
+        return Pool(
+            actors,
+            cfg.torch_threads or max(1, round(cpus / actors)),
+            cpus / actors,
+            min(1.0, gpus / actors) if on_gpu else 0.0,
+            0.0,
+            True,
+        )
+    decode = 0.25 if cpus < 2 else 0.5 if cpus < 4 else 1.0
     actor_cpus = (cpus - decode) / actors
     if on_gpu:
-        return Pool(actors, cfg.torch_threads or 2, min(1.0, actor_cpus), min(1.0, gpus / actors), decode)
-    threads = cfg.torch_threads or max(1, round(cpus / actors))
-    return Pool(actors, threads, actor_cpus, 0.0, decode)
+        return Pool(
+            actors, cfg.torch_threads or 2, min(1.0, actor_cpus), min(1.0, gpus / actors), decode, False
+        )
+    threads = cfg.torch_threads or max(1, int((cpus - decode) // actors))
+    return Pool(actors, threads, actor_cpus, 0.0, decode, False)
 
 
 def cluster_gpus() -> int:
@@ -133,13 +154,18 @@ def decode_batch(batch: dict[str, np.ndarray], max_side: int) -> dict[str, np.nd
 
 
 class EmbedActor:
-    """Ray Data model actor: loads the backbone once, maps a decoded batch to descriptor columns."""
+    """Ray Data model actor: loads the backbone once, maps a decoded batch to descriptor columns
+    (or, with ``decode``, a batch of paths, decoding them first)."""
 
-    def __init__(self, cfg: ExtractConfig, threads: int):
+    def __init__(self, cfg: ExtractConfig, threads: int, decode: bool = False):
         self.embedder = Embedder(cfg, threads)
         self.names = cfg.descriptors
+        self.max_side = cfg.max_side
+        self.decode = decode
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.decode:
+            batch = decode_batch(batch, self.max_side)
         n = len(batch["path"])
         out = {name: np.zeros((n, dim), np.float32) for name, dim in self.embedder.dims().items()}
         errors = batch["error"].copy()
@@ -184,18 +210,17 @@ def stream_descriptors(paths: list[str], cfg: ExtractConfig, ray_cfg: RayConfig)
     items = [{"pos": i, "path": p} for i, p in enumerate(paths)]
     n_blocks = max(1, min(len(items), -(-len(items) // cfg.batch_size)))
     ds = ray.data.from_items(items, override_num_blocks=n_blocks)
-    # Decode tasks ask for other CPU amounts than the actors (see pool_size): Ray Data then keeps them a
-    # separate stage instead of fusing them into the model actor, so decode and inference overlap.
-    ds = ds.map_batches(
-        decode_batch,
-        fn_kwargs={"max_side": cfg.max_side},
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        num_cpus=pool.decode_cpus,
-    )
+    if not pool.fused:
+        ds = ds.map_batches(
+            decode_batch,
+            fn_kwargs={"max_side": cfg.max_side},
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            num_cpus=pool.decode_cpus,
+        )
     ds = ds.map_batches(
         EmbedActor,
-        fn_constructor_kwargs={"cfg": cfg, "threads": pool.threads},
+        fn_constructor_kwargs={"cfg": cfg, "threads": pool.threads, "decode": pool.fused},
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=pool.actors),
