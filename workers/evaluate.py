@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,18 +63,29 @@ def protocol_extras(
     return {}
 
 
-def rerank_ranks(method: str, cfg: Config, x: np.ndarray, index: faiss.Index, gt: GroundTruth) -> np.ndarray:
+def augment_database(cfg: Config, x: np.ndarray, index: faiss.Index) -> tuple[np.ndarray, faiss.Index]:
+    """DBA over the whole database and an index of the result."""
+    sims, idx = search(index, x, cfg.rerank.dba_k + 1)  # includes each vector itself
+    db = dba(x, sims, idx, cfg.rerank.dba_alpha)
+    return db, build_index(db, cfg.index.factory)
+
+
+def rerank_ranks(
+    method: str,
+    cfg: Config,
+    x: np.ndarray,
+    index: faiss.Index,
+    gt: GroundTruth,
+    augmented: Callable[[], tuple[np.ndarray, faiss.Index]],
+) -> np.ndarray:
     """Rankings of every query after αQE, DBA or both (DBA first, then αQE on the augmented database).
 
+    ``augmented`` gives the DBA database and its index (computed once per variant by the caller).
     Queries keep their original vectors under DBA; neighbours used for αQE never include the query's
     own junk (the query itself when it is in the database)."""
     r = cfg.rerank
     queries = x[gt.queries]
-    db, db_index = x, index
-    if method.startswith("dba"):
-        sims, idx = search(db_index, x, r.dba_k + 1)  # includes each vector itself
-        db = dba(x, sims, idx, r.dba_alpha)
-        db_index = build_index(db, cfg.index.factory)
+    db, db_index = augmented() if method.startswith("dba") else (x, index)
     if method.endswith("aqe"):
         sims, idx = search(db_index, queries, r.aqe_k + max(len(j) for j in gt.junk))
         sims, idx = drop_excluded(sims, idx, gt.junk, r.aqe_k)
@@ -113,13 +126,14 @@ def index_and_evaluate(layout: RunLayout, cfg: Config, descriptor: str) -> tuple
             rows.append({**base, "rerank": "none", "time_s": round(time.perf_counter() - start, 4)})
             continue
         layout.report_dir.mkdir(parents=True, exist_ok=True)
+        augmented = functools.cache(lambda x=x, index=index: augment_database(cfg, x, index))
         for method in ("none", *cfg.rerank.methods):
             if method != "none":
                 start = time.perf_counter()
             ranks = (
                 search(index, x[gt.queries], index.ntotal)[1]
                 if method == "none"
-                else rerank_ranks(method, cfg, x, index, gt)
+                else rerank_ranks(method, cfg, x, index, gt, augmented)
             )
             suffix = "" if method == "none" else f"-{method.replace('+', '-')}"
             np.save(layout.report_dir / f"ranks-{name}{suffix}.npy", ranks)
