@@ -185,11 +185,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     files = [str(p) for p in list_images(cfg.images)]
     paths = [files[i % len(files)] for i in range(args.n)]
     result = bench_extract(paths, cfg, sweep)
-    text = json.dumps(result, indent=2)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    sys.stdout.write(text + "\n")
+    _write_json(result, args.json)
     log.info(
         "bench extract: ours %.1f img/s, baseline %.1f img/s, ratio %.3f",
         result["ours"]["images_per_s"],
@@ -199,12 +195,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_json(result: dict, path: Path | None) -> None:
+def _write_json(result: dict, path: Path | None, echo: bool = True) -> None:
+    """Write ``result`` to ``path`` (when given) and, with ``echo``, to stdout."""
     text = json.dumps(result, indent=2)
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n")
-    sys.stdout.write(text + "\n")
+    if echo:
+        sys.stdout.write(text + "\n")
 
 
 def cmd_eval_ranks(args: argparse.Namespace) -> int:
@@ -270,11 +268,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"{num(r['map_b']):>9}{num(r['map_delta'], True):>9}{num(r['mp@10_delta'], True):>10}"
         )
     sys.stdout.write("\n".join(lines) + "\n")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps({"a": str(args.run_a), "b": str(args.run_b), "rows": rows}, indent=2) + "\n"
-        )
+    _write_json({"a": str(args.run_a), "b": str(args.run_b), "rows": rows}, args.json, echo=False)
     return 0
 
 
