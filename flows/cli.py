@@ -251,11 +251,13 @@ def compare_runs(metrics_a: dict, metrics_b: dict) -> list[dict]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from embedpipe.workers.report import fmt_metric
+
     (layout_a, _), (layout_b, _) = _finished_run(args.run_a), _finished_run(args.run_b)
     rows = compare_runs(json.loads(layout_a.metrics.read_text()), json.loads(layout_b.metrics.read_text()))
 
-    def num(v, signed=False):
-        return "—" if v is None else (f"{v:+.4f}" if signed else f"{v:.4f}")
+    def delta(v):
+        return "—" if v is None else f"{v:+.4f}"
 
     lines = [
         f"A = {args.run_a}",
@@ -264,8 +266,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     ]
     for r in rows:
         lines.append(
-            f"{r['descriptor']:<12}{r['post']:<10}{r['rerank']:<9}{num(r['map_a']):>9}"
-            f"{num(r['map_b']):>9}{num(r['map_delta'], True):>9}{num(r['mp@10_delta'], True):>10}"
+            f"{r['descriptor']:<12}{r['post']:<10}{r['rerank']:<9}{fmt_metric(r['map_a']):>9}"
+            f"{fmt_metric(r['map_b']):>9}{delta(r['map_delta']):>9}{delta(r['mp@10_delta']):>10}"
         )
     sys.stdout.write("\n".join(lines) + "\n")
     _write_json({"a": str(args.run_a), "b": str(args.run_b), "rows": rows}, args.json, echo=False)

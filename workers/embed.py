@@ -70,7 +70,11 @@ class Embedder:
         self.std = torch.tensor(self.spec.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
 
     def dims(self) -> dict[str, int]:
-        return {d: (4096 if d in FC_CODES else self.spec.channels) for d in self.cfg.descriptors}
+        fc = self.spec.fc_codes
+        return {
+            d: (getattr(fc, d).out_features if d in FC_CODES else self.spec.channels)
+            for d in self.cfg.descriptors
+        }
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 -> (1, 3, H, W) float32, normalised for the backbone."""
