@@ -87,3 +87,54 @@ def test_query_crop_keeps_the_database_scale(photo):
     assert decode_query_crop(photo, 4096, box).shape == (150, 200, 3)  # never upscaled
     with pytest.raises(DecodeError, match="outside"):
         decode_query_crop(photo, 256, (w + 5, 0, w + 50, 10))
+
+
+def test_pixel_values_survive_every_mode():
+    """Not just the shape: 16-bit greys are scaled (not clipped), alpha is composited on white, palette
+    transparency honoured, animated images give their first frame, every common format decodes."""
+    ramp = (np.arange(64, dtype=np.uint16) * 1024).reshape(8, 8)  # 0 .. 64512 in 16 bits
+    out, _ = decode_image(_encode(Image.fromarray(ramp), "PNG"), 64)
+    assert np.array_equal(out[..., 0], np.round(ramp * (255 / 65535)).astype(np.uint8))
+    rgba = Image.new("RGBA", (10, 10), (0, 0, 0, 0))
+    rgba.paste((200, 10, 10, 255), (0, 0, 5, 10))
+    out, _ = decode_image(_encode(rgba, "PNG"), 64)
+    assert out[0, 0].tolist() == [200, 10, 10] and out[0, 9].tolist() == [255, 255, 255]
+    pal = rgba.convert("RGB").convert("P")
+    pal.info["transparency"] = pal.getpixel((9, 0))
+    out, _ = decode_image(_encode(pal, "PNG", transparency=pal.getpixel((9, 0))), 64)
+    assert out[0, 9].tolist() == [255, 255, 255]
+    frames = [Image.new("RGB", (12, 12), c) for c in ((0, 0, 255), (255, 0, 0))]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    out, _ = decode_image(buf.getvalue(), 64)
+    assert out[0, 0].tolist() == [0, 0, 255]
+    rgb = Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 50, 3), dtype=np.uint8))
+    for fmt, kw in [("WEBP", {"lossless": True}), ("TIFF", {}), ("BMP", {}), ("PNG", {}), ("PPM", {})]:
+        out, size = decode_image(_encode(rgb, fmt, **kw), 64)
+        assert size == (50, 30) and np.array_equal(out, np.asarray(rgb)), fmt
+
+
+def test_decompression_bomb_is_refused_from_the_header():
+    bomb = _encode(Image.new("1", (12000, 12000)), "PNG")  # 144 Mpx in a few hundred kB
+    assert len(bomb) < 1_000_000
+    with pytest.raises(DecodeError, match=r"image too large: 12000x12000 .*ingest.max_pixels"):
+        decode_image(bomb, 256)
+    small = _encode(Image.new("RGB", (300, 200)), "PNG")
+    with pytest.raises(DecodeError, match="image too large"):
+        decode_image(small, 256, max_pixels=50_000)
+    assert decode_image(small, 256, max_pixels=60_000)[1] == (300, 200)
+
+
+def test_bench_decode_compares_both_paths_on_the_same_files(tmp_path):
+    from embedpipe.flows.config import load_config
+    from embedpipe.workers.bench import bench_decode, large_photos, naive_decode
+
+    files = large_photos(tmp_path, 3, side=1200)
+    assert all(max(Image.open(f).size) == 1200 for f in files)
+    cfg = load_config(sets=["extract.max_side=256", "extract.descriptors=[gem]"])
+    data = files[0].read_bytes()
+    assert naive_decode(data, 256).shape == decode_image(data, 256)[0].shape
+    result = bench_decode(files, cfg, repeats=1, n_cosine=2)
+    assert result["name"] == "decode" and result["n_images"] == 3
+    assert result["ratio"] == pytest.approx(result["baseline"]["time_s"] / result["ours"]["time_s"], rel=1e-3)
+    assert 0.9 < result["cosine"]["min"] <= result["cosine"]["mean"] <= 1.0 + 1e-6

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -26,16 +27,45 @@ def target_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def decode_image(data: bytes, max_side: int) -> tuple[np.ndarray, tuple[int, int]]:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: 16-bit and 32-bit integer greys scaled to their range (not clipped),
+    transparency composited on white, CMYK/YCbCr/LAB/palette/greyscale converted."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        array = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        grey = np.clip(np.round(array * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_image(
+    data: bytes, max_side: int, max_pixels: int = 89_478_485
+) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode ``data`` to an RGB uint8 array (H, W, 3) with longer side <= ``max_side``.
 
-    Returns the array and the original (width, height) after EXIF orientation.
-    Raises ``DecodeError`` with a one-line reason for empty, truncated, corrupt or non-image data.
+    Returns the array and the original (width, height) after EXIF orientation. Animated images give
+    their first frame. Raises ``DecodeError`` with a one-line reason for empty, truncated, corrupt or
+    non-image data, and for images of more than ``max_pixels`` pixels (decompression bombs), which are
+    refused from their header before any pixel is decoded.
     """
     if not data:
         raise DecodeError("empty file")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with warnings.catch_warnings():  # PIL's bomb warning: refused below with our own reason
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        with img:
+            if img.width * img.height > max_pixels:
+                raise DecodeError(
+                    f"image too large: {img.width}x{img.height} = {img.width * img.height} pixels "
+                    f"(limit ingest.max_pixels = {max_pixels})"
+                )
             rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
             width, height = (img.height, img.width) if rotated else img.size
             tw, th = target_size(width, height, max_side)
@@ -43,15 +73,15 @@ def decode_image(data: bytes, max_side: int) -> tuple[np.ndarray, tuple[int, int
                 # DCT-domain downscale; draft() sees the stored orientation and keeps both sides >= request.
                 img.draft("RGB", (th, tw) if rotated else (tw, th))
             img.load()
-            img = ImageOps.exif_transpose(img)
-            if img.mode != "RGB":
-                img = img.convert("RGB")
+            img = to_rgb(ImageOps.exif_transpose(img))
             if img.size != (tw, th):
                 img = img.resize((tw, th), Image.Resampling.BICUBIC)
             array = np.asarray(img, dtype=np.uint8)
     except UnidentifiedImageError:
         raise DecodeError("not an image (unrecognised format)") from None
     except Image.DecompressionBombError as err:
+        raise DecodeError(f"image too large: {err}") from None
+    except MemoryError as err:
         raise DecodeError(f"image too large: {err}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise DecodeError(f"truncated or corrupt image: {err}") from None
@@ -60,11 +90,13 @@ def decode_image(data: bytes, max_side: int) -> tuple[np.ndarray, tuple[int, int
     return np.ascontiguousarray(array), (width, height)
 
 
-def decode_query_crop(data: bytes, max_side: int, bbox: tuple[float, float, float, float]) -> np.ndarray:
+def decode_query_crop(
+    data: bytes, max_side: int, bbox: tuple[float, float, float, float], max_pixels: int = 89_478_485
+) -> np.ndarray:
     """A query as the Oxford/Paris protocols define it: crop the bounding box (x1, y1, x2, y2, in the
     original image's pixels) from the full-resolution image, then resize the crop by the factor the whole
     image gets (longer side to ``max_side``, never up), so the query has the scale of the database images."""
-    full, (width, height) = decode_image(data, max_side=1 << 30)  # full resolution
+    full, (width, height) = decode_image(data, 1 << 30, max_pixels)  # full resolution
     x1, y1, x2, y2 = (int(round(v)) for v in bbox)
     x1, y1 = max(0, x1), max(0, y1)
     x2, y2 = min(width, x2), min(height, y2)
