@@ -1,0 +1,63 @@
+"""A real HTTP server on 127.0.0.1 serving a folder, with a few misbehaving paths for error tests."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import time
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    hits: dict[str, int] = {}
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        type(self).hits[self.path] = type(self).hits.get(self.path, 0) + 1
+        if self.path.startswith("/slow/"):
+            time.sleep(3.0)
+        if self.path.startswith("/flaky/"):
+            self.send_error(503, "try again")
+            return
+        asked = self.headers.get("Range", "")
+        if asked.startswith("bytes=") and asked.endswith("-"):
+            self._partial(int(asked[len("bytes=") : -1]))
+            return
+        super().do_GET()
+
+    def _partial(self, start: int) -> None:
+        """Range requests ``bytes=N-`` (what resuming downloaders send)."""
+        path = Path(self.translate_path(self.path))
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        if start >= len(data):
+            self.send_error(416)
+            return
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        self.wfile.write(data[start:])
+        type(self).hits[f"range:{self.path}"] = start
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+
+@contextlib.contextmanager
+def serve(root: Path) -> Iterator[tuple[str, dict[str, int]]]:
+    """Serve ``root`` on 127.0.0.1 (a free port); yields the base URL and the per-path hit counts."""
+    handler = type("Handler", (_Handler,), {"hits": {}})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler.hits
+    finally:
+        server.shutdown()
+        server.server_close()
