@@ -14,7 +14,7 @@ from embedpipe.storage.errors import EmbedpipeError, InputError
 
 log = logging.getLogger("embedpipe")
 
-PROTOCOLS = ("holidays", "ukbench", "labels", "none")
+PROTOCOLS = ("holidays", "oxford5k", "paris6k", "roxford5k", "rparis6k", "ukbench", "labels", "none")
 EVAL_PROTOCOLS = ("holidays", "oxford5k", "paris6k", "roxford5k", "rparis6k", "ukbench")
 
 # Prefect runs on its ephemeral local server unless the user points PREFECT_API_URL elsewhere;
@@ -61,14 +61,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="whole pipeline on your images")
     run.add_argument("config", nargs="?", type=Path, help="YAML config file")
-    run.add_argument("--images", type=Path, help="folder of images (recursive)")
+    run.add_argument(
+        "--images",
+        help="folder, glob, list (.txt/.csv/.parquet), tar/WebDataset shards ({000..009}) or URL",
+    )
     run.add_argument("--protocol", choices=PROTOCOLS, help="evaluation protocol (default holidays)")
+    run.add_argument(
+        "--ground-truth",
+        help="Oxford/Paris ground truth: gt/ folder or revisitop gnd_*.pkl (default: in the images folder)",
+    )
     _config_args(run)
 
+    ingest = sub.add_parser("ingest", help="the ingest stage alone: manifest, shard plan, resized shards")
+    ingest.add_argument("images", help="any input form, as for 'run --images'")
+    ingest.add_argument("--out", type=Path, required=True, help="output folder (re-running resumes)")
+    ingest.add_argument(
+        "--max-side",
+        type=int,
+        default=1024,
+        help="downscale larger images to this longer side (default 1024)",
+    )
+    ingest.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set ingest.timeout_s=5 (repeatable)",
+    )
+    ingest.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+
+    ds = sub.add_parser("datasets", help="list, fetch or verify benchmark datasets")
+    ds.add_argument("action", choices=("list", "fetch", "verify"))
+    ds.add_argument("name", nargs="?", help="dataset name (see 'embedpipe datasets list')")
+    ds.add_argument("--root", type=Path, help="folder holding the datasets (fetch, verify)")
+    ds.add_argument("--registry", type=Path, help="YAML of extra or overriding dataset entries")
+    ds.add_argument("--mirror", help="base URL to fetch the archives from instead of their official URLs")
+
     bench = sub.add_parser("bench", help="side-by-side benchmarks written as JSON")
-    bench.add_argument("what", choices=("extract",), help="what to measure")
+    bench.add_argument("what", choices=("extract", "decode"), help="what to measure")
     bench.add_argument("--json", type=Path, help="write the result here (also printed)")
-    bench.add_argument("--images", type=Path, help="images to use (default: the demo dataset)")
+    bench.add_argument("--images", help="images to use, any input form (default: the demo dataset)")
     bench.add_argument(
         "--n", type=int, default=2000, help="number of images, cycling the inputs (default 2000)"
     )
@@ -126,7 +159,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = load_config(preset="demo", overrides={"out": args.out}, sets=args.sets)
     info = generate_demo(cfg.out / "demo-images", seed=cfg.seed)
     log.info("demo dataset: %d images, %d queries in %s", info.n_images, info.n_queries, info.root)
-    cfg = cfg.model_copy(update={"images": info.root})
+    cfg = cfg.model_copy(update={"images": str(info.root)})
     metrics = _run_flow(cfg)
     _print_table(metrics, cfg.out)
     return 0
@@ -134,12 +167,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _load_run_config(args: argparse.Namespace):
     from embedpipe.flows.config import load_config
-    from embedpipe.storage.dataset import list_images
+    from embedpipe.storage.sources import list_inputs
     from embedpipe.workers.descriptors.backbones import check_backbone
 
     overrides = {
         "images": getattr(args, "images", None),
         "protocol": getattr(args, "protocol", None),
+        "ground_truth": getattr(args, "ground_truth", None),
         "out": args.out,
     }
     if args.ray_address:
@@ -151,7 +185,7 @@ def _load_run_config(args: argparse.Namespace):
         sets=args.sets,
     )
     if cfg.images is not None:
-        list_images(cfg.images)  # fail fast, before any engine starts
+        list_inputs(cfg.images)  # fail fast, before any engine starts
     check_backbone(cfg.extract.backbone, cfg.extract.weights, cfg.extract.descriptors)
     return cfg
 
@@ -165,8 +199,84 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from embedpipe.flows.config import load_config
+    from embedpipe.workers.ingest import run_ingest
+
+    if args.max_side < 32:
+        raise InputError("--max-side must be at least 32")
+    overrides = {"images": args.images, "out": args.out}
+    if args.ray_address:
+        overrides["ray"] = {"address": args.ray_address}
+    cfg = load_config(preset="default", overrides=overrides, sets=args.sets)
+    result = run_ingest(args.images, args.out, cfg, args.max_side)
+    sys.stdout.write(result.summary + "\n")
+    return 0 if result.n_ok else 1
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from embedpipe.storage import benchmarks
+    from embedpipe.workers.progress import Progress
+
+    if args.action == "list":
+        lines = []
+        for b in benchmarks.registry(args.registry).values():
+            sizes = ", ".join(f"{n} {pattern}" for pattern, n in b.counts.items())
+            lines.append(f"{b.name:<11} --protocol {b.protocol:<10} {b.description} [{sizes}]")
+        sys.stdout.write("\n".join(lines) + "\n")
+        return 0
+    if not args.name or args.root is None:
+        raise InputError(f"datasets {args.action} needs a dataset name and --root DIR")
+    bench = benchmarks.lookup(args.name, args.registry)
+    if args.action == "verify":
+        result = benchmarks.verify(bench, args.root)
+        counts = ", ".join(f"{found} {pattern}" for pattern, (found, _) in result["counts"].items())
+        sys.stdout.write(
+            f"{bench.name}: OK ({counts}; {result['archives_checked']} archive checksum(s) checked)\n"
+        )
+        return 0
+    bar: dict[str, Progress] = {}
+
+    def progress(total: int | None, n: int) -> None:
+        if total is not None:
+            bar["p"] = Progress(f"fetch {bench.name}", total // 1024, log, unit="kB")
+        bar["p"].update(n // 1024)
+
+    folder = benchmarks.fetch(bench, args.root, args.mirror, progress)
+    sys.stdout.write(f"{bench.name}: ready in {folder} (use --images {folder} --protocol {bench.protocol})\n")
+    return 0
+
+
+def cmd_bench_decode(args: argparse.Namespace) -> int:
+    from embedpipe.workers.bench import bench_decode, large_photos
+
+    cfg = _load_run_config(args)
+    if cfg.images is None:
+        root = Path(tempfile.gettempdir()) / "embedpipe-bench-decode"
+        files = large_photos(root, min(args.n, 64))
+    else:
+        from embedpipe.storage.sources import list_inputs
+
+        files = [Path(r.uri) for r in list_inputs(cfg.images).refs if r.offset < 0 and "://" not in r.uri]
+        files = files[: args.n]
+    if not files:
+        raise InputError("bench decode needs local image files")
+    result = bench_decode(files, cfg)
+    _write_json(result, args.json)
+    log.info(
+        "bench decode: ours %.1f img/s, baseline %.1f img/s, ratio %.2f, descriptor cosine mean %.4f",
+        result["ours"]["images_per_s"],
+        result["baseline"]["images_per_s"],
+        result["ratio"],
+        result["cosine"]["mean"],
+    )
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    from embedpipe.storage.dataset import list_images
+    if args.what == "decode":
+        return cmd_bench_decode(args)
+    from embedpipe.storage.sources import list_inputs
     from embedpipe.workers.bench import bench_extract
     from embedpipe.workers.demo_data import generate_demo
 
@@ -181,10 +291,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = _load_run_config(args)
     if cfg.images is None:
         root = Path(tempfile.gettempdir()) / "embedpipe-bench-demo"
-        cfg = cfg.model_copy(update={"images": generate_demo(root, seed=cfg.seed).root})
-    files = [str(p) for p in list_images(cfg.images)]
-    paths = [files[i % len(files)] for i in range(args.n)]
-    result = bench_extract(paths, cfg, sweep)
+        cfg = cfg.model_copy(update={"images": str(generate_demo(root, seed=cfg.seed).root)})
+    refs = list_inputs(cfg.images).refs
+    if not refs:
+        raise InputError(f"no usable inputs at {cfg.images}")
+    result = bench_extract([refs[i % len(refs)] for i in range(args.n)], cfg, sweep)
     _write_json(result, args.json)
     log.info(
         "bench extract: ours %.1f img/s, baseline %.1f img/s, ratio %.3f",
@@ -295,6 +406,8 @@ def _print_table(metrics: dict, out: Path) -> None:
 COMMANDS = {
     "demo": cmd_demo,
     "run": cmd_run,
+    "ingest": cmd_ingest,
+    "datasets": cmd_datasets,
     "bench": cmd_bench,
     "eval-ranks": cmd_eval_ranks,
     "report": cmd_report,

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from embedpipe.storage.errors import InputError
 
 Descriptor = Literal["gem", "spoc", "spoc-cp", "mac", "rmac", "crow", "fc6", "fc7"]
-Protocol = Literal["holidays", "ukbench", "labels", "none"]
+Protocol = Literal["holidays", "oxford5k", "paris6k", "roxford5k", "rparis6k", "ukbench", "labels", "none"]
 
 
 class _Frozen(BaseModel):
@@ -67,6 +67,17 @@ class ExtractConfig(_Frozen):
         return v
 
 
+class IngestConfig(_Frozen):
+    max_pixels: int = Field(
+        89_478_485,
+        ge=1,
+        le=178_956_970,
+        description="decompression-bomb guard: images with more pixels are quarantined",
+    )
+    timeout_s: float = Field(30.0, gt=0, description="timeout of one remote read (http, fsspec)")
+    retries: int = Field(2, ge=0, le=10, description="retries of a failed remote read, with back-off")
+
+
 class FitConfig(_Frozen):
     whiten: bool = True
     dim: int = Field(128, ge=0, description="PCA-whitening output dim; 0 keeps all that the data supports")
@@ -98,15 +109,28 @@ class RayConfig(_Frozen):
 
 
 class Config(_Frozen):
-    images: Path | None = None
+    images: str | None = Field(
+        None, description="folder, glob, list file, tar/WebDataset shards or URL (see the README)"
+    )
     protocol: Protocol = "holidays"
+    ground_truth: str | None = Field(
+        None,
+        description="Oxford/Paris ground truth: the gt/ folder of *_query.txt lists or a revisitop "
+        "gnd_*.pkl (default: found in the images folder)",
+    )
     out: Path = Path("runs/latest")
     seed: int = 0
+    ingest: IngestConfig = IngestConfig()
     extract: ExtractConfig = ExtractConfig()
     fit: FitConfig = FitConfig()
     index: IndexConfig = IndexConfig()
     rerank: RerankConfig = RerankConfig()
     ray: RayConfig = RayConfig()
+
+    @field_validator("images", mode="before")
+    @classmethod
+    def _images_text(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, Path) else v
 
     def fingerprint(self, *sections: str) -> str:
         """Hash of the named sections (all when none): what a stage's output depends on."""

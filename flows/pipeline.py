@@ -19,13 +19,14 @@ from prefect.cache_policies import NO_CACHE
 
 from embedpipe.flows.config import Config
 from embedpipe.storage.artifacts import save_npz
-from embedpipe.storage.dataset import ShardPlan, plan_shards
-from embedpipe.storage.errors import InputError, RunFailed
+from embedpipe.storage.dataset import manifest_rows, previous_shards, write_manifest
+from embedpipe.storage.errors import RunFailed
 from embedpipe.storage.layout import STAGES, RunLayout, write_json_atomic
 from embedpipe.storage.quarantine import read_quarantine, write_quarantine
 from embedpipe.workers.dask_jobs import fit_pca_whitening
 from embedpipe.workers.evaluate import index_and_evaluate, whitening_name
-from embedpipe.workers.extract import run_extract
+from embedpipe.workers.extract import extract_queries, run_extract
+from embedpipe.workers.inputs import RunInputs, run_inputs
 from embedpipe.workers.ray_stages import ray_session
 from embedpipe.workers.report import fmt_metric, map_of, row_label, write_report
 
@@ -42,8 +43,8 @@ def versions() -> dict[str, str]:
     return out
 
 
-def fingerprints(cfg: Config, plan: ShardPlan) -> dict[str, str]:
-    extract = _chain(plan.fingerprint, cfg.fingerprint("extract"))
+def fingerprints(cfg: Config, inputs: RunInputs) -> dict[str, str]:
+    extract = _chain(inputs.fingerprint, cfg.fingerprint("extract"))
     fit = _chain(extract, cfg.fingerprint("fit"))
     return {
         "extract": extract,
@@ -65,12 +66,17 @@ class LazyRay:
 
 
 @task(name="extract", cache_policy=NO_CACHE)
-def extract_task(cfg: Config, plan: ShardPlan, layout: RunLayout, ray: LazyRay) -> dict[str, Any]:
+def extract_task(cfg: Config, inputs: RunInputs, layout: RunLayout, ray: LazyRay) -> dict[str, Any]:
     ray.ensure()
+    plan = inputs.plan
     result = run_extract(plan, cfg, layout)
-    write_quarantine(layout.quarantine, result.quarantined)
+    write_manifest(layout.dataset, manifest_rows(plan, result.inputs))
+    listed = [{"path": k, "id": None, "stage": "ingest", "reason": r} for k, r in plan.problems]
+    write_quarantine(layout.quarantine, result.quarantined + listed)
     if result.n_ok == 0:
         raise RunFailed(f"no usable image among {result.n_inputs} inputs (reasons in {layout.quarantine})")
+    if inputs.query_refs:
+        extract_queries(inputs.query_refs, inputs.query_boxes, cfg, layout)
     return {"n_ok": result.n_ok, "n_quarantined": len(result.quarantined), "summary": result.summary}
 
 
@@ -161,11 +167,10 @@ def _run_stage(layout: RunLayout, stage: str, fp: str, fn, logger) -> Any:
 def pipeline(cfg: Config) -> dict[str, Any]:
     """Run every stage for ``cfg`` into ``cfg.out``; returns the metrics.json content."""
     logger = get_run_logger()
-    if cfg.images is None:
-        raise InputError("no images given (--images PATH or 'images:' in the config)")
     layout = RunLayout(cfg.out)
-    plan = plan_shards(cfg.images, cfg.extract.shard_size)
-    fps = fingerprints(cfg, plan)
+    inputs = run_inputs(cfg, previous_shards(layout.dataset))
+    plan = inputs.plan
+    fps = fingerprints(cfg, inputs)
     if all(layout.stage_done(s, fps[s]) for s in STAGES) and layout.metrics.exists():
         logger.info("run %s is complete and up to date: nothing to do", layout.root)
         return layout.read_manifest()["stages"]["evaluate"]["result"]
@@ -174,17 +179,18 @@ def pipeline(cfg: Config) -> dict[str, Any]:
         config=cfg.model_dump(mode="json"),
         versions=versions(),
         input={
-            "path": str(plan.root),
-            "n_files": len(plan.paths),
+            "path": plan.source,
+            "n_files": len(plan.refs),
+            "n_rejected_at_listing": len(plan.problems),
             "fingerprint": plan.fingerprint,
             "n_shards": plan.n_shards,
         },
     )
-    logger.info("run %s: %d inputs in %d shard(s)", layout.root, len(plan.paths), plan.n_shards)
+    logger.info("run %s: %d inputs in %d shard(s)", layout.root, len(plan.refs), plan.n_shards)
     with contextlib.ExitStack() as stack:
         ray = LazyRay(cfg, stack)
         extracted = _run_stage(
-            layout, "extract", fps["extract"], lambda: extract_task(cfg, plan, layout, ray), logger
+            layout, "extract", fps["extract"], lambda: extract_task(cfg, inputs, layout, ray), logger
         )
         if cfg.fit.whiten:
             _run_stage(layout, "fit", fps["fit"], lambda: fit_task(cfg, layout, ray), logger)

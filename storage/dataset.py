@@ -1,62 +1,188 @@
-"""Dataset listing and shard plan for an image folder.
+"""Shard plan and dataset manifest.
 
-Every visible regular file under the folder (recursively) is an input: files that turn out not to be
-images are quarantined with a reason rather than skipped silently. Hidden files and folders (name
-starting with '.') are ignored. Order is the sorted relative path, so the plan is stable.
+The plan puts every listed input (see ``storage.sources``) in a shard. It is stable: given the manifest
+of an earlier ingest of the same run, inputs seen before keep their shard and new inputs fill new shards
+after the last one, so existing shard membership never changes when files are added.
+
+The dataset manifest (``dataset.parquet``) has one row per input: its key and where it is read from, its
+label, shard, content-hash id, byte size, image size, status (``ok`` / ``quarantined``) with the reason,
+and ``duplicate_of`` (the first input with the same bytes).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from embedpipe.storage.errors import InputError
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embedpipe.storage.sources import InputRef, Listing, list_inputs
 
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """Inputs in a fixed order, cut into shards of ``shard_size`` consecutive files."""
+    """Inputs in stream order (by shard, then listing order) with their shard numbers."""
 
-    root: Path
-    paths: tuple[str, ...]
+    source: str
+    refs: tuple[InputRef, ...]
+    shards: tuple[int, ...]
+    problems: tuple[tuple[str, str], ...]  # (key, reason) of entries unusable already at listing
     shard_size: int
     fingerprint: str
 
     @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(r.key for r in self.refs)
+
+    @property
     def n_shards(self) -> int:
-        return max(1, -(-len(self.paths) // self.shard_size))
+        return max(self.shards, default=0) + 1
 
     def shard_of(self, position: int) -> int:
-        return position // self.shard_size
+        return self.shards[position]
 
 
-def list_images(root: Path) -> list[Path]:
-    root = Path(root)
-    if not root.exists():
-        raise InputError(f"images path not found: {root}")
-    if root.is_file():
-        return [root]
-    if not root.is_dir():
-        raise InputError(f"images path is neither a folder nor a file: {root}")
-    files = [
-        p
-        for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+def assign_shards(keys: list[str], shard_size: int, previous: dict[str, int] | None = None) -> list[int]:
+    """Shard of each key: its earlier shard when ``previous`` has it, else new shards after the last one,
+    ``shard_size`` new keys each, in the order given."""
+    previous = previous or {}
+    first_new = max(previous.values(), default=-1) + 1
+    out, n_new = [], 0
+    for key in keys:
+        if key in previous:
+            out.append(previous[key])
+        else:
+            out.append(first_new + n_new // shard_size)
+            n_new += 1
+    return out
+
+
+def plan_shards(source: str | Path, shard_size: int, previous: dict[str, int] | None = None) -> ShardPlan:
+    """List ``source`` and cut it into shards (stable against ``previous``: key -> shard)."""
+    return plan_listing(list_inputs(source), str(source), shard_size, previous)
+
+
+def plan_listing(
+    listing: Listing, source: str, shard_size: int, previous: dict[str, int] | None = None
+) -> ShardPlan:
+    """Cut the inputs of ``listing`` into shards (stable against ``previous``: key -> shard)."""
+    shards = assign_shards([r.key for r in listing.refs], shard_size, previous)
+    order = sorted(range(len(shards)), key=lambda i: (shards[i], i))
+    digest = hashlib.sha256(f"{listing.fingerprint()}\0{shard_size}\0".encode())
+    digest.update(",".join(str(shards[i]) for i in order).encode())
+    return ShardPlan(
+        source,
+        tuple(listing.refs[i] for i in order),
+        tuple(shards[i] for i in order),
+        tuple(listing.problems),
+        shard_size,
+        digest.hexdigest()[:16],
+    )
+
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("offset", pa.int64(), nullable=False),
+        pa.field("length", pa.int64(), nullable=False),
+        pa.field("label", pa.string()),
+        pa.field("shard", pa.int32(), nullable=False),
+        pa.field("id", pa.string()),
+        pa.field("bytes", pa.int64()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("reason", pa.string()),
+        pa.field("duplicate_of", pa.string()),
     ]
-    files.sort(key=lambda p: p.relative_to(root).as_posix())
-    if not files:
-        raise InputError(f"no files under {root}")
-    return files
+)
 
 
-def plan_shards(root: Path, shard_size: int) -> ShardPlan:
-    """List the inputs and fingerprint them (relative path, size, mtime) for resume decisions."""
-    root = Path(root).resolve()
-    files = list_images(root)
-    digest = hashlib.sha256()
-    for p in files:
-        st = p.stat()
-        name = p.relative_to(root).as_posix() if root.is_dir() else p.name
-        digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return ShardPlan(root, tuple(str(p) for p in files), shard_size, digest.hexdigest()[:16])
+def manifest_rows(plan: ShardPlan, results: dict[int, dict]) -> list[dict]:
+    """One manifest row per planned input (``results``: position -> {id, bytes, width, height, reason})
+    plus the entries rejected at listing; ``duplicate_of`` set on repeated content."""
+    rows, first_of = [], {}
+    for pos, (ref, shard) in enumerate(zip(plan.refs, plan.shards, strict=True)):
+        res = results.get(pos, {})
+        cid, reason = res.get("id") or None, res.get("reason") or None
+        duplicate = first_of.setdefault(cid, ref.key) if cid else None
+        rows.append(
+            {
+                "key": ref.key,
+                "uri": ref.uri,
+                "offset": ref.offset,
+                "length": ref.length,
+                "label": ref.label,
+                "shard": shard,
+                "id": cid,
+                "bytes": res.get("bytes"),
+                "width": res.get("width") if not reason else None,
+                "height": res.get("height") if not reason else None,
+                "status": "quarantined" if reason else "ok",
+                "reason": reason,
+                "duplicate_of": None if duplicate == ref.key else duplicate,
+            }
+        )
+    for key, reason in plan.problems:
+        rows.append(
+            {
+                "key": key,
+                "uri": key,
+                "offset": -1,
+                "length": -1,
+                "label": None,
+                "shard": -1,
+                "id": None,
+                "bytes": None,
+                "width": None,
+                "height": None,
+                "status": "quarantined",
+                "reason": reason,
+                "duplicate_of": None,
+            }
+        )
+    return rows
+
+
+def write_manifest(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def read_manifest(path: Path) -> pa.Table | None:
+    return pq.read_table(path) if Path(path).exists() else None
+
+
+def previous_shards(path: Path) -> dict[str, int]:
+    """key -> shard of an earlier manifest (empty when there is none)."""
+    table = read_manifest(path)
+    if table is None:
+        return {}
+    return {
+        k: s
+        for k, s in zip(table.column("key").to_pylist(), table.column("shard").to_pylist(), strict=True)
+        if s >= 0
+    }
+
+
+def labels_by_key(path: Path) -> dict[str, str]:
+    table = read_manifest(path)
+    if table is None:
+        return {}
+    keys, labels = table.column("key").to_pylist(), table.column("label").to_pylist()
+    return {k: lab for k, lab in zip(keys, labels, strict=True) if lab is not None}
+
+
+def locations(path: Path) -> dict[str, tuple[str, int, int]]:
+    """key -> (uri, offset, length) of every input of a manifest, to read one back (report thumbnails)."""
+    table = read_manifest(path)
+    if table is None:
+        return {}
+    cols = [table.column(c).to_pylist() for c in ("key", "uri", "offset", "length")]
+    return {k: (u, o, n) for k, u, o, n in zip(*cols, strict=True)}

@@ -57,3 +57,33 @@ def load_revisitop_gnd(path: Path) -> dict[str, Any]:
         if not ({"easy", "hard", "junk"} <= keys or {"ok", "junk"} <= keys):
             raise InputError(f"{path}: gnd[{i}] has neither easy/hard/junk nor ok/junk lists")
     return data
+
+
+def load_oxford_gt(folder: Path) -> list[dict[str, Any]]:
+    """The original Oxford5k / Paris6k ground truth: for each ``<query>_query.txt`` (sorted by name), the
+    query's image name (Oxford's ``oxc1_`` prefix dropped), its box (x1, y1, x2, y2) and the image names of
+    its ``_good``, ``_ok`` and ``_junk`` lists."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"ground-truth folder not found: {folder}")
+    queries = sorted(folder.glob("*_query.txt"))
+    if not queries:
+        raise InputError(f"{folder}: no *_query.txt files (Oxford/Paris ground truth)")
+    out = []
+    for qfile in queries:
+        name = qfile.name.removesuffix("_query.txt")
+        fields = qfile.read_text().split()
+        if len(fields) != 5:
+            raise InputError(f"{qfile}: expected 'image x1 y1 x2 y2'")
+        try:
+            bbox = tuple(float(v) for v in fields[1:])
+        except ValueError:
+            raise InputError(f"{qfile}: the box is not four numbers") from None
+        entry = {"name": name, "image": fields[0].removeprefix("oxc1_"), "bbox": bbox}
+        for kind in ("good", "ok", "junk"):
+            listed = folder / f"{name}_{kind}.txt"
+            if not listed.is_file():
+                raise InputError(f"{listed}: missing (each query needs _good, _ok and _junk lists)")
+            entry[kind] = listed.read_text().split()
+        out.append(entry)
+    return out

@@ -35,11 +35,20 @@ class RunLayout:
         return self.root / "quarantine.parquet"
 
     @property
+    def dataset(self) -> Path:
+        """The dataset manifest: every input with its id, shard and status."""
+        return self.root / "dataset.parquet"
+
+    @property
     def features(self) -> Path:
         return self.root / "features"
 
     def feature_dir(self, descriptor: str) -> Path:
         return self.features / descriptor
+
+    def query_dir(self, descriptor: str) -> Path:
+        """Descriptors of a protocol's external (box-cropped) queries, in query order."""
+        return self.root / "queries" / descriptor
 
     def model(self, name: str, suffix: str = ".npz") -> Path:
         return self.root / "models" / f"{name}{suffix}"

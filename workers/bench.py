@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import resource
@@ -9,8 +10,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+from PIL import Image, ImageOps
+
 from embedpipe.storage.errors import DecodeError
-from embedpipe.workers.decode import decode_image
+from embedpipe.storage.sources import InputRef, read_input
+from embedpipe.workers.decode import decode_image, target_size
 from embedpipe.workers.embed import Embedder
 from embedpipe.workers.progress import Progress
 from embedpipe.workers.ray_stages import (
@@ -31,15 +36,16 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def plain_loop(paths: list[str], embedder: Embedder, cfg: Config, label: str) -> tuple[float, int]:
+def plain_loop(paths: list[InputRef], embedder: Embedder, cfg: Config, label: str) -> tuple[float, int]:
     """Baseline: one process, read + decode + forward + pool each image in turn, torch on every core.
     Returns (seconds, failed inputs)."""
     start = time.perf_counter()
     progress = Progress(label, len(paths), log)
     failed = 0
-    for path in paths:
+    for ref in paths:
         try:
-            image, _ = decode_image(Path(path).read_bytes(), cfg.extract.max_side)
+            data = read_input(ref.uri, ref.offset, ref.length, cfg.ingest.timeout_s, cfg.ingest.retries)
+            image, _ = decode_image(data, cfg.extract.max_side, cfg.ingest.max_pixels)
             embedder(image)
         except DecodeError:
             failed += 1
@@ -48,13 +54,13 @@ def plain_loop(paths: list[str], embedder: Embedder, cfg: Config, label: str) ->
     return time.perf_counter() - start, failed
 
 
-def _timed_stream(paths: list[str], cfg: Config, label: str) -> dict[str, Any]:
+def _timed_stream(paths: list[InputRef], cfg: Config, label: str) -> dict[str, Any]:
     """One pass of the extraction stage inside a running Ray session."""
     pool = pool_size(cfg.extract, cluster_cpus(), cluster_gpus())
     t0 = time.perf_counter()
     progress = Progress(label, len(paths), log)
     failed, first_s, first_n = 0, None, 0
-    for batch in stream_descriptors(paths, cfg.extract, cfg.ray):
+    for batch in stream_descriptors(paths, cfg):
         failed += int((batch["error"] != "").sum())
         progress.update(len(batch["pos"]))
         if first_s is None:  # actor start-up and model load end with the first batch
@@ -74,12 +80,13 @@ def _timed_stream(paths: list[str], cfg: Config, label: str) -> dict[str, Any]:
     }
 
 
-def bench_extract(paths: list[str], cfg: Config, sweep: list[int] | None = None) -> dict[str, Any]:
+def bench_extract(paths: list[InputRef], cfg: Config, sweep: list[int] | None = None) -> dict[str, Any]:
     """Plain loop vs the Ray pipeline on the same images in one run; then, optionally, the pipeline again
     for each actor count of ``sweep``. ``ratio`` = baseline time / ours, Ray start-up excluded (reported),
     the baseline's model load included as ours includes its actors' start."""
-    for path in paths:  # same page-cache state for both sides
-        Path(path).read_bytes()
+    for ref in {r.uri: r for r in paths}.values():  # same page-cache state for both sides
+        if "://" not in ref.uri:
+            Path(ref.uri).read_bytes()
     # The baseline runs half its images before ours and half after, so a machine whose speed drifts
     # during the run (shared hosts do) biases neither side.
     t0 = time.perf_counter()
@@ -123,4 +130,88 @@ def bench_extract(paths: list[str], cfg: Config, sweep: list[int] | None = None)
         "compares rates after the first batch (actor start and model load)",
         "sweep": runs,
         "driver_peak_rss_mb": round(_peak_rss_mb(), 1),
+    }
+
+
+def naive_decode(data: bytes, max_side: int) -> np.ndarray:
+    """The baseline decode: full-resolution decode, then one bicubic resize to the same output size."""
+    with Image.open(io.BytesIO(data)) as img:
+        img = ImageOps.exif_transpose(img).convert("RGB")
+        size = target_size(img.width, img.height, max_side)
+        if img.size != size:
+            img = img.resize(size, Image.Resampling.BICUBIC)
+        return np.asarray(img)
+
+
+def large_photos(root: Path, n: int, side: int = 3000) -> list[Path]:
+    """JPEGs with a longer side of ``side`` made from the demo dataset's real photos (upscaled, quality
+    92), for a decode benchmark whose outputs are several times smaller than its inputs."""
+    from embedpipe.workers.demo_data import generate_demo
+
+    info = generate_demo(root / "demo")
+    sources = sorted(info.root.glob("*.jpg"))[:n]
+    out = []
+    for i, src in enumerate(sources):
+        path = root / f"large-{i:04d}.jpg"
+        if not path.exists():
+            with Image.open(src) as img:
+                scale = side / max(img.width, img.height)
+                big = img.convert("RGB").resize(
+                    (round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC
+                )
+                big.save(path, format="JPEG", quality=92)
+        out.append(path)
+    return out
+
+
+def _time_decodes(blobs: list[bytes], fn, max_side: int) -> float:
+    start = time.perf_counter()
+    for data in blobs:
+        fn(data, max_side)
+    return time.perf_counter() - start
+
+
+def bench_decode(files: list[Path], cfg: Config, repeats: int = 3, n_cosine: int = 16) -> dict[str, Any]:
+    """Our DCT-domain JPEG downscale + resize vs a full decode + resize to the same size, on the same
+    in-memory files, alternating the two ``repeats`` times (best time of each); then the cosine between
+    the descriptors the two paths give (first descriptor of ``cfg.extract``), so the speed can be weighed
+    against the change it makes."""
+    max_side = cfg.extract.max_side
+    blobs = [p.read_bytes() for p in files]
+    ours_s, base_s = [], []
+    for _ in range(repeats):
+        ours_s.append(_time_decodes(blobs, lambda d, m: decode_image(d, m, cfg.ingest.max_pixels), max_side))
+        base_s.append(_time_decodes(blobs, naive_decode, max_side))
+    embedder = Embedder(cfg.extract, threads=os.cpu_count() or 1)
+    name = cfg.extract.descriptors[0]
+    cosines = []
+    for data in blobs[:n_cosine]:
+        a = embedder(decode_image(data, max_side)[0])[name]
+        b = embedder(naive_decode(data, max_side))[name]
+        cosines.append(float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))))
+    with Image.open(io.BytesIO(blobs[0])) as img:
+        source = img.size
+    ours, base = min(ours_s), min(base_s)
+    return {
+        "name": "decode",
+        "n_images": len(blobs),
+        "max_side": max_side,
+        "source_size_first": list(source),
+        "ours": {
+            "time_s": round(ours, 4),
+            "images_per_s": round(len(blobs) / ours, 3),
+            "method": "draft+bicubic",
+        },
+        "baseline": {
+            "time_s": round(base, 4),
+            "images_per_s": round(len(blobs) / base, 3),
+            "method": "full decode+bicubic",
+        },
+        "ratio": round(base / ours, 4),
+        "descriptor": name,
+        "cosine": {
+            "mean": round(float(np.mean(cosines)), 6),
+            "min": round(float(np.min(cosines)), 6),
+            "n": len(cosines),
+        },
     }

@@ -15,11 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedpipe.storage.artifacts import load_npz
+from embedpipe.storage.dataset import labels_by_key
+from embedpipe.storage.errors import RunFailed
 from embedpipe.storage.features import read_features, read_store_manifest
 from embedpipe.storage.layout import RunLayout
 from embedpipe.workers.ann import build_index, bytes_per_vector, search, write_index
+from embedpipe.workers.inputs import ground_truth_path
 from embedpipe.workers.metrics import compute_map, few_shot_accuracy, ns_score, precision_at_k
-from embedpipe.workers.protocols import GroundTruth, ground_truth
+from embedpipe.workers.protocols import BENCHMARK_PROTOCOLS, GroundTruth, benchmark_layout, ground_truth
 from embedpipe.workers.rerank import alpha_qe, dba, drop_excluded
 from embedpipe.workers.whitening import apply_whitening
 
@@ -29,6 +32,27 @@ if TYPE_CHECKING:
 log = logging.getLogger("embedpipe.evaluate")
 KAPPAS = (1, 5, 10)
 SHOTS = (1, 5, 10)
+
+
+def run_ground_truth(layout: RunLayout, cfg: Config, paths: list[str]) -> GroundTruth | None:
+    """The protocol's ground truth for a run's database ``paths`` (labels from its dataset manifest,
+    Oxford/Paris ground truth from the benchmark's files)."""
+    images = cfg.images
+    root = str(Path(images).resolve()) if images and Path(images).is_dir() else None
+    bench = None
+    if cfg.protocol in BENCHMARK_PROTOCOLS:
+        bench = benchmark_layout(cfg.protocol, str(ground_truth_path(cfg)))
+    return ground_truth(cfg.protocol, paths, root, labels_by_key(layout.dataset), bench)
+
+
+def query_vectors(layout: RunLayout, cfg: Config, descriptor: str, gt: GroundTruth) -> dict[str, np.ndarray]:
+    """External (box-cropped) queries' vectors per post-processing; empty when queries are database rows."""
+    if not gt.query_keys:
+        return {}
+    _, vectors = read_features(layout.query_dir(descriptor))
+    if len(vectors) != len(gt.queries):
+        raise RunFailed(f"{descriptor}: {len(vectors)} query descriptors for {len(gt.queries)} queries")
+    return dict(variants(layout, cfg, descriptor, vectors))
 
 
 def whitening_name(descriptor: str) -> str:
@@ -63,6 +87,16 @@ def protocol_extras(
     return {}
 
 
+def setup_scores(gt: GroundTruth, ranks: np.ndarray) -> dict[str, float]:
+    """Revisited Oxford/Paris: mAP and mP@k of the easy, medium and hard setups (``map`` is medium)."""
+    out = {}
+    for name, setup in (gt.setups or {}).items():
+        result = compute_map(ranks, setup.positives, setup.junk, KAPPAS)
+        out[f"map_{name}"] = result["map"]
+        out.update({f"mp@{k}_{name}": result[f"mp@{k}"] for k in KAPPAS})
+    return out
+
+
 def augment_database(cfg: Config, x: np.ndarray, index: faiss.Index) -> tuple[np.ndarray, faiss.Index]:
     """DBA over the whole database and an index of the result."""
     sims, idx = search(index, x, cfg.rerank.dba_k + 1)  # includes each vector itself
@@ -77,17 +111,18 @@ def rerank_ranks(
     index: faiss.Index,
     gt: GroundTruth,
     augmented: Callable[[], tuple[np.ndarray, faiss.Index]],
+    queries: np.ndarray,
 ) -> np.ndarray:
     """Rankings of every query after αQE, DBA or both (DBA first, then αQE on the augmented database).
 
-    ``augmented`` gives the DBA database and its index (computed once per variant by the caller).
+    ``queries``: the query vectors. ``augmented`` gives the DBA database and its index (computed once
+    per variant by the caller).
     Queries keep their original vectors under DBA; neighbours used for αQE never include the query's
     own junk (the query itself when it is in the database)."""
     r = cfg.rerank
-    queries = x[gt.queries]
     db, db_index = augmented() if method.startswith("dba") else (x, index)
     if method.endswith("aqe"):
-        sims, idx = search(db_index, queries, r.aqe_k + max(len(j) for j in gt.junk))
+        sims, idx = search(db_index, queries, r.aqe_k + max((len(j) for j in gt.junk), default=0))
         sims, idx = drop_excluded(sims, idx, gt.junk, r.aqe_k)
         queries = alpha_qe(queries, db, sims, idx, r.aqe_alpha)
     return search(db_index, queries, db_index.ntotal)[1]
@@ -99,7 +134,8 @@ def index_and_evaluate(layout: RunLayout, cfg: Config, descriptor: str) -> tuple
     meta, vectors = read_features(layout.feature_dir(descriptor))
     store = read_store_manifest(layout.feature_dir(descriptor))
     paths = meta.column("path").to_pylist()
-    gt = ground_truth(cfg.protocol, paths, str(Path(cfg.images).resolve()) if cfg.images else None)
+    gt = run_ground_truth(layout, cfg, paths)
+    external = query_vectors(layout, cfg, descriptor, gt) if gt is not None else {}
     rows = []
     for post, x in variants(layout, cfg, descriptor, vectors):
         name = f"{descriptor}-{post}"
@@ -127,13 +163,14 @@ def index_and_evaluate(layout: RunLayout, cfg: Config, descriptor: str) -> tuple
             continue
         layout.report_dir.mkdir(parents=True, exist_ok=True)
         augmented = functools.cache(lambda x=x, index=index: augment_database(cfg, x, index))
+        queries = external[post] if external else x[gt.queries]
         for method in ("none", *cfg.rerank.methods):
             if method != "none":
                 start = time.perf_counter()
             ranks = (
-                search(index, x[gt.queries], index.ntotal)[1]
+                search(index, queries, index.ntotal)[1]
                 if method == "none"
-                else rerank_ranks(method, cfg, x, index, gt, augmented)
+                else rerank_ranks(method, cfg, x, index, gt, augmented, queries)
             )
             suffix = "" if method == "none" else f"-{method.replace('+', '-')}"
             np.save(layout.report_dir / f"ranks-{name}{suffix}.npy", ranks)
@@ -145,6 +182,7 @@ def index_and_evaluate(layout: RunLayout, cfg: Config, descriptor: str) -> tuple
                     "map": result["map"],
                     **{f"mp@{k}": result[f"mp@{k}"] for k in KAPPAS},
                     **protocol_extras(cfg, gt, ranks, x if method == "none" else None),
+                    **setup_scores(gt, ranks),
                     "ranks_file": f"ranks-{name}{suffix}.npy",
                     "time_s": round(time.perf_counter() - start, 4),
                 }

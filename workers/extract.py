@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from embedpipe.storage.dataset import ShardPlan
+from embedpipe.storage.errors import RunFailed
 from embedpipe.storage.features import FeatureWriter
 from embedpipe.storage.layout import RunLayout
+from embedpipe.storage.sources import InputRef
 from embedpipe.workers.descriptors.backbones import check_backbone
 from embedpipe.workers.progress import Progress
 from embedpipe.workers.ray_stages import stream_descriptors
@@ -27,6 +29,7 @@ class ExtractResult:
     quarantined: list[dict[str, str | None]]
     seconds: float
     summary: str
+    inputs: dict[int, dict]  # position in the plan -> id, bytes, width, height, reason (dataset manifest)
 
 
 def shard_runs(shards: list[int]) -> list[tuple[int, int, int]]:
@@ -42,7 +45,8 @@ def run_extract(plan: ShardPlan, cfg: Config, layout: RunLayout) -> ExtractResul
     ecfg = cfg.extract
     writers: dict[str, FeatureWriter] = {}
     quarantined: list[dict[str, str | None]] = []
-    progress = Progress("extract", len(plan.paths), log)
+    progress = Progress("extract", len(plan.refs), log)
+    inputs: dict[int, dict] = {}
 
     def writer(name: str, dim: int) -> FeatureWriter:
         if name not in writers:
@@ -58,8 +62,16 @@ def run_extract(plan: ShardPlan, cfg: Config, layout: RunLayout) -> ExtractResul
     for name in ecfg.descriptors:
         shutil.rmtree(layout.feature_dir(name), ignore_errors=True)
     check_backbone(ecfg.backbone, ecfg.weights, ecfg.descriptors)
-    for batch in stream_descriptors(list(plan.paths), ecfg, cfg.ray):
+    for batch in stream_descriptors(plan.refs, cfg):
         ok = batch["error"] == ""
+        for j, pos in enumerate(batch["pos"]):
+            inputs[int(pos)] = {
+                "id": batch["id"][j] or None,
+                "bytes": int(batch["bytes"][j]) if batch["bytes"][j] >= 0 else None,
+                "width": int(batch["width"][j]),
+                "height": int(batch["height"][j]),
+                "reason": batch["error"][j] or None,
+            }
         for i in (~ok).nonzero()[0]:
             reason = str(batch["error"][i])
             log.warning("quarantined %s: %s", batch["path"][i], reason)
@@ -88,5 +100,41 @@ def run_extract(plan: ShardPlan, cfg: Config, layout: RunLayout) -> ExtractResul
     for w in writers.values():
         w.close()
     n_ok = progress.done - len(quarantined)
-    summary = progress.finish(f"{n_ok} ok, {len(quarantined)} quarantined")
-    return ExtractResult(progress.done, n_ok, quarantined, progress.elapsed, summary)
+    ids = [v["id"] for v in inputs.values() if v["id"] and not v["reason"]]
+    duplicates = len(ids) - len(set(ids))
+    summary = progress.finish(
+        f"{n_ok} ok, {len(quarantined)} quarantined"
+        + (f", {duplicates} exact duplicate(s)" if duplicates else "")
+    )
+    return ExtractResult(progress.done, n_ok, quarantined, progress.elapsed, summary, inputs)
+
+
+def extract_queries(refs: tuple[InputRef, ...], boxes: tuple, cfg: Config, layout: RunLayout) -> str:
+    """Descriptors of the box-cropped queries of an Oxford/Paris protocol, in query order, into
+    ``RUN/queries/<descriptor>`` (inside a Ray session). A query that cannot be read fails the stage:
+    the protocol is not defined without it."""
+    ecfg = cfg.extract
+    progress = Progress("extract queries", len(refs), log)
+    writers: dict[str, FeatureWriter] = {}
+    for name in ecfg.descriptors:
+        shutil.rmtree(layout.query_dir(name), ignore_errors=True)
+    for batch in stream_descriptors(refs, cfg, boxes):
+        bad = (batch["error"] != "").nonzero()[0]
+        if bad.size:
+            i = int(bad[0])
+            raise RunFailed(f"query image {batch['path'][i]} cannot be used: {batch['error'][i]}")
+        for name in ecfg.descriptors:
+            vectors = batch[f"d_{name}"]
+            if name not in writers:
+                meta = {
+                    "descriptor": name,
+                    "backbone": ecfg.backbone,
+                    "max_side": ecfg.max_side,
+                    "queries": True,
+                }
+                writers[name] = FeatureWriter(layout.query_dir(name), vectors.shape[1], 1, meta)
+            writers[name].write(0, batch["id"], batch["path"], batch["width"], batch["height"], vectors)
+        progress.update(len(batch["pos"]))
+    for w in writers.values():
+        w.close()
+    return progress.finish()

@@ -14,19 +14,19 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from embedpipe.storage.errors import DecodeError, RunFailed
-from embedpipe.workers.decode import content_id, decode_image
+from embedpipe.storage.sources import InputRef, read_input
+from embedpipe.workers.decode import content_id, decode_image, decode_query_crop
 from embedpipe.workers.embed import Embedder
 
 if TYPE_CHECKING:
-    from embedpipe.flows.config import ExtractConfig, RayConfig
+    from embedpipe.flows.config import Config, ExtractConfig, IngestConfig, RayConfig
 
 log = logging.getLogger("embedpipe.ray")
 
@@ -121,21 +121,26 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def decode_batch(batch: dict[str, np.ndarray], max_side: int) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], max_side: int, ingest: IngestConfig) -> dict[str, np.ndarray]:
     """Read, hash and decode each input. Bad inputs keep their row with ``error`` set, never raise."""
     n = len(batch["path"])
     ids, errors, pixels = [""] * n, [""] * n, [b""] * n
     h, w, width, height = (np.zeros(n, np.int32) for _ in range(4))
-    for i, path in enumerate(batch["path"]):
+    sizes = np.full(n, -1, np.int64)
+    for i in range(n):
         try:
-            try:
-                data = Path(path).read_bytes()
-            except FileNotFoundError:
-                raise DecodeError("missing file") from None
-            except OSError as err:
-                raise DecodeError(f"cannot read file: {err.strerror or err}") from None
+            data = read_input(
+                str(batch["uri"][i]),
+                int(batch["offset"][i]),
+                int(batch["length"][i]),
+                timeout=ingest.timeout_s,
+                retries=ingest.retries,
+            )
+            sizes[i] = len(data)
             ids[i] = content_id(data)
-            array, (width[i], height[i]) = decode_image(data, max_side)
+            array, (width[i], height[i]) = decode_image(data, max_side, ingest.max_pixels)
+            if "bbox" in batch:  # a query: the box crop at the scale of the database images
+                array = decode_query_crop(data, max_side, tuple(batch["bbox"][i]), ingest.max_pixels)
             h[i], w[i] = array.shape[:2]
             pixels[i] = array.tobytes()
         except DecodeError as err:
@@ -144,6 +149,8 @@ def decode_batch(batch: dict[str, np.ndarray], max_side: int) -> dict[str, np.nd
         "pos": batch["pos"],
         "path": batch["path"],
         "id": np.array(ids, dtype=object),
+        "bytes": sizes,
+        **({"bbox": batch["bbox"]} if "bbox" in batch else {}),
         "width": width,
         "height": height,
         "h": h,
@@ -153,19 +160,32 @@ def decode_batch(batch: dict[str, np.ndarray], max_side: int) -> dict[str, np.nd
     }
 
 
+def input_items(refs: Sequence[InputRef | str], boxes: Sequence | None = None) -> list[dict[str, Any]]:
+    """Ray Data rows for inputs (plain strings are local paths or URLs); ``boxes``: query crops."""
+    items = []
+    for pos, ref in enumerate(refs):
+        if isinstance(ref, str):
+            ref = InputRef(ref, ref)
+        item = {"pos": pos, "path": ref.key, "uri": ref.uri, "offset": ref.offset, "length": ref.length}
+        if boxes is not None:
+            item["bbox"] = [float(v) for v in boxes[pos]]
+        items.append(item)
+    return items
+
+
 class EmbedActor:
     """Ray Data model actor: loads the backbone once, maps a decoded batch to descriptor columns
     (or, with ``decode``, a batch of paths, decoding them first)."""
 
-    def __init__(self, cfg: ExtractConfig, threads: int, decode: bool = False):
+    def __init__(self, cfg: ExtractConfig, threads: int, ingest: IngestConfig | None = None):
         self.embedder = Embedder(cfg, threads)
         self.names = cfg.descriptors
         self.max_side = cfg.max_side
-        self.decode = decode
+        self.ingest = ingest  # decode in the actor when given
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.decode:
-            batch = decode_batch(batch, self.max_side)
+        if self.ingest is not None:
+            batch = decode_batch(batch, self.max_side, self.ingest)
         n = len(batch["path"])
         out = {name: np.zeros((n, dim), np.float32) for name, dim in self.embedder.dims().items()}
         errors = batch["error"].copy()
@@ -182,14 +202,12 @@ class EmbedActor:
                 continue
             for name in self.names:
                 out[name][i] = vectors[name]
-        keep = {k: batch[k] for k in ("pos", "path", "id", "width", "height")}
+        keep = {k: batch[k] for k in ("pos", "path", "id", "bytes", "width", "height")}
         return {**keep, "error": errors, **{f"d_{name}": v for name, v in out.items()}}
 
 
-def stream_descriptors(paths: list[str], cfg: ExtractConfig, ray_cfg: RayConfig) -> Iterator[dict[str, Any]]:
-    """Yield result batches in input order: ``pos, path, id, width, height, error, d_<descriptor>``.
-
-    Must run inside ``ray_session``."""
+def configure_data_context(ray_cfg: RayConfig) -> None:
+    """Ray Data as our stages need it: results in input order, our own progress lines, no hang."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -199,6 +217,18 @@ def stream_descriptors(paths: list[str], cfg: ExtractConfig, ray_cfg: RayConfig)
     ctx.execution_no_progress_timeout_s = ray_cfg.progress_timeout_s
     ctx.wait_for_min_actors_s = int(ray_cfg.progress_timeout_s)
 
+
+def stream_descriptors(
+    refs: Sequence[InputRef | str], config: Config, boxes: Sequence | None = None
+) -> Iterator[dict[str, Any]]:
+    """Yield result batches in input order: ``pos, path, id, bytes, width, height, error, d_<descriptor>``.
+
+    Must run inside ``ray_session``."""
+    import ray.data
+
+    cfg, ray_cfg = config.extract, config.ray
+    configure_data_context(ray_cfg)
+
     pool = pool_size(cfg, cluster_cpus(), cluster_gpus())
     log.info(
         "extract: %d model actor(s) x %d torch thread(s)%s, backbone %s",
@@ -207,20 +237,24 @@ def stream_descriptors(paths: list[str], cfg: ExtractConfig, ray_cfg: RayConfig)
         f", {pool.actor_gpus:g} GPU each" if pool.actor_gpus else "",
         cfg.backbone,
     )
-    items = [{"pos": i, "path": p} for i, p in enumerate(paths)]
+    items = input_items(refs, boxes)
     n_blocks = max(1, min(len(items), -(-len(items) // cfg.batch_size)))
     ds = ray.data.from_items(items, override_num_blocks=n_blocks)
     if not pool.fused:
         ds = ds.map_batches(
             decode_batch,
-            fn_kwargs={"max_side": cfg.max_side},
+            fn_kwargs={"max_side": cfg.max_side, "ingest": config.ingest},
             batch_size=cfg.batch_size,
             batch_format="numpy",
             num_cpus=pool.decode_cpus,
         )
     ds = ds.map_batches(
         EmbedActor,
-        fn_constructor_kwargs={"cfg": cfg, "threads": pool.threads, "decode": pool.fused},
+        fn_constructor_kwargs={
+            "cfg": cfg,
+            "threads": pool.threads,
+            "ingest": config.ingest if pool.fused else None,
+        },
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=pool.actors),

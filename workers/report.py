@@ -20,11 +20,14 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
+from embedpipe.storage.dataset import locations
+from embedpipe.storage.errors import DecodeError
 from embedpipe.storage.features import read_features
 from embedpipe.storage.layout import STAGES, RunLayout
 from embedpipe.storage.quarantine import read_quarantine
+from embedpipe.storage.sources import read_input
 from embedpipe.workers.metrics import compute_map
-from embedpipe.workers.protocols import GroundTruth, ground_truth
+from embedpipe.workers.protocols import GroundTruth
 
 log = logging.getLogger("embedpipe.report")
 
@@ -102,15 +105,17 @@ def _figure_png(fig: Figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _thumbnail(path: str) -> str | None:
+def _thumbnail(path: str, locate: dict[str, tuple[str, int, int]]) -> str | None:
+    uri, offset, length = locate.get(path, (path, -1, -1))
     try:
-        with Image.open(path) as img:
+        data = read_input(uri, offset, length, timeout=10.0, retries=0)
+        with Image.open(io.BytesIO(data)) as img:
             img.draft("RGB", (THUMB * 2, THUMB * 2))
             img = img.convert("RGB")
             img.thumbnail((THUMB * 2, THUMB * 2))
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=80)
-    except (OSError, ValueError):
+    except (DecodeError, OSError, ValueError):
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
@@ -177,7 +182,7 @@ def _tsne_figure(vectors: np.ndarray, gt: GroundTruth | None, seed: int) -> str 
     none = groups < 0
     ax.scatter(xy[none, 0], xy[none, 1], s=10, c="#b8bec6", label="no group")
     ax.scatter(xy[~none, 0], xy[~none, 1], s=16, c=groups[~none] % 20, cmap="tab20", vmin=0, vmax=19)
-    if gt is not None:
+    if gt is not None and not gt.query_keys:
         for q in gt.queries:
             if q in rows:
                 i = int(np.searchsorted(rows, q))
@@ -186,24 +191,31 @@ def _tsne_figure(vectors: np.ndarray, gt: GroundTruth | None, seed: int) -> str 
     return _figure_png(fig)
 
 
-def _grids(ranks: np.ndarray, gt: GroundTruth, aps: np.ndarray, paths: list[str]) -> str:
+def _grids(
+    ranks: np.ndarray,
+    gt: GroundTruth,
+    aps: np.ndarray,
+    paths: list[str],
+    query_paths: list[str],
+    locate: dict[str, tuple[str, int, int]],
+) -> str:
     order = np.argsort(np.nan_to_num(aps, nan=2.0), kind="stable")[:GRID_QUERIES]  # hardest first
     out = [
         "<p class='muted'>Hardest queries first. Borders: blue query, green positive, red negative, "
         "grey junk (ignored).</p>"
     ]
     for qi in order:
-        q = int(gt.queries[qi])
-        cells = [_cell(paths[q], "q", f"query · AP {_fmt(float(aps[qi]))}")]
+        cells = [_cell(query_paths[qi], locate, "q", f"query · AP {_fmt(float(aps[qi]))}")]
         for rank, r in enumerate(ranks[qi][:GRID_RESULTS]):
             kind = "junk" if r in gt.junk[qi] else "pos" if r in gt.positives[qi] else "neg"
-            cells.append(_cell(paths[int(r)], kind, f"#{rank + 1} {Path(paths[int(r)]).name}"))
+            name = Path(paths[int(r)]).name
+            cells.append(_cell(paths[int(r)], locate, kind, f"#{rank + 1} {name}"))
         out.append("<div class='grid'>" + "".join(cells) + "</div>")
     return "\n".join(out)
 
 
-def _cell(path: str, kind: str, caption: str) -> str:
-    src = _thumbnail(path)
+def _cell(path: str, locate: dict[str, tuple[str, int, int]], kind: str, caption: str) -> str:
+    src = _thumbnail(path, locate)
     img = f"<img src='{src}' alt='{html.escape(Path(path).name)}'>" if src else "<div>(missing)</div>"
     return f"<div class='{kind}'>{img}{html.escape(caption)}</div>"
 
@@ -276,22 +288,28 @@ def _evaluation_sections(
 ) -> list[str]:
     top = results[best]
     paths, vectors = _result_vectors(layout, config, top)
-    gt = ground_truth(metrics["protocol"], paths, str(Path(metrics["dataset"]["path"]).resolve()))
+    from embedpipe.workers.evaluate import run_ground_truth
+
+    gt = run_ground_truth(layout, config, paths)
     assert gt is not None
+    if gt.query_keys:  # external box-cropped queries: shown from their source images
+        query_paths = read_features(layout.query_dir(top["descriptor"]))[0].column("path").to_pylist()
+    else:
+        query_paths = [paths[int(q)] for q in gt.queries]
     curves = {}
     shown = [r for r in results if r.get("rerank", "none") == "none"] + [top]
     for r in shown[:9]:
         curves[row_label(r)] = pr_curve(np.load(layout.report_dir / r["ranks_file"]), gt)
     ranks = np.load(layout.report_dir / top["ranks_file"])
     aps = compute_map(ranks, gt.positives, gt.junk)["aps"]
-    names = [Path(paths[q]).stem for q in gt.queries]
+    names = [Path(p).stem for p in query_paths]
     out = [
         "<h2 id='pr'>Precision–recall</h2>",
         f"<figure><img alt='precision-recall curves' src='{_pr_figure(curves)}'></figure>",
         "<h2 id='per-query'>Per-query AP</h2>",
         f"<figure><img alt='per-query AP' src='{_ap_figure(aps, names, row_label(top))}'></figure>",
         f"<h2 id='queries'>Example queries ({html.escape(row_label(top))})</h2>",
-        _grids(ranks, gt, aps, paths),
+        _grids(ranks, gt, aps, paths, query_paths, locations(layout.dataset)),
     ]
     tsne = _tsne_figure(vectors, gt, int(getattr(config, "seed", 0)))
     if tsne:

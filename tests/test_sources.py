@@ -1,0 +1,154 @@
+import io
+import json
+import tarfile
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from embedpipe.storage.dataset import (
+    assign_shards,
+    manifest_rows,
+    plan_shards,
+    previous_shards,
+    write_manifest,
+)
+from embedpipe.storage.errors import DecodeError, InputError
+from embedpipe.storage.sources import expand_braces, list_inputs, read_input, sample_key
+from tests.helpers import write_webdataset
+from tests.http_fixture import serve
+
+
+def test_brace_expansion():
+    assert expand_braces("d-{000..002}.tar") == ["d-000.tar", "d-001.tar", "d-002.tar"]
+    assert expand_braces("{a,b}/{1..2}") == ["a/1", "a/2", "b/1", "b/2"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+    assert sample_key("dir/x.seg.jpg") == ("dir/x", "seg.jpg") and sample_key("y") == ("y", "")
+
+
+def test_folder_glob_and_lists(tmp_path, small_holidays):
+    files = sorted(small_holidays.glob("*.jpg"))
+    folder = list_inputs(small_holidays)
+    assert [r.key for r in folder.refs] == [str(f.resolve()) for f in files]
+    assert [r.key for r in list_inputs(f"{small_holidays}/1000*.jpg").refs] == [
+        str(f.resolve()) for f in files if f.name.startswith("1000")
+    ]
+    # the same inputs as .txt, .csv (relative paths, labels) and .parquet lists
+    (tmp_path / "l.txt").write_text("# photos\n" + "\n".join(str(f) for f in files) + "\n")
+    rel = [f"../{small_holidays.name}/{f.name}" for f in files]
+    sub = tmp_path / "lists"
+    sub.mkdir()
+    (sub / "l.csv").write_text("path,label\n" + "".join(f"{p},{i % 3}\n" for i, p in enumerate(rel)))
+    pq.write_table(pa.table({"url": [f"file://{f}" for f in files]}), tmp_path / "l.parquet")
+    for spec in (tmp_path / "l.txt", sub / "l.csv"):
+        assert [r.key for r in list_inputs(spec).refs] == [r.key for r in folder.refs]
+    assert [r.uri for r in list_inputs(tmp_path / "l.parquet").refs] == [str(f) for f in files]
+    assert [r.label for r in list_inputs(sub / "l.csv").refs][:4] == ["0", "1", "2", "0"]
+    (tmp_path / "bad.csv").write_text("file,x\na,b\n")
+    with pytest.raises(InputError, match="needs a 'path' or 'url' column"):
+        list_inputs(tmp_path / "bad.csv")
+    with pytest.raises(InputError, match="images path not found"):
+        list_inputs(tmp_path / "nothing")
+
+
+def test_webdataset_shards_members_and_labels(tmp_path, small_holidays):
+    files = sorted(small_holidays.glob("*.jpg"))
+    labels = {f.name: int(f.stem) // 100 for f in files}
+    shards = write_webdataset(files, str(tmp_path / "data-{:05d}.tar"), 7, labels)
+    listing = list_inputs(f"{tmp_path}/data-{{00000..{len(shards) - 1:05d}}}.tar")
+    assert len(listing.refs) == len(files) and not listing.problems
+    for ref, f in zip(listing.refs, files, strict=True):
+        assert ref.key.endswith(f"/{f.name}") and ref.label == str(labels[f.name])
+        assert read_input(ref.uri, ref.offset, ref.length) == f.read_bytes()
+    # a folder of shards is the same input; samples without an image, and img2dataset's failures, are reported
+    with tarfile.open(tmp_path / "data-99999.tar", "w") as tar:
+        info = tarfile.TarInfo("lonely.json")
+        data = json.dumps({"label": 1}).encode()
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    pq.write_table(
+        pa.table(
+            {
+                "url": ["http://x/a.jpg", "http://x/b.jpg"],
+                "status": ["success", "failed_to_download"],
+                "error_message": [None, "404"],
+            }
+        ),
+        tmp_path / "data-99999.parquet",
+    )
+    folder = list_inputs(tmp_path)
+    assert [r.key for r in folder.refs] == [r.key for r in listing.refs]
+    assert sorted(reason for _, reason in folder.problems) == [
+        "download failed upstream: 404",
+        "sample has no image member",
+    ]
+
+
+def test_read_errors_are_one_line(tmp_path):
+    with pytest.raises(DecodeError, match="^missing file$"):
+        read_input(str(tmp_path / "gone.jpg"))
+    (tmp_path / "t.tar").write_bytes(b"x" * 10)
+    with pytest.raises(DecodeError, match="container truncated"):
+        read_input(str(tmp_path / "t.tar"), 5, 100)
+
+
+def test_http_reads_retry_and_time_out(tmp_path, small_holidays):
+    f = sorted(small_holidays.glob("*.jpg"))[0]
+    (tmp_path / "a.jpg").write_bytes(f.read_bytes())
+    (tmp_path / "list.txt").write_text("a.jpg\nmissing.jpg\n")
+    with serve(tmp_path) as (base, hits):
+        listing = list_inputs(f"{base}/list.txt")
+        assert [r.key for r in listing.refs] == [f"{base}/a.jpg", f"{base}/missing.jpg"]
+        assert read_input(listing.refs[0].uri) == f.read_bytes()
+        with pytest.raises(DecodeError, match="HTTP 404"):
+            read_input(listing.refs[1].uri, retries=3)
+        assert hits["/missing.jpg"] == 1  # a 404 is not retried
+        with pytest.raises(DecodeError, match=r"HTTP 503.*\(3 tries\)"):
+            read_input(f"{base}/flaky/a.jpg", retries=2)
+        assert hits["/flaky/a.jpg"] == 3
+        start = time.perf_counter()
+        with pytest.raises(DecodeError, match="timed out after 0.5 s"):
+            read_input(f"{base}/slow/a.jpg", timeout=0.5, retries=1)
+        assert time.perf_counter() - start < 3.0  # bounded: never waits for the slow server
+
+
+def test_shard_plan_is_stable_when_files_are_added(tmp_path, small_holidays):
+    assert assign_shards(["a", "b", "c"], 2) == [0, 0, 1]
+    assert assign_shards(["a", "new", "b", "c", "z"], 2, {"a": 0, "b": 0, "c": 1}) == [0, 2, 0, 1, 2]
+    root = tmp_path / "imgs"
+    root.mkdir()
+    files = sorted(small_holidays.glob("*.jpg"))
+    for f in files[::2]:
+        (root / f.name).write_bytes(f.read_bytes())
+    first = plan_shards(root, 4)
+    write_manifest(tmp_path / "dataset.parquet", manifest_rows(first, {}))
+    before = dict(zip(first.paths, first.shards, strict=True))
+    assert previous_shards(tmp_path / "dataset.parquet") == before
+    for f in files[1::2]:  # new files sort between the old ones
+        (root / f.name).write_bytes(f.read_bytes())
+    second = plan_shards(root, 4, before)
+    after = dict(zip(second.paths, second.shards, strict=True))
+    assert all(after[k] == s for k, s in before.items())
+    assert min(after[k] for k in after if k not in before) == max(before.values()) + 1
+    assert list(second.shards) == sorted(second.shards)  # stream order is shard order
+    assert second.fingerprint != first.fingerprint
+
+
+def test_manifest_marks_duplicates_and_quarantine(tmp_path, small_holidays):
+    f = sorted(small_holidays.glob("*.jpg"))[0]
+    root = tmp_path / "dups"
+    root.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (root / name).write_bytes(f.read_bytes())
+    (root / "c.jpg").write_bytes(b"")
+    plan = plan_shards(root, 10)
+    results = {
+        0: {"id": "h1", "bytes": 9, "width": 4, "height": 3},
+        1: {"id": "h1", "bytes": 9, "width": 4, "height": 3},
+        2: {"id": "h0", "bytes": 0, "reason": "empty file"},
+    }
+    rows = manifest_rows(plan, results)
+    assert [r["status"] for r in rows] == ["ok", "ok", "quarantined"]
+    assert rows[1]["duplicate_of"] == rows[0]["key"] and rows[0]["duplicate_of"] is None
+    assert rows[2]["reason"] == "empty file" and rows[2]["width"] is None

@@ -1,0 +1,251 @@
+"""The ingest stage alone (``embedpipe ingest``): list any source, read every input once on Ray (remote
+ones with timeouts and retries), hash, check and downscale it, and write WebDataset tar shards plus the
+dataset manifest into one folder, ready for extraction (``embedpipe run --images DIR``).
+
+Shards follow the stable shard plan, each written to a temporary name and renamed when complete and
+recorded in ``_shards.json`` with the fingerprint of its members: an interrupted ingest re-run with the
+same arguments redoes only the shards that were not finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from embedpipe.storage.dataset import ShardPlan, manifest_rows, plan_shards, previous_shards, write_manifest
+from embedpipe.storage.errors import DecodeError, RunFailed
+from embedpipe.storage.layout import write_json_atomic
+from embedpipe.storage.sources import read_input
+from embedpipe.workers.decode import content_id, decode_image
+from embedpipe.workers.progress import Progress
+from embedpipe.workers.ray_stages import cluster_cpus, configure_data_context, input_items, ray_session
+
+if TYPE_CHECKING:
+    from embedpipe.flows.config import Config
+
+log = logging.getLogger("embedpipe.ingest")
+SHARDS_FILE = "_shards.json"
+JPEG_QUALITY = 95
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    n_inputs: int
+    n_ok: int
+    n_quarantined: int
+    n_duplicates: int
+    shards_written: int
+    shards_kept: int
+    summary: str
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}.tar"
+
+
+def ingest_batch(batch: dict[str, np.ndarray], max_side: int, cfg: Config) -> dict[str, np.ndarray]:
+    """Read, hash, check and (when larger than ``max_side``) downscale each input to a JPEG; inputs
+    already small enough keep their original bytes. Bad inputs keep their row with ``error`` set."""
+    n = len(batch["path"])
+    ids, errors, payloads, exts = [""] * n, [""] * n, [b""] * n, [""] * n
+    sizes, width, height = np.full(n, -1, np.int64), np.zeros(n, np.int32), np.zeros(n, np.int32)
+    for i in range(n):
+        try:
+            data = read_input(
+                str(batch["uri"][i]),
+                int(batch["offset"][i]),
+                int(batch["length"][i]),
+                cfg.ingest.timeout_s,
+                cfg.ingest.retries,
+            )
+            sizes[i], ids[i] = len(data), content_id(data)
+            array, (width[i], height[i]) = decode_image(data, max_side, cfg.ingest.max_pixels)
+            if max(width[i], height[i]) <= max_side:
+                payloads[i], exts[i] = data, _extension(data)
+            else:
+                buf = io.BytesIO()
+                Image.fromarray(array).save(buf, format="JPEG", quality=JPEG_QUALITY)
+                payloads[i], exts[i] = buf.getvalue(), "jpg"
+        except DecodeError as err:
+            errors[i] = str(err)
+    return {
+        "pos": batch["pos"],
+        "id": np.array(ids, dtype=object),
+        "bytes": sizes,
+        "width": width,
+        "height": height,
+        "payload": np.array(payloads, dtype=object),
+        "ext": np.array(exts, dtype=object),
+        "error": np.array(errors, dtype=object),
+    }
+
+
+def _extension(data: bytes) -> str:
+    with Image.open(io.BytesIO(data)) as img:
+        fmt = (img.format or "").lower()
+    return {"jpeg": "jpg", "tiff": "tif"}.get(fmt, fmt or "bin")
+
+
+def _member_stem(key: str, used: set[str]) -> str:
+    """A WebDataset sample key from the input's name: no dots (they split keys), unique in its shard."""
+    stem = PurePosixPath(key.split("?", 1)[0]).stem.replace(".", "_") or "image"
+    out, n = stem, 1
+    while out in used:
+        n += 1
+        out = f"{stem}_{n}"
+    used.add(out)
+    return out
+
+
+def _shard_fingerprint(plan: ShardPlan, shard: int, max_side: int) -> str:
+    digest = hashlib.sha256(f"{max_side}\0{JPEG_QUALITY}\n".encode())
+    for ref, s in zip(plan.refs, plan.shards, strict=True):
+        if s == shard:
+            digest.update(
+                f"{ref.key}\0{ref.uri}\0{ref.offset}\0{ref.length}\0{ref.label}\0{ref.stamp}\n".encode()
+            )
+    return digest.hexdigest()[:16]
+
+
+class ShardTarWriter:
+    """Writes one shard's samples (image + ``.json`` metadata + ``.cls`` label) to ``.tmp`` then renames."""
+
+    def __init__(self, path: Path):
+        self.path, self.tmp = path, path.with_name(f".{path.name}.tmp")
+        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        self.used: set[str] = set()
+
+    def add(self, key: str, label: str | None, payload: bytes, ext: str, meta: dict[str, Any]) -> None:
+        stem = _member_stem(key, self.used)
+        members = [(f"{stem}.{ext}", payload), (f"{stem}.json", json.dumps(meta, sort_keys=True).encode())]
+        if label is not None:
+            members.append((f"{stem}.cls", label.encode()))
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            self.tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self.tar.close()
+        os.replace(self.tmp, self.path)
+
+
+def run_ingest(source: str, out: Path, cfg: Config, max_side: int) -> IngestResult:
+    """Ingest ``source`` into ``out`` (see the module doc)."""
+    import ray.data
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / "manifest.parquet"
+    plan = plan_shards(source, cfg.extract.shard_size, previous_shards(manifest_path))
+    done_file = out / SHARDS_FILE
+    done = json.loads(done_file.read_text()) if done_file.exists() else {}
+    fps = {s: _shard_fingerprint(plan, s, max_side) for s in sorted(set(plan.shards))}
+    kept = {
+        s
+        for s, fp in fps.items()
+        if done.get(str(s), {}).get("fingerprint") == fp and (out / shard_name(s)).exists()
+    }
+    previous = _previous_results(manifest_path, plan) if kept else {}
+    todo = [i for i, s in enumerate(plan.shards) if s not in kept]
+    log.info(
+        "ingest %s: %d inputs in %d shard(s), %d already done", source, len(plan.refs), len(fps), len(kept)
+    )
+    results: dict[int, dict] = {p: r for p, r in previous.items() if plan.shards[p] in kept}
+    progress = Progress("ingest", len(todo), log)
+    writers: dict[int, ShardTarWriter] = {}
+    written: set[int] = set()
+
+    def finish(shard: int) -> None:
+        writers.pop(shard).close()
+        written.add(shard)
+        done[str(shard)] = {"fingerprint": fps[shard], "file": shard_name(shard)}
+        write_json_atomic(done_file, done)
+
+    if todo:
+        with ray_session(cfg.ray):
+            configure_data_context(cfg.ray)
+            items = input_items([plan.refs[i] for i in todo])
+            for row, pos in zip(items, todo, strict=True):
+                row["pos"] = pos
+            batch_size = cfg.extract.batch_size
+            ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), cluster_cpus() * 4)))
+            ds = ds.map_batches(
+                ingest_batch,
+                fn_kwargs={"max_side": max_side, "cfg": cfg},
+                batch_size=batch_size,
+                batch_format="numpy",
+                num_cpus=1,
+            )
+            try:
+                for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+                    for j, pos in enumerate(batch["pos"]):
+                        pos = int(pos)
+                        shard, ref = plan.shards[pos], plan.refs[pos]
+                        for s in [s for s in writers if s != shard]:
+                            finish(s)
+                        if shard not in writers:
+                            writers[shard] = ShardTarWriter(out / shard_name(shard))
+                        res = {
+                            "id": batch["id"][j] or None,
+                            "bytes": int(batch["bytes"][j]) if batch["bytes"][j] >= 0 else None,
+                            "width": int(batch["width"][j]),
+                            "height": int(batch["height"][j]),
+                            "reason": batch["error"][j] or None,
+                        }
+                        results[pos] = res
+                        if res["reason"]:
+                            log.warning("quarantined %s: %s", ref.key, res["reason"])
+                        else:
+                            meta = {
+                                "source": ref.key,
+                                "id": res["id"],
+                                "width": res["width"],
+                                "height": res["height"],
+                            }
+                            writers[shard].add(ref.key, ref.label, batch["payload"][j], batch["ext"][j], meta)
+                    progress.update(len(batch["pos"]))
+            except ray.exceptions.RayError as err:
+                lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+                raise RunFailed(
+                    f"ingest failed on the Ray cluster: {lines[-1] if lines else type(err).__name__}"
+                ) from err
+            for s in list(writers):
+                finish(s)
+        for s in sorted({plan.shards[p] for p in todo} - written):  # shards without a usable image
+            ShardTarWriter(out / shard_name(s)).close()
+            done[str(s)] = {"fingerprint": fps[s], "file": shard_name(s)}
+        write_json_atomic(done_file, done)
+    rows = manifest_rows(plan, results)
+    write_manifest(manifest_path, rows)
+    n_bad = sum(r["status"] != "ok" for r in rows)
+    n_dup = sum(r["duplicate_of"] is not None for r in rows)
+    summary = progress.finish(
+        f"{len(rows) - n_bad} ok, {n_bad} quarantined, {n_dup} exact duplicate(s), "
+        f"{len(fps) - len(kept)} shard(s) written, {len(kept)} kept, in {out}"
+    )
+    return IngestResult(len(rows), len(rows) - n_bad, n_bad, n_dup, len(fps) - len(kept), len(kept), summary)
+
+
+def _previous_results(path: Path, plan: ShardPlan) -> dict[int, dict]:
+    """Manifest rows of an earlier ingest, by position in ``plan`` (for the shards it completed)."""
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        return {}
+    position = {ref.key: i for i, ref in enumerate(plan.refs)}
+    out = {}
+    for row in pq.read_table(path).to_pylist():
+        if row["key"] in position and row["shard"] >= 0:
+            out[position[row["key"]]] = {k: row[k] for k in ("id", "bytes", "width", "height", "reason")}
+    return out
