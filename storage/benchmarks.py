@@ -88,22 +88,22 @@ BUILTIN: dict[str, dict[str, Any]] = {
     },
     "roxford5k": {
         "protocol": "roxford5k",
-        "description": "Revisited Oxford: 4993 photos, 70 queries, Easy/Medium/Hard (Radenovic et al. 2018)",
+        "description": "Revisited Oxford: 4993 + 70 query photos, E/M/H (Radenovic et al. 2018)",
         "archives": [
             {"url": f"{_OX}/oxbuildings/oxbuild_images-v1.tgz", "into": "jpg"},
             {"url": f"{_ROP}/roxford5k/gnd_roxford5k.pkl"},
         ],
-        "counts": {"jpg/*.jpg": 4993, "gnd_roxford5k.pkl": 1},
+        "counts": {"jpg/*.jpg": 5063, "gnd_roxford5k.pkl": 1},
     },
     "rparis6k": {
         "protocol": "rparis6k",
-        "description": "Revisited Paris: 6322 photos, 70 queries, Easy/Medium/Hard (Radenovic et al. 2018)",
+        "description": "Revisited Paris: 6322 + 70 query photos, E/M/H (Radenovic et al. 2018)",
         "archives": [
             {"url": f"{_OX}/parisbuildings/paris_1-v1.tgz", "into": "jpg"},
             {"url": f"{_OX}/parisbuildings/paris_2-v1.tgz", "into": "jpg"},
             {"url": f"{_ROP}/rparis6k/gnd_rparis6k.pkl"},
         ],
-        "counts": {"jpg/**/*.jpg": 6322, "gnd_rparis6k.pkl": 1},
+        "counts": {"jpg/**/*.jpg": 6392, "gnd_rparis6k.pkl": 1},
     },
     "ukbench": {
         "protocol": "ukbench",
