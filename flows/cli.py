@@ -28,9 +28,7 @@ ENV_DEFAULTS = {
 }
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help="named preset (see 'embedpipe presets')")
-    p.add_argument("--out", type=Path, help="run directory; re-running with the same one resumes")
+def _set_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set",
         dest="sets",
@@ -40,6 +38,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
         help="override one config key, e.g. --set extract.max_side=512 (repeatable)",
     )
     p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="named preset (see 'embedpipe presets')")
+    p.add_argument("--out", type=Path, help="run directory; re-running with the same one resumes")
+    _set_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,15 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1024,
         help="downscale larger images to this longer side (default 1024)",
     )
-    ingest.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key, e.g. --set ingest.timeout_s=5 (repeatable)",
-    )
-    ingest.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+    _set_args(ingest)
 
     ds = sub.add_parser("datasets", help="list, fetch or verify benchmark datasets")
     ds.add_argument("action", choices=("list", "fetch", "verify"))

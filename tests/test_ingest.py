@@ -36,7 +36,7 @@ def test_ingest_url_list_resumes_and_feeds_a_run(tmp_path, small_holidays):
         assert gone["status"] == "quarantined" and "HTTP 404" in gone["reason"]
         assert manifest.set_index("key").loc[f"{base}/again.jpg", "duplicate_of"] == f"{base}/{files[0].name}"
         shards = sorted(out.glob("shard-*.tar"))
-        assert len(shards) == 3
+        assert len(shards) == -(-len(names) // 8)
         original = {p.name: p.read_bytes() for p in shards}
 
         # interrupted ingest: one shard missing -> only that shard is fetched again, to the same bytes
@@ -46,7 +46,7 @@ def test_ingest_url_list_resumes_and_feeds_a_run(tmp_path, small_holidays):
             "ingest", f"{base}/urls.csv", "--out", out, "--max-side", 128, "--set", "extract.shard_size=8"
         )
         assert again.returncode == 0, again.stderr[-3000:]
-        assert "1 shard(s) written, 2 kept" in again.stdout
+        assert f"1 shard(s) written, {len(shards) - 1} kept" in again.stdout
         assert sum(hits.values()) - n_hits == 1 + 8  # the list, then shard 1's eight images
         assert {p.name: p.read_bytes() for p in sorted(out.glob("shard-*.tar"))} == original
 

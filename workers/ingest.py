@@ -25,10 +25,15 @@ from PIL import Image
 from embedpipe.storage.dataset import ShardPlan, manifest_rows, plan_shards, previous_shards, write_manifest
 from embedpipe.storage.errors import DecodeError, RunFailed
 from embedpipe.storage.layout import write_json_atomic
-from embedpipe.storage.sources import read_input
 from embedpipe.workers.decode import content_id, decode_image
 from embedpipe.workers.progress import Progress
-from embedpipe.workers.ray_stages import cluster_cpus, configure_data_context, input_items, ray_session
+from embedpipe.workers.ray_stages import (
+    cluster_cpus,
+    configure_data_context,
+    input_items,
+    ray_session,
+    read_row,
+)
 
 if TYPE_CHECKING:
     from embedpipe.flows.config import Config
@@ -61,13 +66,7 @@ def ingest_batch(batch: dict[str, np.ndarray], max_side: int, cfg: Config) -> di
     sizes, width, height = np.full(n, -1, np.int64), np.zeros(n, np.int32), np.zeros(n, np.int32)
     for i in range(n):
         try:
-            data = read_input(
-                str(batch["uri"][i]),
-                int(batch["offset"][i]),
-                int(batch["length"][i]),
-                cfg.ingest.timeout_s,
-                cfg.ingest.retries,
-            )
+            data = read_row(batch, i, cfg.ingest)
             sizes[i], ids[i] = len(data), content_id(data)
             array, (width[i], height[i]) = decode_image(data, max_side, cfg.ingest.max_pixels)
             if max(width[i], height[i]) <= max_side:

@@ -121,6 +121,17 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+def read_row(batch: dict[str, np.ndarray], i: int, ingest: IngestConfig) -> bytes:
+    """The bytes of row ``i`` of a batch of ``input_items`` (raises ``DecodeError``)."""
+    return read_input(
+        str(batch["uri"][i]),
+        int(batch["offset"][i]),
+        int(batch["length"][i]),
+        timeout=ingest.timeout_s,
+        retries=ingest.retries,
+    )
+
+
 def decode_batch(batch: dict[str, np.ndarray], max_side: int, ingest: IngestConfig) -> dict[str, np.ndarray]:
     """Read, hash and decode each input. Bad inputs keep their row with ``error`` set, never raise."""
     n = len(batch["path"])
@@ -129,13 +140,7 @@ def decode_batch(batch: dict[str, np.ndarray], max_side: int, ingest: IngestConf
     sizes = np.full(n, -1, np.int64)
     for i in range(n):
         try:
-            data = read_input(
-                str(batch["uri"][i]),
-                int(batch["offset"][i]),
-                int(batch["length"][i]),
-                timeout=ingest.timeout_s,
-                retries=ingest.retries,
-            )
+            data = read_row(batch, i, ingest)
             sizes[i] = len(data)
             ids[i] = content_id(data)
             array, (width[i], height[i]) = decode_image(data, max_side, ingest.max_pixels)
