@@ -262,11 +262,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     lines = [
         f"A = {args.run_a}",
         f"B = {args.run_b}",
-        f"{'descriptor':<12}{'post':<10}{'rerank':<9}{'mAP A':>9}{'mAP B':>9}{'Δ':>9}{'mP@10 Δ':>10}",
+        f"{'descriptor':<16}{'post':<12}{'rerank':<9}{'mAP A':>9}{'mAP B':>9}{'Δ':>9}{'mP@10 Δ':>10}",
     ]
     for r in rows:
         lines.append(
-            f"{r['descriptor']:<12}{r['post']:<10}{r['rerank']:<9}{fmt_metric(r['map_a']):>9}"
+            f"{r['descriptor']:<16}{r['post']:<12}{r['rerank']:<9}{fmt_metric(r['map_a']):>9}"
             f"{fmt_metric(r['map_b']):>9}{delta(r['map_delta']):>9}{delta(r['mp@10_delta']):>10}"
         )
     sys.stdout.write("\n".join(lines) + "\n")
@@ -284,9 +284,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def _print_table(metrics: dict, out: Path) -> None:
     from embedpipe.workers.report import fmt_metric
 
-    lines = [f"{'descriptor':<12}{'post':<10}{'rerank':<9}{'dim':>6}{'mAP':>9}{'mP@10':>9}"]
+    lines = [f"{'descriptor':<16}{'post':<12}{'rerank':<9}{'dim':>6}{'mAP':>9}{'mP@10':>9}"]
     for r in metrics["results"]:
-        head = f"{r['descriptor']:<12}{r['post']:<10}{r['rerank']:<9}{r['dim']:>6}"
+        head = f"{r['descriptor']:<16}{r['post']:<12}{r['rerank']:<9}{r['dim']:>6}"
         lines.append(f"{head}{fmt_metric(r.get('map')):>9}{fmt_metric(r.get('mp@10')):>9}")
     lines.append(f"report: {out / 'report' / 'index.html'}")
     sys.stdout.write("\n".join(lines) + "\n")

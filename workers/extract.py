@@ -7,12 +7,22 @@ import shutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from embedpipe.storage.dataset import ShardPlan
 from embedpipe.storage.features import FeatureWriter
 from embedpipe.storage.layout import RunLayout
+from embedpipe.storage.local_features import LocalFeatureWriter
 from embedpipe.workers.descriptors.backbones import check_backbone
+from embedpipe.workers.descriptors.local import (
+    HOG_DIM,
+    STORED_DIM,
+    is_classical,
+    local_store,
+    stored_features,
+)
 from embedpipe.workers.progress import Progress
-from embedpipe.workers.ray_stages import stream_descriptors
+from embedpipe.workers.ray_stages import stream_descriptors, stream_local
 
 if TYPE_CHECKING:
     from embedpipe.flows.config import Config
@@ -57,20 +67,19 @@ def run_extract(plan: ShardPlan, cfg: Config, layout: RunLayout) -> ExtractResul
 
     for name in ecfg.descriptors:
         shutil.rmtree(layout.feature_dir(name), ignore_errors=True)
+    cnn = tuple(d for d in ecfg.descriptors if not is_classical(d))
+    if not cnn:
+        local = run_local_extract(plan, cfg, layout)
+        return ExtractResult(local.n_inputs, local.n_ok, local.quarantined, local.seconds, local.summary)
+    if len(cnn) < len(ecfg.descriptors):
+        local = run_local_extract(plan, cfg, layout)
+        quarantined.extend(local.quarantined)
+    ecfg = ecfg.model_copy(update={"descriptors": cnn})
     check_backbone(ecfg.backbone, ecfg.weights, ecfg.descriptors)
     for batch in stream_descriptors(list(plan.paths), ecfg, cfg.ray):
         ok = batch["error"] == ""
         for i in (~ok).nonzero()[0]:
-            reason = str(batch["error"][i])
-            log.warning("quarantined %s: %s", batch["path"][i], reason)
-            quarantined.append(
-                {
-                    "path": str(batch["path"][i]),
-                    "id": batch["id"][i] or None,
-                    "stage": "extract",
-                    "reason": reason,
-                }
-            )
+            _quarantine(quarantined, batch, i)
         rows = ok.nonzero()[0]
         for shard, a, b in shard_runs([plan.shard_of(int(p)) for p in batch["pos"][rows]]):
             sel = rows[a:b]
@@ -84,6 +93,69 @@ def run_extract(plan: ShardPlan, cfg: Config, layout: RunLayout) -> ExtractResul
                     batch["height"][sel],
                     vectors,
                 )
+        progress.update(len(batch["pos"]))
+    for w in writers.values():
+        w.close()
+    quarantined = list({q["path"]: q for q in quarantined}.values())  # once per input, first reason
+    n_ok = progress.done - len(quarantined)
+    summary = progress.finish(f"{n_ok} ok, {len(quarantined)} quarantined")
+    return ExtractResult(progress.done, n_ok, quarantined, progress.elapsed, summary)
+
+
+def _quarantine(quarantined: list[dict[str, str | None]], batch, i: int) -> None:
+    reason = str(batch["error"][i])
+    if any(q["path"] == str(batch["path"][i]) for q in quarantined[-64:]):
+        return
+    log.warning("quarantined %s: %s", batch["path"][i], reason)
+    quarantined.append(
+        {"path": str(batch["path"][i]), "id": batch["id"][i] or None, "stage": "extract", "reason": reason}
+    )
+
+
+def run_local_extract(plan: ShardPlan, cfg: Config, layout: RunLayout) -> ExtractResult:
+    """Local-feature stores (``features/local-<sift|orb>``) and the HOG store for the classical
+    descriptors of ``cfg.extract`` (inside a Ray session), streamed part by part."""
+    lcfg = cfg.local
+    stored = stored_features(cfg.extract.descriptors)
+    hog = "hog" in cfg.extract.descriptors
+    quarantined: list[dict[str, str | None]] = []
+    progress = Progress("extract local", len(plan.paths), log)
+    writers: dict[str, FeatureWriter] = {}
+    for f in stored:
+        meta = {
+            "descriptor": local_store(f),
+            "backbone": f"opencv-{f}",
+            "max_side": lcfg.max_side,
+            "max_keypoints": lcfg.max_keypoints,
+        }
+        shutil.rmtree(layout.feature_dir(local_store(f)), ignore_errors=True)
+        writers[f] = LocalFeatureWriter(
+            layout.feature_dir(local_store(f)), STORED_DIM[f], plan.n_shards, meta
+        )
+    if hog:
+        meta = {
+            "descriptor": "hog",
+            "backbone": "opencv-hog",
+            "max_side": lcfg.max_side,
+            "hog_size": lcfg.hog_size,
+        }
+        writers["hog"] = FeatureWriter(layout.feature_dir("hog"), HOG_DIM, plan.n_shards, meta)
+    for batch in stream_local(list(plan.paths), lcfg, stored, hog, cfg.extract.batch_size, cfg.ray):
+        ok = batch["error"] == ""
+        for i in (~ok).nonzero()[0]:
+            _quarantine(quarantined, batch, i)
+        rows = ok.nonzero()[0]
+        for shard, a, b in shard_runs([plan.shard_of(int(p)) for p in batch["pos"][rows]]):
+            sel = rows[a:b]
+            head = (batch["id"][sel], batch["path"][sel], batch["width"][sel], batch["height"][sel])
+            for f in stored:
+                kps = [np.frombuffer(batch[f"kp_{f}"][i], np.float32).reshape(-1, 4) for i in sel]
+                descs = [
+                    np.frombuffer(batch[f"desc_{f}"][i], np.uint8).reshape(-1, STORED_DIM[f]) for i in sel
+                ]
+                writers[f].write_images(shard, *head, kps, descs)
+            if hog:
+                writers["hog"].write(shard, *head, batch["d_hog"][sel])
         progress.update(len(batch["pos"]))
     for w in writers.values():
         w.close()

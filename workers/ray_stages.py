@@ -23,10 +23,11 @@ import numpy as np
 
 from embedpipe.storage.errors import DecodeError, RunFailed
 from embedpipe.workers.decode import content_id, decode_image
+from embedpipe.workers.descriptors.local import HOG_DIM, extract_local, grayscale, hog_descriptor
 from embedpipe.workers.embed import Embedder
 
 if TYPE_CHECKING:
-    from embedpipe.flows.config import ExtractConfig, RayConfig
+    from embedpipe.flows.config import ExtractConfig, LocalConfig, RayConfig
 
 log = logging.getLogger("embedpipe.ray")
 
@@ -233,4 +234,71 @@ def stream_descriptors(paths: list[str], cfg: ExtractConfig, ray_cfg: RayConfig)
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         raise RunFailed(
             f"extraction failed on the Ray cluster: {lines[-1] if lines else type(err).__name__}"
+        ) from err
+
+
+def local_batch(
+    batch: dict[str, np.ndarray], cfg: LocalConfig, stored: tuple[str, ...], hog: bool
+) -> dict[str, np.ndarray]:
+    """Ray Data CPU stage: decode (through ``decode_batch``, longer side ``cfg.max_side``), then each
+    stored local feature (``kp_<f>``: (n, 4) float32 bytes, ``desc_<f>``: (n, dim) uint8 bytes) and,
+    with ``hog``, the HOG vector ``d_hog`` (rows, HOG_DIM). One OpenCV thread: Ray runs one task per CPU."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    batch = decode_batch(batch, cfg.max_side)
+    n = len(batch["path"])
+    out: dict[str, np.ndarray] = {k: batch[k] for k in ("pos", "path", "id", "width", "height", "error")}
+    for f in stored:
+        out[f"kp_{f}"] = np.array([b""] * n, dtype=object)
+        out[f"desc_{f}"] = np.array([b""] * n, dtype=object)
+    if hog:
+        out["d_hog"] = np.zeros((n, HOG_DIM), np.float32)
+    for i in range(n):
+        if batch["error"][i]:
+            continue
+        image = np.frombuffer(batch["pixels"][i], np.uint8).reshape(int(batch["h"][i]), int(batch["w"][i]), 3)
+        gray = grayscale(image)
+        for f in stored:
+            feats = extract_local(gray, f, cfg.max_keypoints)
+            out[f"kp_{f}"][i] = feats.keypoints.tobytes()
+            out[f"desc_{f}"][i] = feats.descriptors.tobytes()
+        if hog:
+            out["d_hog"][i] = hog_descriptor(image, cfg.hog_size)
+    return out
+
+
+def stream_local(
+    paths: list[str],
+    cfg: LocalConfig,
+    stored: tuple[str, ...],
+    hog: bool,
+    batch_size: int,
+    ray_cfg: RayConfig,
+) -> Iterator[dict[str, Any]]:
+    """Yield ``local_batch`` results in input order, one CPU task per batch (inside ``ray_session``)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.execution_no_progress_timeout_s = ray_cfg.progress_timeout_s
+    log.info("extract: local features %s%s on %d CPU(s)", ", ".join(stored), " + HOG" * hog, cluster_cpus())
+    items = [{"pos": i, "path": p} for i, p in enumerate(paths)]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), -(-len(items) // batch_size))))
+    ds = ds.map_batches(
+        local_batch,
+        fn_kwargs={"cfg": cfg, "stored": stored, "hog": hog},
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=1,
+    )
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
+    except ray.exceptions.RayError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise RunFailed(
+            "local-feature extraction failed on the Ray cluster: "
+            f"{lines[-1] if lines else type(err).__name__}"
         ) from err
