@@ -66,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(run)
 
     bench = sub.add_parser("bench", help="side-by-side benchmarks written as JSON")
-    bench.add_argument("what", choices=("extract",), help="what to measure")
+    bench.add_argument(
+        "what",
+        choices=("extract", "codebook"),
+        help="what to measure: the extraction pipeline, or faiss k-means vs MiniBatchKMeans",
+    )
     bench.add_argument("--json", type=Path, help="write the result here (also printed)")
     bench.add_argument("--images", type=Path, help="images to use (default: the demo dataset)")
     bench.add_argument(
@@ -170,6 +174,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from embedpipe.workers.bench import bench_extract
     from embedpipe.workers.demo_data import generate_demo
 
+    if args.what == "codebook":
+        return cmd_bench_codebook(args)
+
     if args.n < 1:
         raise InputError("--n must be at least 1")
     try:
@@ -190,6 +197,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "bench extract: ours %.1f img/s, baseline %.1f img/s, ratio %.3f",
         result["ours"]["images_per_s"],
         result["baseline"]["images_per_s"],
+        result["ratio"],
+    )
+    return 0
+
+
+def cmd_bench_codebook(args: argparse.Namespace) -> int:
+    """Local features of every image of --images (default: the demo dataset) into --out (default: a
+    temporary folder), then faiss k-means vs MiniBatchKMeans on one Dask sample of them."""
+    from embedpipe.workers.bench import bench_codebook
+    from embedpipe.workers.demo_data import generate_demo
+
+    cfg = _load_run_config(args)
+    if cfg.images is None:
+        root = Path(tempfile.gettempdir()) / "embedpipe-bench-demo"
+        cfg = cfg.model_copy(update={"images": generate_demo(root, seed=cfg.seed).root})
+    with tempfile.TemporaryDirectory(prefix="embedpipe-bench-codebook-") as tmp:
+        if args.out is None:
+            cfg = cfg.model_copy(update={"out": Path(tmp)})
+        result = bench_codebook(cfg)
+    _write_json(result, args.json)
+    log.info(
+        "bench codebook: k=%d on %d descriptors: faiss %.2fs, MiniBatchKMeans %.2fs, ratio %.2f",
+        result["k"],
+        result["n_sample"],
+        result["ours"]["time_s"],
+        result["baseline"]["time_s"],
         result["ratio"],
     )
     return 0

@@ -12,12 +12,17 @@ import math
 import faiss
 import numpy as np
 
+from embedpipe.storage.errors import RunFailed
+
 
 def train_kmeans(sample: np.ndarray, k: int, iterations: int, seed: int) -> np.ndarray:
     """Seeded faiss k-means. sample: (n, D) float32 -> centroids (k, D) float32."""
     x = np.ascontiguousarray(sample, dtype=np.float32)
     if len(x) < k:
-        raise ValueError(f"{len(x)} sampled descriptors cannot make {k} visual words")
+        raise RunFailed(
+            f"{len(x)} sampled descriptors cannot make {k} visual words: "
+            "lower bow.k or raise bow.sample_per_image"
+        )
     km = faiss.Kmeans(x.shape[1], k, niter=iterations, seed=seed, verbose=False, spherical=False)
     km.cp.max_points_per_centroid = max(256, -(-len(x) // k))  # train on the whole sample
     km.train(x)
