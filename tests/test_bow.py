@@ -247,3 +247,43 @@ def test_config_classical_descriptors():
     with pytest.raises(InputError, match="local.hog_size"):
         load_config(sets=["local.hog_size=100"])
     assert BowConfig().k == 1000
+
+
+@pytest.mark.parametrize(
+    ("stored", "feature", "assign"), [("sift", "rootsift", "soft"), ("orb", "orb", "hard")]
+)
+def test_encode_part_bow_and_vlad(demo_images, tmp_path, stored, feature, assign):
+    """One part of a real local-feature store encoded as BoW (words, weights per keypoint) and VLAD."""
+    from embedpipe.storage.features import read_features
+    from embedpipe.storage.local_features import write_manifest
+    from embedpipe.workers.encode import encode_part
+
+    photos = [np.asarray(Image.open(demo_images / f"10000{i}.jpg").convert("RGB")) for i in range(3)]
+    feats = [extract_local(grayscale(p), stored, 200) for p in photos]
+    w = LocalFeatureWriter(tmp_path / "local", feats[0].descriptors.shape[1], 1, {"descriptor": "local"})
+    w.write_images(0, list("abc"), list("abc"), [1, 1, 1], [1, 1, 1], [f.keypoints for f in feats],
+                   [f.descriptors for f in feats])  # fmt: skip
+    w.close()
+    part = str(tmp_path / "local" / "part-00000-of-00001.parquet")
+    x = np.concatenate([descriptor_vectors(f.descriptors, feature) for f in feats])
+    centroids = cb.train_kmeans(x, 8, 5, seed=0)
+    blob = cb.serialize(cb.assignment_index(centroids, 64, 0))
+    bcfg = BowConfig(assign=assign, soft_neighbours=3)
+    encode_part("bow", feature, part, str(tmp_path / "bow"), 0, 1, blob, centroids, bcfg, {"k": 8})
+    encode_part("vlad", feature, part, str(tmp_path / "vlad"), 0, 1, blob, centroids, bcfg, {"k": 8})
+    bow = pd.read_parquet(tmp_path / "bow")
+    m = 3 if assign == "soft" else 1
+    brute = ((x[:, None] - centroids[None]) ** 2).sum(-1).argsort(1, kind="stable")
+    start = 0
+    for i, f in enumerate(feats):
+        words = np.asarray(bow["words"].iloc[i]).reshape(-1, m)
+        weights = np.asarray(bow["weights"].iloc[i]).reshape(-1, m)
+        n = len(f.keypoints)
+        assert words.shape == (n, m) and np.allclose(weights.sum(axis=1), 1.0, atol=1e-5)
+        assert (words[:, 0] == brute[start : start + n, 0]).mean() > 0.99  # float ties aside
+        start += n
+    write_manifest(tmp_path / "vlad", {"dim": centroids.size, "rows": 3, "n_parts": 1})
+    _, v = read_features(tmp_path / "vlad")
+    assert v.shape == (3, centroids.size) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assign0 = brute[: len(feats[0].keypoints), 0]
+    assert np.allclose(v[0], vlad(x[: len(feats[0].keypoints)], centroids, assign0), atol=1e-5)
