@@ -11,6 +11,7 @@ import pytest
 
 from embedpipe.flows.config import load_config
 from embedpipe.storage.artifacts import load_npz
+from embedpipe.storage.errors import InputError
 from embedpipe.storage.layout import RunLayout
 from embedpipe.workers.dask_jobs import encode_descriptor, fit_codebook
 
@@ -56,7 +57,7 @@ def test_bow_vlad_hog_rows(bow_run):
     assert vlad[0]["dim"] == 8 * 128 and vlad[0]["bytes_per_vector"] == 4 * 8 * 128
     assert vlad[1]["dim"] == 105 and vlad[1]["map"] >= 0.7
     hog = [r for k, r in rows.items() if k[0] == "hog"]
-    assert hog[0]["dim"] == 1764 and hog[0]["backbone"] == "opencv-hog" and hog[0]["map"] > 0.5
+    assert hog[0]["dim"] == 1764 and hog[0]["backbone"] == "skimage-hog" and hog[0]["map"] > 0.5
     html = (bow_run / "report" / "index.html").read_text()
     assert "SV inliers" in html and "bow-rootsift" in html
 
@@ -96,15 +97,31 @@ def test_codebook_and_encodings_are_byte_identical_across_schedulers(bow_run, tm
 
 def test_bench_codebook(small_holidays, tmp_path):
     out = tmp_path / "codebook.json"
+    (small_holidays / "999999.jpg").write_bytes(b"\xff\xd8 not a jpeg")  # quarantined, not fatal
     sets = ["bow.k=16", "bow.iterations=5", "local.max_keypoints=100", "fit.scheduler=threads"]
     flags = [a for s in sets for a in ("--set", s)]
     run = embedpipe("bench", "codebook", "--images", small_holidays, "--json", out, *flags)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["name"] == "codebook" and result["k"] == 16 and result["iterations"] == 5
-    assert result["n_images"] == 23 and result["n_sample"] > 16 and result["dim"] == 128
+    assert result["n_images"] == 23 and result["n_quarantined"] == 1
+    assert result["n_sample"] > 16 and result["dim"] == 128
     for side in ("ours", "baseline"):
         assert result[side]["time_s"] > 0 and np.isfinite(result[side]["inertia"])
     assert result["ratio"] == pytest.approx(result["baseline"]["time_s"] / result["ours"]["time_s"], rel=0.1)
     # same k and iterations on the same sample: the two codebooks fit it comparably well
     assert result["ours"]["inertia"] <= 1.5 * result["baseline"]["inertia"]
+
+
+def test_codebook_from_another_run(bow_run, tmp_path):
+    """bow.codebook_from trains on another run's local-feature store: same store, same codebook."""
+    cfg = load_config(preset="bow", sets=[*SETS, "fit.scheduler=threads", f"bow.codebook_from={bow_run}"])
+    layout = RunLayout(tmp_path / "other")
+    meta = fit_codebook(layout, cfg, "rootsift", 8)
+    assert meta["source"] == str(bow_run / "features" / "local-sift")
+    ours = load_npz(layout.model("codebook-rootsift-k8"))[0]["centroids"]
+    theirs = load_npz(bow_run / "models" / "codebook-rootsift-k8.npz")[0]["centroids"]
+    assert ours.tobytes() == theirs.tobytes()
+    missing = cfg.model_copy(update={"bow": cfg.bow.model_copy(update={"codebook_from": tmp_path / "none"})})
+    with pytest.raises(InputError, match="no local-feature store"):
+        fit_codebook(layout, missing, "rootsift", 8)

@@ -181,6 +181,7 @@ def bench_codebook(cfg: Config, feature: str = "rootsift") -> dict[str, Any]:
         "name": "codebook",
         "feature": feature,
         "n_images": extracted.n_ok,
+        "n_quarantined": len(extracted.quarantined),
         "n_sample": int(len(sample)),
         "dim": int(sample.shape[1]),
         "k": b.k,

@@ -96,7 +96,10 @@ def run_extract(plan: ShardPlan, cfg: Config, layout: RunLayout) -> ExtractResul
         progress.update(len(batch["pos"]))
     for w in writers.values():
         w.close()
-    quarantined = list({q["path"]: q for q in quarantined}.values())  # once per input, first reason
+    once: dict[str | None, dict[str, str | None]] = {}
+    for q in quarantined:  # an input both passes failed on is recorded once, with the first reason
+        once.setdefault(q["path"], q)
+    quarantined = list(once.values())
     n_ok = progress.done - len(quarantined)
     summary = progress.finish(f"{n_ok} ok, {len(quarantined)} quarantined")
     return ExtractResult(progress.done, n_ok, quarantined, progress.elapsed, summary)
@@ -104,8 +107,6 @@ def run_extract(plan: ShardPlan, cfg: Config, layout: RunLayout) -> ExtractResul
 
 def _quarantine(quarantined: list[dict[str, str | None]], batch, i: int) -> None:
     reason = str(batch["error"][i])
-    if any(q["path"] == str(batch["path"][i]) for q in quarantined[-64:]):
-        return
     log.warning("quarantined %s: %s", batch["path"][i], reason)
     quarantined.append(
         {"path": str(batch["path"][i]), "id": batch["id"][i] or None, "stage": "extract", "reason": reason}
@@ -135,7 +136,7 @@ def run_local_extract(plan: ShardPlan, cfg: Config, layout: RunLayout) -> Extrac
     if hog:
         meta = {
             "descriptor": "hog",
-            "backbone": "opencv-hog",
+            "backbone": "skimage-hog",
             "max_side": lcfg.max_side,
             "hog_size": lcfg.hog_size,
         }
