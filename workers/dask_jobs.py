@@ -124,7 +124,8 @@ def fit_codebook(layout: RunLayout, cfg: Config, feature: str, k: int) -> dict[s
         "feature": feature,
         "k": k,
         "n_train": int(len(sample)),
-        "source": str(source),
+        # this run's own store by its relative path, so the file does not depend on where the run lives
+        "source": str(source.relative_to(layout.root) if source.is_relative_to(layout.root) else source),
         "assignment": type(index).__name__,
         "fingerprint": fingerprint,
         "bow": cfg.bow.model_dump(mode="json"),
