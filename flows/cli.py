@@ -95,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--mirror", help="base URL to fetch the archives from instead of their official URLs")
 
     bench = sub.add_parser("bench", help="side-by-side benchmarks written as JSON")
-    bench.add_argument("what", choices=("extract", "decode"), help="what to measure")
+    bench.add_argument(
+        "what",
+        choices=("extract", "decode", "codebook"),
+        help="what to measure: the extraction pipeline, JPEG decode, or faiss k-means vs MiniBatchKMeans",
+    )
     bench.add_argument("--json", type=Path, help="write the result here (also printed)")
     bench.add_argument("--images", help="images to use, any input form (default: the demo dataset)")
     bench.add_argument(
@@ -276,6 +280,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from embedpipe.workers.bench import bench_extract
     from embedpipe.workers.demo_data import generate_demo
 
+    if args.what == "codebook":
+        return cmd_bench_codebook(args)
+
     if args.n < 1:
         raise InputError("--n must be at least 1")
     try:
@@ -297,6 +304,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "bench extract: ours %.1f img/s, baseline %.1f img/s, ratio %.3f",
         result["ours"]["images_per_s"],
         result["baseline"]["images_per_s"],
+        result["ratio"],
+    )
+    return 0
+
+
+def cmd_bench_codebook(args: argparse.Namespace) -> int:
+    """Local features of every image of --images (default: the demo dataset) into --out (default: a
+    temporary folder), then faiss k-means vs MiniBatchKMeans on one Dask sample of them."""
+    from embedpipe.workers.bench import bench_codebook
+    from embedpipe.workers.demo_data import generate_demo
+
+    cfg = _load_run_config(args)
+    if cfg.images is None:
+        root = Path(tempfile.gettempdir()) / "embedpipe-bench-demo"
+        cfg = cfg.model_copy(update={"images": str(generate_demo(root, seed=cfg.seed).root)})
+    with tempfile.TemporaryDirectory(prefix="embedpipe-bench-codebook-") as tmp:
+        if args.out is None:
+            cfg = cfg.model_copy(update={"out": Path(tmp)})
+        result = bench_codebook(cfg)
+    _write_json(result, args.json)
+    log.info(
+        "bench codebook: k=%d on %d descriptors: faiss %.2fs, MiniBatchKMeans %.2fs, ratio %.2f",
+        result["k"],
+        result["n_sample"],
+        result["ours"]["time_s"],
+        result["baseline"]["time_s"],
         result["ratio"],
     )
     return 0
@@ -369,11 +402,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     lines = [
         f"A = {args.run_a}",
         f"B = {args.run_b}",
-        f"{'descriptor':<12}{'post':<10}{'rerank':<9}{'mAP A':>9}{'mAP B':>9}{'Δ':>9}{'mP@10 Δ':>10}",
+        f"{'descriptor':<16}{'post':<12}{'rerank':<9}{'mAP A':>9}{'mAP B':>9}{'Δ':>9}{'mP@10 Δ':>10}",
     ]
     for r in rows:
         lines.append(
-            f"{r['descriptor']:<12}{r['post']:<10}{r['rerank']:<9}{fmt_metric(r['map_a']):>9}"
+            f"{r['descriptor']:<16}{r['post']:<12}{r['rerank']:<9}{fmt_metric(r['map_a']):>9}"
             f"{fmt_metric(r['map_b']):>9}{delta(r['map_delta']):>9}{delta(r['mp@10_delta']):>10}"
         )
     sys.stdout.write("\n".join(lines) + "\n")
@@ -391,9 +424,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def _print_table(metrics: dict, out: Path) -> None:
     from embedpipe.workers.report import fmt_metric
 
-    lines = [f"{'descriptor':<12}{'post':<10}{'rerank':<9}{'dim':>6}{'mAP':>9}{'mP@10':>9}"]
+    lines = [f"{'descriptor':<16}{'post':<12}{'rerank':<9}{'dim':>6}{'mAP':>9}{'mP@10':>9}"]
     for r in metrics["results"]:
-        head = f"{r['descriptor']:<12}{r['post']:<10}{r['rerank']:<9}{r['dim']:>6}"
+        head = f"{r['descriptor']:<16}{r['post']:<12}{r['rerank']:<9}{r['dim']:>6}"
         lines.append(f"{head}{fmt_metric(r.get('map')):>9}{fmt_metric(r.get('mp@10')):>9}")
     lines.append(f"report: {out / 'report' / 'index.html'}")
     sys.stdout.write("\n".join(lines) + "\n")

@@ -17,7 +17,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from embedpipe.storage.errors import InputError
 
-Descriptor = Literal["gem", "spoc", "spoc-cp", "mac", "rmac", "crow", "fc6", "fc7"]
+Descriptor = Literal[
+    "gem",
+    "spoc",
+    "spoc-cp",
+    "mac",
+    "rmac",
+    "crow",
+    "fc6",
+    "fc7",
+    "hog",
+    "bow-sift",
+    "bow-rootsift",
+    "bow-orb",
+    "vlad-sift",
+    "vlad-rootsift",
+    "vlad-orb",
+]
 Protocol = Literal["holidays", "oxford5k", "paris6k", "roxford5k", "rparis6k", "ukbench", "labels", "none"]
 
 
@@ -99,6 +115,54 @@ class RerankConfig(_Frozen):
     dba_alpha: float = Field(3.0, ge=0, description="DBA: similarity exponent of the weights")
 
 
+class LocalConfig(_Frozen):
+    """Classical descriptors: local features (for the bow-*/vlad-* descriptors) and HOG."""
+
+    max_side: int = Field(
+        640, ge=32, description="images are downscaled to this longer side before local features / HOG"
+    )
+    max_keypoints: int = Field(
+        1000, ge=1, description="keypoints kept per image: strongest response first, ties by position"
+    )
+    hog_size: int = Field(128, ge=16, multiple_of=8, description="HOG: the image is resized to this square")
+
+
+class BowConfig(_Frozen):
+    """Visual-word codebooks (seeded faiss k-means on a Dask sample of the local-feature store) and the
+    BoW / VLAD encodings."""
+
+    k: int = Field(1000, ge=2, description="BoW vocabulary size")
+    vlad_k: int = Field(32, ge=2, description="VLAD codebook size (VLAD dim = vlad_k x descriptor dim)")
+    iterations: int = Field(20, ge=1, description="k-means iterations")
+    sample_per_image: int = Field(300, ge=1, description="descriptors sampled per image for k-means")
+    max_sample: int = Field(500_000, ge=100, description="cap on the whole k-means sample")
+    assign: Literal["hard", "soft"] = Field("hard", description="BoW: nearest word, or m nearest weighted")
+    soft_neighbours: int = Field(3, ge=1, description="soft assignment: words per descriptor")
+    soft_sigma: float = Field(
+        0.2, gt=0, description="soft assignment: kernel width sigma^2 as a fraction of the mean d_1^2"
+    )
+    burstiness: bool = Field(True, description="square-root term frequencies before tf-idf")
+    assign_flat_max: int = Field(
+        8192, ge=1, description="codebooks larger than this assign through an IVF index (approximate)"
+    )
+    codebook_from: Path | None = Field(
+        None, description="train codebooks on this run directory's local-feature store instead of this run's"
+    )
+
+
+class VerifyConfig(_Frozen):
+    """Spatial verification of the BoW shortlist: RANSAC on keypoints sharing a visual word."""
+
+    enabled: bool = True
+    shortlist: int = Field(100, ge=1, description="top BoW results verified per query")
+    model: Literal["affine", "homography"] = "affine"
+    threshold: float = Field(8.0, gt=0, description="RANSAC reprojection threshold in pixels")
+    min_inliers: int = Field(6, ge=3, description="fewer inliers than this do not count as verified")
+    max_word_matches: int = Field(
+        3, ge=1, description="words occurring more often than this in either image give no matches"
+    )
+
+
 class RayConfig(_Frozen):
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1)
@@ -125,6 +189,9 @@ class Config(_Frozen):
     fit: FitConfig = FitConfig()
     index: IndexConfig = IndexConfig()
     rerank: RerankConfig = RerankConfig()
+    local: LocalConfig = LocalConfig()
+    bow: BowConfig = BowConfig()
+    verify: VerifyConfig = VerifyConfig()
     ray: RayConfig = RayConfig()
 
     @field_validator("images", mode="before")

@@ -23,7 +23,10 @@ from embedpipe.storage.dataset import manifest_rows, previous_shards, write_mani
 from embedpipe.storage.errors import RunFailed
 from embedpipe.storage.layout import STAGES, RunLayout, write_json_atomic
 from embedpipe.storage.quarantine import read_quarantine, write_quarantine
-from embedpipe.workers.dask_jobs import fit_pca_whitening
+from embedpipe.workers.bow_eval import evaluate_bow
+from embedpipe.workers.dask_jobs import encode_descriptor, fit_codebook, fit_pca_whitening
+from embedpipe.workers.descriptors.local import encoding_of
+from embedpipe.workers.encode import descriptor_info
 from embedpipe.workers.evaluate import index_and_evaluate, whitening_name
 from embedpipe.workers.extract import extract_queries, run_extract
 from embedpipe.workers.inputs import RunInputs, run_inputs
@@ -44,12 +47,12 @@ def versions() -> dict[str, str]:
 
 
 def fingerprints(cfg: Config, inputs: RunInputs) -> dict[str, str]:
-    extract = _chain(inputs.fingerprint, cfg.fingerprint("extract"))
-    fit = _chain(extract, cfg.fingerprint("fit"))
+    extract = _chain(inputs.fingerprint, cfg.fingerprint("extract", "local", "ingest"))
+    fit = _chain(extract, cfg.fingerprint("fit", "bow"))
     return {
         "extract": extract,
         "fit": fit,
-        "evaluate": _chain(fit, cfg.fingerprint("index", "rerank", "protocol")),
+        "evaluate": _chain(fit, cfg.fingerprint("index", "rerank", "protocol", "verify")),
     }
 
 
@@ -85,8 +88,14 @@ def fit_task(cfg: Config, layout: RunLayout, ray: LazyRay) -> dict[str, Any]:
     logger = get_run_logger()
     if cfg.fit.scheduler == "ray":
         ray.ensure()
-    fitted = {}
-    for name in cfg.extract.descriptors:
+    fitted: dict[str, Any] = {}
+    encoded = [d for d in cfg.extract.descriptors if encoding_of(d)[0] in ("bow", "vlad")]
+    for name in encoded:  # codebooks, then the descriptor's store (bow-*: words; vlad-*: dense vectors)
+        _, feature, k = descriptor_info(name, cfg)
+        fit_codebook(layout, cfg, feature, k)
+        fitted[name] = encode_descriptor(layout, cfg, name)["dim"]
+    dense = [d for d in cfg.extract.descriptors if encoding_of(d)[0] != "bow"]
+    for name in dense if cfg.fit.whiten else ():
         model, n = fit_pca_whitening(layout.feature_dir(name), cfg.fit)
         meta = {
             "kind": "pca-whitening",
@@ -106,7 +115,8 @@ def fit_task(cfg: Config, layout: RunLayout, ray: LazyRay) -> dict[str, Any]:
 def evaluate_task(cfg: Config, layout: RunLayout, n_images: int) -> dict[str, Any]:
     results, n_queries = [], 0
     for name in cfg.extract.descriptors:
-        rows, n_queries = index_and_evaluate(layout, cfg, name)
+        evaluate = evaluate_bow if encoding_of(name)[0] == "bow" else index_and_evaluate
+        rows, n_queries = evaluate(layout, cfg, name)
         results.extend(rows)
     n_quarantined = read_quarantine(layout.quarantine).num_rows
     return {
@@ -192,7 +202,7 @@ def pipeline(cfg: Config) -> dict[str, Any]:
         extracted = _run_stage(
             layout, "extract", fps["extract"], lambda: extract_task(cfg, inputs, layout, ray), logger
         )
-        if cfg.fit.whiten:
+        if cfg.fit.whiten or any(encoding_of(d)[0] in ("bow", "vlad") for d in cfg.extract.descriptors):
             _run_stage(layout, "fit", fps["fit"], lambda: fit_task(cfg, layout, ray), logger)
         else:
             layout.mark_stage("fit", fps["fit"], "done", seconds=0.0, result={})

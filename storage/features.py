@@ -66,13 +66,23 @@ class FeatureWriter:
         self._done.add(self._shard)
         self._shard, self._writer = None, None
 
-    def write(self, shard: int, ids, paths, widths, heights, vectors: np.ndarray) -> None:
+    def _switch(self, shard: int) -> None:
         if shard != self._shard:
             if shard in self._done or (self._shard is not None and shard < self._shard):
                 raise ValueError(f"rows of shard {shard} arrived after the shard was closed")
             self._close_current()
             self._shard = shard
             self._writer = pq.ParquetWriter(self._tmp(shard), self.schema, compression="zstd")
+
+    def write_table(self, shard: int, table: pa.Table) -> None:
+        """Append rows already shaped as ``self.schema`` to the part of ``shard``."""
+        self._switch(shard)
+        assert self._writer is not None
+        self._writer.write_table(table.cast(self.schema))
+        self.rows += len(table)
+
+    def write(self, shard: int, ids, paths, widths, heights, vectors: np.ndarray) -> None:
+        self._switch(shard)
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"expected vectors of shape (n, {self.dim}), got {vectors.shape}")

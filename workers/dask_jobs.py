@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,12 +19,15 @@ import dask.array as da
 import numpy as np
 import pyarrow.parquet as pq
 
+from embedpipe.storage.artifacts import load_npz, save_npz
 from embedpipe.storage.errors import RunFailed
 from embedpipe.storage.features import part_files, read_part, read_store_manifest, vectors_of
+from embedpipe.storage.layout import RunLayout
+from embedpipe.storage.local_features import write_manifest
 from embedpipe.workers.whitening import pca_whitening_from_moments
 
 if TYPE_CHECKING:
-    from embedpipe.flows.config import FitConfig
+    from embedpipe.flows.config import Config, FitConfig
 
 log = logging.getLogger("embedpipe.fit")
 
@@ -85,3 +89,83 @@ def fit_pca_whitening(directory: Path, cfg: FitConfig) -> tuple[dict[str, np.nda
             "fit: %d vectors support only %d whitened dims (asked %d)", n, model["proj"].shape[0], cfg.dim
         )
     return model, n
+
+
+def sample_local(source: Path, feature: str, cfg: Config) -> np.ndarray:
+    """Dask job: descriptors sampled uniformly per image (seeded by run seed and image id) from every
+    part of a local-feature store, in store order, capped at ``bow.max_sample`` -> (n, D) float32."""
+    from embedpipe.workers.encode import cap_sample, sample_part
+
+    tasks = [
+        dask.delayed(sample_part)(str(p), feature, cfg.bow.sample_per_image, cfg.seed)
+        for p in part_files(source)
+    ]
+    with dask_scheduler(cfg.fit.scheduler) as kwargs:
+        blocks = list(dask.compute(*tasks, **kwargs))
+    return cap_sample(blocks, cfg.bow.max_sample, cfg.seed)
+
+
+def fit_codebook(layout: RunLayout, cfg: Config, feature: str, k: int) -> dict[str, Any]:
+    """Sample (Dask), seeded faiss k-means, assignment index; saved as models/codebook-<feature>-k<k>.npz
+    (+ .faiss). An existing codebook with the same fingerprint is reused."""
+    from embedpipe.workers import codebook as cb
+    from embedpipe.workers.encode import codebook_fingerprint, codebook_name, codebook_source
+
+    source = codebook_source(layout, cfg, feature)
+    fingerprint = codebook_fingerprint(cfg, feature, k, source)
+    path = layout.model(codebook_name(feature, k))
+    if path.exists() and load_npz(path)[1].get("fingerprint") == fingerprint:
+        return load_npz(path)[1]
+    sample = sample_local(source, feature, cfg)
+    centroids = cb.train_kmeans(sample, k, cfg.bow.iterations, cfg.seed)
+    index = cb.assignment_index(centroids, cfg.bow.assign_flat_max, cfg.seed)
+    meta = {
+        "kind": "codebook",
+        "feature": feature,
+        "k": k,
+        "n_train": int(len(sample)),
+        # this run's own store by its relative path, so the file does not depend on where the run lives
+        "source": str(source.relative_to(layout.root) if source.is_relative_to(layout.root) else source),
+        "assignment": type(index).__name__,
+        "fingerprint": fingerprint,
+        "bow": cfg.bow.model_dump(mode="json"),
+        "seed": cfg.seed,
+    }
+    faiss_path = layout.model(codebook_name(feature, k), ".faiss")
+    faiss_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = faiss_path.with_name(f".{faiss_path.name}.tmp")
+    cb.serialize(index).tofile(tmp)
+    tmp.replace(faiss_path)
+    save_npz(path, meta, centroids=centroids)
+    log.info(
+        "fit: codebook %s k=%d on %d sampled descriptors (%s)", feature, k, len(sample), meta["assignment"]
+    )
+    return meta
+
+
+def encode_descriptor(layout: RunLayout, cfg: Config, descriptor: str) -> dict[str, Any]:
+    """Dask job: encode every part of the local-feature store into ``features/<descriptor>``."""
+    from embedpipe.workers.descriptors.local import STORED_DIM, STORED_FEATURE, local_store
+    from embedpipe.workers.encode import descriptor_info, encode_part, load_codebook, store_meta
+
+    kind, feature, k = descriptor_info(descriptor, cfg)
+    stored = STORED_FEATURE[feature]
+    centroids, blob, _ = load_codebook(layout, feature, k)
+    source = layout.feature_dir(local_store(stored))
+    out = layout.feature_dir(descriptor)
+    shutil.rmtree(out, ignore_errors=True)
+    meta = store_meta(descriptor, cfg, STORED_DIM[stored])
+    parts = part_files(source)
+    shared_blob, shared_centroids = dask.delayed(blob), dask.delayed(centroids)
+    tasks = [
+        dask.delayed(encode_part)(
+            kind, feature, str(p), str(out), i, len(parts), shared_blob, shared_centroids, cfg.bow, meta
+        )
+        for i, p in enumerate(parts)
+    ]
+    with dask_scheduler(cfg.fit.scheduler) as kwargs:
+        rows = int(sum(dask.compute(*tasks, **kwargs)))
+    dim = k if kind == "bow" else int(centroids.size)
+    write_manifest(out, {"dim": dim, "rows": rows, "n_parts": len(parts), **meta})
+    log.info("fit: encoded %d images as %s (%d dims)", rows, descriptor, dim)
+    return {"descriptor": descriptor, "rows": rows, "dim": dim}

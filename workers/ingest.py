@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from embedpipe.storage.dataset import ShardPlan, manifest_rows, plan_shards, previous_shards, write_manifest
-from embedpipe.storage.errors import DecodeError, RunFailed
+from embedpipe.storage.errors import DecodeError
 from embedpipe.storage.layout import write_json_atomic
 from embedpipe.workers.decode import content_id, decode_image
 from embedpipe.workers.progress import Progress
@@ -31,6 +31,8 @@ from embedpipe.workers.ray_stages import (
     cluster_cpus,
     configure_data_context,
     input_items,
+    input_result,
+    iterate_results,
     ray_session,
     read_row,
 )
@@ -186,39 +188,26 @@ def run_ingest(source: str, out: Path, cfg: Config, max_side: int) -> IngestResu
                 batch_format="numpy",
                 num_cpus=1,
             )
-            try:
-                for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
-                    for j, pos in enumerate(batch["pos"]):
-                        pos = int(pos)
-                        shard, ref = plan.shards[pos], plan.refs[pos]
-                        for s in [s for s in writers if s != shard]:
-                            finish(s)
-                        if shard not in writers:
-                            writers[shard] = ShardTarWriter(out / shard_name(shard))
-                        res = {
-                            "id": batch["id"][j] or None,
-                            "bytes": int(batch["bytes"][j]) if batch["bytes"][j] >= 0 else None,
-                            "width": int(batch["width"][j]),
-                            "height": int(batch["height"][j]),
-                            "reason": batch["error"][j] or None,
+            for batch in iterate_results(ds, "ingest"):
+                for j, pos in enumerate(batch["pos"]):
+                    pos = int(pos)
+                    shard, ref = plan.shards[pos], plan.refs[pos]
+                    for s in [s for s in writers if s != shard]:
+                        finish(s)
+                    if shard not in writers:
+                        writers[shard] = ShardTarWriter(out / shard_name(shard))
+                    results[pos] = res = input_result(batch, j)
+                    if res["reason"]:
+                        log.warning("quarantined %s: %s", ref.key, res["reason"])
+                    else:
+                        meta = {
+                            "source": ref.key,
+                            "id": res["id"],
+                            "width": res["width"],
+                            "height": res["height"],
                         }
-                        results[pos] = res
-                        if res["reason"]:
-                            log.warning("quarantined %s: %s", ref.key, res["reason"])
-                        else:
-                            meta = {
-                                "source": ref.key,
-                                "id": res["id"],
-                                "width": res["width"],
-                                "height": res["height"],
-                            }
-                            writers[shard].add(ref.key, ref.label, batch["payload"][j], batch["ext"][j], meta)
-                    progress.update(len(batch["pos"]))
-            except ray.exceptions.RayError as err:
-                lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-                raise RunFailed(
-                    f"ingest failed on the Ray cluster: {lines[-1] if lines else type(err).__name__}"
-                ) from err
+                        writers[shard].add(ref.key, ref.label, batch["payload"][j], batch["ext"][j], meta)
+                progress.update(len(batch["pos"]))
             for s in list(writers):
                 finish(s)
         for s in sorted({plan.shards[p] for p in todo} - written):  # shards without a usable image

@@ -23,10 +23,11 @@ import numpy as np
 from embedpipe.storage.errors import DecodeError, RunFailed
 from embedpipe.storage.sources import InputRef, read_input
 from embedpipe.workers.decode import content_id, decode_image, decode_query_crop
+from embedpipe.workers.descriptors.local import HOG_DIM, extract_local, grayscale, hog_descriptor
 from embedpipe.workers.embed import Embedder
 
 if TYPE_CHECKING:
-    from embedpipe.flows.config import Config, ExtractConfig, IngestConfig, RayConfig
+    from embedpipe.flows.config import Config, ExtractConfig, IngestConfig, LocalConfig, RayConfig
 
 log = logging.getLogger("embedpipe.ray")
 
@@ -165,6 +166,17 @@ def decode_batch(batch: dict[str, np.ndarray], max_side: int, ingest: IngestConf
     }
 
 
+def input_result(batch: dict[str, np.ndarray], j: int) -> dict[str, Any]:
+    """What the dataset manifest records of row ``j`` of a decoded batch."""
+    return {
+        "id": batch["id"][j] or None,
+        "bytes": int(batch["bytes"][j]) if batch["bytes"][j] >= 0 else None,
+        "width": int(batch["width"][j]),
+        "height": int(batch["height"][j]),
+        "reason": batch["error"][j] or None,
+    }
+
+
 def input_items(refs: Sequence[InputRef | str], boxes: Sequence | None = None) -> list[dict[str, Any]]:
     """Ray Data rows for inputs (plain strings are local paths or URLs); ``boxes``: query crops."""
     items = []
@@ -266,10 +278,69 @@ def stream_descriptors(
         num_cpus=pool.actor_cpus,
         num_gpus=pool.actor_gpus or None,
     )
+    yield from iterate_results(ds, "extraction")
+
+
+def local_batch(
+    batch: dict[str, np.ndarray], cfg: LocalConfig, ingest: IngestConfig, stored: tuple[str, ...], hog: bool
+) -> dict[str, np.ndarray]:
+    """Ray Data CPU stage: decode (through ``decode_batch``, longer side ``cfg.max_side``), then each
+    stored local feature (``kp_<f>``: (n, 4) float32 bytes, ``desc_<f>``: (n, dim) uint8 bytes) and,
+    with ``hog``, the HOG vector ``d_hog`` (rows, HOG_DIM). One OpenCV thread: Ray runs one task per CPU."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    batch = decode_batch(batch, cfg.max_side, ingest)
+    n = len(batch["path"])
+    out = {k: batch[k] for k in ("pos", "path", "id", "bytes", "width", "height", "error")}
+    for f in stored:
+        out[f"kp_{f}"] = np.array([b""] * n, dtype=object)
+        out[f"desc_{f}"] = np.array([b""] * n, dtype=object)
+    if hog:
+        out["d_hog"] = np.zeros((n, HOG_DIM), np.float32)
+    for i in range(n):
+        if batch["error"][i]:
+            continue
+        image = np.frombuffer(batch["pixels"][i], np.uint8).reshape(int(batch["h"][i]), int(batch["w"][i]), 3)
+        gray = grayscale(image)
+        for f in stored:
+            feats = extract_local(gray, f, cfg.max_keypoints)
+            out[f"kp_{f}"][i] = feats.keypoints.tobytes()
+            out[f"desc_{f}"][i] = feats.descriptors.tobytes()
+        if hog:
+            out["d_hog"][i] = hog_descriptor(image, cfg.hog_size)
+    return out
+
+
+def stream_local(
+    refs: Sequence[InputRef | str], config: Config, stored: tuple[str, ...], hog: bool
+) -> Iterator[dict[str, Any]]:
+    """Yield ``local_batch`` results in input order, one CPU task per batch (inside ``ray_session``)."""
+    import ray.data
+
+    configure_data_context(config.ray)
+    log.info("extract: local features %s%s on %d CPU(s)", ", ".join(stored), " + HOG" * hog, cluster_cpus())
+    items = input_items(refs)
+    batch_size = config.extract.batch_size
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), -(-len(items) // batch_size))))
+    ds = ds.map_batches(
+        local_batch,
+        fn_kwargs={"cfg": config.local, "ingest": config.ingest, "stored": stored, "hog": hog},
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=1,
+    )
+    yield from iterate_results(ds, "local-feature extraction")
+
+
+def iterate_results(ds, what: str) -> Iterator[dict[str, Any]]:
+    """The batches of a Ray dataset in order; a Ray failure becomes one ``RunFailed`` line."""
+    import ray
+
     try:
         yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
-    except ray.exceptions.RayError as err:  # a model actor that cannot start, a worker lost for good, ...
+    except ray.exceptions.RayError as err:  # an actor that cannot start, a worker lost for good, ...
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         raise RunFailed(
-            f"extraction failed on the Ray cluster: {lines[-1] if lines else type(err).__name__}"
+            f"{what} failed on the Ray cluster: {lines[-1] if lines else type(err).__name__}"
         ) from err

@@ -34,6 +34,7 @@ log = logging.getLogger("embedpipe.report")
 RECALLS = np.linspace(0.0, 1.0, 21)
 GRID_QUERIES, GRID_RESULTS, THUMB = 8, 10, 112
 MAX_TSNE_POINTS = 2000
+MAX_DENSE_BOW = 20_000_000  # BoW rows x vocabulary: above this the report draws no t-SNE map
 COLUMNS = [
     ("descriptor", "descriptor"),
     ("post", "post-processing"),
@@ -53,6 +54,9 @@ COLUMNS = [
     ("fewshot@1", "1-shot acc"),
     ("fewshot@5", "5-shot acc"),
     ("fewshot@10", "10-shot acc"),
+    ("sv_shortlist", "SV shortlist"),
+    ("sv_inliers", "SV inliers (best)"),
+    ("sv_verified", "SV verified/query"),
     ("time_s", "time (s)"),
 ]
 
@@ -220,9 +224,18 @@ def _cell(path: str, locate: dict[str, tuple[str, int, int]], kind: str, caption
     return f"<div class='{kind}'>{img}{html.escape(caption)}</div>"
 
 
-def _result_vectors(layout: RunLayout, config: Any, row: dict[str, Any]) -> tuple[list[str], np.ndarray]:
+def _result_vectors(
+    layout: RunLayout, config: Any, row: dict[str, Any]
+) -> tuple[list[str], np.ndarray | None]:
     from embedpipe.workers.evaluate import variants
 
+    if row.get("index") == "inverted-file":  # bag of words: the tf-idf rows, dense when small enough
+        from embedpipe.workers.bow_eval import bow_vectors, read_bow
+
+        meta, words, weights = read_bow(layout.feature_dir(row["descriptor"]))
+        dense = len(words) * int(row["dim"]) <= MAX_DENSE_BOW
+        x = bow_vectors(words, weights, int(row["dim"]), config)[0].toarray() if dense else None
+        return meta.column("path").to_pylist(), x
     meta, vectors = read_features(layout.feature_dir(row["descriptor"]))
     chosen = dict(variants(layout, config, row["descriptor"], vectors)).get(row["post"], vectors)
     return meta.column("path").to_pylist(), chosen
@@ -311,7 +324,7 @@ def _evaluation_sections(
         f"<h2 id='queries'>Example queries ({html.escape(row_label(top))})</h2>",
         _grids(ranks, gt, aps, paths, query_paths, locations(layout.dataset)),
     ]
-    tsne = _tsne_figure(vectors, gt, int(getattr(config, "seed", 0)))
+    tsne = None if vectors is None else _tsne_figure(vectors, gt, int(getattr(config, "seed", 0)))
     if tsne:
         out += ["<h2 id='tsne'>Embedding map</h2>", f"<figure><img alt='t-SNE map' src='{tsne}'></figure>"]
     return out

@@ -51,3 +51,65 @@ def drop_excluded(
         s, j = sims[i][keep][:k], idx[i][keep][:k]
         out_s[i, : len(j)], out_i[i, : len(j)] = s, j
     return out_s, out_i
+
+
+def word_matches(
+    words_a: np.ndarray, words_b: np.ndarray, max_per_word: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tentative correspondences between two images: every pair of keypoints sharing a visual word,
+    skipping words that occur more than ``max_per_word`` times in either image (bursts carry little
+    geometry and many false pairs). words_a: (n_a,), words_b: (n_b,) -> (ia, ib), each (n_matches,),
+    ordered by word, then occurrence in a, then in b."""
+    ua, ca = np.unique(words_a, return_counts=True)
+    ub, cb = np.unique(words_b, return_counts=True)
+    _, ja, jb = np.intersect1d(ua, ub, assume_unique=True, return_indices=True)
+    keep = (ca[ja] <= max_per_word) & (cb[jb] <= max_per_word)
+    ja, jb = ja[keep], jb[keep]
+    order_a, order_b = np.argsort(words_a, kind="stable"), np.argsort(words_b, kind="stable")
+    start_a, start_b = np.cumsum(ca) - ca, np.cumsum(cb) - cb
+    pairs = []
+    for r in range(max_per_word):
+        for s in range(max_per_word):
+            ok = (ca[ja] > r) & (cb[jb] > s)
+            pairs.append((ja[ok], order_a[start_a[ja[ok]] + r], order_b[start_b[jb[ok]] + s]))
+    if not pairs:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    word = np.concatenate([p[0] for p in pairs])
+    ia = np.concatenate([p[1] for p in pairs])
+    ib = np.concatenate([p[2] for p in pairs])
+    order = np.lexsort((ib, ia, word))
+    return ia[order], ib[order]
+
+
+def ransac_inliers(pts_a: np.ndarray, pts_b: np.ndarray, model: str, threshold: float) -> int:
+    """Inliers of the affine transform (or homography) RANSAC fits to the correspondences
+    pts_a[i] -> pts_b[i], (n, 2) each. OpenCV's RANSAC draws from a fixed-seed generator, so the
+    count is deterministic. Fewer correspondences than the model needs give 0."""
+    import cv2
+
+    need = 3 if model == "affine" else 4
+    if len(pts_a) < need:
+        return 0
+    src = np.ascontiguousarray(pts_a, np.float32).reshape(-1, 1, 2)
+    dst = np.ascontiguousarray(pts_b, np.float32).reshape(-1, 1, 2)
+    cv2.setRNGSeed(0)
+    if model == "affine":
+        matrix, mask = cv2.estimateAffine2D(
+            src, dst, method=cv2.RANSAC, ransacReprojThreshold=threshold, maxIters=2000, confidence=0.99
+        )
+    else:
+        matrix, mask = cv2.findHomography(src, dst, cv2.RANSAC, threshold, maxIters=2000, confidence=0.99)
+    return 0 if matrix is None or mask is None else int(mask.sum())
+
+
+def verified_order(ranks: np.ndarray, inliers: np.ndarray, min_inliers: int) -> np.ndarray:
+    """Re-rank one query's results after spatial verification of its shortlist.
+
+    ranks: (N,) database rows, best first; inliers: (S,) for ranks[:S]. Shortlisted results with at
+    least ``min_inliers`` come first by inlier count (ties keep their order), then the rest of the
+    shortlist and the tail in their original order -> (N,)."""
+    s = len(inliers)
+    verified = inliers >= min_inliers
+    head = np.argsort(-np.where(verified, inliers, -1), kind="stable")
+    head = np.concatenate([head[: verified.sum()], np.flatnonzero(~verified)])
+    return np.concatenate([ranks[:s][head], ranks[s:]])
