@@ -77,7 +77,27 @@ class FitConfig(_Frozen):
 
 
 class IndexConfig(_Frozen):
-    factory: Literal["Flat"] = "Flat"
+    factory: str = Field(
+        "Flat",
+        description="FAISS factory string (Flat, IVF256,Flat, IVF256,PQ32, OPQ32,IVF256,PQ32, HNSW32, LSH, "
+        "optionally after PCA<d>), built once to validate it",
+    )
+    train_size: int = Field(100_000, ge=1, description="rows sampled (seeded) to train the index")
+    nprobe: int = Field(16, ge=1, description="IVF: inverted lists visited per query")
+    efsearch: int = Field(64, ge=1, description="HNSW: search-time candidate list size")
+    engine: Literal["ray", "local"] = Field(
+        "ray", description="fill one index per feature part as Ray tasks, or all in this process"
+    )
+
+    @field_validator("factory")
+    @classmethod
+    def _factory(cls, v: str) -> str:
+        from embedpipe.workers.ann import check_factory
+
+        try:
+            return check_factory(v.strip())
+        except InputError as err:
+            raise ValueError(str(err)) from None
 
 
 class RerankConfig(_Frozen):

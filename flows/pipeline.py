@@ -97,7 +97,9 @@ def fit_task(cfg: Config, layout: RunLayout, ray: LazyRay) -> dict[str, Any]:
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(cfg: Config, layout: RunLayout, n_images: int) -> dict[str, Any]:
+def evaluate_task(cfg: Config, layout: RunLayout, n_images: int, ray: LazyRay) -> dict[str, Any]:
+    if cfg.index.engine == "ray":
+        ray.ensure()
     results, n_queries = [], 0
     for name in cfg.extract.descriptors:
         rows, n_queries = index_and_evaluate(layout, cfg, name)
@@ -190,9 +192,13 @@ def pipeline(cfg: Config) -> dict[str, Any]:
             _run_stage(layout, "fit", fps["fit"], lambda: fit_task(cfg, layout, ray), logger)
         else:
             layout.mark_stage("fit", fps["fit"], "done", seconds=0.0, result={})
-    metrics = _run_stage(
-        layout, "evaluate", fps["evaluate"], lambda: evaluate_task(cfg, layout, extracted["n_ok"]), logger
-    )
+        metrics = _run_stage(
+            layout,
+            "evaluate",
+            fps["evaluate"],
+            lambda: evaluate_task(cfg, layout, extracted["n_ok"], ray),
+            logger,
+        )
     report_task(cfg, layout, metrics)
     best = max(metrics["results"], key=map_of)
     logger.info(

@@ -11,13 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from embedpipe.storage.artifacts import load_npz
 from embedpipe.storage.features import read_features, read_store_manifest
 from embedpipe.storage.layout import RunLayout
-from embedpipe.workers.ann import build_index, bytes_per_vector, search, write_index
+from embedpipe.workers.ann import build_index, bytes_per_vector, search, set_search_params
+from embedpipe.workers.index_build import Transform, build_store_index, save_version
 from embedpipe.workers.metrics import compute_map, few_shot_accuracy, ns_score, precision_at_k
 from embedpipe.workers.protocols import GroundTruth, ground_truth
 from embedpipe.workers.rerank import alpha_qe, dba, drop_excluded
@@ -48,6 +47,31 @@ def variants(
     return out
 
 
+def variant_transform(layout: RunLayout, descriptor: str, post: str) -> Transform:
+    """The transform that makes a variant's vectors from the stored descriptor (None for ``l2``)."""
+    if post == "l2":
+        return None
+    arrays, _ = load_npz(layout.model(whitening_name(descriptor)))
+    return arrays["mean"], arrays["proj"]
+
+
+def exact_scores(queries: np.ndarray, db: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Inner products of each query (n, d) with its neighbours ``idx`` (n, k) of ``db``; -1 pads get -inf.
+    Used where the index's own scores are distances (LSH), since αQE and DBA weight by similarity."""
+    sims = np.einsum("nd,nkd->nk", queries, db[np.maximum(idx, 0)])
+    return np.where(idx >= 0, sims, -np.inf).astype(np.float32)
+
+
+def neighbours(
+    index: faiss.Index, queries: np.ndarray, db: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (similarities, ids) from ``index``, similarities exact when the index ranks by distance."""
+    sims, idx = search(index, queries, k)
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        sims = exact_scores(queries, db, idx)
+    return sims, idx
+
+
 def protocol_extras(
     cfg: Config, gt: GroundTruth, ranks: np.ndarray, x: np.ndarray | None
 ) -> dict[str, float]:
@@ -65,9 +89,11 @@ def protocol_extras(
 
 def augment_database(cfg: Config, x: np.ndarray, index: faiss.Index) -> tuple[np.ndarray, faiss.Index]:
     """DBA over the whole database and an index of the result."""
-    sims, idx = search(index, x, cfg.rerank.dba_k + 1)  # includes each vector itself
+    sims, idx = neighbours(index, x, x, cfg.rerank.dba_k + 1)  # includes each vector itself
     db = dba(x, sims, idx, cfg.rerank.dba_alpha)
-    return db, build_index(db, cfg.index.factory)
+    db_index = build_index(db, cfg.index.factory, cfg.seed)
+    set_search_params(db_index, cfg.index.nprobe, cfg.index.efsearch)
+    return db, db_index
 
 
 def rerank_ranks(
@@ -87,7 +113,7 @@ def rerank_ranks(
     queries = x[gt.queries]
     db, db_index = augmented() if method.startswith("dba") else (x, index)
     if method.endswith("aqe"):
-        sims, idx = search(db_index, queries, r.aqe_k + max(len(j) for j in gt.junk))
+        sims, idx = neighbours(db_index, queries, db, r.aqe_k + max(len(j) for j in gt.junk))
         sims, idx = drop_excluded(sims, idx, gt.junk, r.aqe_k)
         queries = alpha_qe(queries, db, sims, idx, r.aqe_alpha)
     return search(db_index, queries, db_index.ntotal)[1]
@@ -104,16 +130,10 @@ def index_and_evaluate(layout: RunLayout, cfg: Config, descriptor: str) -> tuple
     for post, x in variants(layout, cfg, descriptor, vectors):
         name = f"{descriptor}-{post}"
         start = time.perf_counter()
-        index = build_index(x, cfg.index.factory)
-        write_index(index, layout.index_dir(name) / "index.faiss")
-        ids = pa.table(
-            {
-                "row": np.arange(len(paths), dtype=np.int64),
-                "id": meta.column("id"),
-                "path": meta.column("path"),
-            }
+        index, ids = build_store_index(
+            layout.feature_dir(descriptor), cfg.index, cfg.seed, variant_transform(layout, descriptor, post)
         )
-        pq.write_table(ids, layout.index_dir(name) / "ids.parquet")
+        save_version(layout.index_dir(name), index, ids)
         base = {
             "descriptor": descriptor,
             "post": post,
