@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("run_b", type=Path)
     cmp_.add_argument("--json", type=Path, help="write the comparison here")
 
+    study = sub.add_parser("study", help="studies over a finished run's feature store")
+    study.add_argument("what", choices=("compression",), help="mAP vs bytes/vector for PCA dims and PQ")
+    study.add_argument("--run", required=True, type=Path, help="finished run directory")
+
     sub.add_parser("presets", help="list the named presets")
     return parser
 
@@ -274,6 +278,31 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from embedpipe.storage.layout import write_json_atomic
+    from embedpipe.workers.protocols import ground_truth
+    from embedpipe.workers.report import fmt_metric
+    from embedpipe.workers.study import compression_study, plot_compression
+
+    layout, cfg = _finished_run(args.run)
+    if cfg.protocol == "none":
+        raise InputError(f"{args.run} was run with protocol 'none': no ground truth to score compression")
+    root = str(Path(cfg.images).resolve()) if cfg.images else None
+    dirs = {d: layout.feature_dir(d) for d in cfg.extract.descriptors if layout.feature_dir(d).is_dir()}
+    rows = compression_study(dirs, lambda paths: ground_truth(cfg.protocol, paths, root), cfg.seed)
+    write_json_atomic(layout.report_dir / "compression.json", rows)
+    plot = plot_compression(rows, layout.report_dir / "compression.png")
+    lines = [f"{'descriptor':<12}{'index':<22}{'dim':>6}{'bytes/vector':>14}{'mAP':>9}"]
+    for r in rows:
+        lines.append(
+            f"{r['descriptor']:<12}{r['index']:<22}{r['dim']:>6}{r['bytes_per_vector']:>14}"
+            f"{fmt_metric(r['map']):>9}"
+        )
+    lines.append(f"written: {layout.report_dir / 'compression.json'}" + (f", {plot}" if plot else ""))
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from embedpipe.flows.config import preset_names
 
@@ -299,6 +328,7 @@ COMMANDS = {
     "eval-ranks": cmd_eval_ranks,
     "report": cmd_report,
     "compare": cmd_compare,
+    "study": cmd_study,
     "presets": cmd_presets,
 }
 

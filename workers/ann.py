@@ -13,6 +13,7 @@ order; the result equals a single-process build that adds the rows in the same o
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,8 @@ import faiss
 import numpy as np
 
 from embedpipe.storage.errors import InputError
+
+log = logging.getLogger("embedpipe.index")
 
 # below this many vectors (or query x database pairs) FAISS runs on one thread: OpenMP start-up and
 # spinning cost more than they save on small problems, and much more on a busy machine
@@ -91,12 +94,14 @@ def _seed(index: faiss.Index, seed: int) -> None:
     ivf = _ivf(index)
     if ivf is not None:
         ivf.cp.seed = seed
+        ivf.cp.min_points_per_centroid = 1  # small samples are reported once, by train_index
     base = _base(index)
     if isinstance(base, faiss.IndexPQ):
         base.do_polysemous_training = False
     for owner in (base, ivf):
         if owner is not None and hasattr(owner, "pq"):
             owner.pq.cp.seed = seed
+            owner.pq.cp.min_points_per_centroid = 1
     outer = faiss.downcast_index(index)
     if isinstance(outer, faiss.IndexIDMap | faiss.IndexIDMap2):
         outer = faiss.downcast_index(outer.index)
@@ -107,6 +112,15 @@ def _seed(index: faiss.Index, seed: int) -> None:
                 vt.pq.cp.seed = seed
 
 
+def _centroids(index: faiss.Index) -> int:
+    """The largest k-means the training runs (IVF lists or PQ centroids); 0 when there is none."""
+    ivf = _ivf(index)
+    base = _base(index)
+    sizes = [ivf.nlist] if ivf is not None else []
+    sizes += [o.pq.ksub for o in (base, ivf) if o is not None and hasattr(o, "pq")]
+    return max(sizes, default=0)
+
+
 def train_index(factory: str, sample: np.ndarray, seed: int = 0) -> faiss.Index:
     """An empty index trained on ``sample`` (n, dim), ready for ``add_with_ids``."""
     sample = np.ascontiguousarray(sample, dtype=np.float32)
@@ -114,6 +128,14 @@ def train_index(factory: str, sample: np.ndarray, seed: int = 0) -> faiss.Index:
     if _ivf(index) is None:
         index = make_index(f"IDMap2,{factory}", sample.shape[1])
     _seed(index, seed)
+    centroids = max(_centroids(index), 1)
+    if not index.is_trained and len(sample) < 39 * centroids:
+        log.warning(
+            "index %s: %d training vectors for k-means of %d centroids (39 per centroid recommended)",
+            factory,
+            len(sample),
+            centroids,
+        )
     if not index.is_trained:
         try:
             index.train(sample)
