@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(run)
 
     bench = sub.add_parser("bench", help="side-by-side benchmarks written as JSON")
-    bench.add_argument("what", choices=("extract",), help="what to measure")
+    bench.add_argument("what", choices=("extract", "pca", "index"), help="what to measure")
     bench.add_argument("--json", type=Path, help="write the result here (also printed)")
     bench.add_argument("--images", type=Path, help="images to use (default: the demo dataset)")
     bench.add_argument(
@@ -75,6 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--sweep", default="", metavar="N,N,...", help="also time the pipeline with these model-actor counts"
     )
+    bench.add_argument("--rows", type=int, help="pca/index: vectors in the synthetic store (default 1000000)")
+    bench.add_argument("--dim", type=int, help="pca/index: vector dimension (default 256 pca, 128 index)")
+    bench.add_argument(
+        "--parts", type=int, default=16, help="pca/index: part files of the store (default 16)"
+    )
+    bench.add_argument("--components", type=int, default=128, help="pca: components kept (default 128)")
+    bench.add_argument("--factory", default="IVF1024,PQ32", help="index: factory (default IVF1024,PQ32)")
+    bench.add_argument(
+        "--growth", default="", metavar="N,N,...", help="index: also time the sharded fill at these sizes"
+    )
+    bench.add_argument("--store", type=Path, help="pca/index: where the synthetic store is written (reused)")
     _config_args(bench)
 
     ev = sub.add_parser("eval-ranks", help="score a ranking file against a benchmark's ground truth")
@@ -169,7 +180,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_ann(args: argparse.Namespace) -> int:
+    from embedpipe.workers.bench_ann import bench_index, bench_pca
+
+    rows = args.rows if args.rows is not None else 1_000_000
+    dim = args.dim if args.dim is not None else (256 if args.what == "pca" else 128)
+    if rows < 2 or dim < 1 or args.parts < 1:
+        raise InputError("--rows must be at least 2, --dim and --parts at least 1")
+    if args.what == "pca" and not 0 < args.components <= dim:
+        raise InputError(f"--components must be in [1, {dim}]")
+    try:
+        growth = [int(v) for v in args.growth.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"--growth expects comma-separated sizes, got '{args.growth}'") from None
+    store = args.store or Path(tempfile.gettempdir()) / f"embedpipe-bench-{args.what}"
+    store = store / f"{rows}x{dim}-{args.parts}"
+    if args.what == "pca":
+        result = bench_pca(store, rows, dim, args.parts, args.components)
+    else:
+        from embedpipe.workers.ann import check_factory
+
+        result = bench_index(store, rows, dim, args.parts, check_factory(args.factory), growth)
+    _write_json(result, args.json)
+    log.info("bench %s: ratio %.3f", args.what, result["ratio"])
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what in ("pca", "index"):
+        return cmd_bench_ann(args)
     from embedpipe.storage.dataset import list_images
     from embedpipe.workers.bench import bench_extract
     from embedpipe.workers.demo_data import generate_demo

@@ -89,10 +89,28 @@ def build_store_index(
     with ann.threads_for(min(cfg.train_size, sum(c for _, c in counts))):
         trained = ann.serialize(train_on_store(directory, cfg, seed, transform))
     train_s = time.perf_counter() - start
+    index, ids = fill_from_store(directory, trained, engine, transform, cfg.factory)
+    ann.set_search_params(index, cfg.nprobe, cfg.efsearch)
+    log.info(
+        "index %s: %d vectors, trained in %.2fs, %d bytes/vector",
+        cfg.factory,
+        index.ntotal,
+        train_s,
+        ann.bytes_per_vector(index),
+    )
+    return index, ids
+
+
+def fill_from_store(
+    directory: Path, trained: np.ndarray, engine: str, transform: Transform = None, label: str = ""
+) -> tuple[faiss.Index, pa.Table]:
+    """Fill copies of the trained index (serialised), one per part file, as Ray tasks of one CPU each
+    (engine 'ray') or in this process ('local'), and merge them in part order."""
+    counts = part_row_counts(directory)
     row0s = np.concatenate([[0], np.cumsum([c for _, c in counts])])[:-1].tolist()
     jobs = [(str(p), int(r)) for (p, _), r in zip(counts, row0s, strict=True)]
     mergeable = ann.is_mergeable(ann.deserialize(trained))
-    progress = Progress(f"index {cfg.factory}", len(jobs), log, unit="parts")
+    progress = Progress(f"index {label}".rstrip(), len(jobs), log, unit="parts")
     if engine == "ray":
         import ray
 
@@ -119,16 +137,6 @@ def build_store_index(
     progress.finish()
     if index is None:
         index = ann.deserialize(trained)
-    ann.set_search_params(index, cfg.nprobe, cfg.efsearch)
-    log.info(
-        "index %s: %d vectors from %d parts (%s), trained in %.2fs, %d bytes/vector",
-        cfg.factory,
-        index.ntotal,
-        len(jobs),
-        engine,
-        train_s,
-        ann.bytes_per_vector(index),
-    )
     return index, pa.concat_tables(tables) if tables else _empty_ids()
 
 
