@@ -88,12 +88,20 @@ class IndexConfig(_Frozen):
     engine: Literal["ray", "local"] = Field(
         "ray", description="fill one index per feature part as Ray tasks, or all in this process"
     )
+    budget_bytes_per_vector: int = Field(
+        0, ge=0, description="factory 'auto': memory budget of one vector's code; 0 = no limit"
+    )
+    target_recall: float = Field(
+        0.9, gt=0, le=1, description="factory 'auto': recall@10 against exact search to reach"
+    )
 
     @field_validator("factory")
     @classmethod
     def _factory(cls, v: str) -> str:
         from embedpipe.workers.ann import check_factory
 
+        if v.strip() == "auto":
+            return "auto"
         try:
             return check_factory(v.strip())
         except InputError as err:

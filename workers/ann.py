@@ -96,8 +96,9 @@ def _seed(index: faiss.Index, seed: int) -> None:
         ivf.cp.seed = seed
         ivf.cp.min_points_per_centroid = 1  # small samples are reported once, by train_index
     base = _base(index)
-    if isinstance(base, faiss.IndexPQ):
-        base.do_polysemous_training = False
+    for owner in (base, ivf):
+        if hasattr(owner, "do_polysemous_training"):  # IndexPQ, IndexIVFPQ
+            owner.do_polysemous_training = False
     for owner in (base, ivf):
         if owner is not None and hasattr(owner, "pq"):
             owner.pq.cp.seed = seed

@@ -14,8 +14,9 @@ import numpy as np
 
 from embedpipe.storage.artifacts import load_npz
 from embedpipe.storage.features import read_features, read_store_manifest
-from embedpipe.storage.layout import RunLayout
+from embedpipe.storage.layout import RunLayout, write_json_atomic
 from embedpipe.workers.ann import build_index, bytes_per_vector, search, set_search_params
+from embedpipe.workers.choose import choose_index
 from embedpipe.workers.index_build import Transform, build_store_index, save_version
 from embedpipe.workers.metrics import compute_map, few_shot_accuracy, ns_score, precision_at_k
 from embedpipe.workers.protocols import GroundTruth, ground_truth
@@ -119,6 +120,23 @@ def rerank_ranks(
     return search(db_index, queries, db_index.ntotal)[1]
 
 
+def auto_index(layout: RunLayout, cfg: Config, name: str, x: np.ndarray, gt: GroundTruth | None) -> Config:
+    """``index.factory: auto``: pick a factory and search parameter for this variant under the budget
+    (mAP-aware when the protocol has ground truth; on a seeded sample without it when the store is
+    larger than ``index.train_size``); the candidates' table goes to report/index-choice-<name>.json."""
+    icfg = cfg.index
+    if len(x) > icfg.train_size:
+        rows = np.sort(np.random.default_rng(cfg.seed).choice(len(x), icfg.train_size, replace=False))
+        x, gt = x[rows], None
+    budget = icfg.budget_bytes_per_vector or np.iinfo(np.int32).max
+    pick, table = choose_index(x, gt, budget, icfg.target_recall, seed=cfg.seed)
+    write_json_atomic(layout.report_dir / f"index-choice-{name}.json", table)
+    update: dict[str, Any] = {"factory": pick["index"]}
+    if pick.get("param"):
+        update[pick["param"]] = pick["value"]
+    return cfg.model_copy(update={"index": icfg.model_copy(update=update)})
+
+
 def index_and_evaluate(layout: RunLayout, cfg: Config, descriptor: str) -> tuple[list[dict[str, Any]], int]:
     """Build and save one index per variant, search every query (plain and re-ranked), compute the
     protocol's metrics. Returns the result rows (metrics.json contract) and the number of queries."""
@@ -127,9 +145,11 @@ def index_and_evaluate(layout: RunLayout, cfg: Config, descriptor: str) -> tuple
     paths = meta.column("path").to_pylist()
     gt = ground_truth(cfg.protocol, paths, str(Path(cfg.images).resolve()) if cfg.images else None)
     rows = []
-    for post, x in variants(layout, cfg, descriptor, vectors):
+    run_cfg = cfg
+    for post, x in variants(layout, run_cfg, descriptor, vectors):
         name = f"{descriptor}-{post}"
         start = time.perf_counter()
+        cfg = auto_index(layout, run_cfg, name, x, gt) if run_cfg.index.factory == "auto" else run_cfg
         index, ids = build_store_index(
             layout.feature_dir(descriptor), cfg.index, cfg.seed, variant_transform(layout, descriptor, post)
         )
@@ -146,7 +166,7 @@ def index_and_evaluate(layout: RunLayout, cfg: Config, descriptor: str) -> tuple
             rows.append({**base, "rerank": "none", "time_s": round(time.perf_counter() - start, 4)})
             continue
         layout.report_dir.mkdir(parents=True, exist_ok=True)
-        augmented = functools.cache(lambda x=x, index=index: augment_database(cfg, x, index))
+        augmented = functools.cache(lambda x=x, index=index, cfg=cfg: augment_database(cfg, x, index))
         for method in ("none", *cfg.rerank.methods):
             if method != "none":
                 start = time.perf_counter()
