@@ -78,3 +78,19 @@ def test_pq_candidates_fit_the_training_set():
     assert pq_factory(2048, 100_000, 16) == "PCA128,PQ16x8"
     assert pq_factory(2048, 100_000, 64) == "PCA128,PQ64x8"
     assert candidates(512, 100_000)[:5] == ["PCA32,Flat", "PCA64,Flat", "PCA128,Flat", "PCA256,Flat", "Flat"]
+
+
+def test_auto_index_within_budget(flat_run, demo_images):
+    run, flat = flat_run
+    sets = ["--set", "index.factory=auto", "--set", "index.budget_bytes_per_vector=64"]
+    out = embedpipe("run", "--images", demo_images, "--out", run, *ARGS, *sets)
+    assert out.returncode == 0, out.stderr[-4000:]
+    rows = json.loads((run / "report" / "metrics.json").read_text())["results"]
+    exact = next(r for r in flat["results"] if r["post"] == "l2")
+    for row in rows:
+        assert row["index"] != "auto" and row["bytes_per_vector"] <= 64
+        choice = json.loads((run / "report" / f"index-choice-gem-{row['post']}.json").read_text())
+        picked = [c for c in choice if c["picked"]]
+        assert len(picked) == 1 and picked[0]["index"] == row["index"]
+        assert {"recall", "qps", "bytes_per_vector", "build_s", "map"} <= set(picked[0])
+        assert row["map"] >= exact["map"] - 0.02
