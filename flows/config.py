@@ -74,6 +74,11 @@ class FitConfig(_Frozen):
         1.0, ge=0, description="eigenvalue regularisation: adds this fraction of the mean eigenvalue"
     )
     scheduler: Literal["ray", "threads", "local-cluster"] = "ray"
+    from_run: Path | None = Field(
+        None,
+        description="apply the PCA-whitening learnt by this finished run (e.g. learn on Paris, test on "
+        "Oxford) instead of fitting on this run's images",
+    )
 
 
 class IndexConfig(_Frozen):

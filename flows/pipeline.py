@@ -21,10 +21,11 @@ from embedpipe.flows.config import Config
 from embedpipe.storage.artifacts import save_npz
 from embedpipe.storage.dataset import ShardPlan, plan_shards
 from embedpipe.storage.errors import InputError, RunFailed
+from embedpipe.storage.features import read_store_manifest
 from embedpipe.storage.layout import STAGES, RunLayout, write_json_atomic
 from embedpipe.storage.quarantine import read_quarantine, write_quarantine
 from embedpipe.workers.dask_jobs import fit_pca_whitening
-from embedpipe.workers.evaluate import index_and_evaluate, whitening_name
+from embedpipe.workers.evaluate import borrowed_whitening, index_and_evaluate, whitening_name
 from embedpipe.workers.extract import run_extract
 from embedpipe.workers.ray_stages import ray_session
 from embedpipe.workers.report import fmt_metric, map_of, row_label, write_report
@@ -81,7 +82,11 @@ def fit_task(cfg: Config, layout: RunLayout, ray: LazyRay) -> dict[str, Any]:
         ray.ensure()
     fitted = {}
     for name in cfg.extract.descriptors:
-        model, n = fit_pca_whitening(layout.feature_dir(name), cfg.fit)
+        if cfg.fit.from_run is not None:  # learnt on another dataset
+            dim = int(read_store_manifest(layout.feature_dir(name))["dim"])
+            model, n = borrowed_whitening(cfg.fit.from_run, name, dim)
+        else:
+            model, n = fit_pca_whitening(layout.feature_dir(name), cfg.fit)
         meta = {
             "kind": "pca-whitening",
             "descriptor": name,

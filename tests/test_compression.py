@@ -2,8 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
 
+from embedpipe.storage.artifacts import load_npz
+from embedpipe.storage.errors import InputError
+from embedpipe.workers.evaluate import borrowed_whitening
 from embedpipe.workers.study import candidates, pq_factory, pq_nbits
 
 from .helpers import embedpipe
@@ -94,3 +98,27 @@ def test_auto_index_within_budget(flat_run, demo_images):
         assert len(picked) == 1 and picked[0]["index"] == row["index"]
         assert {"recall", "qps", "bytes_per_vector", "build_s", "map"} <= set(picked[0])
         assert row["map"] >= exact["map"] - 0.02
+
+
+def test_whitening_learnt_on_another_run(flat_run, small_holidays, tmp_path):
+    """fit.from_run: learn PCA-whitening on one dataset (the demo photos), apply it to another."""
+    source, _ = flat_run
+    run = tmp_path / "target"
+    out = embedpipe(
+        "run", "--images", small_holidays, "--out", run, *ARGS, "--set", f"fit.from_run={source}"
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-4000:]
+    mine, meta = load_npz(run / "models" / "pcaw-gem.npz")
+    theirs, their_meta = load_npz(source / "models" / "pcaw-gem.npz")
+    assert all(np.array_equal(mine[k], theirs[k]) for k in ("mean", "proj", "eigvals"))
+    assert meta["n_train"] == their_meta["n_train"] == 106  # fitted on the source's 106 images
+    rows = json.loads((run / "report" / "metrics.json").read_text())["results"]
+    assert [r["post"] for r in rows] == ["l2", "pcaw64"] and all(r["map"] > 0.5 for r in rows)
+
+
+def test_borrowed_whitening_errors(flat_run, tmp_path):
+    source, _ = flat_run
+    with pytest.raises(InputError, match="no PCA-whitening for 'spoc'"):
+        borrowed_whitening(source, "spoc", 1280)
+    with pytest.raises(InputError, match="1280-dim 'gem' descriptors, this run's are 512-dim"):
+        borrowed_whitening(source, "gem", 512)

@@ -13,6 +13,7 @@ import faiss
 import numpy as np
 
 from embedpipe.storage.artifacts import load_npz
+from embedpipe.storage.errors import InputError
 from embedpipe.storage.features import read_features, read_store_manifest
 from embedpipe.storage.layout import RunLayout, write_json_atomic
 from embedpipe.workers.ann import build_index, bytes_per_vector, search, set_search_params
@@ -33,6 +34,21 @@ SHOTS = (1, 5, 10)
 
 def whitening_name(descriptor: str) -> str:
     return f"pcaw-{descriptor}"
+
+
+def borrowed_whitening(source: Path, descriptor: str, dim: int) -> tuple[dict[str, np.ndarray], int]:
+    """The PCA-whitening another run learnt for ``descriptor`` (``fit.from_run``), checked against this
+    run's descriptor dimension. Returns the arrays and the number of vectors it was fitted on."""
+    path = RunLayout(Path(source)).model(whitening_name(descriptor))
+    if not path.is_file():
+        raise InputError(f"fit.from_run: no PCA-whitening for '{descriptor}' in {source} ({path} missing)")
+    arrays, meta = load_npz(path)
+    if arrays["mean"].shape[0] != dim:
+        raise InputError(
+            f"fit.from_run: {source} whitens {arrays['mean'].shape[0]}-dim '{descriptor}' descriptors, "
+            f"this run's are {dim}-dim (same backbone and descriptor needed)"
+        )
+    return {k: arrays[k] for k in ("mean", "proj", "eigvals")}, int(meta.get("n_train", 0))
 
 
 def variants(
