@@ -61,6 +61,7 @@ def synthetic_store(directory: Path, rows: int, dim: int, parts: int, seed: int 
 def pca_way(way: str, directory: Path, dim: int) -> dict[str, Any]:
     """Fit PCA(-whitening) to ``dim`` components one way; time includes reading the store."""
     start = time.perf_counter()
+    extra: dict[str, Any] = {}
     if way == "dask":
         from embedpipe.flows.config import FitConfig
         from embedpipe.workers.dask_jobs import fit_pca_whitening
@@ -78,6 +79,7 @@ def pca_way(way: str, directory: Path, dim: int) -> dict[str, Any]:
         _, x = read_features(directory)
         pca = PCA(n_components=dim, whiten=True, random_state=0).fit(x)
         eigvals, n = pca.explained_variance_.astype(np.float32), len(x)
+        extra = {"svd_solver": str(getattr(pca, "_fit_svd_solver", pca.svd_solver))}
     else:
         raise ValueError(f"unknown way '{way}'")
     return {
@@ -85,6 +87,7 @@ def pca_way(way: str, directory: Path, dim: int) -> dict[str, Any]:
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "n": int(n),
         "eigvals_head": [float(v) for v in eigvals[:4]],
+        **extra,
     }
 
 
