@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="side-by-side benchmarks written as JSON")
     bench.add_argument(
         "what",
-        choices=("extract", "decode", "codebook"),
-        help="what to measure: the extraction pipeline, JPEG decode, or faiss k-means vs MiniBatchKMeans",
+        choices=("extract", "decode", "codebook", "pca", "index"),
+        help="what to measure: the extraction pipeline, JPEG decode, faiss k-means vs MiniBatchKMeans, "
+        "the PCA fit, or index filling",
     )
     bench.add_argument("--json", type=Path, help="write the result here (also printed)")
     bench.add_argument("--images", help="images to use, any input form (default: the demo dataset)")
@@ -108,6 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--sweep", default="", metavar="N,N,...", help="also time the pipeline with these model-actor counts"
     )
+    bench.add_argument("--rows", type=int, help="pca/index: vectors in the synthetic store (default 1000000)")
+    bench.add_argument("--dim", type=int, help="pca/index: vector dimension (default 256 pca, 128 index)")
+    bench.add_argument(
+        "--parts", type=int, default=16, help="pca/index: part files of the store (default 16)"
+    )
+    bench.add_argument("--components", type=int, default=128, help="pca: components kept (default 128)")
+    bench.add_argument("--factory", default="IVF1024,PQ32", help="index: factory (default IVF1024,PQ32)")
+    bench.add_argument(
+        "--growth", default="", metavar="N,N,...", help="index: also time the sharded fill at these sizes"
+    )
+    bench.add_argument("--store", type=Path, help="pca/index: where the synthetic store is written (reused)")
     _config_args(bench)
 
     ev = sub.add_parser("eval-ranks", help="score a ranking file against a benchmark's ground truth")
@@ -133,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("run_a", type=Path)
     cmp_.add_argument("run_b", type=Path)
     cmp_.add_argument("--json", type=Path, help="write the comparison here")
+
+    study = sub.add_parser("study", help="studies over a finished run's feature store")
+    study.add_argument("what", choices=("compression",), help="mAP vs bytes/vector for PCA dims and PQ")
+    study.add_argument("--run", required=True, type=Path, help="finished run directory")
 
     sub.add_parser("presets", help="list the named presets")
     return parser
@@ -273,9 +289,37 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_ann(args: argparse.Namespace) -> int:
+    from embedpipe.workers.bench_ann import bench_index, bench_pca
+
+    rows = args.rows if args.rows is not None else 1_000_000
+    dim = args.dim if args.dim is not None else (256 if args.what == "pca" else 128)
+    if rows < 2 or dim < 1 or args.parts < 1:
+        raise InputError("--rows must be at least 2, --dim and --parts at least 1")
+    if args.what == "pca" and not 0 < args.components <= dim:
+        raise InputError(f"--components must be in [1, {dim}]")
+    try:
+        growth = [int(v) for v in args.growth.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"--growth expects comma-separated sizes, got '{args.growth}'") from None
+    store = args.store or Path(tempfile.gettempdir()) / f"embedpipe-bench-{args.what}"
+    store = store / f"{rows}x{dim}-{args.parts}"
+    if args.what == "pca":
+        result = bench_pca(store, rows, dim, args.parts, args.components)
+    else:
+        from embedpipe.workers.ann import check_factory
+
+        result = bench_index(store, rows, dim, args.parts, check_factory(args.factory), growth)
+    _write_json(result, args.json)
+    log.info("bench %s: ratio %.3f", args.what, result["ratio"])
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "decode":
         return cmd_bench_decode(args)
+    if args.what in ("pca", "index"):
+        return cmd_bench_ann(args)
     from embedpipe.storage.sources import list_inputs
     from embedpipe.workers.bench import bench_extract
     from embedpipe.workers.demo_data import generate_demo
@@ -414,6 +458,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from embedpipe.storage.layout import write_json_atomic
+    from embedpipe.workers.evaluate import run_ground_truth
+    from embedpipe.workers.protocols import BENCHMARK_PROTOCOLS
+    from embedpipe.workers.report import fmt_metric
+    from embedpipe.workers.study import compression_study, plot_compression
+
+    layout, cfg = _finished_run(args.run)
+    if cfg.protocol == "none":
+        raise InputError(f"{args.run} was run with protocol 'none': no ground truth to score compression")
+    if cfg.protocol in BENCHMARK_PROTOCOLS:
+        raise InputError(f"study compression: {cfg.protocol}'s box-cropped queries are not supported yet")
+    dirs = {d: layout.feature_dir(d) for d in cfg.extract.descriptors if layout.feature_dir(d).is_dir()}
+    rows = compression_study(dirs, lambda paths: run_ground_truth(layout, cfg, paths), cfg.seed)
+    write_json_atomic(layout.report_dir / "compression.json", rows)
+    plot = plot_compression(rows, layout.report_dir / "compression.png")
+    lines = [f"{'descriptor':<12}{'index':<22}{'dim':>6}{'bytes/vector':>14}{'mAP':>9}"]
+    for r in rows:
+        lines.append(
+            f"{r['descriptor']:<12}{r['index']:<22}{r['dim']:>6}{r['bytes_per_vector']:>14}"
+            f"{fmt_metric(r['map']):>9}"
+        )
+    lines.append(f"written: {layout.report_dir / 'compression.json'}" + (f", {plot}" if plot else ""))
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from embedpipe.flows.config import preset_names
 
@@ -441,6 +512,7 @@ COMMANDS = {
     "eval-ranks": cmd_eval_ranks,
     "report": cmd_report,
     "compare": cmd_compare,
+    "study": cmd_study,
     "presets": cmd_presets,
 }
 

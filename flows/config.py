@@ -101,10 +101,43 @@ class FitConfig(_Frozen):
         1.0, ge=0, description="eigenvalue regularisation: adds this fraction of the mean eigenvalue"
     )
     scheduler: Literal["ray", "threads", "local-cluster"] = "ray"
+    from_run: Path | None = Field(
+        None,
+        description="apply the PCA-whitening learnt by this finished run (e.g. learn on Paris, test on "
+        "Oxford) instead of fitting on this run's images",
+    )
 
 
 class IndexConfig(_Frozen):
-    factory: Literal["Flat"] = "Flat"
+    factory: str = Field(
+        "Flat",
+        description="FAISS factory string (Flat, IVF256,Flat, IVF256,PQ32, OPQ32,IVF256,PQ32, HNSW32, LSH, "
+        "optionally after PCA<d>), built once to validate it",
+    )
+    train_size: int = Field(100_000, ge=1, description="rows sampled (seeded) to train the index")
+    nprobe: int = Field(16, ge=1, description="IVF: inverted lists visited per query")
+    efsearch: int = Field(64, ge=1, description="HNSW: search-time candidate list size")
+    engine: Literal["ray", "local"] = Field(
+        "ray", description="fill one index per feature part as Ray tasks, or all in this process"
+    )
+    budget_bytes_per_vector: int = Field(
+        0, ge=0, description="factory 'auto': memory budget of one vector's code; 0 = no limit"
+    )
+    target_recall: float = Field(
+        0.9, gt=0, le=1, description="factory 'auto': recall@10 against exact search to reach"
+    )
+
+    @field_validator("factory")
+    @classmethod
+    def _factory(cls, v: str) -> str:
+        from embedpipe.workers.ann import check_factory
+
+        if v.strip() == "auto":
+            return "auto"
+        try:
+            return check_factory(v.strip())
+        except InputError as err:
+            raise ValueError(str(err)) from None
 
 
 class RerankConfig(_Frozen):

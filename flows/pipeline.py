@@ -21,13 +21,14 @@ from embedpipe.flows.config import Config
 from embedpipe.storage.artifacts import save_npz
 from embedpipe.storage.dataset import manifest_rows, previous_shards, write_manifest
 from embedpipe.storage.errors import RunFailed
+from embedpipe.storage.features import read_store_manifest
 from embedpipe.storage.layout import STAGES, RunLayout, write_json_atomic
 from embedpipe.storage.quarantine import read_quarantine, write_quarantine
 from embedpipe.workers.bow_eval import evaluate_bow
 from embedpipe.workers.dask_jobs import encode_descriptor, fit_codebook, fit_pca_whitening
 from embedpipe.workers.descriptors.local import encoding_of
 from embedpipe.workers.encode import descriptor_info
-from embedpipe.workers.evaluate import index_and_evaluate, whitening_name
+from embedpipe.workers.evaluate import borrowed_whitening, index_and_evaluate, whitening_name
 from embedpipe.workers.extract import extract_queries, run_extract
 from embedpipe.workers.inputs import RunInputs, run_inputs
 from embedpipe.workers.ray_stages import ray_session
@@ -96,7 +97,11 @@ def fit_task(cfg: Config, layout: RunLayout, ray: LazyRay) -> dict[str, Any]:
         fitted[name] = encode_descriptor(layout, cfg, name)["dim"]
     dense = [d for d in cfg.extract.descriptors if encoding_of(d)[0] != "bow"]
     for name in dense if cfg.fit.whiten else ():
-        model, n = fit_pca_whitening(layout.feature_dir(name), cfg.fit)
+        if cfg.fit.from_run is not None:  # learnt on another dataset
+            dim = int(read_store_manifest(layout.feature_dir(name))["dim"])
+            model, n = borrowed_whitening(cfg.fit.from_run, name, dim)
+        else:
+            model, n = fit_pca_whitening(layout.feature_dir(name), cfg.fit)
         meta = {
             "kind": "pca-whitening",
             "descriptor": name,
@@ -112,7 +117,9 @@ def fit_task(cfg: Config, layout: RunLayout, ray: LazyRay) -> dict[str, Any]:
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(cfg: Config, layout: RunLayout, n_images: int) -> dict[str, Any]:
+def evaluate_task(cfg: Config, layout: RunLayout, n_images: int, ray: LazyRay) -> dict[str, Any]:
+    if cfg.index.engine == "ray":
+        ray.ensure()
     results, n_queries = [], 0
     for name in cfg.extract.descriptors:
         evaluate = evaluate_bow if encoding_of(name)[0] == "bow" else index_and_evaluate
@@ -206,9 +213,13 @@ def pipeline(cfg: Config) -> dict[str, Any]:
             _run_stage(layout, "fit", fps["fit"], lambda: fit_task(cfg, layout, ray), logger)
         else:
             layout.mark_stage("fit", fps["fit"], "done", seconds=0.0, result={})
-    metrics = _run_stage(
-        layout, "evaluate", fps["evaluate"], lambda: evaluate_task(cfg, layout, extracted["n_ok"]), logger
-    )
+        metrics = _run_stage(
+            layout,
+            "evaluate",
+            fps["evaluate"],
+            lambda: evaluate_task(cfg, layout, extracted["n_ok"], ray),
+            logger,
+        )
     report_task(cfg, layout, metrics)
     best = max(metrics["results"], key=map_of)
     logger.info(

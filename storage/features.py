@@ -147,3 +147,24 @@ def read_features(directory: Path) -> tuple[pa.Table, np.ndarray]:
         else feature_schema(read_store_manifest(directory)["dim"]).empty_table()
     )
     return table.drop_columns(["descriptor"]), vectors_of(table)
+
+
+def part_row_counts(directory: Path) -> list[tuple[Path, int]]:
+    """(part file, rows) in store order, from the Parquet footers only."""
+    return [(p, pq.ParquetFile(p).metadata.num_rows) for p in part_files(directory)]
+
+
+def sample_vectors(directory: Path, n: int, seed: int) -> np.ndarray:
+    """A seeded uniform sample of ``n`` rows' vectors (all rows when the store has fewer), in store
+    order, read part by part so only the sampled rows are kept."""
+    counts = part_row_counts(directory)
+    total = sum(c for _, c in counts)
+    rows = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
+    out, start = [], 0
+    for path, count in counts:
+        take = rows[(rows >= start) & (rows < start + count)] - start
+        if take.size:
+            out.append(vectors_of(read_part(path, ["descriptor"]))[take])
+        start += count
+    dim = int(read_store_manifest(directory)["dim"])
+    return np.concatenate(out) if out else np.empty((0, dim), np.float32)

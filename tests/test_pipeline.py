@@ -64,7 +64,8 @@ def test_demo_end_to_end(demo_run):
     assert sorted(p.name for p in (run / "features" / "gem").glob("part-*")) == [
         f"part-0000{i}-of-00004.parquet" for i in range(4)
     ]
-    index = faiss.read_index(str(run / "index" / "gem-pcaw64" / "index.faiss"))
+    current = (run / "index" / "gem-pcaw64" / "CURRENT").read_text().strip()
+    index = faiss.read_index(str(run / "index" / "gem-pcaw64" / current / "index.faiss"))
     assert index.ntotal == 106 and index.d == 64
     assert "mAP" in (run / "report" / "index.html").read_text()
     manifest = json.loads((run / "manifest.json").read_text())

@@ -1,28 +1,215 @@
-"""FAISS indices: build, save, search. Vectors are L2-normalised, so inner product = cosine."""
+"""FAISS indices from factory strings: build, train once, fill per shard, merge, search, version.
+
+Vectors are L2-normalised, so inner product = cosine; LSH (binary codes, Hamming distance) is built
+with the L2 metric, which ranks normalised vectors the same way. Database vectors carry the feature
+store's row numbers as FAISS ids: index types without their own id storage (Flat, PQ, LSH, HNSW, …)
+are wrapped in ``IndexIDMap2``; IVF indices store ids in their inverted lists.
+
+Sharded build (faiss contrib style): ``train_index`` once on a sample, ``serialize`` the empty trained
+index, ``fill`` one copy per shard with that shard's rows and ids, then ``merge`` the copies in shard
+order; the result equals a single-process build that adds the rows in the same order.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from embedpipe.storage.errors import InputError
 
-def build_index(vectors: np.ndarray, factory: str = "Flat") -> faiss.Index:
-    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    if not index.is_trained:
-        index.train(x)
-    index.add(x)
+log = logging.getLogger("embedpipe.index")
+
+# below this many vectors (or query x database pairs) FAISS runs on one thread: OpenMP start-up and
+# spinning cost more than they save on small problems, and much more on a busy machine
+SMALL_WORK = 20_000
+
+# a dimension divisible by every usual PQ/PCA/OPQ size, used to check a factory string's syntax
+CHECK_DIM = 3840
+
+
+@contextlib.contextmanager
+def threads_for(work: int) -> Iterator[None]:
+    """One FAISS thread for small problems (``work`` < SMALL_WORK), the default otherwise."""
+    before = faiss.omp_get_max_threads()
+    if work < SMALL_WORK:
+        faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def metric_for(factory: str) -> int:
+    return faiss.METRIC_L2 if "LSH" in factory else faiss.METRIC_INNER_PRODUCT
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    return text.split(": ", 1)[-1] if "Error in" in text else text
+
+
+def make_index(factory: str, dim: int) -> faiss.Index:
+    """An empty index from ``factory`` for ``dim``-dimensional vectors; a bad string is one InputError."""
+    try:
+        return faiss.index_factory(int(dim), factory, metric_for(factory))
+    except RuntimeError as err:
+        raise InputError(f"bad index factory '{factory}' for {dim}-dim vectors: {_first_line(err)}") from None
+
+
+def check_factory(factory: str) -> str:
+    """Validate a factory string by building it (config time: the real dimension is not known yet)."""
+    make_index(factory, CHECK_DIM)
+    return factory
+
+
+def _ivf(index: faiss.Index) -> faiss.IndexIVF | None:
+    try:
+        return faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:
+        return None
+
+
+def _base(index: faiss.Index) -> faiss.Index:
+    """The index under the id map and the pre-transforms (PCA, OPQ, …)."""
+    index = faiss.downcast_index(index)
+    while isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2 | faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
     return index
 
 
+def is_mergeable(index: faiss.Index) -> bool:
+    """HNSW graphs cannot be merged: their shards are filled in one index instead."""
+    return not isinstance(_base(index), faiss.IndexHNSW)
+
+
+def _seed(index: faiss.Index, seed: int) -> None:
+    """Seed every k-means the training will run (coarse quantizer, product quantizers). Flat PQ skips
+    polysemous training: it only serves Hamming-filtered search, which we do not use, and is slow."""
+    ivf = _ivf(index)
+    if ivf is not None:
+        ivf.cp.seed = seed
+        ivf.cp.min_points_per_centroid = 1  # small samples are reported once, by train_index
+    base = _base(index)
+    for owner in (base, ivf):
+        if hasattr(owner, "do_polysemous_training"):  # IndexPQ, IndexIVFPQ
+            owner.do_polysemous_training = False
+    for owner in (base, ivf):
+        if owner is not None and hasattr(owner, "pq"):
+            owner.pq.cp.seed = seed
+            owner.pq.cp.min_points_per_centroid = 1
+    outer = faiss.downcast_index(index)
+    if isinstance(outer, faiss.IndexIDMap | faiss.IndexIDMap2):
+        outer = faiss.downcast_index(outer.index)
+    if isinstance(outer, faiss.IndexPreTransform):
+        for i in range(outer.chain.size()):
+            vt = faiss.downcast_VectorTransform(outer.chain.at(i))
+            if isinstance(vt, faiss.OPQMatrix) and vt.pq is not None:
+                vt.pq.cp.seed = seed
+
+
+def _centroids(index: faiss.Index) -> int:
+    """The largest k-means the training runs (IVF lists or PQ centroids); 0 when there is none."""
+    ivf = _ivf(index)
+    base = _base(index)
+    sizes = [ivf.nlist] if ivf is not None else []
+    sizes += [o.pq.ksub for o in (base, ivf) if o is not None and hasattr(o, "pq")]
+    return max(sizes, default=0)
+
+
+def train_index(factory: str, sample: np.ndarray, seed: int = 0) -> faiss.Index:
+    """An empty index trained on ``sample`` (n, dim), ready for ``add_with_ids``."""
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    index = make_index(factory, sample.shape[1])
+    if _ivf(index) is None:
+        index = make_index(f"IDMap2,{factory}", sample.shape[1])
+    _seed(index, seed)
+    centroids = max(_centroids(index), 1)
+    if not index.is_trained and len(sample) < 39 * centroids:
+        log.warning(
+            "index %s: %d training vectors for k-means of %d centroids (39 per centroid recommended)",
+            factory,
+            len(sample),
+            centroids,
+        )
+    if not index.is_trained:
+        try:
+            index.train(sample)
+        except RuntimeError as err:
+            raise InputError(
+                f"index '{factory}' cannot be trained on {len(sample)} vectors: {_first_line(err)}"
+            ) from None
+    return index
+
+
+def serialize(index: faiss.Index) -> np.ndarray:
+    return faiss.serialize_index(index)
+
+
+def deserialize(blob: np.ndarray) -> faiss.Index:
+    return faiss.deserialize_index(np.asarray(blob, dtype=np.uint8))
+
+
+def fill(trained: np.ndarray, vectors: np.ndarray, ids: np.ndarray) -> faiss.Index:
+    """A copy of the trained empty index (serialised) with ``vectors`` (n, dim) added under ``ids`` (n,)."""
+    index = deserialize(trained)
+    if len(vectors):
+        with threads_for(len(vectors)):
+            index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.ascontiguousarray(ids, np.int64))
+    return index
+
+
+def merge(parts: list[faiss.Index]) -> faiss.Index:
+    """Merge shard indices in order into the first one (codes and ids appended, lists kept sorted by
+    shard). HNSW cannot merge; use ``fill`` on the gathered vectors instead."""
+    merged = parts[0]
+    for other in parts[1:]:
+        if other.ntotal:
+            merged.merge_from(other, 0)
+    return merged
+
+
+def build_index(vectors: np.ndarray, factory: str = "Flat", seed: int = 0) -> faiss.Index:
+    """In-memory build: train on ``vectors`` and add them with ids 0..n-1."""
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    with threads_for(len(x)):
+        return fill(serialize(train_index(factory, x, seed)), x, np.arange(len(x), dtype=np.int64))
+
+
+def set_search_params(index: faiss.Index, nprobe: int, efsearch: int) -> None:
+    """nprobe for IVF indices, efSearch for HNSW; other index types have neither."""
+    ivf = _ivf(index)
+    if ivf is not None:
+        ivf.nprobe = min(nprobe, ivf.nlist)
+    base = _base(index)
+    if isinstance(base, faiss.IndexHNSW):
+        base.hnsw.efSearch = efsearch
+
+
 def bytes_per_vector(index: faiss.Index) -> int:
-    """Storage of one database vector in the index (codes only)."""
-    if isinstance(index, faiss.IndexFlatCodes):
-        return int(index.code_size)
-    return int(index.sa_code_size())
+    """Storage of one database vector in the index: its code (HNSW: plus its level-0 links; ids and
+    IVF list overhead not counted)."""
+    ivf = _ivf(index)
+    if ivf is not None:
+        return int(ivf.code_size)
+    base = _base(index)
+    if isinstance(base, faiss.IndexHNSW):
+        return int(faiss.downcast_index(base.storage).code_size) + 4 * int(base.hnsw.nb_neighbors(0))
+    if isinstance(base, faiss.IndexFlatCodes):
+        return int(base.code_size)
+    return int(base.sa_code_size())
+
+
+def remove_ids(index: faiss.Index, ids: np.ndarray) -> int:
+    """Remove the vectors with these ids; returns how many were removed."""
+    if not is_mergeable(index):
+        raise InputError("HNSW indices do not support removal; rebuild the index instead")
+    return int(index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, np.int64))))
 
 
 def write_index(index: faiss.Index, path: Path) -> None:
@@ -32,6 +219,31 @@ def write_index(index: faiss.Index, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def read_index(path: Path) -> faiss.Index:
+    return faiss.read_index(str(path))
+
+
 def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (scores, database rows) per query, best first."""
-    return index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, index.ntotal))
+    """Top-k (scores, database ids) per query, best first; -1 pads where the index returns fewer."""
+    with threads_for(len(queries) * index.ntotal):
+        return index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, index.ntotal))
+
+
+def codes_of(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
+    """All (ids, codes) of an index in storage order (inverted list by list for IVF): for comparing two
+    builds code for code."""
+    ivf = _ivf(index)
+    if ivf is not None:
+        invlists = ivf.invlists
+        ids, codes = [], []
+        for lst in range(ivf.nlist):
+            n = invlists.list_size(lst)
+            ids.append(faiss.rev_swig_ptr(invlists.get_ids(lst), n).copy())
+            codes.append(faiss.rev_swig_ptr(invlists.get_codes(lst), n * invlists.code_size).copy())
+        return np.concatenate(ids), np.concatenate(codes)
+    outer = faiss.downcast_index(index)
+    ids = faiss.vector_to_array(outer.id_map) if hasattr(outer, "id_map") else np.arange(index.ntotal)
+    base = _base(index)
+    if isinstance(base, faiss.IndexHNSW):
+        base = faiss.downcast_index(base.storage)
+    return ids, faiss.vector_to_array(base.codes)

@@ -75,14 +75,41 @@ def dask_scheduler(name: str) -> Iterator[dict[str, Any]]:
         raise ValueError(f"unknown Dask scheduler '{name}'")
 
 
+Moments = tuple[np.ndarray, np.ndarray, int]  # column sums (D,), Gram XᵀX (D, D), rows
+
+
+def _part_moments(path: str) -> Moments:
+    x = _read_vectors(path)  # (n, D) float64
+    return x.sum(axis=0), x.T @ x, len(x)
+
+
+def _add_moments(a: Moments, b: Moments) -> Moments:
+    return a[0] + b[0], a[1] + b[1], a[2] + b[2]
+
+
+def store_moments(directory: Path, scheduler: str) -> Moments:
+    """Column sums and Gram matrix of the whole store in one pass: one Dask task per part file, partial
+    moments summed pairwise in a tree, so memory holds a few parts and D×D partial sums at a time."""
+    level = [
+        dask.delayed(_part_moments)(str(p))
+        for p in part_files(directory)
+        if pq.ParquetFile(p).metadata.num_rows
+    ]
+    if not level:
+        raise RunFailed(f"feature store {directory} has no rows")
+    while len(level) > 1:
+        pairs = [dask.delayed(_add_moments)(a, b) for a, b in zip(level[::2], level[1::2], strict=False)]
+        level = pairs + ([level[-1]] if len(level) % 2 else [])
+    with dask_scheduler(scheduler) as kwargs:
+        (moments,) = dask.compute(level[0], **kwargs)
+    return moments
+
+
 def fit_pca_whitening(directory: Path, cfg: FitConfig) -> tuple[dict[str, np.ndarray], int]:
     """One pass over the store: column sums and Gram matrix in Dask, then eigh in numpy.
 
     Returns the whitening arrays and the number of rows it was fitted on."""
-    x = descriptor_array(directory)
-    with dask_scheduler(cfg.scheduler) as kwargs:
-        total, gram = dask.compute(x.sum(axis=0), x.T @ x, **kwargs)
-    n = int(x.shape[0])
+    total, gram, n = store_moments(directory, cfg.scheduler)
     model = pca_whitening_from_moments(total, gram, n, cfg.dim, cfg.shrinkage)
     if cfg.dim and model["proj"].shape[0] < cfg.dim:
         log.warning(

@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from embedpipe.storage.artifacts import load_npz
 from embedpipe.storage.dataset import labels_by_key
-from embedpipe.storage.errors import RunFailed
+from embedpipe.storage.errors import InputError, RunFailed
 from embedpipe.storage.features import read_features, read_store_manifest
-from embedpipe.storage.layout import RunLayout
-from embedpipe.workers.ann import build_index, bytes_per_vector, search, write_index
+from embedpipe.storage.layout import RunLayout, write_json_atomic
+from embedpipe.workers.ann import build_index, bytes_per_vector, search, set_search_params
+from embedpipe.workers.choose import choose_index
+from embedpipe.workers.index_build import Transform, build_store_index, save_version
 from embedpipe.workers.inputs import ground_truth_path
 from embedpipe.workers.metrics import compute_map, few_shot_accuracy, ns_score, precision_at_k
 from embedpipe.workers.protocols import BENCHMARK_PROTOCOLS, GroundTruth, benchmark_layout, ground_truth
@@ -59,6 +59,21 @@ def whitening_name(descriptor: str) -> str:
     return f"pcaw-{descriptor}"
 
 
+def borrowed_whitening(source: Path, descriptor: str, dim: int) -> tuple[dict[str, np.ndarray], int]:
+    """The PCA-whitening another run learnt for ``descriptor`` (``fit.from_run``), checked against this
+    run's descriptor dimension. Returns the arrays and the number of vectors it was fitted on."""
+    path = RunLayout(Path(source)).model(whitening_name(descriptor))
+    if not path.is_file():
+        raise InputError(f"fit.from_run: no PCA-whitening for '{descriptor}' in {source} ({path} missing)")
+    arrays, meta = load_npz(path)
+    if arrays["mean"].shape[0] != dim:
+        raise InputError(
+            f"fit.from_run: {source} whitens {arrays['mean'].shape[0]}-dim '{descriptor}' descriptors, "
+            f"this run's are {dim}-dim (same backbone and descriptor needed)"
+        )
+    return {k: arrays[k] for k in ("mean", "proj", "eigvals")}, int(meta.get("n_train", 0))
+
+
 def variants(
     layout: RunLayout, cfg: Config, descriptor: str, vectors: np.ndarray
 ) -> list[tuple[str, np.ndarray]]:
@@ -70,6 +85,31 @@ def variants(
             (f"pcaw{arrays['proj'].shape[0]}", apply_whitening(vectors, arrays["mean"], arrays["proj"]))
         )
     return out
+
+
+def variant_transform(layout: RunLayout, descriptor: str, post: str) -> Transform:
+    """The transform that makes a variant's vectors from the stored descriptor (None for ``l2``)."""
+    if post == "l2":
+        return None
+    arrays, _ = load_npz(layout.model(whitening_name(descriptor)))
+    return arrays["mean"], arrays["proj"]
+
+
+def exact_scores(queries: np.ndarray, db: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Inner products of each query (n, d) with its neighbours ``idx`` (n, k) of ``db``; -1 pads get -inf.
+    Used where the index's own scores are distances (LSH), since αQE and DBA weight by similarity."""
+    sims = np.einsum("nd,nkd->nk", queries, db[np.maximum(idx, 0)])
+    return np.where(idx >= 0, sims, -np.inf).astype(np.float32)
+
+
+def neighbours(
+    index: faiss.Index, queries: np.ndarray, db: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (similarities, ids) from ``index``, similarities exact when the index ranks by distance."""
+    sims, idx = search(index, queries, k)
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        sims = exact_scores(queries, db, idx)
+    return sims, idx
 
 
 def protocol_extras(
@@ -99,9 +139,11 @@ def setup_scores(gt: GroundTruth, ranks: np.ndarray) -> dict[str, float]:
 
 def augment_database(cfg: Config, x: np.ndarray, index: faiss.Index) -> tuple[np.ndarray, faiss.Index]:
     """DBA over the whole database and an index of the result."""
-    sims, idx = search(index, x, cfg.rerank.dba_k + 1)  # includes each vector itself
+    sims, idx = neighbours(index, x, x, cfg.rerank.dba_k + 1)  # includes each vector itself
     db = dba(x, sims, idx, cfg.rerank.dba_alpha)
-    return db, build_index(db, cfg.index.factory)
+    db_index = build_index(db, cfg.index.factory, cfg.seed)
+    set_search_params(db_index, cfg.index.nprobe, cfg.index.efsearch)
+    return db, db_index
 
 
 def rerank_ranks(
@@ -122,10 +164,29 @@ def rerank_ranks(
     r = cfg.rerank
     db, db_index = augmented() if method.startswith("dba") else (x, index)
     if method.endswith("aqe"):
-        sims, idx = search(db_index, queries, r.aqe_k + max((len(j) for j in gt.junk), default=0))
+        sims, idx = neighbours(db_index, queries, db, r.aqe_k + max((len(j) for j in gt.junk), default=0))
         sims, idx = drop_excluded(sims, idx, gt.junk, r.aqe_k)
         queries = alpha_qe(queries, db, sims, idx, r.aqe_alpha)
     return search(db_index, queries, db_index.ntotal)[1]
+
+
+def auto_index(layout: RunLayout, cfg: Config, name: str, x: np.ndarray, gt: GroundTruth | None) -> Config:
+    """``index.factory: auto``: pick a factory and search parameter for this variant under the budget
+    (mAP-aware when the protocol has ground truth; on a seeded sample without it when the store is
+    larger than ``index.train_size``); the candidates' table goes to report/index-choice-<name>.json."""
+    icfg = cfg.index
+    if gt is not None and gt.query_keys:  # box-cropped queries are not rows of x: choose on recall alone
+        gt = None
+    if len(x) > icfg.train_size:
+        rows = np.sort(np.random.default_rng(cfg.seed).choice(len(x), icfg.train_size, replace=False))
+        x, gt = x[rows], None
+    budget = icfg.budget_bytes_per_vector or np.iinfo(np.int32).max
+    pick, table = choose_index(x, gt, budget, icfg.target_recall, seed=cfg.seed)
+    write_json_atomic(layout.report_dir / f"index-choice-{name}.json", table)
+    update: dict[str, Any] = {"factory": pick["index"]}
+    if pick.get("param"):
+        update[pick["param"]] = pick["value"]
+    return cfg.model_copy(update={"index": icfg.model_copy(update=update)})
 
 
 def index_and_evaluate(layout: RunLayout, cfg: Config, descriptor: str) -> tuple[list[dict[str, Any]], int]:
@@ -137,19 +198,15 @@ def index_and_evaluate(layout: RunLayout, cfg: Config, descriptor: str) -> tuple
     gt = run_ground_truth(layout, cfg, paths)
     external = query_vectors(layout, cfg, descriptor, gt) if gt is not None else {}
     rows = []
-    for post, x in variants(layout, cfg, descriptor, vectors):
+    run_cfg = cfg
+    for post, x in variants(layout, run_cfg, descriptor, vectors):
         name = f"{descriptor}-{post}"
         start = time.perf_counter()
-        index = build_index(x, cfg.index.factory)
-        write_index(index, layout.index_dir(name) / "index.faiss")
-        ids = pa.table(
-            {
-                "row": np.arange(len(paths), dtype=np.int64),
-                "id": meta.column("id"),
-                "path": meta.column("path"),
-            }
+        cfg = auto_index(layout, run_cfg, name, x, gt) if run_cfg.index.factory == "auto" else run_cfg
+        index, ids = build_store_index(
+            layout.feature_dir(descriptor), cfg.index, cfg.seed, variant_transform(layout, descriptor, post)
         )
-        pq.write_table(ids, layout.index_dir(name) / "ids.parquet")
+        save_version(layout.index_dir(name), index, ids)
         base = {
             "descriptor": descriptor,
             "post": post,
@@ -162,7 +219,7 @@ def index_and_evaluate(layout: RunLayout, cfg: Config, descriptor: str) -> tuple
             rows.append({**base, "rerank": "none", "time_s": round(time.perf_counter() - start, 4)})
             continue
         layout.report_dir.mkdir(parents=True, exist_ok=True)
-        augmented = functools.cache(lambda x=x, index=index: augment_database(cfg, x, index))
+        augmented = functools.cache(lambda x=x, index=index, cfg=cfg: augment_database(cfg, x, index))
         queries = external[post] if external else x[gt.queries]
         for method in ("none", *cfg.rerank.methods):
             if method != "none":

@@ -1,0 +1,44 @@
+"""bench pca / bench index on tiny stores: JSON shape and sanity (timings are reported, never asserted)."""
+
+import json
+
+from .helpers import embedpipe
+
+
+def test_bench_pca_tiny(tmp_path):
+    out_json = tmp_path / "pca.json"
+    out = embedpipe(
+        "bench", "pca", "--rows", 3000, "--dim", 32, "--parts", 3, "--components", 16,
+        "--store", tmp_path / "store", "--json", out_json,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out_json.read_text())
+    assert result["name"] == "pca" and result["rows"] == 3000
+    for way in ("ours", "in_memory", "baseline"):
+        assert result[way]["n"] == 3000 and result[way]["time_s"] > 0 and result[way]["peak_rss_mb"] > 0
+    # the three ways fit the same spectrum
+    assert result["eigvals_max_abs_diff"] < 1e-5
+    assert abs(result["ours"]["eigvals_head"][0] - result["baseline"]["eigvals_head"][0]) < 1e-4
+    assert result["ratio"] > 0 and result["ratio_in_memory"] > 0
+
+
+def test_bench_index_tiny(tmp_path):
+    out_json = tmp_path / "index.json"
+    out = embedpipe(
+        "bench", "index", "--rows", 4000, "--dim", 16, "--parts", 4, "--factory", "IVF16,PQ4x4",
+        "--growth", "1000,2000", "--store", tmp_path / "store", "--json", out_json,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out_json.read_text())
+    assert result["name"] == "index" and result["factory"] == "IVF16,PQ4x4"
+    assert result["sharded_equals_single"] is True and result["bytes_per_vector"] == 2
+    assert result["ratio"] > 0 and result["ratio_all_cores"] > 0 and result["workers"] >= 1
+    assert [g["vectors"] for g in result["growth"]] == [1000, 2000]
+    sweep = result["search"]["sweep"]
+    assert sweep and all(0 <= s["recall"] <= 1 for s in sweep)
+    assert [s["nprobe"] for s in sweep] == [2**i for i in range(len(sweep))]
+
+
+def test_bench_bad_sizes():
+    out = embedpipe("bench", "pca", "--rows", 100, "--dim", 8, "--components", 9)
+    assert out.returncode == 2 and "--components must be in [1, 8]" in out.stderr
