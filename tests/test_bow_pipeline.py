@@ -122,3 +122,26 @@ def test_codebook_from_another_run(bow_run, tmp_path):
     missing = cfg.model_copy(update={"bow": cfg.bow.model_copy(update={"codebook_from": tmp_path / "none"})})
     with pytest.raises(InputError, match="no local-feature store"):
         fit_codebook(layout, missing, "rootsift", 8)
+
+
+def test_cnn_and_classical_descriptors_in_one_run(small_holidays, tmp_path):
+    """A run mixing a CNN pooling and a classical descriptor: each pass reads the inputs, both stores
+    are written, and every input appears once in the dataset manifest."""
+    (small_holidays / "broken.jpg").write_bytes(b"not a photo")
+    run = tmp_path / "run"
+    out = embedpipe(
+        "run", "--images", small_holidays, "--out", run,
+        "--set", "extract.descriptors=[gem, hog]", "--set", "extract.max_side=256",
+        "--set", "fit.dim=8", "--set", "fit.scheduler=threads", "--set", "rerank.methods=[]",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-5000:]
+    metrics = json.loads((run / "report" / "metrics.json").read_text())
+    assert {r["descriptor"] for r in metrics["results"]} == {"gem", "hog"}
+    assert all(r["map"] > 0.5 for r in metrics["results"]), metrics["results"]
+    quarantine = pd.read_parquet(run / "quarantine.parquet")
+    assert list(quarantine["path"].str.rsplit("/", n=1).str[-1]) == ["broken.jpg"]  # once, not per pass
+    manifest = pd.read_parquet(run / "dataset.parquet")
+    assert (
+        len(manifest) == len(list(small_holidays.iterdir()))
+        and (manifest["status"] == "ok").sum() == len(manifest) - 1
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -79,15 +80,8 @@ def run_extract(plan: ShardPlan, cfg: Config, layout: RunLayout) -> ExtractResul
         quarantined.extend(local.quarantined)
     ecfg = ecfg.model_copy(update={"descriptors": cnn})
     check_backbone(ecfg.backbone, ecfg.weights, ecfg.descriptors)
-    for batch in stream_descriptors(plan.refs, cfg):
-        ok = batch["error"] == ""
-        for j, pos in enumerate(batch["pos"]):
-            inputs[int(pos)] = input_result(batch, j)
-        for i in (~ok).nonzero()[0]:
-            _quarantine(quarantined, batch, i)
-        rows = ok.nonzero()[0]
-        for shard, a, b in shard_runs([plan.shard_of(int(p)) for p in batch["pos"][rows]]):
-            sel = rows[a:b]
+    for batch in stream_descriptors(plan.refs, cfg.model_copy(update={"extract": ecfg})):
+        for shard, sel in _good_rows(batch, plan, inputs, quarantined):
             for name in ecfg.descriptors:
                 vectors = batch[f"d_{name}"][sel]
                 writer(name, vectors.shape[1]).write(
@@ -119,6 +113,20 @@ def _result(
         + (f", {duplicates} exact duplicate(s)" if duplicates else "")
     )
     return ExtractResult(progress.done, n_ok, quarantined, progress.elapsed, summary, inputs)
+
+
+def _good_rows(
+    batch: dict, plan: ShardPlan, inputs: dict[int, dict], quarantined: list[dict[str, str | None]]
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Record every row's manifest entry and quarantine the bad ones; yield (shard, rows) of the good."""
+    for j, pos in enumerate(batch["pos"]):
+        inputs[int(pos)] = input_result(batch, j)
+    ok = batch["error"] == ""
+    for i in (~ok).nonzero()[0]:
+        _quarantine(quarantined, batch, i)
+    rows = ok.nonzero()[0]
+    for shard, a, b in shard_runs([plan.shard_of(int(p)) for p in batch["pos"][rows]]):
+        yield shard, rows[a:b]
 
 
 def _quarantine(quarantined: list[dict[str, str | None]], batch, i: int) -> None:
@@ -159,14 +167,7 @@ def run_local_extract(plan: ShardPlan, cfg: Config, layout: RunLayout) -> Extrac
         writers["hog"] = FeatureWriter(layout.feature_dir("hog"), HOG_DIM, plan.n_shards, meta)
     inputs: dict[int, dict] = {}
     for batch in stream_local(plan.refs, cfg, stored, hog):
-        ok = batch["error"] == ""
-        for j, pos in enumerate(batch["pos"]):
-            inputs[int(pos)] = input_result(batch, j)
-        for i in (~ok).nonzero()[0]:
-            _quarantine(quarantined, batch, i)
-        rows = ok.nonzero()[0]
-        for shard, a, b in shard_runs([plan.shard_of(int(p)) for p in batch["pos"][rows]]):
-            sel = rows[a:b]
+        for shard, sel in _good_rows(batch, plan, inputs, quarantined):
             head = (batch["id"][sel], batch["path"][sel], batch["width"][sel], batch["height"][sel])
             for f in stored:
                 kps = [np.frombuffer(batch[f"kp_{f}"][i], np.float32).reshape(-1, 4) for i in sel]
