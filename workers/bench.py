@@ -198,12 +198,12 @@ def bench_decode(files: list[Path], cfg: Config, repeats: int = 3, n_cosine: int
         "max_side": max_side,
         "source_size_first": list(source),
         "ours": {
-            "time_s": round(ours, 4),
+            "time_s": round(ours, 6),
             "images_per_s": round(len(blobs) / ours, 3),
             "method": "draft+bicubic",
         },
         "baseline": {
-            "time_s": round(base, 4),
+            "time_s": round(base, 6),
             "images_per_s": round(len(blobs) / base, 3),
             "method": "full decode+bicubic",
         },
