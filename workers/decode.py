@@ -92,7 +92,7 @@ def decode_image(
 
 def decode_query_crop(
     data: bytes, max_side: int, bbox: tuple[float, float, float, float], max_pixels: int = 89_478_485
-) -> np.ndarray:
+) -> tuple[np.ndarray, tuple[int, int]]:
     """A query as the Oxford/Paris protocols define it: crop the bounding box (x1, y1, x2, y2, in the
     original image's pixels) from the full-resolution image, then resize the crop by the factor the whole
     image gets (longer side to ``max_side``, never up), so the query has the scale of the database images."""
@@ -105,4 +105,4 @@ def decode_query_crop(
     crop = Image.fromarray(full[y1:y2, x1:x2])
     factor = min(1.0, max_side / max(width, height))
     size = (max(1, round(crop.width * factor)), max(1, round(crop.height * factor)))
-    return np.asarray(crop.resize(size, Image.Resampling.BICUBIC) if factor < 1.0 else crop)
+    return np.asarray(crop.resize(size, Image.Resampling.BICUBIC) if factor < 1.0 else crop), (width, height)

@@ -144,9 +144,11 @@ def decode_batch(batch: dict[str, np.ndarray], max_side: int, ingest: IngestConf
             data = read_row(batch, i, ingest)
             sizes[i] = len(data)
             ids[i] = content_id(data)
-            array, (width[i], height[i]) = decode_image(data, max_side, ingest.max_pixels)
             if "bbox" in batch:  # a query: the box crop at the scale of the database images
-                array = decode_query_crop(data, max_side, tuple(batch["bbox"][i]), ingest.max_pixels)
+                box = tuple(batch["bbox"][i])
+                array, (width[i], height[i]) = decode_query_crop(data, max_side, box, ingest.max_pixels)
+            else:
+                array, (width[i], height[i]) = decode_image(data, max_side, ingest.max_pixels)
             h[i], w[i] = array.shape[:2]
             pixels[i] = array.tobytes()
         except DecodeError as err:
