@@ -54,6 +54,10 @@ class InputRef:
     label: str | None = None
     stamp: str = ""  # what changes when the input changes (size, mtime), for resume decisions
 
+    def signature(self) -> bytes:
+        """Everything that identifies this input and its current state, for fingerprints."""
+        return f"{self.key}\0{self.uri}\0{self.offset}\0{self.length}\0{self.label}\0{self.stamp}\n".encode()
+
 
 @dataclass
 class Listing:
@@ -69,7 +73,7 @@ class Listing:
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
         for r in self.refs:
-            digest.update(f"{r.key}\0{r.uri}\0{r.offset}\0{r.length}\0{r.label}\0{r.stamp}\n".encode())
+            digest.update(r.signature())
         for key, reason in self.problems:
             digest.update(f"!{key}\0{reason}\n".encode())
         return digest.hexdigest()[:16]

@@ -108,14 +108,14 @@ def _member_stem(key: str, used: set[str]) -> str:
     return out
 
 
-def _shard_fingerprint(plan: ShardPlan, shard: int, max_side: int) -> str:
-    digest = hashlib.sha256(f"{max_side}\0{JPEG_QUALITY}\n".encode())
-    for ref, s in zip(plan.refs, plan.shards, strict=True):
-        if s == shard:
-            digest.update(
-                f"{ref.key}\0{ref.uri}\0{ref.offset}\0{ref.length}\0{ref.label}\0{ref.stamp}\n".encode()
-            )
-    return digest.hexdigest()[:16]
+def _shard_fingerprints(plan: ShardPlan, max_side: int) -> dict[int, str]:
+    """shard -> fingerprint of its members and the output settings, in one pass over the plan."""
+    digests: dict[int, Any] = {}
+    for ref, shard in zip(plan.refs, plan.shards, strict=True):
+        if shard not in digests:
+            digests[shard] = hashlib.sha256(f"{max_side}\0{JPEG_QUALITY}\n".encode())
+        digests[shard].update(ref.signature())
+    return {s: d.hexdigest()[:16] for s, d in sorted(digests.items())}
 
 
 class ShardTarWriter:
@@ -151,7 +151,7 @@ def run_ingest(source: str, out: Path, cfg: Config, max_side: int) -> IngestResu
     plan = plan_shards(source, cfg.extract.shard_size, previous_shards(manifest_path))
     done_file = out / SHARDS_FILE
     done = json.loads(done_file.read_text()) if done_file.exists() else {}
-    fps = {s: _shard_fingerprint(plan, s, max_side) for s in sorted(set(plan.shards))}
+    fps = _shard_fingerprints(plan, max_side)
     kept = {
         s
         for s, fp in fps.items()
