@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_args(run)
 
+    reindex = sub.add_parser(
+        "reindex", help="bring a finished run up to date with a changed collection, without a full rebuild"
+    )
+    reindex.add_argument("run", type=Path, help="the run directory")
+    reindex.add_argument("--images", required=True, help="the collection now (any form `run` takes)")
+    _set_args(reindex)
+
     ingest = sub.add_parser("ingest", help="the ingest stage alone: manifest, shard plan, resized shards")
     ingest.add_argument("images", help="any input form, as for 'run --images'")
     ingest.add_argument("--out", type=Path, required=True, help="output folder (re-running resumes)")
@@ -211,6 +218,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg.images is None:
         raise InputError("no images given (--images PATH or 'images:' in the config)")
     metrics = _run_flow(cfg)
+    _print_table(metrics, cfg.out)
+    return 0
+
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    from embedpipe.flows.config import load_config
+    from embedpipe.flows.pipeline import reindex
+    from embedpipe.storage.layout import RunLayout
+    from embedpipe.storage.sources import list_inputs
+
+    saved = RunLayout(args.run).read_manifest().get("config")
+    if saved is None:
+        raise InputError(f"{args.run} is not a run directory (no manifest.json with a config)")
+    saved = {**saved, "images": args.images, "out": str(args.run)}
+    if args.ray_address:
+        saved["ray"] = {**saved.get("ray", {}), "address": args.ray_address}
+    cfg = load_config(overrides=saved, sets=args.sets)
+    list_inputs(cfg.images)  # fail fast, before any engine starts
+    metrics = reindex(cfg)
     _print_table(metrics, cfg.out)
     return 0
 
@@ -506,6 +532,7 @@ def _print_table(metrics: dict, out: Path) -> None:
 COMMANDS = {
     "demo": cmd_demo,
     "run": cmd_run,
+    "reindex": cmd_reindex,
     "ingest": cmd_ingest,
     "datasets": cmd_datasets,
     "bench": cmd_bench,

@@ -205,6 +205,22 @@ class RayConfig(_Frozen):
     )
 
 
+class OrchestrationConfig(_Frozen):
+    """How the flow runs its per-shard tasks (does not change any output)."""
+
+    retries: int = Field(2, ge=0, description="retries of a failed shard task, with exponential back-off")
+    retry_delay_s: float = Field(2.0, ge=0, description="first back-off delay; doubles at each retry")
+
+
+class ReindexConfig(_Frozen):
+    drift_threshold: float = Field(
+        0.1,
+        ge=0,
+        description="refit whitening and retrain indices when new vectors are described this much worse "
+        "(1 - captured energy ratio) by the fitted PCA than the old ones",
+    )
+
+
 class Config(_Frozen):
     images: str | None = Field(
         None, description="folder, glob, list file, tar/WebDataset shards or URL (see the README)"
@@ -226,6 +242,8 @@ class Config(_Frozen):
     bow: BowConfig = BowConfig()
     verify: VerifyConfig = VerifyConfig()
     ray: RayConfig = RayConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+    reindex: ReindexConfig = ReindexConfig()
 
     @field_validator("images", mode="before")
     @classmethod

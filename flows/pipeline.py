@@ -10,28 +10,44 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
+import logging
 import time
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
 
 from embedpipe.flows.config import Config
 from embedpipe.storage.artifacts import save_npz
 from embedpipe.storage.dataset import manifest_rows, previous_shards, write_manifest
-from embedpipe.storage.errors import RunFailed
+from embedpipe.storage.errors import EmbedpipeError, InputError, RunFailed
 from embedpipe.storage.features import read_store_manifest
 from embedpipe.storage.layout import STAGES, RunLayout, write_json_atomic
 from embedpipe.storage.quarantine import read_quarantine, write_quarantine
+from embedpipe.storage.sources import InputRef
 from embedpipe.workers.bow_eval import evaluate_bow
 from embedpipe.workers.dask_jobs import encode_descriptor, fit_codebook, fit_pca_whitening
 from embedpipe.workers.descriptors.local import encoding_of
 from embedpipe.workers.encode import descriptor_info
-from embedpipe.workers.evaluate import borrowed_whitening, index_and_evaluate, whitening_name
-from embedpipe.workers.extract import extract_queries, run_extract
+from embedpipe.workers.evaluate import (
+    borrowed_whitening,
+    index_and_evaluate,
+    whitening_drift,
+    whitening_name,
+)
+from embedpipe.workers.extract import (
+    extract_queries,
+    extract_shard,
+    finish_extract,
+    shard_done,
+    shard_inputs,
+    stage_models,
+)
 from embedpipe.workers.inputs import RunInputs, run_inputs
-from embedpipe.workers.ray_stages import ray_session
+from embedpipe.workers.progress import Progress
+from embedpipe.workers.ray_stages import SharedModels, ray_session
 from embedpipe.workers.report import fmt_metric, map_of, row_label, write_report
 
 
@@ -69,19 +85,71 @@ class LazyRay:
             self.started = True
 
 
-@task(name="extract", cache_policy=NO_CACHE)
-def extract_task(cfg: Config, inputs: RunInputs, layout: RunLayout, ray: LazyRay) -> dict[str, Any]:
-    ray.ensure()
-    plan = inputs.plan
-    result = run_extract(plan, cfg, layout)
+@task(name="extract-shard", cache_policy=NO_CACHE, task_run_name="extract-shard-{shard:05d}")
+def extract_shard_task(
+    refs: tuple[InputRef, ...],
+    shard: int,
+    n_shards: int,
+    cfg: Config,
+    layout: RunLayout,
+    models: SharedModels,
+    progress: Progress,
+) -> dict[str, Any]:
+    """One shard of the extraction: its parts and then its record (Ray does the compute)."""
+    record = extract_shard(refs, shard, n_shards, cfg, layout, models, progress)
+    return {"shard": shard, "inputs": len(refs), "reused": record["reused"]}
+
+
+def _retry_transient(task, task_run, state) -> bool:
+    """Retry a shard unless it failed on bad usage or config (which a retry cannot mend)."""
+    err = state.result(raise_on_failure=False)
+    return not (isinstance(err, EmbedpipeError) and err.exit_code == 2)
+
+
+def extract_stage(cfg: Config, inputs: RunInputs, layout: RunLayout, ray: LazyRay) -> dict[str, Any]:
+    """One Prefect task per shard not yet up to date (retries with back-off), one after the other on
+    model actors they share (Ray spreads each shard's batches over the cluster), then the stores,
+    dataset manifest and quarantine."""
+    logger = get_run_logger()
+    plan, orch = inputs.plan, cfg.orchestration
+    shards = shard_inputs(plan)
+    todo = {s: refs for s, refs in shards.items() if not shard_done(refs, s, cfg, layout)}
+    logger.info("extract: %d of %d shard(s) to do", len(todo), len(shards))
+    progress = Progress("extract", sum(len(r) for r in todo.values()), logging.getLogger("embedpipe.extract"))
+    run = extract_shard_task.with_options(
+        retries=orch.retries,
+        retry_delay_seconds=exponential_backoff(orch.retry_delay_s) if orch.retries else 0,
+        retry_condition_fn=_retry_transient,
+    )
+    if todo:
+        ray.ensure()
+        models = stage_models(cfg)
+        try:
+            for shard, refs in todo.items():
+                run(refs, shard, plan.n_shards, cfg, layout, models, progress)
+        finally:
+            models.close()
+    result = finish_extract(plan, cfg, layout, progress)
     write_manifest(layout.dataset, manifest_rows(plan, result.inputs))
     listed = [{"path": k, "id": None, "stage": "ingest", "reason": r} for k, r in plan.problems]
     write_quarantine(layout.quarantine, result.quarantined + listed)
     if result.n_ok == 0:
         raise RunFailed(f"no usable image among {result.n_inputs} inputs (reasons in {layout.quarantine})")
     if inputs.query_refs:
-        extract_queries(inputs.query_refs, inputs.query_boxes, cfg, layout)
-    return {"n_ok": result.n_ok, "n_quarantined": len(result.quarantined), "summary": result.summary}
+        ray.ensure()
+        extract_queries_task(cfg, inputs, layout)
+    return {
+        "n_ok": result.n_ok,
+        "n_quarantined": len(result.quarantined),
+        "shards": len(shards),
+        "shards_done": len(todo),
+        "summary": result.summary,
+    }
+
+
+@task(name="extract-queries", cache_policy=NO_CACHE)
+def extract_queries_task(cfg: Config, inputs: RunInputs, layout: RunLayout) -> str:
+    return extract_queries(inputs.query_refs, inputs.query_boxes, cfg, layout)
 
 
 @task(name="fit", cache_policy=NO_CACHE)
@@ -117,13 +185,18 @@ def fit_task(cfg: Config, layout: RunLayout, ray: LazyRay) -> dict[str, Any]:
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(cfg: Config, layout: RunLayout, n_images: int, ray: LazyRay) -> dict[str, Any]:
+def evaluate_task(
+    cfg: Config, layout: RunLayout, n_images: int, ray: LazyRay, incremental: bool = False
+) -> dict[str, Any]:
+    """Index and evaluate every descriptor (``incremental``: update the live indices, no retraining)."""
     if cfg.index.engine == "ray":
         ray.ensure()
     results, n_queries = [], 0
     for name in cfg.extract.descriptors:
-        evaluate = evaluate_bow if encoding_of(name)[0] == "bow" else index_and_evaluate
-        rows, n_queries = evaluate(layout, cfg, name)
+        if encoding_of(name)[0] == "bow":
+            rows, n_queries = evaluate_bow(layout, cfg, name)
+        else:
+            rows, n_queries = index_and_evaluate(layout, cfg, name, incremental)
         results.extend(rows)
     n_quarantined = read_quarantine(layout.quarantine).num_rows
     return {
@@ -180,17 +253,8 @@ def _run_stage(layout: RunLayout, stage: str, fp: str, fn, logger) -> Any:
     return result
 
 
-@flow(name="pipeline", log_prints=False, validate_parameters=False)
-def pipeline(cfg: Config) -> dict[str, Any]:
-    """Run every stage for ``cfg`` into ``cfg.out``; returns the metrics.json content."""
-    logger = get_run_logger()
-    layout = RunLayout(cfg.out)
-    inputs = run_inputs(cfg, previous_shards(layout.dataset))
+def _start(layout: RunLayout, cfg: Config, inputs: RunInputs, logger) -> None:
     plan = inputs.plan
-    fps = fingerprints(cfg, inputs)
-    if all(layout.stage_done(s, fps[s]) for s in STAGES) and layout.metrics.exists():
-        logger.info("run %s is complete and up to date: nothing to do", layout.root)
-        return layout.read_manifest()["stages"]["evaluate"]["result"]
     layout.root.mkdir(parents=True, exist_ok=True)
     layout.update_manifest(
         config=cfg.model_dump(mode="json"),
@@ -204,22 +268,22 @@ def pipeline(cfg: Config) -> dict[str, Any]:
         },
     )
     logger.info("run %s: %d inputs in %d shard(s)", layout.root, len(plan.refs), plan.n_shards)
-    with contextlib.ExitStack() as stack:
-        ray = LazyRay(cfg, stack)
-        extracted = _run_stage(
-            layout, "extract", fps["extract"], lambda: extract_task(cfg, inputs, layout, ray), logger
-        )
-        if cfg.fit.whiten or any(encoding_of(d)[0] in ("bow", "vlad") for d in cfg.extract.descriptors):
-            _run_stage(layout, "fit", fps["fit"], lambda: fit_task(cfg, layout, ray), logger)
-        else:
-            layout.mark_stage("fit", fps["fit"], "done", seconds=0.0, result={})
-        metrics = _run_stage(
-            layout,
-            "evaluate",
-            fps["evaluate"],
-            lambda: evaluate_task(cfg, layout, extracted["n_ok"], ray),
-            logger,
-        )
+
+
+def _encoded(cfg: Config) -> bool:
+    return any(encoding_of(d)[0] in ("bow", "vlad") for d in cfg.extract.descriptors)
+
+
+def _fit(layout: RunLayout, cfg: Config, fp: str, ray: LazyRay, logger) -> None:
+    if cfg.fit.whiten or _encoded(cfg):
+        _run_stage(layout, "fit", fp, lambda: fit_task(cfg, layout, ray), logger)
+    else:
+        layout.mark_stage("fit", fp, "done", seconds=0.0, result={})
+
+
+def _finish(
+    cfg: Config, layout: RunLayout, metrics: dict[str, Any], extracted: dict[str, Any], logger
+) -> None:
     report_task(cfg, layout, metrics)
     best = max(metrics["results"], key=map_of)
     logger.info(
@@ -229,4 +293,82 @@ def pipeline(cfg: Config) -> dict[str, Any]:
         fmt_metric(best.get("map")),
         layout.report_html,
     )
+
+
+@flow(name="pipeline", log_prints=False, validate_parameters=False)
+def pipeline(cfg: Config) -> dict[str, Any]:
+    """Run every stage for ``cfg`` into ``cfg.out``; returns the metrics.json content."""
+    logger = get_run_logger()
+    layout = RunLayout(cfg.out)
+    inputs = run_inputs(cfg, previous_shards(layout.dataset))
+    fps = fingerprints(cfg, inputs)
+    if all(layout.stage_done(s, fps[s]) for s in STAGES) and layout.metrics.exists():
+        logger.info("run %s is complete and up to date: nothing to do", layout.root)
+        return layout.read_manifest()["stages"]["evaluate"]["result"]
+    _start(layout, cfg, inputs, logger)
+    with contextlib.ExitStack() as stack:
+        ray = LazyRay(cfg, stack)
+        extracted = _run_stage(
+            layout, "extract", fps["extract"], lambda: extract_stage(cfg, inputs, layout, ray), logger
+        )
+        _fit(layout, cfg, fps["fit"], ray, logger)
+        metrics = _run_stage(
+            layout,
+            "evaluate",
+            fps["evaluate"],
+            lambda: evaluate_task(cfg, layout, extracted["n_ok"], ray),
+            logger,
+        )
+    _finish(cfg, layout, metrics, extracted, logger)
+    return metrics
+
+
+@flow(name="reindex", log_prints=False, validate_parameters=False)
+def reindex(cfg: Config) -> dict[str, Any]:
+    """Bring the finished run at ``cfg.out`` up to date with ``cfg.images``: extract only new and changed
+    inputs (shards of unchanged inputs are kept), keep the fitted whitening unless the new vectors drift
+    past ``reindex.drift_threshold``, add the new vectors to the live indices and remove the gone ones
+    without retraining, publish each as a new version, and evaluate again."""
+    logger = get_run_logger()
+    layout = RunLayout(cfg.out)
+    if not layout.metrics.exists():
+        raise InputError(f"{layout.root} is not a finished run (no report/metrics.json): run it first")
+    inputs = run_inputs(cfg, previous_shards(layout.dataset))
+    fps = fingerprints(cfg, inputs)
+    if all(layout.stage_done(s, fps[s]) for s in STAGES):
+        logger.info("run %s is up to date with %s: nothing to do", layout.root, cfg.images)
+        return layout.read_manifest()["stages"]["evaluate"]["result"]
+    _start(layout, cfg, inputs, logger)
+    with contextlib.ExitStack() as stack:
+        ray = LazyRay(cfg, stack)
+        extracted = _run_stage(
+            layout, "extract", fps["extract"], lambda: extract_stage(cfg, inputs, layout, ray), logger
+        )
+        drift = {
+            d: v
+            for d in cfg.extract.descriptors
+            if encoding_of(d)[0] != "bow" and (v := whitening_drift(layout, cfg, d)) is not None
+        }
+        refit = _encoded(cfg) or any(v > cfg.reindex.drift_threshold for v in drift.values())
+        logger.info(
+            "reindex: drift %s (threshold %g): %s",
+            ", ".join(f"{d} {v:.4f}" for d, v in drift.items()) or "none",
+            cfg.reindex.drift_threshold,
+            "refit and retrain" if refit else "models kept, indices updated in place",
+        )
+        if refit:
+            _fit(layout, cfg, fps["fit"], ray, logger)
+        else:
+            layout.mark_stage("fit", fps["fit"], "done", seconds=0.0, result={"kept": True})
+        metrics = _run_stage(
+            layout,
+            "evaluate",
+            fps["evaluate"],
+            lambda: {
+                **evaluate_task(cfg, layout, extracted["n_ok"], ray, incremental=not refit),
+                "reindex": {"drift": drift, "refit": refit, "shards_extracted": extracted.get("shards_done")},
+            },
+            logger,
+        )
+    _finish(cfg, layout, metrics, extracted, logger)
     return metrics

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,70 @@ def feature_schema(dim: int, metadata: dict[str, str] | None = None) -> pa.Schem
 
 def part_name(shard: int, n_shards: int) -> str:
     return f"part-{shard:05d}-of-{n_shards:05d}.parquet"
+
+
+_PART = re.compile(r"^part-(\d{5,})-of-(\d{5,})\.parquet$")
+
+
+def feature_table(schema: pa.Schema, ids, paths, widths, heights, vectors: np.ndarray) -> pa.Table:
+    """Rows of ``schema`` (``feature_schema``) from per-image columns and (n, dim) vectors."""
+    dim = schema.field("descriptor").type.list_size
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise ValueError(f"expected vectors of shape (n, {dim}), got {vectors.shape}")
+    flat = pa.array(vectors.reshape(-1), type=pa.float32())
+    return pa.table(
+        {
+            "id": pa.array(list(ids), pa.string()),
+            "path": pa.array(list(paths), pa.string()),
+            "width": pa.array(widths, pa.int32()),
+            "height": pa.array(heights, pa.int32()),
+            "descriptor": pa.FixedSizeListArray.from_arrays(flat, dim),
+        },
+        schema=schema,
+    )
+
+
+def write_part_table(directory: Path, shard: int, n_shards: int, table: pa.Table) -> Path:
+    """Write one whole part file atomically: a temporary name, then a rename."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / part_name(shard, n_shards)
+    tmp = directory / f".{final.name}.tmp"
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, final)
+    return final
+
+
+def find_part(directory: Path, shard: int) -> Path | None:
+    """The part file of ``shard`` whatever the shard count in its name (that count grows when a
+    collection grows), or None."""
+    found = sorted(Path(directory).glob(f"part-{shard:05d}-of-*.parquet"))
+    return found[-1] if found else None
+
+
+def finish_store(directory: Path, n_shards: int, schema: pa.Schema, manifest: dict[str, Any]) -> None:
+    """Make ``directory`` a complete store of ``n_shards`` parts: parts renamed to the current count,
+    parts of shards beyond it and unfinished temporary files removed, an empty part of ``schema`` for
+    each shard without one, then the manifest (``manifest`` with ``rows`` and ``n_parts``) written last."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for tmp in directory.glob(".part-*.tmp"):
+        tmp.unlink()
+    for path in sorted(directory.glob("part-*-of-*.parquet")):
+        m = _PART.match(path.name)
+        if m is None:
+            continue
+        shard, count = int(m.group(1)), int(m.group(2))
+        final = directory / part_name(shard, n_shards)
+        if shard >= n_shards or (count != n_shards and final.exists()):
+            path.unlink()
+        elif count != n_shards:
+            os.replace(path, final)
+    for shard in range(n_shards):
+        if not (directory / part_name(shard, n_shards)).exists():
+            write_part_table(directory, shard, n_shards, schema.empty_table())
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in part_files(directory))
+    write_json_atomic(directory / MANIFEST, {**manifest, "rows": rows, "n_parts": n_shards})
 
 
 class FeatureWriter:
@@ -83,20 +148,7 @@ class FeatureWriter:
 
     def write(self, shard: int, ids, paths, widths, heights, vectors: np.ndarray) -> None:
         self._switch(shard)
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise ValueError(f"expected vectors of shape (n, {self.dim}), got {vectors.shape}")
-        flat = pa.array(vectors.reshape(-1), type=pa.float32())
-        table = pa.table(
-            {
-                "id": pa.array(list(ids), pa.string()),
-                "path": pa.array(list(paths), pa.string()),
-                "width": pa.array(widths, pa.int32()),
-                "height": pa.array(heights, pa.int32()),
-                "descriptor": pa.FixedSizeListArray.from_arrays(flat, self.dim),
-            },
-            schema=self.schema,
-        )
+        table = feature_table(self.schema, ids, paths, widths, heights, vectors)
         assert self._writer is not None
         self._writer.write_table(table)
         self.rows += len(table)

@@ -46,6 +46,10 @@ class RunLayout:
     def feature_dir(self, descriptor: str) -> Path:
         return self.features / descriptor
 
+    def shard_records(self, stage: str) -> Path:
+        """Per-shard records of a stage (see ``storage.shards``)."""
+        return self.root / "shards" / stage
+
     def query_dir(self, descriptor: str) -> Path:
         """Descriptors of a protocol's external (box-cropped) queries, in query order."""
         return self.root / "queries" / descriptor

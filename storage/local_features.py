@@ -12,15 +12,13 @@ keypoint order) and ``weights`` (list of float32, same length). Files open with 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from embedpipe.storage.features import MANIFEST, FeatureWriter, part_name
+from embedpipe.storage.features import MANIFEST, FeatureWriter
 from embedpipe.storage.layout import write_json_atomic
 
 _BASE = [
@@ -125,16 +123,6 @@ def list_values(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
         values_np = values.to_numpy(zero_copy_only=False)
     base, end = int(offsets[0]), int(offsets[-1])
     return offsets - base, values_np[base:end]
-
-
-def write_part_table(directory: Path, shard: int, n_shards: int, table: pa.Table) -> Path:
-    """Write one whole part file atomically (each Dask task owns its part)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / part_name(shard, n_shards)
-    tmp = directory / f".{final.name}.tmp"
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, final)
-    return final
 
 
 def write_manifest(directory: Path, info: dict[str, Any]) -> None:

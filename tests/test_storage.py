@@ -66,13 +66,6 @@ def test_quarantine_round_trip(tmp_path):
     assert read_quarantine(tmp_path / "missing.parquet").num_rows == 0
 
 
-def test_shard_runs_split_batches_at_shard_boundaries():
-    from embedpipe.workers.extract import shard_runs
-
-    assert shard_runs([0, 0, 1, 1, 1, 3]) == [(0, 0, 2), (1, 2, 5), (3, 5, 6)]
-    assert shard_runs([]) == []
-
-
 @pytest.mark.parametrize("cpus", [1, 2, 3, 4, 8, 16])
 @pytest.mark.parametrize("actors", [0, 1, 2, 3])
 def test_actor_pool_never_starves_decode(cpus, actors):

@@ -238,7 +238,7 @@ def bench_codebook(cfg: Config, feature: str = "rootsift") -> dict[str, Any]:
     from embedpipe.workers.codebook import train_kmeans
     from embedpipe.workers.dask_jobs import sample_local
     from embedpipe.workers.descriptors.local import STORED_FEATURE, local_store
-    from embedpipe.workers.extract import run_local_extract
+    from embedpipe.workers.extract import extract_all
 
     b = cfg.bow
     cfg = cfg.model_copy(
@@ -247,7 +247,7 @@ def bench_codebook(cfg: Config, feature: str = "rootsift") -> dict[str, Any]:
     layout = RunLayout(cfg.out)
     plan = plan_shards(cfg.images, cfg.extract.shard_size)
     with ray_session(cfg.ray):
-        extracted = run_local_extract(plan, cfg, layout)
+        extracted = extract_all(plan, cfg, layout)
         t0 = time.perf_counter()
         sample = sample_local(layout.feature_dir(local_store(STORED_FEATURE[feature])), feature, cfg)
         sample_s = time.perf_counter() - t0

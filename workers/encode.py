@@ -24,13 +24,12 @@ import pyarrow as pa
 
 from embedpipe.storage.artifacts import load_npz
 from embedpipe.storage.errors import InputError, RunFailed
-from embedpipe.storage.features import feature_schema, read_part, read_store_manifest
+from embedpipe.storage.features import feature_schema, read_part, read_store_manifest, write_part_table
 from embedpipe.storage.layout import RunLayout
 from embedpipe.storage.local_features import (
     bow_schema,
     bow_table,
     list_values,
-    write_part_table,
 )
 from embedpipe.workers import codebook as cb
 from embedpipe.workers.descriptors.bow import image_seed, sample_rows, soft_weights, vlad

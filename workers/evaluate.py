@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import faiss
 import numpy as np
 
+from embedpipe.storage import index_versions
 from embedpipe.storage.artifacts import load_npz
 from embedpipe.storage.dataset import labels_by_key
 from embedpipe.storage.errors import InputError, RunFailed
@@ -19,12 +21,19 @@ from embedpipe.storage.features import read_features, read_store_manifest
 from embedpipe.storage.layout import RunLayout, write_json_atomic
 from embedpipe.workers.ann import build_index, bytes_per_vector, search, set_search_params
 from embedpipe.workers.choose import choose_index
-from embedpipe.workers.index_build import Transform, build_store_index, save_version
+from embedpipe.workers.index_build import (
+    StoreOrderIndex,
+    Transform,
+    build_store_index,
+    new_rows,
+    save_version,
+    update_store_index,
+)
 from embedpipe.workers.inputs import ground_truth_path
 from embedpipe.workers.metrics import compute_map, few_shot_accuracy, ns_score, precision_at_k
 from embedpipe.workers.protocols import BENCHMARK_PROTOCOLS, GroundTruth, benchmark_layout, ground_truth
 from embedpipe.workers.rerank import alpha_qe, dba, drop_excluded
-from embedpipe.workers.whitening import apply_whitening
+from embedpipe.workers.whitening import apply_whitening, subspace_drift
 
 if TYPE_CHECKING:
     from embedpipe.flows.config import Config
@@ -189,9 +198,46 @@ def auto_index(layout: RunLayout, cfg: Config, name: str, x: np.ndarray, gt: Gro
     return cfg.model_copy(update={"index": icfg.model_copy(update=update)})
 
 
-def index_and_evaluate(layout: RunLayout, cfg: Config, descriptor: str) -> tuple[list[dict[str, Any]], int]:
-    """Build and save one index per variant, search every query (plain and re-ranked), compute the
-    protocol's metrics. Returns the result rows (metrics.json contract) and the number of queries."""
+def _previous_factory(layout: RunLayout, descriptor: str, post: str, default: str) -> str:
+    """The index string a finished run recorded for this variant (what its live index was built as)."""
+    if layout.metrics.exists():
+        for row in json.loads(layout.metrics.read_text())["results"]:
+            if row["descriptor"] == descriptor and row["post"] == post:
+                return row["index"]
+    return default
+
+
+def variant_index(
+    layout: RunLayout, cfg: Config, descriptor: str, post: str, incremental: bool
+) -> tuple[faiss.Index, Any, str]:
+    """The variant's index as (the live FAISS index, what evaluation searches, its index string).
+
+    ``incremental`` with a live version: that index brought up to date with the store (gone rows removed,
+    new rows added, no retraining), searched in store order. Otherwise trained and filled from the store.
+    Either way published as a new version."""
+    name, store = f"{descriptor}-{post}", layout.feature_dir(descriptor)
+    transform = variant_transform(layout, descriptor, post)
+    if incremental and index_versions.current(layout.index_dir(name)) is not None:
+        try:
+            live, ids, added, removed = update_store_index(layout.index_dir(name), store, transform)
+        except InputError as err:  # e.g. HNSW cannot remove: rebuilt below
+            log.warning("index %s: %s", name, err)
+        else:
+            set_search_params(live, cfg.index.nprobe, cfg.index.efsearch)
+            log.info("index %s: %d added, %d removed, no retraining", name, added, removed)
+            factory = _previous_factory(layout, descriptor, post, cfg.index.factory)
+            return live, StoreOrderIndex(live, ids, store), factory
+    index, ids = build_store_index(store, cfg.index, cfg.seed, transform)
+    save_version(layout.index_dir(name), index, ids)
+    return index, index, cfg.index.factory
+
+
+def index_and_evaluate(
+    layout: RunLayout, cfg: Config, descriptor: str, incremental: bool = False
+) -> tuple[list[dict[str, Any]], int]:
+    """Build (or, ``incremental``, update) and save one index per variant, search every query (plain
+    and re-ranked), compute the protocol's metrics. Returns the result rows (metrics.json contract) and
+    the number of queries."""
     meta, vectors = read_features(layout.feature_dir(descriptor))
     store = read_store_manifest(layout.feature_dir(descriptor))
     paths = meta.column("path").to_pylist()
@@ -202,18 +248,17 @@ def index_and_evaluate(layout: RunLayout, cfg: Config, descriptor: str) -> tuple
     for post, x in variants(layout, run_cfg, descriptor, vectors):
         name = f"{descriptor}-{post}"
         start = time.perf_counter()
-        cfg = auto_index(layout, run_cfg, name, x, gt) if run_cfg.index.factory == "auto" else run_cfg
-        index, ids = build_store_index(
-            layout.feature_dir(descriptor), cfg.index, cfg.seed, variant_transform(layout, descriptor, post)
-        )
-        save_version(layout.index_dir(name), index, ids)
+        live = incremental and index_versions.current(layout.index_dir(name)) is not None
+        auto = run_cfg.index.factory == "auto" and not live
+        cfg = auto_index(layout, run_cfg, name, x, gt) if auto else run_cfg
+        built, index, factory = variant_index(layout, cfg, descriptor, post, incremental)
         base = {
             "descriptor": descriptor,
             "post": post,
             "backbone": store["backbone"],
             "dim": int(x.shape[1]),
-            "index": cfg.index.factory,
-            "bytes_per_vector": bytes_per_vector(index),
+            "index": factory,
+            "bytes_per_vector": bytes_per_vector(built),
         }
         if gt is None:
             rows.append({**base, "rerank": "none", "time_s": round(time.perf_counter() - start, 4)})
@@ -250,3 +295,25 @@ def index_and_evaluate(layout: RunLayout, cfg: Config, descriptor: str) -> tuple
     # NaN (e.g. too few images per class for a shot count) is not JSON: write null
     rows = [{k: None if isinstance(v, float) and v != v else v for k, v in r.items()} for r in rows]
     return rows, 0 if gt is None else int(gt.queries.size)
+
+
+def whitening_drift(layout: RunLayout, cfg: Config, descriptor: str) -> float | None:
+    """How much worse the run's PCA-whitening describes the store rows its live whitened index does not
+    hold yet than a seeded sample of the rows it does (``whitening.subspace_drift``); None when the
+    descriptor has no whitening or no live whitened index, or nothing is new."""
+    model = layout.model(whitening_name(descriptor))
+    if not cfg.fit.whiten or not model.exists():
+        return None
+    arrays, _ = load_npz(model)
+    root = layout.index_dir(f"{descriptor}-pcaw{arrays['proj'].shape[0]}")
+    if index_versions.current(root) is None:
+        return None
+    store = layout.feature_dir(descriptor)
+    fresh = new_rows(root, store)
+    if not fresh.size:
+        return None
+    _, x = read_features(store)
+    held = np.setdiff1d(np.arange(len(x)), fresh)
+    rng = np.random.default_rng(cfg.seed)
+    held = np.sort(rng.choice(held, size=min(len(held), 20000), replace=False))
+    return subspace_drift(x[held], x[fresh], arrays["mean"], arrays["proj"])

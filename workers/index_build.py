@@ -186,3 +186,67 @@ def remove_content_ids(root: Path, content_ids: list[str]) -> tuple[Path, int]:
     rows = ids.filter(mask).column("row").to_numpy()
     removed = ann.remove_ids(index, rows)
     return save_version(root, index, ids.filter(pc.invert(mask))), removed
+
+
+def _keys(table: pa.Table) -> pa.Array:
+    """path + NUL + content id per row: an input whose bytes changed gets a new key."""
+    return pc.binary_join_element_wise(table.column("path"), table.column("id"), "\0").combine_chunks()
+
+
+def store_keys(directory: Path) -> pa.Array:
+    """``_keys`` of every row of a feature store, in store order (id and path columns only)."""
+    tables = [read_part(p, ["id", "path"]) for p, _ in part_row_counts(directory)]
+    return _keys(pa.concat_tables(tables)) if tables else pa.array([], pa.string())
+
+
+def new_rows(root: Path, directory: Path) -> np.ndarray:
+    """Store positions (store order) of the rows the live index of ``root`` does not hold."""
+    _, ids, _ = load_current(root)
+    return np.flatnonzero(
+        ~pc.is_in(store_keys(directory), value_set=_keys(ids)).to_numpy(zero_copy_only=False)
+    )
+
+
+def update_store_index(
+    root: Path, directory: Path, transform: Transform = None
+) -> tuple[faiss.Index, pa.Table, int, int]:
+    """Bring the live index of ``root`` up to date with the feature store, without retraining: remove
+    the rows whose input is gone or changed, add the store rows it lacks (rows numbered on after the
+    largest), and publish the result as a new version. Returns (index, ids, added, removed)."""
+    index, ids, _ = load_current(root)
+    current = store_keys(directory)
+    gone = ~pc.is_in(_keys(ids), value_set=current).to_numpy(zero_copy_only=False)
+    removed = ann.remove_ids(index, ids.column("row").to_numpy()[gone]) if gone.any() else 0
+    kept = ids.filter(pa.array(~gone))
+    held = _keys(kept)
+    next_row = int(pc.max(ids.column("row")).as_py()) + 1 if ids.num_rows else 0
+    added = [kept]
+    for path, _ in part_row_counts(directory):
+        table, x = part_table(path, 0, transform)
+        fresh = ~pc.is_in(_keys(table), value_set=held).to_numpy(zero_copy_only=False)
+        if not fresh.any():
+            continue
+        rows = np.arange(next_row, next_row + int(fresh.sum()), dtype=np.int64)
+        next_row += len(rows)
+        index.add_with_ids(np.ascontiguousarray(x[fresh]), rows)
+        added.append(table.filter(pa.array(fresh)).set_column(0, "row", pa.array(rows)))
+    ids = pa.concat_tables(added)
+    save_version(root, index, ids)
+    return index, ids, ids.num_rows - kept.num_rows, removed
+
+
+class StoreOrderIndex:
+    """A live index whose ids are its stable rows, searched as though its ids were store positions
+    (what evaluation needs after incremental updates). Has the few members ``ann.search`` and the
+    evaluation read: ``search``, ``ntotal``, ``d``, ``metric_type``."""
+
+    def __init__(self, index: faiss.Index, ids: pa.Table, directory: Path):
+        position = {k: i for i, k in enumerate(store_keys(directory).to_pylist())}
+        rows = ids.column("row").to_numpy()
+        self.map = np.full(int(rows.max(initial=-1)) + 2, -1, np.int64)  # the last slot answers -1 pads
+        self.map[rows] = [position[k] for k in _keys(ids).to_pylist()]
+        self.index, self.ntotal, self.d, self.metric_type = index, index.ntotal, index.d, index.metric_type
+
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, rows = self.index.search(x, k)
+        return scores, self.map[rows]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 
@@ -17,6 +18,7 @@ class Progress:
     ):
         self.stage, self.total, self.logger, self.unit, self.every_s = stage, total, logger, unit, every_s
         self.done = 0
+        self._lock = threading.Lock()  # shard tasks may report from several threads
         self.start = time.perf_counter()
         self._last = self.start
 
@@ -28,9 +30,11 @@ class Progress:
         return self.done / self.elapsed if self.elapsed > 0 else 0.0
 
     def update(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if now - self._last >= self.every_s and self.done < self.total:
+        with self._lock:
+            self.done += n
+            now = time.perf_counter()
+            if now - self._last < self.every_s or self.done >= self.total:
+                return
             self._last = now
             rate = self.rate()
             eta = (self.total - self.done) / rate if rate > 0 else float("nan")

@@ -1,10 +1,11 @@
-"""Ray engine: session start-up and the extraction pipeline on Ray Data.
+"""Ray engine: session start-up and the extraction stages.
 
-Extraction is two Ray Data stages: a CPU task that reads, hashes, decodes and downscales each input
-(bad inputs become rows with an ``error``), then a pool of model actors (``EmbedActor``, model loaded
-once in ``__init__``) mapping batches of pixels to descriptors. On small CPU nodes the actors decode
-their own batches instead (see ``pool_size``). Results stream back in input order and are written to
-the Parquet store by the caller, so memory does not grow with the number of images.
+CNN extraction: a pool of model actors (``EmbedActor``, model loaded once in ``__init__``), started once
+per stage and shared by every shard task of it (``ModelPool``), maps batches of pixels to descriptors;
+Ray tasks read, hash, decode and downscale each input ahead of them (bad inputs become rows with an
+``error``). On small CPU nodes the actors decode their own batches instead (see ``pool_size``). Batches
+go through ``ray.util.ActorPool`` with a bounded number in flight and come back in input order; a
+killed actor is restarted by Ray and its batches retried. Local features run on Ray Data CPU tasks.
 """
 
 from __future__ import annotations
@@ -224,6 +225,10 @@ class EmbedActor:
         keep = {k: batch[k] for k in ("pos", "path", "id", "bytes", "width", "height")}
         return {**keep, "error": errors, **{f"d_{name}": v for name, v in out.items()}}
 
+    def embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The actor method ``ModelPool`` calls."""
+        return self(batch)
+
 
 def configure_data_context(ray_cfg: RayConfig) -> None:
     """Ray Data as our stages need it: results in input order, our own progress lines, no hang."""
@@ -237,50 +242,108 @@ def configure_data_context(ray_cfg: RayConfig) -> None:
     ctx.wait_for_min_actors_s = int(ray_cfg.progress_timeout_s)
 
 
+def _columns(items: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """A batch of ``input_items`` rows as numpy columns (what ``decode_batch`` reads)."""
+    out = {}
+    for key in items[0]:
+        values = [it[key] for it in items]
+        out[key] = np.array(values, dtype=object) if isinstance(values[0], str) else np.array(values)
+    return out
+
+
+class ModelPool:
+    """Model actors started once (inside ``ray_session``) and shared by every shard of a stage.
+
+    Plain Ray actors sized by ``pool_size`` from the cluster's resources, fed through
+    ``ray.util.ActorPool`` with at most two batches per actor in flight; a dead actor is restarted and
+    its batches retried (``max_restarts``/``max_task_retries``)."""
+
+    RETRIES = 3
+
+    def __init__(self, config: Config):
+        import ray
+        from ray.util import ActorPool
+
+        cfg = self.cfg = config.extract
+        self.ingest, self.timeout = config.ingest, config.ray.progress_timeout_s
+        pool = self.spec = pool_size(cfg, cluster_cpus(), cluster_gpus())
+        log.info(
+            "extract: %d model actor(s) x %d torch thread(s)%s, backbone %s",
+            pool.actors,
+            pool.threads,
+            f", {pool.actor_gpus:g} GPU each" if pool.actor_gpus else "",
+            cfg.backbone,
+        )
+        actor = ray.remote(EmbedActor).options(
+            num_cpus=pool.actor_cpus,
+            num_gpus=pool.actor_gpus or None,
+            max_restarts=self.RETRIES,
+            max_task_retries=self.RETRIES,
+        )
+        ingest = config.ingest if pool.fused else None
+        self.actors = [actor.remote(cfg, pool.threads, ingest) for _ in range(pool.actors)]
+        self.decode = (
+            None
+            if pool.fused
+            else ray.remote(decode_batch).options(num_cpus=pool.decode_cpus, max_retries=self.RETRIES)
+        )
+        self.pool = ActorPool(self.actors)
+
+    def stream(
+        self, refs: Sequence[InputRef | str], boxes: Sequence | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Result batches in input order: ``pos, path, id, bytes, width, height, error, d_<descriptor>``."""
+        import ray
+
+        items = input_items(refs, boxes)
+        size = self.cfg.batch_size
+        window, pending = 2 * len(self.actors), 0
+        try:
+            for start in range(0, len(items), size):
+                batch: Any = _columns(items[start : start + size])
+                if self.decode is not None:
+                    batch = self.decode.remote(batch, self.cfg.max_side, self.ingest)
+                if pending >= window:
+                    yield self.pool.get_next(timeout=self.timeout)
+                    pending -= 1
+                self.pool.submit(lambda actor, b: actor.embed.remote(b), batch)
+                pending += 1
+            while pending:
+                yield self.pool.get_next(timeout=self.timeout)
+                pending -= 1
+        except TimeoutError as err:
+            raise RunFailed(
+                f"extraction made no progress for {self.timeout:g}s (ray.progress_timeout_s)"
+            ) from err
+        except ray.exceptions.RayError as err:  # an actor that cannot start, a worker lost for good, ...
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            raise RunFailed(
+                f"extraction failed on the Ray cluster: {lines[-1] if lines else type(err).__name__}"
+            ) from err
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+
+@contextlib.contextmanager
+def model_pool(config: Config) -> Iterator[ModelPool]:
+    pool = ModelPool(config)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
 def stream_descriptors(
     refs: Sequence[InputRef | str], config: Config, boxes: Sequence | None = None
 ) -> Iterator[dict[str, Any]]:
-    """Yield result batches in input order: ``pos, path, id, bytes, width, height, error, d_<descriptor>``.
-
-    Must run inside ``ray_session``."""
-    import ray.data
-
-    cfg, ray_cfg = config.extract, config.ray
-    configure_data_context(ray_cfg)
-
-    pool = pool_size(cfg, cluster_cpus(), cluster_gpus())
-    log.info(
-        "extract: %d model actor(s) x %d torch thread(s)%s, backbone %s",
-        pool.actors,
-        pool.threads,
-        f", {pool.actor_gpus:g} GPU each" if pool.actor_gpus else "",
-        cfg.backbone,
-    )
-    items = input_items(refs, boxes)
-    n_blocks = max(1, min(len(items), -(-len(items) // cfg.batch_size)))
-    ds = ray.data.from_items(items, override_num_blocks=n_blocks)
-    if not pool.fused:
-        ds = ds.map_batches(
-            decode_batch,
-            fn_kwargs={"max_side": cfg.max_side, "ingest": config.ingest},
-            batch_size=cfg.batch_size,
-            batch_format="numpy",
-            num_cpus=pool.decode_cpus,
-        )
-    ds = ds.map_batches(
-        EmbedActor,
-        fn_constructor_kwargs={
-            "cfg": cfg,
-            "threads": pool.threads,
-            "ingest": config.ingest if pool.fused else None,
-        },
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=pool.actors),
-        num_cpus=pool.actor_cpus,
-        num_gpus=pool.actor_gpus or None,
-    )
-    yield from iterate_results(ds, "extraction")
+    """``ModelPool.stream`` on a pool of its own (inside ``ray_session``)."""
+    with model_pool(config) as pool:
+        yield from pool.stream(refs, boxes)
 
 
 def local_batch(
@@ -346,3 +409,21 @@ def iterate_results(ds, what: str) -> Iterator[dict[str, Any]]:
         raise RunFailed(
             f"{what} failed on the Ray cluster: {lines[-1] if lines else type(err).__name__}"
         ) from err
+
+
+class SharedModels:
+    """A stage's ``ModelPool``, started on first use and shared by its shard tasks; ``close`` frees its
+    CPUs/GPUs (before other Ray work of the stage, such as local features, and at the end)."""
+
+    def __init__(self, config: Config):
+        self.config, self.pool = config, None
+
+    def get(self) -> ModelPool:
+        if self.pool is None:
+            self.pool = ModelPool(self.config)
+        return self.pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None

@@ -44,3 +44,21 @@ def apply_whitening(x: np.ndarray, mean: np.ndarray, proj: np.ndarray) -> np.nda
     """Project and L2-normalise. x: (n, D) -> (n, dim) float32."""
     y = (np.asarray(x, np.float32) - mean) @ proj.T
     return (y / (np.linalg.norm(y, axis=1, keepdims=True) + 1e-12)).astype(np.float32)
+
+
+def captured_energy(x: np.ndarray, mean: np.ndarray, proj: np.ndarray) -> float:
+    """Share of the centred energy of x (n, D) inside the model's principal subspace (the rows of
+    ``proj`` (d, D), normalised back to an orthonormal basis)."""
+    basis = proj / (np.linalg.norm(proj, axis=1, keepdims=True) + 1e-12)
+    xc = np.asarray(x, np.float64) - mean
+    total = float((xc**2).sum())
+    return float(((xc @ basis.T) ** 2).sum()) / total if total > 0 else 1.0
+
+
+def subspace_drift(old: np.ndarray, new: np.ndarray, mean: np.ndarray, proj: np.ndarray) -> float:
+    """How much worse a fitted PCA(-whitening) describes ``new`` rows than the ``old`` rows it was
+    fitted on: 1 - captured(new) / captured(old), 0 when new rows are as well described (or better)."""
+    if not len(new) or not len(old):
+        return 0.0
+    before = captured_energy(old, mean, proj)
+    return max(0.0, 1.0 - captured_energy(new, mean, proj) / before) if before > 0 else 0.0
