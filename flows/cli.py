@@ -104,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="side-by-side benchmarks written as JSON")
     bench.add_argument(
         "what",
-        choices=("extract", "decode", "codebook", "pca", "index"),
+        choices=("extract", "decode", "codebook", "pca", "index", "reindex"),
         help="what to measure: the extraction pipeline, JPEG decode, faiss k-means vs MiniBatchKMeans, "
-        "the PCA fit, or index filling",
+        "the PCA fit, index filling, or reindex against a full run",
     )
     bench.add_argument("--json", type=Path, help="write the result here (also printed)")
     bench.add_argument("--images", help="images to use, any input form (default: the demo dataset)")
@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--growth", default="", metavar="N,N,...", help="index: also time the sharded fill at these sizes"
     )
     bench.add_argument("--store", type=Path, help="pca/index: where the synthetic store is written (reused)")
+    bench.add_argument(
+        "--fraction", type=float, default=0.1, help="reindex: share of the images that arrive later (0.1)"
+    )
     _config_args(bench)
 
     ev = sub.add_parser("eval-ranks", help="score a ranking file against a benchmark's ground truth")
@@ -346,6 +349,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return cmd_bench_decode(args)
     if args.what in ("pca", "index"):
         return cmd_bench_ann(args)
+    if args.what == "reindex":
+        return cmd_bench_reindex(args)
     from embedpipe.storage.sources import list_inputs
     from embedpipe.workers.bench import bench_extract
     from embedpipe.workers.demo_data import generate_demo
@@ -376,6 +381,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result["baseline"]["images_per_s"],
         result["ratio"],
     )
+    return 0
+
+
+def cmd_bench_reindex(args: argparse.Namespace) -> int:
+    from embedpipe.flows.bench_reindex import bench_reindex
+    from embedpipe.workers.demo_data import generate_demo
+
+    if args.out is None:
+        args.out = Path("runs/bench-reindex")
+    cfg = _load_run_config(args)
+    if cfg.images is None:
+        root = Path(tempfile.gettempdir()) / "embedpipe-bench-demo"
+        cfg = cfg.model_copy(update={"images": str(generate_demo(root, seed=cfg.seed).root)})
+    _write_json(bench_reindex(cfg, args.fraction), args.json)
     return 0
 
 

@@ -85,7 +85,12 @@ class LazyRay:
             self.started = True
 
 
-@task(name="extract-shard", cache_policy=NO_CACHE, task_run_name="extract-shard-{shard:05d}")
+@task(
+    name="extract-shard",
+    cache_policy=NO_CACHE,
+    task_run_name="extract-shard-{shard:05d}",
+    tags=["embedpipe-extract"],  # a Prefect tag concurrency limit caps shard tasks across runs
+)
 def extract_shard_task(
     refs: tuple[InputRef, ...],
     shard: int,

@@ -1,0 +1,88 @@
+"""``embedpipe bench reindex``: a full run on a collection against ``reindex`` of a run made on the
+collection without its last ``fraction`` of files, once those arrive: same config, one process."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from embedpipe.flows.config import Config
+from embedpipe.flows.pipeline import pipeline, reindex
+from embedpipe.storage.errors import InputError
+from embedpipe.storage.sources import list_inputs
+from embedpipe.workers.report import map_of
+
+log = logging.getLogger("embedpipe.bench")
+
+
+def _copy(files: list[Path], root: Path, into: Path) -> None:
+    for f in files:
+        target = into / f.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, target)
+
+
+def _best_map(metrics: dict[str, Any]) -> float | None:
+    best = max(metrics["results"], key=map_of)
+    return best.get("map")
+
+
+def bench_reindex(cfg: Config, fraction: float) -> dict[str, Any]:
+    """Ratio = full-run seconds / reindex seconds (the target is about 1 / fraction)."""
+    root = Path(str(cfg.images))
+    if not root.is_dir():
+        raise InputError(f"bench reindex needs a folder of images, got {cfg.images}")
+    if not 0 < fraction < 1:
+        raise InputError("--fraction must be between 0 and 1")
+    files = sorted(Path(r.uri).resolve() for r in list_inputs(str(root)).refs)
+    n_new = max(1, round(len(files) * fraction))
+    if n_new >= len(files):
+        raise InputError(f"{len(files)} image(s) are too few to hold back {fraction:.0%} of them")
+    work = Path(cfg.out)
+    shutil.rmtree(work, ignore_errors=True)
+    whole, grown = work / "images-all", work / "images-grown"
+    _copy(files, root.resolve(), whole)
+    _copy(files[:-n_new], root.resolve(), grown)
+
+    start = time.perf_counter()
+    full = pipeline(cfg.model_copy(update={"images": str(whole), "out": work / "full"}))
+    full_s = time.perf_counter() - start
+
+    run = work / "incremental"
+    pipeline(cfg.model_copy(update={"images": str(grown), "out": run}))
+    _copy(files[-n_new:], root.resolve(), grown)
+    start = time.perf_counter()
+    updated = reindex(cfg.model_copy(update={"images": str(grown), "out": run}))
+    reindex_s = time.perf_counter() - start
+    result = {
+        "name": "reindex",
+        "images": len(files),
+        "new_images": n_new,
+        "fraction": n_new / len(files),
+        "ours": {
+            "what": "reindex after the new images arrive",
+            "seconds": round(reindex_s, 3),
+            "refit": updated["reindex"]["refit"],
+            "drift": updated["reindex"]["drift"],
+            "best_map": _best_map(updated),
+        },
+        "baseline": {
+            "what": "full run on the whole collection",
+            "seconds": round(full_s, 3),
+            "best_map": _best_map(full),
+        },
+        "ratio": round(full_s / reindex_s, 3),
+        "target_ratio": round(len(files) / n_new, 3),
+    }
+    log.info(
+        "bench reindex: full run %.1fs, reindex of %d new image(s) %.1fs, ratio %.2f (target ~%.1f)",
+        full_s,
+        n_new,
+        reindex_s,
+        result["ratio"],
+        result["target_ratio"],
+    )
+    return result
