@@ -100,8 +100,13 @@ def extract_shard_task(
     models: SharedModels,
     progress: Progress,
 ) -> dict[str, Any]:
-    """One shard of the extraction: its parts and then its record (Ray does the compute)."""
-    record = extract_shard(refs, shard, n_shards, cfg, layout, models, progress)
+    """One shard of the extraction: its parts and then its record (Ray does the compute). A failed
+    attempt drops the model actors, so a retry starts fresh ones."""
+    try:
+        record = extract_shard(refs, shard, n_shards, cfg, layout, models, progress)
+    except Exception:
+        models.close()
+        raise
     return {"shard": shard, "inputs": len(refs), "reused": record["reused"]}
 
 

@@ -1,14 +1,77 @@
+import atexit
+import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
+
+_SERVER: dict[str, str] = {}
 
 
-def embedpipe(*args, timeout=900) -> subprocess.CompletedProcess:
+def prefect_api() -> str:
+    """The URL of one Prefect server on 127.0.0.1 shared by the CLI runs of this test session (started at
+    the first call, stopped at exit), so each run skips starting a temporary server of its own."""
+    if "url" in _SERVER:
+        return _SERVER["url"]
+    home = tempfile.mkdtemp(prefix="ep-prefect-")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(os.path.join(home, "server.log"), "w")  # noqa: SIM115 (open while the server runs)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+    def stop() -> None:
+        proc.kill()
+        proc.wait(timeout=30)
+        log.close()
+        shutil.rmtree(home, ignore_errors=True)
+
+    atexit.register(stop)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"Prefect server did not start: {open(log.name).read()[-2000:]}")
+        time.sleep(0.5)
+    _SERVER.update(url=url, home=home)
+    return url
+
+
+def cli_env(ephemeral: bool = False) -> dict[str, str]:
+    """Environment for a CLI run: the session's shared Prefect server, or (``ephemeral``) none, as a
+    user who never configured Prefect has."""
+    env = dict(os.environ)
+    env.pop("PREFECT_API_URL", None)
+    if not ephemeral:
+        env["PREFECT_API_URL"] = prefect_api()
+    return env
+
+
+def embedpipe(*args, timeout=900, ephemeral=False) -> subprocess.CompletedProcess:
     """Run the CLI as a user would, in a fresh process; str() every argument."""
     return subprocess.run(
         [sys.executable, "-m", "embedpipe.flows.cli", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=cli_env(ephemeral),
     )
 
 

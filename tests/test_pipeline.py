@@ -38,7 +38,7 @@ def _files(root: Path, *folders: str) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("demo") / "run"
-    out = embedpipe("demo", "--out", run)
+    out = embedpipe("demo", "--out", run, ephemeral=True)  # as `make demo` runs: a temporary Prefect server
     assert out.returncode == 0, out.stderr[-5000:]
     return run, out
 

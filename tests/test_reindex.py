@@ -101,3 +101,20 @@ def test_reindex_adds_new_drops_gone_and_keeps_models(tmp_path, demo_images, sma
     # up to date: nothing to do
     again = _reindex(run, small_holidays)
     assert again.returncode == 0 and "nothing to do" in again.stderr + again.stdout
+
+
+def test_bench_reindex_writes_side_by_side_json(tmp_path, small_holidays):
+    out = tmp_path / "bench.json"
+    sets = ["extract.max_side=96", "extract.descriptors=[gem]", "fit.whiten=false", "rerank.methods=[]"]
+    done = embedpipe(
+        "bench", "reindex", "--images", small_holidays, "--fraction", "0.2", "--out", tmp_path / "work",
+        "--json", out, *(a for s in sets for a in ("--set", s)),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["name"] == "reindex" and result["new_images"] == round(23 * 0.2)
+    assert result["ours"]["seconds"] > 0 and result["baseline"]["seconds"] > 0
+    assert result["ratio"] == pytest.approx(
+        result["baseline"]["seconds"] / result["ours"]["seconds"], rel=1e-2
+    )
+    assert result["ours"]["best_map"] == pytest.approx(result["baseline"]["best_map"], abs=1e-9)

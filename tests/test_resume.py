@@ -1,4 +1,4 @@
-"""Crash safety for real: ``kill -9`` of the whole process tree (CLI, Prefect server, Ray) during
+"""Crash safety for real: ``kill -9`` of the whole process tree of a run (CLI and Ray) during
 extraction, fit and evaluation; the same command then finishes without redoing finished shards, and the
 outputs are byte-identical to an uninterrupted run."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .helpers import embedpipe
+from .helpers import cli_env, embedpipe
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,10 @@ def _run_until(images: Path, out: Path, condition, log: Path) -> None:
     """Start the run and kill -9 its whole tree the moment ``condition(out)`` holds."""
     with open(log, "w") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "embedpipe.flows.cli", *_args(images, out)], stdout=fh, stderr=fh
+            [sys.executable, "-m", "embedpipe.flows.cli", *_args(images, out)],
+            stdout=fh,
+            stderr=fh,
+            env=cli_env(),
         )
         deadline = time.monotonic() + 600
         while not condition(out):
