@@ -1,4 +1,6 @@
-"""The extraction stage: inputs -> Ray pipeline -> Parquet feature store + quarantine rows."""
+"""The extraction stage, shard by shard: inputs -> model actors / local-feature tasks on Ray -> one
+Parquet part per store (written whole, then renamed) -> the shard's record; then the stores' manifests,
+the dataset manifest entries and the quarantine rows from the records."""
 
 from __future__ import annotations
 
@@ -67,7 +69,7 @@ class StoreSpec:
 
     @property
     def stage(self) -> str:
-        """The pass that computes it: ``cnn`` (Ray Data model actors) or ``local`` (OpenCV/HOG tasks)."""
+        """The pass that computes it: ``cnn`` (the model actors) or ``local`` (OpenCV/HOG Ray tasks)."""
         return "cnn" if self.dim is None else "local"
 
 
