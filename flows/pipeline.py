@@ -280,6 +280,12 @@ def _start(layout: RunLayout, cfg: Config, inputs: RunInputs, logger) -> None:
     logger.info("run %s: %d inputs in %d shard(s)", layout.root, len(plan.refs), plan.n_shards)
 
 
+def _extract(
+    layout: RunLayout, cfg: Config, inputs: RunInputs, fp: str, ray: LazyRay, logger
+) -> dict[str, Any]:
+    return _run_stage(layout, "extract", fp, lambda: extract_stage(cfg, inputs, layout, ray), logger)
+
+
 def _encoded(cfg: Config) -> bool:
     return any(encoding_of(d)[0] in ("bow", "vlad") for d in cfg.extract.descriptors)
 
@@ -318,9 +324,7 @@ def pipeline(cfg: Config) -> dict[str, Any]:
     _start(layout, cfg, inputs, logger)
     with contextlib.ExitStack() as stack:
         ray = LazyRay(cfg, stack)
-        extracted = _run_stage(
-            layout, "extract", fps["extract"], lambda: extract_stage(cfg, inputs, layout, ray), logger
-        )
+        extracted = _extract(layout, cfg, inputs, fps["extract"], ray, logger)
         _fit(layout, cfg, fps["fit"], ray, logger)
         metrics = _run_stage(
             layout,
@@ -351,9 +355,7 @@ def reindex(cfg: Config) -> dict[str, Any]:
     _start(layout, cfg, inputs, logger)
     with contextlib.ExitStack() as stack:
         ray = LazyRay(cfg, stack)
-        extracted = _run_stage(
-            layout, "extract", fps["extract"], lambda: extract_stage(cfg, inputs, layout, ray), logger
-        )
+        extracted = _extract(layout, cfg, inputs, fps["extract"], ray, logger)
         drift = {
             d: v
             for d in cfg.extract.descriptors
