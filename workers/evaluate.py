@@ -298,9 +298,10 @@ def index_and_evaluate(
 
 
 def whitening_drift(layout: RunLayout, cfg: Config, descriptor: str) -> float | None:
-    """How much worse the run's PCA-whitening describes the store rows its live whitened index does not
-    hold yet than a seeded sample of the rows it does (``whitening.subspace_drift``); None when the
-    descriptor has no whitening or no live whitened index, or nothing is new."""
+    """How much worse the principal subspace of the rows the live whitened index holds (a seeded sample,
+    as many components as the run's whitening) describes the store rows it does not hold yet than unseen
+    old rows (``whitening.subspace_drift``); None when the descriptor has no whitening or no live
+    whitened index, or nothing is new."""
     model = layout.model(whitening_name(descriptor))
     if not cfg.fit.whiten or not model.exists():
         return None
@@ -314,6 +315,5 @@ def whitening_drift(layout: RunLayout, cfg: Config, descriptor: str) -> float | 
         return None
     _, x = read_features(store)
     held = np.setdiff1d(np.arange(len(x)), fresh)
-    rng = np.random.default_rng(cfg.seed)
-    held = np.sort(rng.choice(held, size=min(len(held), 20000), replace=False))
-    return subspace_drift(x[held], x[fresh], arrays["mean"], arrays["proj"])
+    held = np.random.default_rng(cfg.seed).permutation(held)[:20000]  # random order: halves alike
+    return subspace_drift(x[held], x[fresh], int(arrays["proj"].shape[0]))

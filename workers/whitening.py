@@ -55,10 +55,16 @@ def captured_energy(x: np.ndarray, mean: np.ndarray, proj: np.ndarray) -> float:
     return float(((xc @ basis.T) ** 2).sum()) / total if total > 0 else 1.0
 
 
-def subspace_drift(old: np.ndarray, new: np.ndarray, mean: np.ndarray, proj: np.ndarray) -> float:
-    """How much worse a fitted PCA(-whitening) describes ``new`` rows than the ``old`` rows it was
-    fitted on: 1 - captured(new) / captured(old), 0 when new rows are as well described (or better)."""
-    if not len(new) or not len(old):
+def subspace_drift(old: np.ndarray, new: np.ndarray, dim: int) -> float:
+    """How much worse ``new`` rows are described by the principal subspace of the ``old`` ones than
+    unseen old rows are: a PCA of ``dim`` components is fitted on the first half of ``old`` (rows in
+    random order), then 1 - captured(new) / captured(second half), at least 0. Both shares are out of
+    sample, so the measure does not grow merely because the fit had few rows; 0 when ``old`` has fewer
+    than 4 rows or ``new`` none."""
+    half = len(old) // 2
+    if not len(new) or half < 2:
         return 0.0
-    before = captured_energy(old, mean, proj)
-    return max(0.0, 1.0 - captured_energy(new, mean, proj) / before) if before > 0 else 0.0
+    fit = np.asarray(old[:half], np.float64)
+    model = pca_whitening_from_moments(fit.sum(axis=0), fit.T @ fit, half, dim, 0.0)
+    held = captured_energy(old[half:], model["mean"], model["proj"])
+    return max(0.0, 1.0 - captured_energy(new, model["mean"], model["proj"]) / held) if held > 0 else 0.0
