@@ -12,6 +12,7 @@ from typing import Any
 from embedpipe.flows.config import Config
 from embedpipe.flows.pipeline import pipeline, reindex
 from embedpipe.storage.errors import InputError
+from embedpipe.storage.layout import RunLayout
 from embedpipe.storage.sources import list_inputs
 from embedpipe.workers.report import map_of
 
@@ -23,6 +24,12 @@ def _copy(files: list[Path], root: Path, into: Path) -> None:
         target = into / f.relative_to(root)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, target)
+
+
+def _stage_seconds(run: Path) -> dict[str, float]:
+    """Seconds of each stage of the run's last execution (from its manifest)."""
+    stages = RunLayout(run).read_manifest()["stages"]
+    return {name: float(state.get("seconds", 0.0)) for name, state in sorted(stages.items())}
 
 
 def _best_map(metrics: dict[str, Any]) -> float | None:
