@@ -31,7 +31,7 @@ from embedpipe.workers.encode import descriptor_info
 from embedpipe.workers.evaluate import borrowed_whitening, index_and_evaluate, whitening_name
 from embedpipe.workers.extract import extract_queries, run_extract
 from embedpipe.workers.inputs import RunInputs, run_inputs
-from embedpipe.workers.ray_stages import ray_session
+from embedpipe.workers.ray_stages import NodeWork, cluster_nodes, ray_session
 from embedpipe.workers.report import fmt_metric, map_of, row_label, write_report
 
 
@@ -62,11 +62,26 @@ class LazyRay:
 
     def __init__(self, cfg: Config, stack: contextlib.ExitStack):
         self.cfg, self.stack, self.started = cfg, stack, False
+        self.work: NodeWork | None = None
 
     def ensure(self) -> None:
         if not self.started:
-            self.stack.enter_context(ray_session(self.cfg.ray))
+            self.work = self.stack.enter_context(ray_session(self.cfg.ray))
             self.started = True
+
+    def record(self, layout: RunLayout) -> None:
+        """The manifest's ``ray`` section: the cluster's nodes and, per stage, the rows (extract) or
+        parts (index) each node id processed; stages skipped by this run keep their earlier entry."""
+        if self.work is None:
+            return
+        earlier = layout.read_manifest().get("ray", {}).get("work", {})
+        layout.update_manifest(
+            ray={
+                "address": self.cfg.ray.address or "local",
+                "nodes": cluster_nodes(),
+                "work": {**earlier, **self.work.as_dict()},
+            }
+        )
 
 
 @task(name="extract", cache_policy=NO_CACHE)
@@ -220,6 +235,7 @@ def pipeline(cfg: Config) -> dict[str, Any]:
             lambda: evaluate_task(cfg, layout, extracted["n_ok"], ray),
             logger,
         )
+        ray.record(layout)
     report_task(cfg, layout, metrics)
     best = max(metrics["results"], key=map_of)
     logger.info(

@@ -14,8 +14,9 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,15 +36,69 @@ log = logging.getLogger("embedpipe.ray")
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
+@dataclass
+class NodeWork:
+    """What each Ray node did in one session: stage -> node id -> rows (extract) or parts (index)."""
+
+    stages: dict[str, Counter[str]] = field(default_factory=dict)
+
+    def add(self, stage: str, nodes: Iterable[str]) -> None:
+        self.stages.setdefault(stage, Counter()).update(n for n in nodes if n)
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        return {stage: dict(sorted(c.items())) for stage, c in self.stages.items()}
+
+
+_OPEN: list[NodeWork] = []  # the open ray_session's record (innermost last); empty outside a session
+
+
+def record_work(stage: str, nodes: Iterable[str]) -> None:
+    """Count work done on these node ids for ``stage`` in the open session (no-op outside one)."""
+    if _OPEN:
+        _OPEN[-1].add(stage, nodes)
+
+
+def current_node() -> str:
+    """The Ray node id this code runs on ('' outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+def cluster_nodes() -> list[dict[str, Any]]:
+    """The cluster's nodes: id, IP, CPUs, GPUs, alive (inside ``ray_session``)."""
+    import ray
+
+    return [
+        {
+            "node_id": n["NodeID"],
+            "ip": n["NodeManagerAddress"],
+            "cpus": float(n["Resources"].get("CPU", 0)),
+            "gpus": float(n["Resources"].get("GPU", 0)),
+            "alive": bool(n["Alive"]),
+        }
+        for n in sorted(ray.nodes(), key=lambda n: (n["NodeManagerAddress"], n["NodeID"]))
+    ]
+
+
 @contextlib.contextmanager
-def ray_session(cfg: RayConfig) -> Iterator[None]:
-    """Connect to ``cfg.address`` or start a local single-node Ray on 127.0.0.1; shut down what we started."""
+def ray_session(cfg: RayConfig) -> Iterator[NodeWork]:
+    """Connect to ``cfg.address`` or start a local single-node Ray on 127.0.0.1; shut down what we started.
+
+    Yields the session's ``NodeWork``: the stages record on it which nodes ran their work."""
     import ray
 
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
-        yield
+        if _OPEN:
+            yield _OPEN[-1]
+            return
+        _OPEN.append(NodeWork())
+        try:
+            yield _OPEN[-1]
+        finally:
+            _OPEN.pop()
         return
     temp_dir = None
     if cfg.address:
@@ -59,9 +114,11 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
             logging_level=logging.WARNING,
             log_to_driver=False,
         )
+    _OPEN.append(NodeWork())
     try:
-        yield
+        yield _OPEN[-1]
     finally:
+        _OPEN.pop()
         ray.shutdown()
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
@@ -120,6 +177,25 @@ def cluster_gpus() -> int:
     import ray
 
     return int(ray.cluster_resources().get("GPU", 0))
+
+
+def cluster_pool(cfg: ExtractConfig, nodes: Sequence[tuple[float, float]]) -> Pool:
+    """The pool for a cluster of ``nodes`` ((CPUs, GPUs) of each alive node with CPUs).
+
+    An actor must fit on one node, so on several nodes the pool is sized for the smallest node and
+    repeated on each (``extract.actors`` overrides the total); one node is ``pool_size`` as it is."""
+    if len(nodes) <= 1:
+        cpus, gpus = nodes[0] if nodes else (1.0, 0.0)
+        return pool_size(cfg, cpus, int(gpus))
+    cpus = min(c for c, _ in nodes)
+    gpus = min(g for _, g in nodes)
+    per_node = pool_size(cfg.model_copy(update={"actors": 0}), cpus, int(gpus))
+    return replace(per_node, actors=cfg.actors or per_node.actors * len(nodes))
+
+
+def node_resources() -> list[tuple[float, float]]:
+    """(CPUs, GPUs) of each alive node that has CPUs (inside ``ray_session``)."""
+    return [(n["cpus"], n["gpus"]) for n in cluster_nodes() if n["alive"] and n["cpus"] > 0]
 
 
 def read_row(batch: dict[str, np.ndarray], i: int, ingest: IngestConfig) -> bytes:
@@ -222,7 +298,8 @@ class EmbedActor:
             for name in self.names:
                 out[name][i] = vectors[name]
         keep = {k: batch[k] for k in ("pos", "path", "id", "bytes", "width", "height")}
-        return {**keep, "error": errors, **{f"d_{name}": v for name, v in out.items()}}
+        node = np.array([current_node()] * n, dtype=object)  # which node did the work (run manifest)
+        return {**keep, "node": node, "error": errors, **{f"d_{name}": v for name, v in out.items()}}
 
 
 def configure_data_context(ray_cfg: RayConfig) -> None:
@@ -248,12 +325,14 @@ def stream_descriptors(
     cfg, ray_cfg = config.extract, config.ray
     configure_data_context(ray_cfg)
 
-    pool = pool_size(cfg, cluster_cpus(), cluster_gpus())
+    nodes = node_resources()
+    pool = cluster_pool(cfg, nodes)
     log.info(
-        "extract: %d model actor(s) x %d torch thread(s)%s, backbone %s",
+        "extract: %d model actor(s) x %d torch thread(s)%s on %d node(s), backbone %s",
         pool.actors,
         pool.threads,
         f", {pool.actor_gpus:g} GPU each" if pool.actor_gpus else "",
+        len(nodes),
         cfg.backbone,
     )
     items = input_items(refs, boxes)
@@ -266,6 +345,7 @@ def stream_descriptors(
             batch_size=cfg.batch_size,
             batch_format="numpy",
             num_cpus=pool.decode_cpus,
+            max_retries=ray_cfg.max_retries,
         )
     ds = ds.map_batches(
         EmbedActor,
@@ -279,6 +359,10 @@ def stream_descriptors(
         compute=ray.data.ActorPoolStrategy(size=pool.actors),
         num_cpus=pool.actor_cpus,
         num_gpus=pool.actor_gpus or None,
+        # a worker process that dies (killed, OOM, node lost) is restarted and its batch retried, a
+        # bounded number of times: an input that kills every worker fails the stage instead of looping
+        max_restarts=ray_cfg.max_retries,
+        max_task_retries=ray_cfg.max_retries,
     )
     yield from iterate_results(ds, "extraction")
 
@@ -295,6 +379,7 @@ def local_batch(
     batch = decode_batch(batch, cfg.max_side, ingest)
     n = len(batch["path"])
     out = {k: batch[k] for k in ("pos", "path", "id", "bytes", "width", "height", "error")}
+    out["node"] = np.array([current_node()] * n, dtype=object)
     for f in stored:
         out[f"kp_{f}"] = np.array([b""] * n, dtype=object)
         out[f"desc_{f}"] = np.array([b""] * n, dtype=object)
@@ -331,16 +416,21 @@ def stream_local(
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=1,
+        max_retries=config.ray.max_retries,
     )
     yield from iterate_results(ds, "local-feature extraction")
 
 
-def iterate_results(ds, what: str) -> Iterator[dict[str, Any]]:
-    """The batches of a Ray dataset in order; a Ray failure becomes one ``RunFailed`` line."""
+def iterate_results(ds, what: str, stage: str = "extract") -> Iterator[dict[str, Any]]:
+    """The batches of a Ray dataset in order; a Ray failure becomes one ``RunFailed`` line. Rows that
+    carry a ``node`` column are counted for ``stage`` on the session's ``NodeWork``."""
     import ray
 
     try:
-        yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+            if "node" in batch:
+                record_work(stage, batch["node"])
+            yield batch
     except ray.exceptions.RayError as err:  # an actor that cannot start, a worker lost for good, ...
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         raise RunFailed(
