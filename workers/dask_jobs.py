@@ -61,7 +61,7 @@ def dask_scheduler(name: str, address: str | None = None) -> Iterator[dict[str, 
         if not address:
             raise RunFailed("Dask scheduler 'distributed' needs an address (fit.dask_address)")
         try:
-            client = Client(address, timeout=30, set_as_default=False)
+            client = Client(address, timeout=10, set_as_default=False)
         except (OSError, TimeoutError) as err:
             raise RunFailed(f"cannot reach the Dask scheduler at {address}: {err}") from None
         with client:
