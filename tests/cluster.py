@@ -23,30 +23,46 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _processes() -> dict[int, tuple[int, int, str]]:
+    """pid -> (ppid, pgid, command line) of every live process."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp ...
+        out[int(entry.name)] = (int(fields[1]), int(fields[2]), cmd)
+    return out
+
+
+def group_processes(pgids: list[int]) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process in these process groups and of their descendants (Ray
+    starts its worker processes in sessions of their own, as children of the raylet)."""
+    procs = _processes()
+    ours = {pid for pid, (_, pgid, _) in procs.items() if pgid in pgids}
+    grown = True
+    while grown:
+        more = {pid for pid, (ppid, _, _) in procs.items() if ppid in ours} - ours
+        ours |= more
+        grown = bool(more)
+    return [(pid, procs[pid][2]) for pid in sorted(ours)]
+
+
 def _kill_groups(procs: list[subprocess.Popen]) -> None:
-    """SIGKILL the process group of each process we started (each was started in a new session, so its
-    group holds exactly the engine processes it spawned)."""
+    """SIGKILL what we started: each process was started in a new session, so its group holds the engine
+    processes it spawned; their descendants in sessions of their own are killed by pid first."""
+    for pid, _ in group_processes([p.pid for p in procs]):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
     for p in procs:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(p.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(timeout=10)
-
-
-def group_processes(pgids: list[int]) -> list[tuple[int, str]]:
-    """(pid, command line) of every live process in these process groups."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if os.getpgid(int(entry.name)) not in pgids:
-                continue
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except (ProcessLookupError, FileNotFoundError, PermissionError):
-            continue
-        out.append((int(entry.name), cmd))
-    return out
 
 
 @dataclass

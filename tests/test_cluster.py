@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,33 @@ def clusters(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("clusters")
     with ray_two_nodes(tmp) as ray_cluster, dask_cluster(tmp) as dask:
         yield ray_cluster, dask
+
+
+@pytest.fixture(scope="module")
+def holidays(tmp_path_factory, demo_images) -> Path:
+    """The ``small_holidays`` images (three groups of the demo dataset and two distractors), for the
+    module's runs."""
+    root = tmp_path_factory.mktemp("cluster-holidays") / "holidays"
+    root.mkdir()
+    for p in sorted(demo_images.glob("*.jpg")):
+        imno = int(p.stem)
+        if imno // 100 in (1000, 1001, 1002) or imno in (200001, 200101):
+            shutil.copy(p, root / p.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(clusters, holidays, tmp_path_factory) -> tuple[Path, int]:
+    """One uninterrupted run on both clusters: its folder and the Dask scheduler's part_moments tasks
+    it added."""
+    ray_cluster, dask = clusters
+    tmp = tmp_path_factory.mktemp("reference")
+    env = {**ray_cluster.env, "PREFECT_HOME": str(tmp / "prefect")}
+    before = scheduler_task_counts(dask.address).get("part_moments", 0)
+    proc = run_cli(env, *run_args(holidays, tmp / "run", ray_cluster.address, dask.address))
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return tmp / "run", scheduler_task_counts(dask.address).get("part_moments", 0) - before
 
 
 def run_cli(env: dict[str, str], *args) -> subprocess.Popen:
@@ -59,14 +87,10 @@ def outputs(run: Path) -> dict[str, bytes]:
     return files
 
 
-def test_run_on_two_ray_nodes_and_a_dask_scheduler(clusters, small_holidays, tmp_path):
-    ray_cluster, dask = clusters
-    env = {**ray_cluster.env, "PREFECT_HOME": str(tmp_path / "prefect")}
-    before = scheduler_task_counts(dask.address).get("part_moments", 0)
-    proc = run_cli(env, *run_args(small_holidays, tmp_path / "run", ray_cluster.address, dask.address))
-    out, err = proc.communicate(timeout=400)
-    assert proc.returncode == 0, err[-3000:]
-    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+def test_run_on_two_ray_nodes_and_a_dask_scheduler(clusters, reference):
+    _, dask = clusters
+    run, moments_tasks = reference
+    manifest = json.loads((run / "manifest.json").read_text())
     ips = {n["node_id"]: n["ip"] for n in manifest["ray"]["nodes"]}
     assert sorted(ips.values()) == ["127.0.0.2", "127.0.0.3"]
     work = manifest["ray"]["work"]
@@ -76,9 +100,9 @@ def test_run_on_two_ray_nodes_and_a_dask_scheduler(clusters, small_holidays, tmp
     # four indices (gem, spoc; raw and whitened), three parts each: one-CPU tasks spread by Ray
     assert sum(work["index"].values()) == 4 * 3 and set(work["index"]) <= set(ips)
     # the PCA moments were computed by the Dask scheduler's worker: one task per part, gem and spoc
-    assert scheduler_task_counts(dask.address).get("part_moments", 0) - before == 2 * 3
+    assert moments_tasks == 2 * 3
     assert manifest["config"]["fit"]["dask_address"] == dask.address
-    metrics = json.loads((tmp_path / "run" / "report" / "metrics.json").read_text())
+    metrics = json.loads((run / "report" / "metrics.json").read_text())
     assert metrics["dataset"]["n_images"] == 23
     assert min(r["map"] for r in metrics["results"]) > 0.5
 
@@ -96,37 +120,32 @@ def _kill_actor_when_busy(pgids: list[int], killed: list[int], stop: threading.E
         time.sleep(0.05)
 
 
-def test_worker_killed_mid_stage_is_retried_with_identical_output(clusters, small_holidays, tmp_path):
+def test_worker_killed_mid_stage_is_retried_with_identical_output(clusters, holidays, reference, tmp_path):
     ray_cluster, dask = clusters
     env = {**ray_cluster.env, "PREFECT_HOME": str(tmp_path / "prefect")}
-    reference = tmp_path / "reference"
-    proc = run_cli(env, *run_args(small_holidays, reference, ray_cluster.address, dask.address))
-    _, err = proc.communicate(timeout=400)
-    assert proc.returncode == 0, err[-3000:]
-
     killed: list[int] = []
     stop = threading.Event()
     killer = threading.Thread(target=_kill_actor_when_busy, args=(ray_cluster.pgids, killed, stop, False))
     killer.start()
-    proc = run_cli(env, *run_args(small_holidays, tmp_path / "killed", ray_cluster.address, dask.address))
-    _, err = proc.communicate(timeout=400)
+    proc = run_cli(env, *run_args(holidays, tmp_path / "killed", ray_cluster.address, dask.address))
+    _, err = proc.communicate(timeout=600)
     stop.set()
     killer.join()
     assert proc.returncode == 0, err[-3000:]
     assert len(killed) == 1  # one model actor died while it embedded a batch ...
-    assert outputs(tmp_path / "killed") == outputs(reference)  # ... and nothing of the output changed
+    assert outputs(tmp_path / "killed") == outputs(reference[0])  # ... and nothing of the output changed
 
 
-def test_worker_that_keeps_dying_fails_the_run_resumably(clusters, small_holidays, tmp_path):
+def test_worker_that_keeps_dying_fails_the_run_resumably(clusters, holidays, tmp_path):
     ray_cluster, dask = clusters
     env = {**ray_cluster.env, "PREFECT_HOME": str(tmp_path / "prefect")}
-    args = run_args(small_holidays, tmp_path / "run", ray_cluster.address, dask.address)
+    args = run_args(holidays, tmp_path / "run", ray_cluster.address, dask.address)
     killed: list[int] = []
     stop = threading.Event()
     killer = threading.Thread(target=_kill_actor_when_busy, args=(ray_cluster.pgids, killed, stop, True))
     killer.start()
     proc = run_cli(env, *args, "--set", "ray.max_retries=1")
-    _, err = proc.communicate(timeout=400)
+    _, err = proc.communicate(timeout=600)
     stop.set()
     killer.join()
     assert proc.returncode == 1
@@ -136,6 +155,6 @@ def test_worker_that_keeps_dying_fails_the_run_resumably(clusters, small_holiday
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["stages"]["extract"]["state"] == "running"  # not done: a re-run redoes it
     proc = run_cli(env, *args, "--set", "ray.max_retries=1")
-    _, err = proc.communicate(timeout=400)
+    _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert (tmp_path / "run" / "report" / "metrics.json").is_file()
