@@ -26,6 +26,9 @@ log = logging.getLogger("embedpipe.deploy")
 
 UPDATE = pipeline  # the flow a scheduled run executes: Config -> metrics of the up-to-date run
 ENTRYPOINT = "embedpipe.flows.deploy.update_run"  # module-path entrypoint of the deployed flow
+# One run of a deployment at a time: a run directory is updated by one process, and a run that is due
+# while the previous one still works is cancelled (the next one picks up whatever it would have done).
+CONCURRENCY = {"limit": 1, "collision_strategy": "CANCEL_NEW"}
 
 
 @flow(name="embedpipe-update", validate_parameters=False)
@@ -75,6 +78,7 @@ def deployment_yaml(cfg: Config, name: str, cron: str, work_pool: str) -> dict[s
                 "entrypoint": ENTRYPOINT,
                 "parameters": {"config": deployment_config(cfg)},
                 "schedules": [{"cron": cron, "timezone": "UTC", "active": True}],
+                "concurrency_limit": dict(CONCURRENCY),
                 "work_pool": {"name": work_pool, "work_queue_name": "default", "job_variables": {}},
                 "tags": ["embedpipe"],
             }
@@ -106,6 +110,7 @@ def api_url() -> str | None:
 def serve(cfg: Config, name: str, cron: str) -> None:
     """Create (or update) the deployment on the Prefect server and run its scheduled flow runs until
     interrupted; stopping pauses the schedule."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
     from prefect.types.entrypoint import EntrypointType
 
     if not api_url():
@@ -118,5 +123,7 @@ def serve(cfg: Config, name: str, cron: str) -> None:
         description=f"bring {deployment_config(cfg)['out']} up to date with {cfg.images}",
         tags=["embedpipe"],
         entrypoint_type=EntrypointType.MODULE_PATH,
+        global_limit=ConcurrencyLimitConfig(**CONCURRENCY),
+        limit=1,
         print_starting_message=False,
     )

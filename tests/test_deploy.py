@@ -89,7 +89,7 @@ def test_cron_deployment_fires_and_the_run_completes(prefect_server, small_holid
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 480  # the minute boundary, then the run (slow on a loaded host)
         completed = []
         while not completed:
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
@@ -97,6 +97,7 @@ def test_cron_deployment_fires_and_the_run_completes(prefect_server, small_holid
             time.sleep(3)
             runs = httpx.post(f"{api}/flow_runs/filter", json={}, timeout=10).json()
             completed = [r for r in runs if r["deployment_id"] and r["state_type"] == "COMPLETED"]
+            # runs due while one works are cancelled, never run beside it on the same directory
             assert not [r for r in runs if r["state_type"] in ("FAILED", "CRASHED")], runs
     finally:
         _stop(proc)
@@ -104,6 +105,7 @@ def test_cron_deployment_fires_and_the_run_completes(prefect_server, small_holid
     assert deployment["name"] == "every-minute"
     assert deployment["entrypoint"] == "embedpipe.flows.deploy.update_run"
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["* * * * *"]
+    assert deployment["global_concurrency_limit"]["limit"] == 1
     assert completed[0]["auto_scheduled"] is True  # started by the schedule, not by hand
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert metrics["dataset"]["n_images"] == 23
@@ -125,17 +127,17 @@ def test_deployment_file_is_accepted_by_prefect_deploy(prefect_server, small_hol
     assert dep["entrypoint"] == "embedpipe.flows.deploy.update_run"
     assert dep["parameters"]["config"]["out"] == str((tmp_path / "run").resolve())
     prefect = [sys.executable, "-m", "prefect"]
-    for args in (
-        ["work-pool", "create", "embedpipe-test", "--type", "process"],
-        ["--no-prompt", "deploy", "--all", "--prefect-file", str(path)],
-    ):
-        done = subprocess.run(
-            prefect + args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180
-        )
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    run = {"env": env, "cwd": tmp_path, "capture_output": True, "text": True, "timeout": 180}
+    done = subprocess.run(prefect + ["work-pool", "create", "embedpipe-test", "--type", "process"], **run)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    done = subprocess.run(prefect + ["--no-prompt", "deploy", "--all", "--prefect-file", str(path)], **run)
+    # prefect 3.8's CLI creates the deployment, then its look-up of the pool's online workers is refused
+    # by the server (422: limit/offset null) and it exits 1: what counts is the deployment, read below
+    assert "Deployment 'embedpipe-update/nightly' successfully created" in done.stdout, done.stdout[-3000:]
     found = httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()
     (nightly,) = [d for d in found if d["name"] == "nightly"]
     assert nightly["work_pool_name"] == "embedpipe-test"
     assert nightly["entrypoint"] == "embedpipe.flows.deploy.update_run"
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 3 * * *"]
+    assert nightly["global_concurrency_limit"]["limit"] == 1
     assert nightly["parameters"]["config"]["images"] == str(small_holidays.resolve())

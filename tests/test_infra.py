@@ -180,5 +180,5 @@ def test_prefect_deployment_file():
     assert cfg.images == "/data/images" and str(cfg.out) == "/runs/nightly"
     for schedule in dep["schedules"]:
         check_cron(schedule["cron"])
-    assert dep["work_pool"]["name"]
+    assert dep["work_pool"]["name"] and dep["concurrency_limit"]["limit"] == 1
     assert "prefect deploy --all --prefect-file infra/prefect.yaml" in (INFRA / "prefect.yaml").read_text()
