@@ -1,14 +1,16 @@
 """Scheduled ingestion: a Prefect deployment that brings a run directory up to date with its images.
 
 ``update_run`` is the deployed flow. It rebuilds the run's Config from the deployment's parameters and
-runs ``UPDATE``, the flow that brings ``cfg.out`` up to date with ``cfg.images`` (the pipeline: it
-resumes and redoes only the stages whose inputs or config changed). The deployment is either served by
-this process (``serve``: Prefect's Runner, one subprocess per flow run, against the Prefect server of
-PREFECT_API_URL) or written as a prefect.yaml-style file for ``prefect deploy`` and a process work pool.
+runs ``UPDATE`` (module:function), the flow that brings ``cfg.out`` up to date with ``cfg.images``
+(the pipeline: it resumes and redoes only the stages whose inputs or config changed). The deployment is
+either served by this process (``serve``: Prefect's Runner, one subprocess per flow run, against the
+Prefect server of PREFECT_API_URL) or written as a prefect.yaml-style file for ``prefect deploy`` and a
+process work pool.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import logging
 import os
@@ -19,12 +21,11 @@ import yaml
 from prefect import flow
 
 from embedpipe.flows.config import Config
-from embedpipe.flows.pipeline import pipeline
 from embedpipe.storage.errors import InputError
 
 log = logging.getLogger("embedpipe.deploy")
 
-UPDATE = pipeline  # the flow a scheduled run executes: Config -> metrics of the up-to-date run
+UPDATE = "embedpipe.flows.pipeline:pipeline"  # the flow a scheduled run executes: Config -> metrics
 ENTRYPOINT = "embedpipe.flows.deploy.update_run"  # module-path entrypoint of the deployed flow
 # One run of a deployment at a time: a run directory is updated by one process, and a run that is due
 # while the previous one still works is cancelled (the next one picks up whatever it would have done).
@@ -34,7 +35,9 @@ CONCURRENCY = {"limit": 1, "collision_strategy": "CANCEL_NEW"}
 @flow(name="embedpipe-update", validate_parameters=False)
 def update_run(config: dict[str, Any]) -> dict[str, Any]:
     """Bring the run at ``config['out']`` up to date with the images at ``config['images']``."""
-    return UPDATE(Config.model_validate(config))
+    module, name = UPDATE.split(":")
+    update = getattr(importlib.import_module(module), name)  # imported here: the CLI starts faster
+    return update(Config.model_validate(config))
 
 
 def check_cron(cron: str) -> str:
