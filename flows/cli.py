@@ -38,6 +38,10 @@ def _set_args(p: argparse.ArgumentParser) -> None:
         help="override one config key, e.g. --set extract.max_side=512 (repeatable)",
     )
     p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+    p.add_argument(
+        "--dask-address",
+        help="run the fit stage's Dask jobs on this running Dask scheduler (e.g. tcp://host:8786)",
+    )
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -82,6 +86,26 @@ def build_parser() -> argparse.ArgumentParser:
     reindex.add_argument("run", type=Path, help="the run directory")
     reindex.add_argument("--images", required=True, help="the collection now (any form `run` takes)")
     _set_args(reindex)
+
+    deploy = sub.add_parser(
+        "deploy", help="serve a Prefect deployment that keeps a run up to date with its images on a schedule"
+    )
+    deploy.add_argument("config", nargs="?", type=Path, help="YAML config file")
+    deploy.add_argument("--cron", required=True, help='schedule (UTC), e.g. "0 2 * * *" for 02:00 daily')
+    deploy.add_argument("--images", help="the inputs to follow (any form, as for 'run --images')")
+    deploy.add_argument("--protocol", choices=PROTOCOLS, help="evaluation protocol (default holidays)")
+    deploy.add_argument("--ground-truth", help="Oxford/Paris ground truth, as for 'run'")
+    deploy.add_argument("--name", help="deployment name (default update-<name of --out>)")
+    deploy.add_argument(
+        "--write-yaml",
+        type=Path,
+        metavar="PATH",
+        help="write a prefect.yaml-style deployment file for 'prefect deploy' instead of serving",
+    )
+    deploy.add_argument(
+        "--work-pool", default="embedpipe", help="process work pool named in --write-yaml (default embedpipe)"
+    )
+    _config_args(deploy)
 
     ingest = sub.add_parser("ingest", help="the ingest stage alone: manifest, shard plan, resized shards")
     ingest.add_argument("images", help="any input form, as for 'run --images'")
@@ -191,7 +215,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run_config(args: argparse.Namespace):
+def _engine_overrides(args: argparse.Namespace) -> dict:
+    """Config overrides of --ray-address and --dask-address."""
+    overrides: dict = {}
+    if args.ray_address:
+        overrides["ray"] = {"address": args.ray_address}
+    if args.dask_address:
+        overrides["fit"] = {"scheduler": "distributed", "dask_address": args.dask_address}
+    return overrides
+
+
+def _load_run_config(args: argparse.Namespace, check_inputs: bool = True):
     from embedpipe.flows.config import load_config
     from embedpipe.storage.sources import list_inputs
     from embedpipe.workers.descriptors.backbones import check_backbone
@@ -202,15 +236,14 @@ def _load_run_config(args: argparse.Namespace):
         "ground_truth": getattr(args, "ground_truth", None),
         "out": args.out,
     }
-    if args.ray_address:
-        overrides["ray"] = {"address": args.ray_address}
+    overrides.update(_engine_overrides(args))
     cfg = load_config(
         preset=args.preset or ("default" if not getattr(args, "config", None) else None),
         path=getattr(args, "config", None),
         overrides=overrides,
         sets=args.sets,
     )
-    if cfg.images is not None:
+    if cfg.images is not None and check_inputs:
         list_inputs(cfg.images)  # fail fast, before any engine starts
     check_backbone(cfg.extract.backbone, cfg.extract.weights, cfg.extract.descriptors)
     return cfg
@@ -235,12 +268,35 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     if saved is None:
         raise InputError(f"{args.run} is not a run directory (no manifest.json with a config)")
     saved = {**saved, "images": args.images, "out": str(args.run)}
-    if args.ray_address:
-        saved["ray"] = {**saved.get("ray", {}), "address": args.ray_address}
+    for section, values in _engine_overrides(args).items():
+        saved[section] = {**saved.get(section, {}), **values}
     cfg = load_config(overrides=saved, sets=args.sets)
     list_inputs(cfg.images)  # fail fast, before any engine starts
     metrics = reindex(cfg)
     _print_table(metrics, cfg.out)
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from embedpipe.flows import deploy
+
+    cron = deploy.check_cron(args.cron)
+    if not args.write_yaml and not deploy.api_url():
+        raise InputError(
+            "deploy needs a Prefect server: start one (prefect server start) and set PREFECT_API_URL, "
+            "e.g. http://127.0.0.1:4200/api"
+        )
+    # a deployment file may be for another machine: its --images need not exist here
+    cfg = _load_run_config(args, check_inputs=not args.write_yaml)
+    if cfg.images is None:
+        raise InputError("no images given (--images PATH or 'images:' in the config)")
+    name = args.name or deploy.default_name(cfg)
+    if args.write_yaml:
+        path = deploy.write_deployment_yaml(args.write_yaml, cfg, name, cron, args.work_pool)
+        hint = f"register it with: prefect deploy --all --prefect-file {path}"
+        sys.stdout.write(f"{path}: deployment {name} ({hint})\n")
+        return 0
+    deploy.serve(cfg, name, cron)
     return 0
 
 
@@ -250,9 +306,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     if args.max_side < 32:
         raise InputError("--max-side must be at least 32")
-    overrides = {"images": args.images, "out": args.out}
-    if args.ray_address:
-        overrides["ray"] = {"address": args.ray_address}
+    overrides = {"images": args.images, "out": args.out, **_engine_overrides(args)}
     cfg = load_config(preset="default", overrides=overrides, sets=args.sets)
     result = run_ingest(args.images, args.out, cfg, args.max_side)
     sys.stdout.write(result.summary + "\n")
@@ -552,6 +606,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "run": cmd_run,
     "reindex": cmd_reindex,
+    "deploy": cmd_deploy,
     "ingest": cmd_ingest,
     "datasets": cmd_datasets,
     "bench": cmd_bench,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from embedpipe.storage.errors import InputError
 
@@ -100,12 +100,27 @@ class FitConfig(_Frozen):
     shrinkage: float = Field(
         1.0, ge=0, description="eigenvalue regularisation: adds this fraction of the mean eigenvalue"
     )
-    scheduler: Literal["ray", "threads", "local-cluster"] = "ray"
+    scheduler: Literal["ray", "threads", "local-cluster", "distributed"] = Field(
+        "ray",
+        description="Dask scheduler: Dask-on-Ray (the run's Ray cluster), local threads, an in-process "
+        "local cluster, or 'distributed': the scheduler at fit.dask_address",
+    )
+    dask_address: str | None = Field(
+        None,
+        description="address of a running Dask scheduler (e.g. tcp://10.0.0.5:8786) for "
+        "scheduler 'distributed'",
+    )
     from_run: Path | None = Field(
         None,
         description="apply the PCA-whitening learnt by this finished run (e.g. learn on Paris, test on "
         "Oxford) instead of fitting on this run's images",
     )
+
+    @model_validator(mode="after")
+    def _address(self) -> FitConfig:
+        if (self.scheduler == "distributed") != (self.dask_address is not None):
+            raise ValueError("fit.scheduler 'distributed' and fit.dask_address go together (--dask-address)")
+        return self
 
 
 class IndexConfig(_Frozen):
@@ -202,6 +217,12 @@ class RayConfig(_Frozen):
     object_store_mb: int = Field(1024, ge=128)
     progress_timeout_s: float = Field(
         600.0, gt=0, description="fail a stage that makes no progress this long"
+    )
+    max_retries: int = Field(
+        3,
+        ge=0,
+        description="a Ray task or model actor whose worker process dies (killed, out of memory, node "
+        "lost) is retried / restarted this many times before the stage fails",
     )
 
 

@@ -47,7 +47,7 @@ from embedpipe.workers.extract import (
 )
 from embedpipe.workers.inputs import RunInputs, run_inputs
 from embedpipe.workers.progress import Progress
-from embedpipe.workers.ray_stages import SharedModels, ray_session
+from embedpipe.workers.ray_stages import NodeWork, SharedModels, cluster_nodes, ray_session
 from embedpipe.workers.report import fmt_metric, map_of, row_label, write_report
 
 
@@ -78,11 +78,26 @@ class LazyRay:
 
     def __init__(self, cfg: Config, stack: contextlib.ExitStack):
         self.cfg, self.stack, self.started = cfg, stack, False
+        self.work: NodeWork | None = None
 
     def ensure(self) -> None:
         if not self.started:
-            self.stack.enter_context(ray_session(self.cfg.ray))
+            self.work = self.stack.enter_context(ray_session(self.cfg.ray))
             self.started = True
+
+    def record(self, layout: RunLayout) -> None:
+        """The manifest's ``ray`` section: the cluster's nodes and, per stage, the rows (extract) or
+        parts (index) each node id processed; stages skipped by this run keep their earlier entry."""
+        if self.work is None:
+            return
+        earlier = layout.read_manifest().get("ray", {}).get("work", {})
+        layout.update_manifest(
+            ray={
+                "address": self.cfg.ray.address or "local",
+                "nodes": cluster_nodes(),
+                "work": {**earlier, **self.work.as_dict()},
+            }
+        )
 
 
 @task(
@@ -333,6 +348,7 @@ def pipeline(cfg: Config) -> dict[str, Any]:
             lambda: evaluate_task(cfg, layout, extracted["n_ok"], ray),
             logger,
         )
+        ray.record(layout)
     _finish(cfg, layout, metrics, extracted, logger)
     return metrics
 
@@ -382,5 +398,19 @@ def reindex(cfg: Config) -> dict[str, Any]:
             },
             logger,
         )
+        ray.record(layout)
     _finish(cfg, layout, metrics, extracted, logger)
     return metrics
+
+
+def update(cfg: Config) -> dict[str, Any]:
+    """Bring the run at ``cfg.out`` up to date with ``cfg.images`` (what scheduled runs execute): a
+    finished run made with the same config apart from its images is reindexed; anything else (a new,
+    unfinished or reconfigured run) goes through the pipeline, which resumes what it can."""
+    layout = RunLayout(cfg.out)
+    saved = layout.read_manifest().get("config")
+    now = cfg.model_dump(mode="json")
+    same = saved is not None and {k: v for k, v in saved.items() if k not in ("images", "out")} == {
+        k: v for k, v in now.items() if k not in ("images", "out")
+    }
+    return reindex(cfg) if same and layout.metrics.exists() else pipeline(cfg)

@@ -78,7 +78,7 @@ def test_actor_pool_never_starves_decode(cpus, actors):
     assert auto.actors * auto.actor_cpus <= cpus + 1e-9
     split = pool_size(ExtractConfig(actors=actors, decode_in="stage"), cpus)
     assert not split.fused and split.actors * split.actor_cpus + split.decode_cpus <= cpus + 1e-9
-    if not actors:  # default pools ask distinct CPU amounts, so Ray Data keeps decode a separate stage
+    if not actors:  # default pools ask distinct CPU amounts for decode tasks and actors
         assert split.actor_cpus != split.decode_cpus
     gpu = pool_size(ExtractConfig(actors=actors), cpus, gpus=2)
     assert not gpu.fused and gpu.actors == (actors or 2) and 0 < gpu.actor_gpus <= 1

@@ -52,9 +52,22 @@ def descriptor_array(directory: Path) -> da.Array:
 
 
 @contextlib.contextmanager
-def dask_scheduler(name: str) -> Iterator[dict[str, Any]]:
-    """Keyword arguments for ``dask.compute`` that run on the named scheduler."""
-    if name == "ray":
+def dask_scheduler(name: str, address: str | None = None) -> Iterator[dict[str, Any]]:
+    """Keyword arguments for ``dask.compute`` that run on the named scheduler ('distributed': the
+    running scheduler at ``address``, whose workers must have embedpipe installed)."""
+    if name == "distributed":
+        from distributed import Client
+
+        if not address:
+            raise RunFailed("Dask scheduler 'distributed' needs an address (fit.dask_address)")
+        try:
+            client = Client(address, timeout=10, set_as_default=False)
+        except (OSError, TimeoutError) as err:
+            raise RunFailed(f"cannot reach the Dask scheduler at {address}: {err}") from None
+        with client:
+            log.info("fit: Dask scheduler %s, %d worker(s)", address, len(client.scheduler_info()["workers"]))
+            yield {"scheduler": client.get}
+    elif name == "ray":
         from ray.util.dask import ray_dask_get
 
         yield {"scheduler": ray_dask_get}
@@ -87,7 +100,7 @@ def _add_moments(a: Moments, b: Moments) -> Moments:
     return a[0] + b[0], a[1] + b[1], a[2] + b[2]
 
 
-def store_moments(directory: Path, scheduler: str) -> Moments:
+def store_moments(directory: Path, scheduler: str, address: str | None = None) -> Moments:
     """Column sums and Gram matrix of the whole store in one pass: one Dask task per part file, partial
     moments summed pairwise in a tree, so memory holds a few parts and D×D partial sums at a time."""
     level = [
@@ -100,7 +113,7 @@ def store_moments(directory: Path, scheduler: str) -> Moments:
     while len(level) > 1:
         pairs = [dask.delayed(_add_moments)(a, b) for a, b in zip(level[::2], level[1::2], strict=False)]
         level = pairs + ([level[-1]] if len(level) % 2 else [])
-    with dask_scheduler(scheduler) as kwargs:
+    with dask_scheduler(scheduler, address) as kwargs:
         (moments,) = dask.compute(level[0], **kwargs)
     return moments
 
@@ -109,7 +122,7 @@ def fit_pca_whitening(directory: Path, cfg: FitConfig) -> tuple[dict[str, np.nda
     """One pass over the store: column sums and Gram matrix in Dask, then eigh in numpy.
 
     Returns the whitening arrays and the number of rows it was fitted on."""
-    total, gram, n = store_moments(directory, cfg.scheduler)
+    total, gram, n = store_moments(directory, cfg.scheduler, cfg.dask_address)
     model = pca_whitening_from_moments(total, gram, n, cfg.dim, cfg.shrinkage)
     if cfg.dim and model["proj"].shape[0] < cfg.dim:
         log.warning(
@@ -127,7 +140,7 @@ def sample_local(source: Path, feature: str, cfg: Config) -> np.ndarray:
         dask.delayed(sample_part)(str(p), feature, cfg.bow.sample_per_image, cfg.seed)
         for p in part_files(source)
     ]
-    with dask_scheduler(cfg.fit.scheduler) as kwargs:
+    with dask_scheduler(cfg.fit.scheduler, cfg.fit.dask_address) as kwargs:
         blocks = list(dask.compute(*tasks, **kwargs))
     return cap_sample(blocks, cfg.bow.max_sample, cfg.seed)
 
@@ -190,7 +203,7 @@ def encode_descriptor(layout: RunLayout, cfg: Config, descriptor: str) -> dict[s
         )
         for i, p in enumerate(parts)
     ]
-    with dask_scheduler(cfg.fit.scheduler) as kwargs:
+    with dask_scheduler(cfg.fit.scheduler, cfg.fit.dask_address) as kwargs:
         rows = int(sum(dask.compute(*tasks, **kwargs)))
     dim = k if kind == "bow" else int(centroids.size)
     write_manifest(out, {"dim": dim, "rows": rows, "n_parts": len(parts), **meta})

@@ -64,8 +64,21 @@ def gather_part(path: str, row0: int, transform: Transform) -> tuple[np.ndarray,
 
 
 def _ray_fill(trained: np.ndarray, path: str, row0: int, transform: Transform, merge: bool):
+    """One part as a Ray task of one CPU; also returns the node id it ran on."""
+    from embedpipe.workers.ray_stages import current_node
+
     faiss.omp_set_num_threads(1)  # one CPU per task
-    return fill_part(trained, path, row0, transform) if merge else gather_part(path, row0, transform)
+    out = fill_part(trained, path, row0, transform) if merge else gather_part(path, row0, transform)
+    return *out, current_node()
+
+
+def _recorded(result: tuple) -> tuple:
+    """A ``_ray_fill`` result without its node id, which is counted on the session's ``NodeWork``."""
+    from embedpipe.workers.ray_stages import record_work
+
+    *out, node = result
+    record_work("index", [node])
+    return tuple(out)
 
 
 def train_on_store(directory: Path, cfg: IndexConfig, seed: int, transform: Transform) -> faiss.Index:
@@ -102,10 +115,16 @@ def build_store_index(
 
 
 def fill_from_store(
-    directory: Path, trained: np.ndarray, engine: str, transform: Transform = None, label: str = ""
+    directory: Path,
+    trained: np.ndarray,
+    engine: str,
+    transform: Transform = None,
+    label: str = "",
+    max_retries: int = 3,
 ) -> tuple[faiss.Index, pa.Table]:
     """Fill copies of the trained index (serialised), one per part file, as Ray tasks of one CPU each
-    (engine 'ray') or in this process ('local'), and merge them in part order."""
+    (engine 'ray'; a task whose worker dies is retried ``max_retries`` times) or in this process
+    ('local'), and merge them in part order."""
     counts = part_row_counts(directory)
     row0s = np.concatenate([[0], np.cumsum([c for _, c in counts])])[:-1].tolist()
     jobs = [(str(p), int(r)) for (p, _), r in zip(counts, row0s, strict=True)]
@@ -114,10 +133,10 @@ def fill_from_store(
     if engine == "ray":
         import ray
 
-        task = ray.remote(num_cpus=1)(_ray_fill)
+        task = ray.remote(num_cpus=1, max_retries=max_retries)(_ray_fill)
         ref = ray.put(trained)
         pending = [task.remote(ref, p, r, transform, mergeable) for p, r in jobs]
-        results = (ray.get(x) for x in pending)  # in part order; each released once merged
+        results = (_recorded(ray.get(x)) for x in pending)  # in part order; each released once merged
     else:  # adds run on FAISS's own threads
         results = (
             fill_part(trained, p, r, transform) if mergeable else gather_part(p, r, transform)

@@ -15,8 +15,9 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,15 +37,69 @@ log = logging.getLogger("embedpipe.ray")
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
+@dataclass
+class NodeWork:
+    """What each Ray node did in one session: stage -> node id -> rows (extract) or parts (index)."""
+
+    stages: dict[str, Counter[str]] = field(default_factory=dict)
+
+    def add(self, stage: str, nodes: Iterable[str]) -> None:
+        self.stages.setdefault(stage, Counter()).update(n for n in nodes if n)
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        return {stage: dict(sorted(c.items())) for stage, c in self.stages.items()}
+
+
+_OPEN: list[NodeWork] = []  # the open ray_session's record (innermost last); empty outside a session
+
+
+def record_work(stage: str, nodes: Iterable[str]) -> None:
+    """Count work done on these node ids for ``stage`` in the open session (no-op outside one)."""
+    if _OPEN:
+        _OPEN[-1].add(stage, nodes)
+
+
+def current_node() -> str:
+    """The Ray node id this code runs on ('' outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+def cluster_nodes() -> list[dict[str, Any]]:
+    """The cluster's nodes: id, IP, CPUs, GPUs, alive (inside ``ray_session``)."""
+    import ray
+
+    return [
+        {
+            "node_id": n["NodeID"],
+            "ip": n["NodeManagerAddress"],
+            "cpus": float(n["Resources"].get("CPU", 0)),
+            "gpus": float(n["Resources"].get("GPU", 0)),
+            "alive": bool(n["Alive"]),
+        }
+        for n in sorted(ray.nodes(), key=lambda n: (n["NodeManagerAddress"], n["NodeID"]))
+    ]
+
+
 @contextlib.contextmanager
-def ray_session(cfg: RayConfig) -> Iterator[None]:
-    """Connect to ``cfg.address`` or start a local single-node Ray on 127.0.0.1; shut down what we started."""
+def ray_session(cfg: RayConfig) -> Iterator[NodeWork]:
+    """Connect to ``cfg.address`` or start a local single-node Ray on 127.0.0.1; shut down what we started.
+
+    Yields the session's ``NodeWork``: the stages record on it which nodes ran their work."""
     import ray
 
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
-        yield
+        if _OPEN:
+            yield _OPEN[-1]
+            return
+        _OPEN.append(NodeWork())
+        try:
+            yield _OPEN[-1]
+        finally:
+            _OPEN.pop()
         return
     temp_dir = None
     if cfg.address:
@@ -60,9 +115,11 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
             logging_level=logging.WARNING,
             log_to_driver=False,
         )
+    _OPEN.append(NodeWork())
     try:
-        yield
+        yield _OPEN[-1]
     finally:
+        _OPEN.pop()
         ray.shutdown()
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
@@ -91,8 +148,8 @@ def pool_size(cfg: ExtractConfig, cpus: float, gpus: int = 0) -> Pool:
     unless ``extract.actors`` says otherwise.
 
     Decode is a separate stage when there are cores to spare for it (GPUs, or 4+ CPUs): the actors
-    together never reserve the CPUs of one decode task, so the stages cannot wait on each other, and
-    their distinct CPU requests keep Ray Data from fusing them. On smaller CPU nodes a separate decode
+    together never reserve the CPUs of one decode task, so the stages cannot wait on each other. On
+    smaller CPU nodes a separate decode
     stage only steals cycles from the model's threads (and their barriers stall on the busy core), so
     each actor decodes its own batch, as a plain loop would (``extract.decode_in`` overrides)."""
     on_gpu = gpus > 0 and cfg.device != "cpu"
@@ -121,6 +178,25 @@ def cluster_gpus() -> int:
     import ray
 
     return int(ray.cluster_resources().get("GPU", 0))
+
+
+def cluster_pool(cfg: ExtractConfig, nodes: Sequence[tuple[float, float]]) -> Pool:
+    """The pool for a cluster of ``nodes`` ((CPUs, GPUs) of each alive node with CPUs).
+
+    An actor must fit on one node, so on several nodes the pool is sized for the smallest node and
+    repeated on each (``extract.actors`` overrides the total); one node is ``pool_size`` as it is."""
+    if len(nodes) <= 1:
+        cpus, gpus = nodes[0] if nodes else (1.0, 0.0)
+        return pool_size(cfg, cpus, int(gpus))
+    cpus = min(c for c, _ in nodes)
+    gpus = min(g for _, g in nodes)
+    per_node = pool_size(cfg.model_copy(update={"actors": 0}), cpus, int(gpus))
+    return replace(per_node, actors=cfg.actors or per_node.actors * len(nodes))
+
+
+def node_resources() -> list[tuple[float, float]]:
+    """(CPUs, GPUs) of each alive node that has CPUs (inside ``ray_session``)."""
+    return [(n["cpus"], n["gpus"]) for n in cluster_nodes() if n["alive"] and n["cpus"] > 0]
 
 
 def read_row(batch: dict[str, np.ndarray], i: int, ingest: IngestConfig) -> bytes:
@@ -181,7 +257,7 @@ def input_result(batch: dict[str, np.ndarray], j: int) -> dict[str, Any]:
 
 
 def input_items(refs: Sequence[InputRef | str], boxes: Sequence | None = None) -> list[dict[str, Any]]:
-    """Ray Data rows for inputs (plain strings are local paths or URLs); ``boxes``: query crops."""
+    """Rows for inputs (plain strings are local paths or URLs); ``boxes``: query crops."""
     items = []
     for pos, ref in enumerate(refs):
         if isinstance(ref, str):
@@ -194,7 +270,7 @@ def input_items(refs: Sequence[InputRef | str], boxes: Sequence | None = None) -
 
 
 class EmbedActor:
-    """Ray Data model actor: loads the backbone once, maps a decoded batch to descriptor columns
+    """Model actor: loads the backbone once, maps a decoded batch to descriptor columns
     (or, with ``decode``, a batch of paths, decoding them first)."""
 
     def __init__(self, cfg: ExtractConfig, threads: int, ingest: IngestConfig | None = None):
@@ -223,7 +299,8 @@ class EmbedActor:
             for name in self.names:
                 out[name][i] = vectors[name]
         keep = {k: batch[k] for k in ("pos", "path", "id", "bytes", "width", "height")}
-        return {**keep, "error": errors, **{f"d_{name}": v for name, v in out.items()}}
+        node = np.array([current_node()] * n, dtype=object)  # which node did the work (run manifest)
+        return {**keep, "node": node, "error": errors, **{f"d_{name}": v for name, v in out.items()}}
 
     def embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The actor method ``ModelPool`` calls."""
@@ -256,9 +333,8 @@ class ModelPool:
 
     Plain Ray actors sized by ``pool_size`` from the cluster's resources, fed through
     ``ray.util.ActorPool`` with at most two batches per actor in flight; a dead actor is restarted and
-    its batches retried (``max_restarts``/``max_task_retries``)."""
-
-    RETRIES = 3
+    its batches retried (``ray.max_retries`` times). On several nodes the pool is sized for the smallest
+    node and repeated on each (``cluster_pool``); each batch records the node that embedded it."""
 
     def __init__(self, config: Config):
         import ray
@@ -266,26 +342,31 @@ class ModelPool:
 
         cfg = self.cfg = config.extract
         self.ingest, self.timeout = config.ingest, config.ray.progress_timeout_s
-        pool = self.spec = pool_size(cfg, cluster_cpus(), cluster_gpus())
+        nodes = node_resources()
+        pool = self.spec = cluster_pool(cfg, nodes)
         log.info(
-            "extract: %d model actor(s) x %d torch thread(s)%s, backbone %s",
+            "extract: %d model actor(s) x %d torch thread(s)%s on %d node(s), backbone %s",
             pool.actors,
             pool.threads,
             f", {pool.actor_gpus:g} GPU each" if pool.actor_gpus else "",
+            len(nodes),
             cfg.backbone,
         )
+        # an actor whose worker process dies (killed, out of memory, node lost) is restarted and its
+        # batch retried, a bounded number of times: an input that kills every worker fails the stage
+        retries = config.ray.max_retries
         actor = ray.remote(EmbedActor).options(
             num_cpus=pool.actor_cpus,
             num_gpus=pool.actor_gpus or None,
-            max_restarts=self.RETRIES,
-            max_task_retries=self.RETRIES,
+            max_restarts=retries,
+            max_task_retries=retries,
         )
         ingest = config.ingest if pool.fused else None
         self.actors = [actor.remote(cfg, pool.threads, ingest) for _ in range(pool.actors)]
         self.decode = (
             None
             if pool.fused
-            else ray.remote(decode_batch).options(num_cpus=pool.decode_cpus, max_retries=self.RETRIES)
+            else ray.remote(decode_batch).options(num_cpus=pool.decode_cpus, max_retries=retries)
         )
         self.pool = ActorPool(self.actors)
 
@@ -304,12 +385,12 @@ class ModelPool:
                 if self.decode is not None:
                     batch = self.decode.remote(batch, self.cfg.max_side, self.ingest)
                 if pending >= window:
-                    yield self.pool.get_next(timeout=self.timeout)
+                    yield self._next()
                     pending -= 1
                 self.pool.submit(lambda actor, b: actor.embed.remote(b), batch)
                 pending += 1
             while pending:
-                yield self.pool.get_next(timeout=self.timeout)
+                yield self._next()
                 pending -= 1
         except TimeoutError as err:
             raise RunFailed(
@@ -320,6 +401,11 @@ class ModelPool:
             raise RunFailed(
                 f"extraction failed on the Ray cluster: {lines[-1] if lines else type(err).__name__}"
             ) from err
+
+    def _next(self) -> dict[str, Any]:
+        batch = self.pool.get_next(timeout=self.timeout)
+        record_work("extract", batch["node"])
+        return batch
 
     def close(self) -> None:
         import ray
@@ -358,6 +444,7 @@ def local_batch(
     batch = decode_batch(batch, cfg.max_side, ingest)
     n = len(batch["path"])
     out = {k: batch[k] for k in ("pos", "path", "id", "bytes", "width", "height", "error")}
+    out["node"] = np.array([current_node()] * n, dtype=object)
     for f in stored:
         out[f"kp_{f}"] = np.array([b""] * n, dtype=object)
         out[f"desc_{f}"] = np.array([b""] * n, dtype=object)
@@ -394,16 +481,21 @@ def stream_local(
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=1,
+        max_retries=config.ray.max_retries,
     )
     yield from iterate_results(ds, "local-feature extraction")
 
 
-def iterate_results(ds, what: str) -> Iterator[dict[str, Any]]:
-    """The batches of a Ray dataset in order; a Ray failure becomes one ``RunFailed`` line."""
+def iterate_results(ds, what: str, stage: str = "extract") -> Iterator[dict[str, Any]]:
+    """The batches of a Ray dataset in order; a Ray failure becomes one ``RunFailed`` line. Rows that
+    carry a ``node`` column are counted for ``stage`` on the session's ``NodeWork``."""
     import ray
 
     try:
-        yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+            if "node" in batch:
+                record_work(stage, batch["node"])
+            yield batch
     except ray.exceptions.RayError as err:  # an actor that cannot start, a worker lost for good, ...
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         raise RunFailed(
