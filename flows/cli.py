@@ -76,6 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_args(run)
 
+    run.add_argument(
+        "--backbone",
+        help="backbone name, or a folder written by 'embedpipe finetune' (its image size comes along)",
+    )
+
+    ft = sub.add_parser("finetune", help="fine-tune the backbone for retrieval on Ray Train")
+    ft.add_argument("config", nargs="?", type=Path, help="YAML config file")
+    ft.add_argument("--images", help="training images (labels or Holidays layout), never the evaluation set")
+    ft.add_argument("--out", type=Path, required=True, help="FT_DIR: backbone, checkpoints (re-running resumes)")
+    ft.add_argument("--loss", choices=("contrastive", "triplet"), help="tuple loss (default contrastive)")
+    ft.add_argument("--epochs", type=int, help="epochs (default 5)")
+    ft.add_argument("--preset", help="named preset (see 'embedpipe presets')")
+    _set_args(ft)
+
     ingest = sub.add_parser("ingest", help="the ingest stage alone: manifest, shard plan, resized shards")
     ingest.add_argument("images", help="any input form, as for 'run --images'")
     ingest.add_argument("--out", type=Path, required=True, help="output folder (re-running resumes)")
@@ -97,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="side-by-side benchmarks written as JSON")
     bench.add_argument(
         "what",
-        choices=("extract", "decode", "codebook", "pca", "index"),
+        choices=("extract", "decode", "codebook", "pca", "index", "train"),
         help="what to measure: the extraction pipeline, JPEG decode, faiss k-means vs MiniBatchKMeans, "
         "the PCA fit, or index filling",
     )
@@ -194,6 +208,8 @@ def _load_run_config(args: argparse.Namespace):
     }
     if args.ray_address:
         overrides["ray"] = {"address": args.ray_address}
+    if getattr(args, "backbone", None):
+        overrides["extract"] = _backbone_overrides(args.backbone)
     cfg = load_config(
         preset=args.preset or ("default" if not getattr(args, "config", None) else None),
         path=getattr(args, "config", None),
@@ -204,6 +220,55 @@ def _load_run_config(args: argparse.Namespace):
         list_inputs(cfg.images)  # fail fast, before any engine starts
     check_backbone(cfg.extract.backbone, cfg.extract.weights, cfg.extract.descriptors)
     return cfg
+
+
+def _backbone_overrides(name: str) -> dict:
+    """``--backbone``: the name, and for a fine-tuned folder the image size it was trained at
+    (``--set extract.max_side=…`` still wins)."""
+    from embedpipe.workers.descriptors.backbones import is_finetuned, read_finetuned
+
+    if is_finetuned(name):
+        return {"backbone": str(Path(name).resolve()), "max_side": read_finetuned(name)["max_side"]}
+    return {"backbone": name}
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from embedpipe.storage.sources import list_inputs
+    from embedpipe.workers.train import run_finetune
+
+    overrides: dict = {"images": args.images}
+    ft = {k: v for k, v in (("loss", args.loss), ("epochs", args.epochs)) if v is not None}
+    if ft:
+        overrides["finetune"] = ft
+    if args.ray_address:
+        overrides["ray"] = {"address": args.ray_address}
+    from embedpipe.flows.config import load_config
+    from embedpipe.workers.descriptors.backbones import check_backbone, is_finetuned
+
+    cfg = load_config(
+        preset=args.preset or ("default" if not args.config else None),
+        path=args.config,
+        overrides=overrides,
+        sets=args.sets,
+    )
+    if cfg.images is None:
+        raise InputError("no training images given (--images PATH)")
+    list_inputs(cfg.images)
+    if is_finetuned(cfg.extract.backbone):
+        raise InputError("finetune starts from a registry backbone, not a fine-tuned folder")
+    check_backbone(cfg.extract.backbone, cfg.extract.weights)
+    result = run_finetune(cfg, args.out)
+    from embedpipe.workers.finetune_report import write_finetune_report
+
+    report = write_finetune_report(result.ft_dir)
+    losses = ", ".join(f"{v:.4f}" for v in result.losses)
+    sys.stdout.write(
+        f"finetune: {result.epochs} epoch(s) ({result.epochs - result.resumed_from} this run, "
+        f"{result.workers} worker(s), {result.seconds:.1f} s); loss per epoch: {losses}\n"
+        f"backbone: {result.ft_dir} (use: embedpipe run --backbone {result.ft_dir} ...)\n"
+        f"report: {report}\n"
+    )
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -506,6 +571,7 @@ def _print_table(metrics: dict, out: Path) -> None:
 COMMANDS = {
     "demo": cmd_demo,
     "run": cmd_run,
+    "finetune": cmd_finetune,
     "ingest": cmd_ingest,
     "datasets": cmd_datasets,
     "bench": cmd_bench,
