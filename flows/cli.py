@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft = sub.add_parser("finetune", help="fine-tune the backbone for retrieval on Ray Train")
     ft.add_argument("config", nargs="?", type=Path, help="YAML config file")
     ft.add_argument("--images", help="training images (labels or Holidays layout), never the evaluation set")
-    ft.add_argument("--out", type=Path, required=True, help="FT_DIR: backbone, checkpoints (re-running resumes)")
+    ft.add_argument(
+        "--out", type=Path, required=True, help="FT_DIR: backbone, checkpoints (re-running resumes)"
+    )
     ft.add_argument("--loss", choices=("contrastive", "triplet"), help="tuple loss (default contrastive)")
     ft.add_argument("--epochs", type=int, help="epochs (default 5)")
     ft.add_argument("--preset", help="named preset (see 'embedpipe presets')")
@@ -219,7 +221,21 @@ def _load_run_config(args: argparse.Namespace):
     if cfg.images is not None:
         list_inputs(cfg.images)  # fail fast, before any engine starts
     check_backbone(cfg.extract.backbone, cfg.extract.weights, cfg.extract.descriptors)
+    _check_not_training_set(cfg)
     return cfg
+
+
+def _check_not_training_set(cfg) -> None:
+    """A fine-tuned backbone is never evaluated on the collection it was trained on."""
+    from embedpipe.workers.descriptors.backbones import is_finetuned, read_finetuned
+
+    if cfg.images is None or not is_finetuned(cfg.extract.backbone):
+        return
+    trained = read_finetuned(cfg.extract.backbone)["training"]["images"]
+    if str(Path(trained).resolve()) == str(Path(cfg.images).resolve()):
+        raise InputError(
+            f"{cfg.images} is the training collection of {cfg.extract.backbone}: evaluate on other images"
+        )
 
 
 def _backbone_overrides(name: str) -> dict:

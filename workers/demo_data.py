@@ -55,7 +55,36 @@ class DemoInfo:
     n_queries: int
 
 
+# A second, disjoint collection for evaluating what was fine-tuned on the demo dataset: photographs and
+# pictures that the demo generator does not use (matplotlib's and dask.distributed's sample images too).
+# motorcycle_right is the other view of the demo's motorcycle_left stereo pair: the same scene, a
+# different photograph; per-query APs in the report show its group apart.
+EVAL_QUERY_PHOTOS = (
+    ("matplotlib", "grace_hopper.jpg"),
+    ("skimage", "motorcycle_right.png"),
+)
+EVAL_DISTRACTOR_PHOTOS = (
+    ("skimage", "logo.png"),
+    ("skimage", "color.png"),
+    ("skimage", "chessboard_RGB.png"),
+    ("skimage", "phantom.png"),
+    ("matplotlib", "logo2.png"),
+    ("matplotlib", "Minduka_Present_Blue_Pack.png"),
+    ("distributed", "python.png"),
+    ("distributed", "numpy.png"),
+)
+EVAL_ROUNDS = 2  # each query photo gets every transform this many times (different draws)
+
+
 def _photo_path(package: str, name: str) -> Path:
+    if package == "matplotlib":
+        import matplotlib
+
+        return Path(matplotlib.get_data_path()) / "sample_data" / name
+    if package == "distributed":
+        import distributed
+
+        return Path(distributed.__file__).parent / "http" / "static" / "images" / name
     if package == "skimage":
         import skimage.data
 
@@ -114,23 +143,36 @@ def _jpeg_bytes(img: Image.Image, quality: int) -> bytes:
 
 def generate_demo(root: Path, seed: int = 0) -> DemoInfo:
     """Write the demo dataset under ``root`` (skipped when an identical one is already there)."""
+    return _generate(root, seed, "demo", QUERY_PHOTOS, DISTRACTOR_PHOTOS, 1)
+
+
+def generate_eval(root: Path, seed: int = 0) -> DemoInfo:
+    """Write the evaluation collection under ``root``: the demo's layout and transforms on photos the demo
+    does not use (``EVAL_QUERY_PHOTOS``, ``EVAL_DISTRACTOR_PHOTOS``), for testing a backbone fine-tuned on
+    the demo dataset on images it never saw."""
+    return _generate(root, seed, "eval", EVAL_QUERY_PHOTOS, EVAL_DISTRACTOR_PHOTOS, EVAL_ROUNDS)
+
+
+def _generate(root: Path, seed: int, kind: str, queries, distractors, rounds: int) -> DemoInfo:
     root = Path(root)
     stamp = root / ".demo.json"  # hidden: inputs are the visible files
     key = {"generator": GENERATOR_VERSION, "seed": seed}
+    if kind != "demo":
+        key["collection"] = kind
     if stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
         info = json.loads(stamp.read_text())
         return DemoInfo(root, info["n_images"], info["n_queries"])
     root.mkdir(parents=True, exist_ok=True)
     files: dict[str, bytes] = {}
-    for g, (package, name) in enumerate(QUERY_PHOTOS):
+    for g, (package, name) in enumerate(queries):
         photo = load_photo(package, name)
         base = 100000 + 100 * g
         files[f"{base:06d}.jpg"] = _jpeg_bytes(photo, 95)
-        rng = np.random.default_rng([seed, g])
-        for k, kind in enumerate(TRANSFORMS, start=1):
-            copy, quality = transform(photo, kind, rng)
+        rng = np.random.default_rng([seed, g] if kind == "demo" else [seed, g, 7])
+        for k, kind_ in enumerate(TRANSFORMS * rounds, start=1):
+            copy, quality = transform(photo, kind_, rng)
             files[f"{base + k:06d}.jpg"] = _jpeg_bytes(copy, quality)
-    for d, (package, name) in enumerate(DISTRACTOR_PHOTOS):
+    for d, (package, name) in enumerate(distractors):
         photo = load_photo(package, name)
         rng = np.random.default_rng([seed, 1000 + d])
         for c in range(CROPS_PER_DISTRACTOR):
@@ -141,7 +183,7 @@ def generate_demo(root: Path, seed: int = 0) -> DemoInfo:
             old.unlink()
     for fname, data in files.items():
         (root / fname).write_bytes(data)
-    n_queries = len(QUERY_PHOTOS)
+    n_queries = len(queries)
     stamp.write_text(
         json.dumps({"key": key, "n_images": len(files), "n_queries": n_queries}, indent=2) + "\n"
     )

@@ -104,7 +104,7 @@ def freeze_batchnorm(model: nn.Module) -> None:
 
 def to_input(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """(H, W, 3) uint8 -> (1, 3, H, W) float32 normalised with the backbone's mean/std."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return (x - m) / s
@@ -162,9 +162,7 @@ def hard_negatives(vectors: np.ndarray, groups: np.ndarray, anchor: int, n_neg: 
     return tuple(picked)
 
 
-def mine_tuples(
-    vectors: np.ndarray, groups: np.ndarray, n_neg: int, seed: int, epoch: int
-) -> list[Tuple]:
+def mine_tuples(vectors: np.ndarray, groups: np.ndarray, n_neg: int, seed: int, epoch: int) -> list[Tuple]:
     """One epoch's tuples: anchors/positives from the groups (seeded by ``seed`` and ``epoch``), hard
     negatives from ``vectors``, the current embedding (n, D)."""
     rng = np.random.default_rng([seed, epoch])

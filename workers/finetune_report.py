@@ -87,7 +87,9 @@ def write_finetune_report(ft_dir: Path, runs: dict[str, Path] | None = None) -> 
     parts.append("</table>")
     png = loss_curve_png(history)
     if png:
-        parts.append(f"<h2>Training loss</h2><img src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+        parts.append(
+            f"<h2>Training loss</h2><img src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+        )
     if runs:
         rows = comparison_rows(runs)
         parts.append("<h2>Retrieval: off-the-shelf vs adapted</h2><table>")

@@ -67,7 +67,9 @@ def load_images(refs: list[InputRef], max_side: int, cfg: Config) -> list[np.nda
     training tuples must not silently change."""
     images = []
     for ref in refs:
-        data = read_input(ref.uri, ref.offset, ref.length, timeout=cfg.ingest.timeout_s, retries=cfg.ingest.retries)
+        data = read_input(
+            ref.uri, ref.offset, ref.length, timeout=cfg.ingest.timeout_s, retries=cfg.ingest.retries
+        )
         images.append(decode_image(data, max_side, cfg.ingest.max_pixels)[0])
     return images
 
@@ -385,10 +387,15 @@ def write_backbone(ft_dir: Path, model_state: dict, cfg: Config, refs, groups, h
 
     whitening = None
     if cfg.finetune.head == "gem":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        torch.set_num_threads(1)  # see worker_plan: one thread is fastest on a shared host
         vectors = embed_images(model, load_images(refs, cfg.finetune.max_side, cfg), spec, "cpu")
-        q, p = zip(*[(i, j) for i in range(len(refs)) for j in range(i + 1, len(refs)) if groups[i] == groups[j]], strict=True)
-        arrays = learned_whitening(vectors, np.array(q), np.array(p), cfg.finetune.whiten_dim, cfg.finetune.whiten_shrinkage)
+        q, p = zip(
+            *[(i, j) for i in range(len(refs)) for j in range(i + 1, len(refs)) if groups[i] == groups[j]],
+            strict=True,
+        )
+        arrays = learned_whitening(
+            vectors, np.array(q), np.array(p), cfg.finetune.whiten_dim, cfg.finetune.whiten_shrinkage
+        )
         meta = {"kind": "learned-whitening", "descriptor": "gem", "n_pairs": len(q), "n_train": len(refs)}
         save_npz(ft_dir / "whitening-gem.npz", meta, **arrays)
         whitening = "whitening-gem.npz"

@@ -274,7 +274,9 @@ def architecture(base: str) -> nn.Module:
     if base.startswith("torchvision:"):
         import torchvision
 
-        return _torchvision_trunk(torchvision.models.get_model(base.removeprefix("torchvision:"), weights=None))
+        return _torchvision_trunk(
+            torchvision.models.get_model(base.removeprefix("torchvision:"), weights=None)
+        )
     raise BackboneError(f"unknown base backbone '{base}'")
 
 
@@ -286,7 +288,9 @@ def _finetuned(folder: Path) -> tuple[nn.Module, BackboneSpec]:
     try:
         trunk.load_state_dict(trunk_state)
     except RuntimeError as err:
-        raise BackboneError(f"{folder}/backbone.pt does not fit {info['base']}: {str(err).splitlines()[0]}") from None
+        raise BackboneError(
+            f"{folder}/backbone.pt does not fit {info['base']}: {str(err).splitlines()[0]}"
+        ) from None
     spec = BackboneSpec(
         str(folder),
         tuple(info["mean"]),
