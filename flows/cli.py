@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "what",
         choices=("extract", "decode", "codebook", "pca", "index", "train"),
         help="what to measure: the extraction pipeline, JPEG decode, faiss k-means vs MiniBatchKMeans, "
-        "the PCA fit, or index filling",
+        "the PCA fit, index filling, or fine-tuning steps (Ray Train vs a plain loop)",
     )
     bench.add_argument("--json", type=Path, help="write the result here (also printed)")
     bench.add_argument("--images", help="images to use, any input form (default: the demo dataset)")
@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--factory", default="IVF1024,PQ32", help="index: factory (default IVF1024,PQ32)")
     bench.add_argument(
         "--growth", default="", metavar="N,N,...", help="index: also time the sharded fill at these sizes"
+    )
+    bench.add_argument(
+        "--steps", type=int, default=10, help="train: timed steps after a warm-up (default 10)"
     )
     bench.add_argument("--store", type=Path, help="pca/index: where the synthetic store is written (reused)")
     _config_args(bench)
@@ -407,6 +410,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.what == "codebook":
         return cmd_bench_codebook(args)
+    if args.what == "train":
+        return cmd_bench_train(args)
 
     if args.n < 1:
         raise InputError("--n must be at least 1")
@@ -429,6 +434,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "bench extract: ours %.1f img/s, baseline %.1f img/s, ratio %.3f",
         result["ours"]["images_per_s"],
         result["baseline"]["images_per_s"],
+        result["ratio"],
+    )
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    """Ray Train vs a plain PyTorch loop on the same model and tuples of --images (default: the demo)."""
+    from embedpipe.workers.demo_data import generate_demo
+    from embedpipe.workers.train import bench_train
+
+    if args.steps < 1:
+        raise InputError("--steps must be at least 1")
+    cfg = _load_run_config(args)
+    if cfg.images is None:
+        root = Path(tempfile.gettempdir()) / "embedpipe-bench-demo"
+        cfg = cfg.model_copy(update={"images": str(generate_demo(root, seed=cfg.seed).root)})
+    result = bench_train(cfg, args.steps)
+    _write_json(result, args.json)
+    log.info(
+        "bench train: ours %.2f s/step (%d workers), baseline %.2f s/step, ratio %.2f",
+        result["ours"]["step_s"],
+        result["ours"]["workers"],
+        result["baseline"]["step_s"],
         result["ratio"],
     )
     return 0

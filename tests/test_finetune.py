@@ -223,3 +223,20 @@ def test_finetune_resumes_to_the_identical_epoch_and_run_extracts_with_it(
 
     same = embedpipe("run", "--images", train_images, "--backbone", ft, "--out", tmp_path / "bad")
     assert same.returncode == 2 and "training collection" in same.stderr
+
+
+@pytest.mark.slow
+def test_bench_train_writes_side_by_side_json(train_images, tmp_path):
+    out = tmp_path / "train.json"
+    done = embedpipe(
+        "bench", "train", "--images", train_images, "--steps", 2, "--json", out,
+        "--set", "finetune.max_side=48", "--set", "finetune.negatives=2", "--set", "finetune.tuples_per_step=1",
+        "--set", "ray.num_cpus=2",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["name"] == "train" and result["ratio"] > 0
+    assert result["ours"]["steps"] == result["baseline"]["steps"] == 2
+    assert result["ours"]["workers"] == 2 and result["tuples_per_step"] == 2
+    assert result["ratio"] == pytest.approx(result["baseline"]["time_s"] / result["ours"]["time_s"])
+    assert result["ours"]["images_per_s"] > 0 and result["baseline"]["images_per_s"] > 0

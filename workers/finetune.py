@@ -104,7 +104,13 @@ def freeze_batchnorm(model: nn.Module) -> None:
 
 def to_input(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """(H, W, 3) uint8 -> (1, 3, H, W) float32 normalised with the backbone's mean/std."""
-    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+    x = (
+        torch.from_numpy(np.require(image, requirements=["C", "W"]))
+        .permute(2, 0, 1)
+        .unsqueeze(0)
+        .float()
+        .div_(255.0)
+    )
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return (x - m) / s

@@ -422,3 +422,140 @@ def write_backbone(ft_dir: Path, model_state: dict, cfg: Config, refs, groups, h
     }
     write_json_atomic(ft_dir / "backbone.json", info)
     log.info("finetune: wrote %s (GeM p %s)", ft_dir / "backbone.json", json.dumps(model.gem_p()))
+
+
+# ------------------------------------------------------------------------------------------------- bench
+
+
+def bench_batches(cfg: Config, refs: list[InputRef], groups: np.ndarray, n_steps: int, per_step: int):
+    """The tuples of ``n_steps`` steps of ``per_step`` tuples each, identical for both sides of the bench:
+    labelled anchors/positives, negatives ranked by a seeded random embedding (what matters here is the
+    work per step, not which negatives are hard)."""
+    rng = np.random.default_rng(cfg.seed)
+    vectors = rng.normal(size=(len(refs), 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    tuples, epoch = [], 0
+    while len(tuples) < n_steps * per_step:
+        tuples += mine_tuples(vectors, groups, cfg.finetune.negatives, cfg.seed, epoch)
+        epoch += 1
+    return [tuples[s * per_step : (s + 1) * per_step] for s in range(n_steps)]
+
+
+def _timed_steps(
+    model, opt, images, steps, cfg, spec, device, rank=0, world=1, allreduce=None
+) -> list[float]:
+    times = []
+    for step in steps:
+        mine = step[rank::world]
+        batch = [[images[t.query], images[t.positive], *[images[n] for n in t.negatives]] for t in mine]
+        t0 = time.perf_counter()
+        train_step(model, opt, batch, len(step), cfg, spec, device, allreduce)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_loop(config: dict) -> None:
+    """Ray Train worker of ``bench_train``: the same steps as the baseline, split over the workers."""
+    import ray.train
+    import torch.distributed as dist
+
+    cfg = config["cfg"]
+    torch.set_num_threads(config["threads"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = str(ray.train.torch.get_device()) if config["use_gpu"] else "cpu"
+    torch.manual_seed(cfg.seed)
+    model, spec = build_model(cfg)
+    model = model.to(device)
+    opt = optimiser(model, cfg)
+    images = load_images(config["refs"], cfg.finetune.max_side, cfg)
+
+    def allreduce(m, loss):
+        if world > 1:
+            for p in m.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+            dist.all_reduce(loss)
+
+    times = _timed_steps(model, opt, images, config["steps"], cfg, spec, device, rank, world, allreduce)
+    ray.train.report({"rank": rank, "times": times})
+
+
+def bench_train(cfg: Config, n_steps: int) -> dict:
+    """``embedpipe bench train``: seconds per training step of Ray Train (N workers, as ``finetune`` sizes
+    them) vs a plain single-process PyTorch loop using every CPU thread, on the same model and the same
+    tuples; the first step of each side is a warm-up, reported apart."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from embedpipe.workers.ray_stages import cluster_cpus, cluster_gpus, ray_session
+
+    refs, groups = training_inputs(cfg)
+    with ray_session(cfg.ray):
+        cpus, gpus = cluster_cpus(), cluster_gpus()
+        n, use_gpu, threads, cpu_each = worker_plan(cfg, cpus, gpus)
+        per_step = cfg.finetune.tuples_per_step * n
+        steps = bench_batches(cfg, refs, groups, n_steps + 1, per_step)
+        images_per_step = per_step * (2 + cfg.finetune.negatives)
+
+        # baseline: one process, every core's threads (or the GPU), no Ray
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        old_threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, cpus) if device == "cpu" else old_threads)
+        torch.manual_seed(cfg.seed)
+        model, spec = build_model(cfg)
+        model = model.to(device)
+        base_times = _timed_steps(model, optimiser(model, cfg), load_images(refs, cfg.finetune.max_side, cfg),
+                                  steps, cfg, spec, device)  # fmt: skip
+        torch.set_num_threads(old_threads)
+        del model
+
+        with tempfile.TemporaryDirectory(prefix="embedpipe-bench-train-") as tmp:
+            t0 = time.perf_counter()
+            trainer = TorchTrainer(
+                bench_loop,
+                train_loop_config={
+                    "cfg": cfg,
+                    "refs": refs,
+                    "steps": steps,
+                    "threads": threads,
+                    "use_gpu": use_gpu,
+                },
+                torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+                scaling_config=ScalingConfig(
+                    num_workers=n,
+                    use_gpu=use_gpu,
+                    resources_per_worker={"CPU": cpu_each, **({"GPU": 1} if use_gpu else {})},
+                ),
+                run_config=RunConfig(storage_path=tmp, name="bench"),
+            )
+            result = trainer.fit()
+            wall = time.perf_counter() - t0
+        ours_times = result.metrics["times"]  # rank 0's; every rank waits on the all-reduce each step
+
+    def side(times: list[float], **extra) -> dict:
+        steady = float(np.sum(times[1:]))
+        return {
+            "warmup_step_s": times[0],
+            "steps": len(times) - 1,
+            "time_s": steady,
+            "step_s": steady / max(1, len(times) - 1),
+            "images_per_s": images_per_step * (len(times) - 1) / steady if steady > 0 else None,
+            **extra,
+        }
+
+    ours = side(ours_times, workers=n, threads_per_worker=threads, device=device, wall_with_startup_s=wall)
+    baseline = side(base_times, workers=1, threads=max(1, cpus) if device == "cpu" else None, device=device)
+    return {
+        "name": "train",
+        "ours": ours,
+        "baseline": baseline,
+        "ratio": baseline["time_s"] / ours["time_s"] if ours["time_s"] > 0 else None,
+        "backbone": cfg.extract.backbone,
+        "max_side": cfg.finetune.max_side,
+        "tuples_per_step": per_step,
+        "images_per_step": images_per_step,
+        "loss": cfg.finetune.loss,
+        "n_images": len(refs),
+        "cluster": {"cpus": cpus, "gpus": gpus},
+    }
