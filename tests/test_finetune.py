@@ -230,8 +230,8 @@ def test_bench_train_writes_side_by_side_json(train_images, tmp_path):
     out = tmp_path / "train.json"
     done = embedpipe(
         "bench", "train", "--images", train_images, "--steps", 2, "--json", out,
-        "--set", "finetune.max_side=48", "--set", "finetune.negatives=2", "--set", "finetune.tuples_per_step=1",
-        "--set", "ray.num_cpus=2",
+        "--set", "finetune.max_side=48", "--set", "finetune.negatives=2",
+        "--set", "finetune.tuples_per_step=1", "--set", "ray.num_cpus=2",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
