@@ -224,6 +224,15 @@ class FinetuneConfig(_Frozen):
         "auto", description="autocast on GPU (auto: bf16 on GPU, fp32 on CPU); CPUs always use fp32"
     )
     torch_threads: int = Field(0, ge=0, description="torch threads per worker; 0 derives it")
+    mining: Literal["auto", "labels", "verified"] = Field(
+        "auto",
+        description="positives from labels/Holidays groups, or mined without labels: the current "
+        "embedding's kNN pairs kept when RANSAC verifies them (auto: labels when there are groups)",
+    )
+    knn: int = Field(5, ge=1, description="mining without labels: neighbours of each image checked")
+    min_inliers: int = Field(
+        15, ge=3, description="mining without labels: RANSAC inliers that make a pair a positive"
+    )
     whiten_dim: int = Field(0, ge=0, description="learned whitening output dim; 0 keeps all")
     whiten_shrinkage: float = Field(
         0.1, ge=0, description="learned whitening: regularisation of the pair-difference covariance"

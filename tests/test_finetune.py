@@ -240,3 +240,41 @@ def test_bench_train_writes_side_by_side_json(train_images, tmp_path):
     assert result["ours"]["workers"] == 2 and result["tuples_per_step"] == 2
     assert result["ratio"] == pytest.approx(result["baseline"]["time_s"] / result["ours"]["time_s"])
     assert result["ours"]["images_per_s"] > 0 and result["baseline"]["images_per_s"] > 0
+
+
+def test_mining_without_labels_keeps_geometrically_verified_pairs(train_images, tmp_path):
+    from embedpipe.workers.finetune import components, knn_pairs
+    from embedpipe.workers.train import (
+        build_model,
+        embed_images,
+        load_images,
+        local_features,
+        training_inputs,
+        verified_groups,
+    )
+
+    assert components(5, [(0, 3), (3, 4)]).tolist() == [0, 1, 2, 0, 0]
+    v = _unit(np.random.default_rng(4), 12, 8)
+    sims = v @ v.T
+    for i, j in knn_pairs(v, 2):  # every pair is among one side's two nearest
+        ranked = lambda a: [b for b in np.argsort(-sims[a]) if b != a][:2]  # noqa: E731
+        assert j in ranked(i) or i in ranked(j)
+
+    plain = tmp_path / "plain"  # the same photos without labels or Holidays names
+    plain.mkdir()
+    truth = {}
+    for k, p in enumerate(sorted(train_images.glob("*.jpg"))):
+        shutil.copy(p, plain / f"photo-{k:02d}.jpg")
+        truth[k] = int(p.stem) // 100
+    torch.set_num_threads(1)
+    cfg = load_config(
+        preset="default", overrides={"images": str(plain)}, sets=["local.max_side=400", "finetune.knn=3"]
+    )
+    refs, groups, mining = training_inputs(cfg)
+    assert mining == "verified" and groups.tolist() == list(range(len(refs)))
+    model, spec = build_model(cfg)
+    vectors = embed_images(model, load_images(refs, 128, cfg), spec, "cpu")
+    found, pairs = verified_groups(vectors, local_features(refs, cfg), {}, cfg)
+    assert len(pairs) >= 5
+    assert all(truth[i] == truth[j] and n >= cfg.finetune.min_inliers for i, j, n in pairs)
+    assert len(set(found.tolist())) < len(refs)

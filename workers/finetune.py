@@ -188,3 +188,55 @@ def tuples_table(tuples: list[Tuple], keys: list[str], source: str, epoch: int) 
         "negative_paths": [[keys[n] for n in t.negatives] for t in tuples],
         "source": [source] * len(tuples),
     }
+
+
+# -------------------------------------------------------------------------- mining without labels
+
+
+def descriptor_matches(
+    desc_a: np.ndarray, desc_b: np.ndarray, ratio: float = 0.8
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tentative correspondences between two sets of local descriptors (float rows, e.g. RootSIFT):
+    each descriptor of a with its nearest neighbour in b when the nearest is closer than ``ratio`` times
+    the second nearest (Lowe's test) and a is also b's nearest (mutual). (n_a, D), (n_b, D) -> (ia, ib)."""
+    if len(desc_a) < 2 or len(desc_b) < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    d2 = (desc_a**2).sum(1)[:, None] + (desc_b**2).sum(1)[None, :] - 2.0 * desc_a @ desc_b.T  # (n_a, n_b)
+    d2 = np.maximum(d2, 0.0)
+    order = np.argsort(d2, axis=1, kind="stable")[:, :2]
+    rows = np.arange(len(desc_a))
+    best, second = d2[rows, order[:, 0]], d2[rows, order[:, 1]]
+    ok = best < (ratio**2) * second
+    mutual = np.argmin(d2, axis=0)[order[:, 0]] == rows
+    ia = np.flatnonzero(ok & mutual)
+    return ia, order[ia, 0]
+
+
+def knn_pairs(vectors: np.ndarray, k: int) -> list[tuple[int, int]]:
+    """Candidate pairs (i, j), i < j: j among i's ``k`` nearest neighbours or i among j's, sorted.
+    vectors: (n, D) unit rows."""
+    sims = vectors @ vectors.T
+    np.fill_diagonal(sims, -np.inf)
+    pairs = set()
+    for i in range(len(vectors)):
+        order = np.lexsort((np.arange(len(vectors)), -sims[i]))[:k]
+        pairs.update((min(i, int(j)), max(i, int(j))) for j in order)
+    return sorted(pairs)
+
+
+def components(n: int, pairs: list[tuple[int, int]]) -> np.ndarray:
+    """Connected components of the graph on n nodes with edges ``pairs``: (n,) ids numbered by first node."""
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in pairs:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    ids: dict[int, int] = {}
+    return np.array([ids.setdefault(root(i), len(ids)) for i in range(n)], np.int64)

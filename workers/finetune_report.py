@@ -75,7 +75,8 @@ def write_finetune_report(ft_dir: Path, runs: dict[str, Path] | None = None) -> 
     ]
     facts = [
         ("training collection", training["images"]),
-        ("images / groups", f"{training['n_images']} / {training['n_groups']}"),
+        ("images", training["n_images"]),
+        ("positives", "labels / Holidays groups" if training["positives"] == "labels" else "mined, verified"),
         ("base backbone", info["base"]),
         ("head", f"{info['head']}" + (f" (learnt p = {info['gem_p']:.3f})" if info.get("gem_p") else "")),
         ("loss", f"{training['config']['loss']} (margin {training['config']['margin']})"),

@@ -31,8 +31,11 @@ from embedpipe.workers.decode import decode_image
 from embedpipe.workers.descriptors.backbones import load_backbone
 from embedpipe.workers.finetune import (
     RetrievalNet,
+    components,
+    descriptor_matches,
     freeze_batchnorm,
     groups_of,
+    knn_pairs,
     mine_tuples,
     to_input,
     tuple_loss,
@@ -171,6 +174,40 @@ def _state_of(checkpoint) -> dict | None:
         return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
 
 
+# -------------------------------------------------------------------------------- mining without labels
+
+
+def local_features(refs: list[InputRef], cfg: Config) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(keypoint xy (n, 2), RootSIFT (n, 128)) of every image at ``local.max_side``, for verification."""
+    from embedpipe.workers.descriptors.local import descriptor_vectors, extract_local, grayscale
+
+    out = []
+    for image in load_images(refs, cfg.local.max_side, cfg):
+        f = extract_local(grayscale(image), "sift", cfg.local.max_keypoints)
+        out.append((f.keypoints[:, :2], descriptor_vectors(f.descriptors, "rootsift")))
+    return out
+
+
+def verified_groups(
+    vectors: np.ndarray, features: list[tuple[np.ndarray, np.ndarray]], cache: dict, cfg: Config
+) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """Groups without labels: the embedding's kNN pairs (``finetune.knn``) whose local features RANSAC
+    verifies with at least ``finetune.min_inliers`` inliers (``verify.model``, ``verify.threshold``),
+    joined into connected components. ``cache`` keeps each pair's inlier count across epochs.
+    Returns the group of each image and the verified pairs (i, j, inliers)."""
+    from embedpipe.workers.rerank import ransac_inliers
+
+    verified = []
+    for i, j in knn_pairs(vectors, cfg.finetune.knn):
+        if (i, j) not in cache:
+            (pa, da), (pb, db) = features[i], features[j]
+            ia, ib = descriptor_matches(da, db)
+            cache[(i, j)] = ransac_inliers(pa[ia], pb[ib], cfg.verify.model, cfg.verify.threshold)
+        if cache[(i, j)] >= cfg.finetune.min_inliers:
+            verified.append((i, j, cache[(i, j)]))
+    return components(len(vectors), [(i, j) for i, j, _ in verified]), verified
+
+
 # ----------------------------------------------------------------------------------------- worker loop
 
 
@@ -207,6 +244,9 @@ def train_loop(config: dict) -> None:
     images = load_images(config["refs"], cfg.finetune.max_side, cfg)
     groups = np.asarray(config["groups"])
     keys = config["keys"]
+    mined = config["mining"] == "verified"
+    features = local_features(config["refs"], cfg) if mined and rank == 0 else None
+    inliers_cache: dict = {}
 
     def allreduce(m: torch.nn.Module, loss: torch.Tensor) -> None:
         if world == 1:
@@ -228,9 +268,16 @@ def train_loop(config: dict) -> None:
                 vectors[idx] = vecs
         else:
             vectors = mine_vecs
+        if mined:  # positives re-mined with the current embedding, verified geometrically
+            shared = [verified_groups(vectors, features, inliers_cache, cfg)[0] if rank == 0 else None]
+            if world > 1:
+                dist.broadcast_object_list(shared, src=0)
+            groups = shared[0]
         tuples = mine_tuples(vectors, groups, cfg.finetune.negatives, cfg.seed, epoch)
+        if not tuples:
+            raise RunFailed(f"epoch {epoch + 1}: no verified pair among the images, nothing to train on")
         if rank == 0:
-            _write_tuples(Path(config["ft_dir"]), tuples, keys, epoch)
+            _write_tuples(Path(config["ft_dir"]), tuples, keys, epoch, "mined" if mined else "label")
         torch.manual_seed(cfg.seed * 1000 + epoch)
         losses = []
         for step, span in enumerate(steps_of(len(tuples), cfg.finetune.tuples_per_step * world)):
@@ -256,7 +303,7 @@ def train_loop(config: dict) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _write_tuples(ft_dir: Path, tuples, keys: list[str], epoch: int) -> None:
+def _write_tuples(ft_dir: Path, tuples, keys: list[str], epoch: int, source: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -264,27 +311,32 @@ def _write_tuples(ft_dir: Path, tuples, keys: list[str], epoch: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"epoch-{epoch + 1:03d}.parquet"
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.table(tuples_table(tuples, keys, "label", epoch + 1)), tmp)
+    pq.write_table(pa.table(tuples_table(tuples, keys, source, epoch + 1)), tmp)
     os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------ driver
 
 
-def training_inputs(cfg: Config) -> tuple[list[InputRef], np.ndarray]:
-    """The training images and their groups; at least one group of two images is needed."""
+def training_inputs(cfg: Config) -> tuple[list[InputRef], np.ndarray, str]:
+    """The training images, their groups, and how positives are found: ``labels`` (groups of the labels
+    or the Holidays layout) or ``verified`` (mined without labels; every image starts in its own group)."""
     refs = list_inputs(cfg.images).refs
     groups = groups_of([r.key for r in refs], [r.label for r in refs])
-    if len(refs) < 3 or np.bincount(groups).max() < 2:
-        raise InputError(
-            f"{cfg.images}: fine-tuning needs groups of matching images (labels or the Holidays layout)"
-        )
-    if len(np.unique(groups)) <= cfg.finetune.negatives:
+    has_groups = len(refs) > 0 and np.bincount(groups).max() >= 2
+    mining = cfg.finetune.mining
+    if mining == "auto":
+        mining = "labels" if has_groups else "verified"
+    if mining == "labels" and not has_groups:
+        raise InputError(f"{cfg.images}: no groups of matching images (labels or the Holidays layout)")
+    if mining == "verified":
+        groups = np.arange(len(refs), dtype=np.int64)
+    if len(refs) < 3 or len(np.unique(groups)) <= cfg.finetune.negatives:
         raise InputError(
             f"{cfg.images}: {len(np.unique(groups))} groups, fewer than finetune.negatives + 1 "
             f"({cfg.finetune.negatives + 1})"
         )
-    return refs, groups
+    return refs, groups, mining
 
 
 def worker_plan(cfg: Config, cpus: int, gpus: int) -> tuple[int, bool, int, float]:
@@ -312,16 +364,16 @@ def run_finetune(cfg: Config, ft_dir: Path) -> FinetuneResult:
 
     ft_dir = Path(ft_dir).resolve()
     ft_dir.mkdir(parents=True, exist_ok=True)
-    refs, groups = training_inputs(cfg)
+    refs, groups, mining = training_inputs(cfg)
     resume = latest_state(ft_dir)
     done = int(torch.load(resume, map_location="cpu", weights_only=True)["epoch"]) if resume else 0
     t0 = time.perf_counter()
     with ray_session(cfg.ray):
         n, use_gpu, threads, cpu_each = worker_plan(cfg, cluster_cpus(), cluster_gpus())
         log.info(
-            "finetune: %d images in %d groups, %d worker(s) x %d thread(s)%s, %s loss, epochs %d..%d",
+            "finetune: %d images (positives: %s), %d worker(s) x %d thread(s)%s, %s loss, epochs %d..%d",
             len(refs),
-            len(np.unique(groups)),
+            "verified kNN pairs" if mining == "verified" else f"{len(np.unique(groups))} groups",
             n,
             threads,
             " on GPU" if use_gpu else "",
@@ -337,6 +389,7 @@ def run_finetune(cfg: Config, ft_dir: Path) -> FinetuneResult:
                     "refs": refs,
                     "keys": [r.key for r in refs],
                     "groups": groups.tolist(),
+                    "mining": mining,
                     "threads": threads,
                     "use_gpu": use_gpu,
                     "ft_dir": str(ft_dir),
@@ -367,13 +420,23 @@ def run_finetune(cfg: Config, ft_dir: Path) -> FinetuneResult:
     losses = [
         float(np.mean([h["loss"] for h in history if h["epoch"] == e])) for e in range(1, state["epoch"] + 1)
     ]
-    write_backbone(ft_dir, state["model"], cfg, refs, groups, history)
+    write_backbone(ft_dir, state["model"], cfg, refs, mining, history)
     return FinetuneResult(ft_dir, int(state["epoch"]), done, losses, n, time.perf_counter() - t0)
 
 
-def write_backbone(ft_dir: Path, model_state: dict, cfg: Config, refs, groups, history) -> None:
+def training_pairs(ft_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(query, positive) rows of every tuple of the last epoch: the matching pairs for learned whitening."""
+    import pyarrow.parquet as pq
+
+    last = sorted((ft_dir / "tuples").glob("epoch-*.parquet"))[-1]
+    table = pq.read_table(last, columns=["query", "positive"])
+    return table.column("query").to_numpy(), table.column("positive").to_numpy()
+
+
+def write_backbone(ft_dir: Path, model_state: dict, cfg: Config, refs, mining: str, history) -> None:
     """``backbone.pt`` (trunk and pooling state), ``backbone.json`` (architecture, pooling, preprocessing,
-    training config), ``train_log.json`` (loss per step) and the learned whitening of the GeM vectors."""
+    training config), ``train_log.json`` (loss per step) and the learned whitening of the GeM vectors,
+    fitted on the last epoch's (query, positive) pairs."""
     from embedpipe.storage.artifacts import save_npz
     from embedpipe.storage.layout import write_json_atomic
     from embedpipe.workers.whitening import learned_whitening
@@ -389,13 +452,8 @@ def write_backbone(ft_dir: Path, model_state: dict, cfg: Config, refs, groups, h
     if cfg.finetune.head == "gem":
         torch.set_num_threads(1)  # see worker_plan: one thread is fastest on a shared host
         vectors = embed_images(model, load_images(refs, cfg.finetune.max_side, cfg), spec, "cpu")
-        q, p = zip(
-            *[(i, j) for i in range(len(refs)) for j in range(i + 1, len(refs)) if groups[i] == groups[j]],
-            strict=True,
-        )
-        arrays = learned_whitening(
-            vectors, np.array(q), np.array(p), cfg.finetune.whiten_dim, cfg.finetune.whiten_shrinkage
-        )
+        q, p = training_pairs(ft_dir)
+        arrays = learned_whitening(vectors, q, p, cfg.finetune.whiten_dim, cfg.finetune.whiten_shrinkage)
         meta = {"kind": "learned-whitening", "descriptor": "gem", "n_pairs": len(q), "n_train": len(refs)}
         save_npz(ft_dir / "whitening-gem.npz", meta, **arrays)
         whitening = "whitening-gem.npz"
@@ -413,7 +471,7 @@ def write_backbone(ft_dir: Path, model_state: dict, cfg: Config, refs, groups, h
         "training": {
             "images": str(cfg.images),
             "n_images": len(refs),
-            "n_groups": int(len(np.unique(groups))),
+            "positives": mining,
             "seed": cfg.seed,
             "epochs": max((h["epoch"] for h in history), default=0),
             "final_loss": history[-1]["loss"] if history else None,
@@ -490,7 +548,7 @@ def bench_train(cfg: Config, n_steps: int) -> dict:
 
     from embedpipe.workers.ray_stages import cluster_cpus, cluster_gpus, ray_session
 
-    refs, groups = training_inputs(cfg)
+    refs, groups, _ = training_inputs(cfg)
     with ray_session(cfg.ray):
         cpus, gpus = cluster_cpus(), cluster_gpus()
         n, use_gpu, threads, cpu_each = worker_plan(cfg, cpus, gpus)
