@@ -233,7 +233,7 @@ class FinetuneConfig(_Frozen):
     min_inliers: int = Field(
         15, ge=3, description="mining without labels: RANSAC inliers that make a pair a positive"
     )
-    whiten_dim: int = Field(0, ge=0, description="learned whitening output dim; 0 keeps all")
+    whiten_dim: int = Field(128, ge=0, description="learned whitening output dim; 0 keeps all")
     whiten_shrinkage: float = Field(
         0.1, ge=0, description="learned whitening: regularisation of the pair-difference covariance"
     )
