@@ -158,7 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", type=Path, help="write the metrics here (also printed)")
 
     rep = sub.add_parser("report", help="rebuild RUN/report/index.html from the run directory")
-    rep.add_argument("run", type=Path, help="run directory")
+    rep.add_argument(
+        "run", type=Path, help="run directory, or a finetune FT_DIR (rebuilds FT_DIR/report.html)"
+    )
+    rep.add_argument(
+        "--runs",
+        nargs="+",
+        type=Path,
+        default=[],
+        help="with an FT_DIR: finished runs (off-the-shelf, adapted, ...) to show side by side",
+    )
 
     cmp_ = sub.add_parser("compare", help="side-by-side metrics of two runs")
     cmp_.add_argument("run_a", type=Path)
@@ -518,6 +527,12 @@ def _finished_run(path: Path):
 def cmd_report(args: argparse.Namespace) -> int:
     from embedpipe.workers.report import write_report
 
+    if (args.run / "backbone.json").is_file():
+        from embedpipe.workers.finetune_report import write_finetune_report
+
+        runs = {str(r): _finished_run(r)[0].root for r in args.runs}
+        sys.stdout.write(f"{write_finetune_report(args.run, runs)}\n")
+        return 0
     layout, cfg = _finished_run(args.run)
     sys.stdout.write(f"{write_report(layout, cfg)}\n")
     return 0

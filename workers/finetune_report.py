@@ -95,11 +95,13 @@ def write_finetune_report(ft_dir: Path, runs: dict[str, Path] | None = None) -> 
         rows = comparison_rows(runs)
         parts.append("<h2>Retrieval: off-the-shelf vs adapted</h2><table>")
         parts.append(
-            "<tr><th>run</th><th>evaluation collection</th><th>descriptor</th><th>post</th>"
+            "<tr><th>run</th><th>evaluation collection</th><th>backbone</th><th>descriptor</th><th>post</th>"
             "<th>mAP</th><th>mP@10</th></tr>"
         )
         for r in rows:
-            cells = [r["run"], r["images"], r["descriptor"], r["post"], _fmt(r["map"]), _fmt(r["mp@10"])]
+            adapted = "adapted" if r["backbone"] == str(ft_dir.resolve()) else "off-the-shelf"
+            cells = [r["run"], r["images"], f"{r['backbone']} ({adapted})", r["descriptor"], r["post"]]
+            cells += [_fmt(r["map"]), _fmt(r["mp@10"])]
             parts.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
         parts.append("</table>")
     parts.append(f"<h2>Config</h2><pre>{html.escape(json.dumps(training['config'], indent=2))}</pre>")
