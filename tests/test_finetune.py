@@ -221,6 +221,13 @@ def test_finetune_resumes_to_the_identical_epoch_and_run_extracts_with_it(
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["extract"]["max_side"] == 64
 
+    page = (out / "report" / "index.html").read_text()
+    assert "id='adapted'" in page and str(train_images) in page and str(eval_images) in page
+    rep = embedpipe("report", ft, "--runs", out)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    ft_page = (ft / "report.html").read_text()
+    assert "lw16" in ft_page and "(adapted)" in ft_page and "Training loss" in ft_page
+
     same = embedpipe("run", "--images", train_images, "--backbone", ft, "--out", tmp_path / "bad")
     assert same.returncode == 2 and "training collection" in same.stderr
 
