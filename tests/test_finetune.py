@@ -285,3 +285,16 @@ def test_mining_without_labels_keeps_geometrically_verified_pairs(train_images, 
     assert len(pairs) >= 5
     assert all(truth[i] == truth[j] and n >= cfg.finetune.min_inliers for i, j, n in pairs)
     assert len(set(found.tolist())) < len(refs)
+
+
+def test_evaluation_collection_is_disjoint_from_the_demo_and_deterministic(tmp_path):
+    from embedpipe.workers import demo_data
+
+    demo = set(demo_data.QUERY_PHOTOS + demo_data.DISTRACTOR_PHOTOS)
+    assert not demo & set(demo_data.EVAL_QUERY_PHOTOS + demo_data.EVAL_DISTRACTOR_PHOTOS)
+    info = demo_data.generate_eval(tmp_path / "a")
+    assert info.n_queries == 2 and info.n_images == 2 * 13 + 8 * 3 + demo_data.EVAL_FACES
+    (tmp_path / "a" / ".demo.json").unlink()
+    demo_data.generate_eval(tmp_path / "b")
+    for p in sorted((tmp_path / "a").glob("*.jpg")):
+        assert p.read_bytes() == (tmp_path / "b" / p.name).read_bytes()

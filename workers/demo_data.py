@@ -73,7 +73,16 @@ EVAL_DISTRACTOR_PHOTOS = (
     ("distributed", "python.png"),
     ("distributed", "numpy.png"),
 )
-EVAL_ROUNDS = 2  # each query photo gets every transform this many times (different draws)
+# each eval query photo gets the six transforms, then six pairs of them applied in turn (harder copies)
+EVAL_COMPOUND = (
+    ("crop", "colour"),
+    ("rotate", "blur"),
+    ("scale", "jpeg"),
+    ("crop", "blur"),
+    ("rotate", "colour"),
+    ("scale", "colour"),
+)
+EVAL_FACES = 60  # plus this many faces of scikit-image's LFW subset as distractors (portraits look alike)
 
 
 def _photo_path(package: str, name: str) -> Path:
@@ -143,17 +152,41 @@ def _jpeg_bytes(img: Image.Image, quality: int) -> bytes:
 
 def generate_demo(root: Path, seed: int = 0) -> DemoInfo:
     """Write the demo dataset under ``root`` (skipped when an identical one is already there)."""
-    return _generate(root, seed, "demo", QUERY_PHOTOS, DISTRACTOR_PHOTOS, 1)
+    return _generate(root, seed, "demo", QUERY_PHOTOS, DISTRACTOR_PHOTOS)
 
 
 def generate_eval(root: Path, seed: int = 0) -> DemoInfo:
     """Write the evaluation collection under ``root``: the demo's layout and transforms on photos the demo
     does not use (``EVAL_QUERY_PHOTOS``, ``EVAL_DISTRACTOR_PHOTOS``), for testing a backbone fine-tuned on
     the demo dataset on images it never saw."""
-    return _generate(root, seed, "eval", EVAL_QUERY_PHOTOS, EVAL_DISTRACTOR_PHOTOS, EVAL_ROUNDS)
+    return _generate(root, seed, "eval", EVAL_QUERY_PHOTOS, EVAL_DISTRACTOR_PHOTOS, EVAL_COMPOUND, EVAL_FACES)
 
 
-def _generate(root: Path, seed: int, kind: str, queries, distractors, rounds: int) -> DemoInfo:
+def compound(img: Image.Image, kinds: tuple[str, ...], rng: np.random.Generator) -> tuple[Image.Image, int]:
+    """Several ``transform``s in turn; saved with the lowest JPEG quality among them."""
+    quality = 95
+    for kind in kinds:
+        img, q = transform(img, kind, rng)
+        quality = min(quality, q)
+    return img, quality
+
+
+def _faces(n: int) -> list[Image.Image]:
+    """The first ``n`` faces of scikit-image's LFW subset (25x25 grey), as 100x100 RGB."""
+    import skimage.data
+
+    faces = skimage.data.lfw_subset()[:n]  # (n, 25, 25) float in [0, 1]
+    return [
+        Image.fromarray((f * 255).round().astype(np.uint8))
+        .convert("RGB")
+        .resize((100, 100), Image.Resampling.BICUBIC)
+        for f in faces
+    ]
+
+
+def _generate(
+    root: Path, seed: int, kind: str, queries, distractors, compounds=(), faces: int = 0
+) -> DemoInfo:
     root = Path(root)
     stamp = root / ".demo.json"  # hidden: inputs are the visible files
     key = {"generator": GENERATOR_VERSION, "seed": seed}
@@ -169,8 +202,8 @@ def _generate(root: Path, seed: int, kind: str, queries, distractors, rounds: in
         base = 100000 + 100 * g
         files[f"{base:06d}.jpg"] = _jpeg_bytes(photo, 95)
         rng = np.random.default_rng([seed, g] if kind == "demo" else [seed, g, 7])
-        for k, kind_ in enumerate(TRANSFORMS * rounds, start=1):
-            copy, quality = transform(photo, kind_, rng)
+        for k, kinds in enumerate([(t,) for t in TRANSFORMS] + list(compounds), start=1):
+            copy, quality = compound(photo, kinds, rng)
             files[f"{base + k:06d}.jpg"] = _jpeg_bytes(copy, quality)
     for d, (package, name) in enumerate(distractors):
         photo = load_photo(package, name)
@@ -178,6 +211,8 @@ def _generate(root: Path, seed: int, kind: str, queries, distractors, rounds: in
         for c in range(CROPS_PER_DISTRACTOR):
             imno = 200001 + 100 * (d * CROPS_PER_DISTRACTOR + c)  # imno % 100 == 1: never a query
             files[f"{imno:06d}.jpg"] = _jpeg_bytes(_random_crop(photo, rng, 0.6, 0.9), 90)
+    for f, face in enumerate(_faces(faces)):
+        files[f"{300001 + 100 * f:06d}.jpg"] = _jpeg_bytes(face, 90)
     for old in root.glob("*.jpg"):
         if old.name not in files:
             old.unlink()
