@@ -215,7 +215,7 @@ class FinetuneConfig(_Frozen):
     epochs: int = Field(5, ge=1, description="epochs; tuples are re-mined with the current model each epoch")
     negatives: int = Field(5, ge=1, description="hard negatives per tuple, one per other group")
     tuples_per_step: int = Field(4, ge=1, description="tuples per worker per optimiser step")
-    lr: float = Field(1e-5, gt=0, description="Adam learning rate of the trunk (GeM p: 10x)")
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate of the trunk (GeM p: 10x)")
     weight_decay: float = Field(1e-6, ge=0, description="Adam weight decay")
     max_side: int = Field(256, ge=32, description="training images are downscaled to this longer side")
     workers: int = Field(0, ge=0, description="Ray Train workers; 0: one per GPU, else from the CPUs")
