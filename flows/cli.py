@@ -262,7 +262,6 @@ def _backbone_overrides(name: str) -> dict:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from embedpipe.storage.sources import list_inputs
-    from embedpipe.workers.train import run_finetune
 
     overrides: dict = {"images": args.images}
     ft = {k: v for k, v in (("loss", args.loss), ("epochs", args.epochs)) if v is not None}
@@ -285,16 +284,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if is_finetuned(cfg.extract.backbone):
         raise InputError("finetune starts from a registry backbone, not a fine-tuned folder")
     check_backbone(cfg.extract.backbone, cfg.extract.weights)
-    result = run_finetune(cfg, args.out)
-    from embedpipe.workers.finetune_report import write_finetune_report
+    from embedpipe.flows.finetune import finetune
 
-    report = write_finetune_report(result.ft_dir)
-    losses = ", ".join(f"{v:.4f}" for v in result.losses)
+    r = finetune(cfg, args.out)
+    losses = ", ".join(f"{v:.4f}" for v in r["losses"])
     sys.stdout.write(
-        f"finetune: {result.epochs} epoch(s) ({result.epochs - result.resumed_from} this run, "
-        f"{result.workers} worker(s), {result.seconds:.1f} s); loss per epoch: {losses}\n"
-        f"backbone: {result.ft_dir} (use: embedpipe run --backbone {result.ft_dir} ...)\n"
-        f"report: {report}\n"
+        f"finetune: {r['epochs']} epoch(s) ({r['epochs'] - r['resumed_from']} this run, "
+        f"{r['workers']} worker(s), {r['seconds']:.1f} s); loss per epoch: {losses}\n"
+        f"backbone: {r['ft_dir']} (use: embedpipe run --backbone {r['ft_dir']} ...)\n"
+        f"report: {r['report']}\n"
     )
     return 0
 
