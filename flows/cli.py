@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_args(run)
 
+    run.add_argument(
+        "--backbone",
+        help="backbone name, or a folder written by 'embedpipe finetune' (its image size comes along)",
+    )
+
     reindex = sub.add_parser(
         "reindex", help="bring a finished run up to date with a changed collection, without a full rebuild"
     )
@@ -107,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_args(deploy)
 
+    ft = sub.add_parser("finetune", help="fine-tune the backbone for retrieval on Ray Train")
+    ft.add_argument("config", nargs="?", type=Path, help="YAML config file")
+    ft.add_argument("--images", help="training images (labels or Holidays layout), never the evaluation set")
+    ft.add_argument(
+        "--out", type=Path, required=True, help="FT_DIR: backbone, checkpoints (re-running resumes)"
+    )
+    ft.add_argument("--loss", choices=("contrastive", "triplet"), help="tuple loss (default contrastive)")
+    ft.add_argument("--epochs", type=int, help="epochs (default 5)")
+    ft.add_argument("--preset", help="named preset (see 'embedpipe presets')")
+    _set_args(ft)
+
     ingest = sub.add_parser("ingest", help="the ingest stage alone: manifest, shard plan, resized shards")
     ingest.add_argument("images", help="any input form, as for 'run --images'")
     ingest.add_argument("--out", type=Path, required=True, help="output folder (re-running resumes)")
@@ -128,9 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="side-by-side benchmarks written as JSON")
     bench.add_argument(
         "what",
-        choices=("extract", "decode", "codebook", "pca", "index", "reindex"),
+        choices=("extract", "decode", "codebook", "pca", "index", "reindex", "train"),
         help="what to measure: the extraction pipeline, JPEG decode, faiss k-means vs MiniBatchKMeans, "
-        "the PCA fit, index filling, or reindex against a full run",
+        "the PCA fit, index filling, reindex against a full run, or fine-tuning steps (Ray Train vs a "
+        "plain loop)",
     )
     bench.add_argument("--json", type=Path, help="write the result here (also printed)")
     bench.add_argument("--images", help="images to use, any input form (default: the demo dataset)")
@@ -149,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--factory", default="IVF1024,PQ32", help="index: factory (default IVF1024,PQ32)")
     bench.add_argument(
         "--growth", default="", metavar="N,N,...", help="index: also time the sharded fill at these sizes"
+    )
+    bench.add_argument(
+        "--steps", type=int, default=10, help="train: timed steps after a warm-up (default 10)"
     )
     bench.add_argument("--store", type=Path, help="pca/index: where the synthetic store is written (reused)")
     bench.add_argument(
@@ -173,7 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", type=Path, help="write the metrics here (also printed)")
 
     rep = sub.add_parser("report", help="rebuild RUN/report/index.html from the run directory")
-    rep.add_argument("run", type=Path, help="run directory")
+    rep.add_argument(
+        "run", type=Path, help="run directory, or a finetune FT_DIR (rebuilds FT_DIR/report.html)"
+    )
+    rep.add_argument(
+        "--runs",
+        nargs="+",
+        type=Path,
+        default=[],
+        help="with an FT_DIR: finished runs (off-the-shelf, adapted, ...) to show side by side",
+    )
 
     cmp_ = sub.add_parser("compare", help="side-by-side metrics of two runs")
     cmp_.add_argument("run_a", type=Path)
@@ -237,6 +266,8 @@ def _load_run_config(args: argparse.Namespace, check_inputs: bool = True):
         "out": args.out,
     }
     overrides.update(_engine_overrides(args))
+    if getattr(args, "backbone", None):
+        overrides["extract"] = _backbone_overrides(args.backbone)
     cfg = load_config(
         preset=args.preset or ("default" if not getattr(args, "config", None) else None),
         path=getattr(args, "config", None),
@@ -246,7 +277,68 @@ def _load_run_config(args: argparse.Namespace, check_inputs: bool = True):
     if cfg.images is not None and check_inputs:
         list_inputs(cfg.images)  # fail fast, before any engine starts
     check_backbone(cfg.extract.backbone, cfg.extract.weights, cfg.extract.descriptors)
+    _check_not_training_set(cfg)
     return cfg
+
+
+def _check_not_training_set(cfg) -> None:
+    """A fine-tuned backbone is never evaluated on the collection it was trained on."""
+    from embedpipe.workers.descriptors.backbones import is_finetuned, read_finetuned
+
+    if cfg.images is None or not is_finetuned(cfg.extract.backbone):
+        return
+    trained = read_finetuned(cfg.extract.backbone)["training"]["images"]
+    if str(Path(trained).resolve()) == str(Path(cfg.images).resolve()):
+        raise InputError(
+            f"{cfg.images} is the training collection of {cfg.extract.backbone}: evaluate on other images"
+        )
+
+
+def _backbone_overrides(name: str) -> dict:
+    """``--backbone``: the name, and for a fine-tuned folder the image size it was trained at
+    (``--set extract.max_side=…`` still wins)."""
+    from embedpipe.workers.descriptors.backbones import is_finetuned, read_finetuned
+
+    if is_finetuned(name):
+        return {"backbone": str(Path(name).resolve()), "max_side": read_finetuned(name)["max_side"]}
+    return {"backbone": name}
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from embedpipe.storage.sources import list_inputs
+
+    overrides: dict = {"images": args.images}
+    ft = {k: v for k, v in (("loss", args.loss), ("epochs", args.epochs)) if v is not None}
+    if ft:
+        overrides["finetune"] = ft
+    if args.ray_address:
+        overrides["ray"] = {"address": args.ray_address}
+    from embedpipe.flows.config import load_config
+    from embedpipe.workers.descriptors.backbones import check_backbone, is_finetuned
+
+    cfg = load_config(
+        preset=args.preset or ("default" if not args.config else None),
+        path=args.config,
+        overrides=overrides,
+        sets=args.sets,
+    )
+    if cfg.images is None:
+        raise InputError("no training images given (--images PATH)")
+    list_inputs(cfg.images)
+    if is_finetuned(cfg.extract.backbone):
+        raise InputError("finetune starts from a registry backbone, not a fine-tuned folder")
+    check_backbone(cfg.extract.backbone, cfg.extract.weights)
+    from embedpipe.flows.finetune import finetune
+
+    r = finetune(cfg, args.out)
+    losses = ", ".join(f"{v:.4f}" for v in r["losses"])
+    sys.stdout.write(
+        f"finetune: {r['epochs']} epoch(s) ({r['epochs'] - r['resumed_from']} this run, "
+        f"{r['workers']} worker(s), {r['seconds']:.1f} s); loss per epoch: {losses}\n"
+        f"backbone: {r['ft_dir']} (use: embedpipe run --backbone {r['ft_dir']} ...)\n"
+        f"report: {r['report']}\n"
+    )
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -411,6 +503,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.what == "codebook":
         return cmd_bench_codebook(args)
+    if args.what == "train":
+        return cmd_bench_train(args)
 
     if args.n < 1:
         raise InputError("--n must be at least 1")
@@ -449,6 +543,29 @@ def cmd_bench_reindex(args: argparse.Namespace) -> int:
         root = Path(tempfile.gettempdir()) / "embedpipe-bench-demo"
         cfg = cfg.model_copy(update={"images": str(generate_demo(root, seed=cfg.seed).root)})
     _write_json(bench_reindex(cfg, args.fraction), args.json)
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    """Ray Train vs a plain PyTorch loop on the same model and tuples of --images (default: the demo)."""
+    from embedpipe.workers.demo_data import generate_demo
+    from embedpipe.workers.train import bench_train
+
+    if args.steps < 1:
+        raise InputError("--steps must be at least 1")
+    cfg = _load_run_config(args)
+    if cfg.images is None:
+        root = Path(tempfile.gettempdir()) / "embedpipe-bench-demo"
+        cfg = cfg.model_copy(update={"images": str(generate_demo(root, seed=cfg.seed).root)})
+    result = bench_train(cfg, args.steps)
+    _write_json(result, args.json)
+    log.info(
+        "bench train: ours %.2f s/step (%d workers), baseline %.2f s/step, ratio %.2f",
+        result["ours"]["step_s"],
+        result["ours"]["workers"],
+        result["baseline"]["step_s"],
+        result["ratio"],
+    )
     return 0
 
 
@@ -508,6 +625,12 @@ def _finished_run(path: Path):
 def cmd_report(args: argparse.Namespace) -> int:
     from embedpipe.workers.report import write_report
 
+    if (args.run / "backbone.json").is_file():
+        from embedpipe.workers.finetune_report import write_finetune_report
+
+        runs = {str(r): _finished_run(r)[0].root for r in args.runs}
+        sys.stdout.write(f"{write_finetune_report(args.run, runs)}\n")
+        return 0
     layout, cfg = _finished_run(args.run)
     sys.stdout.write(f"{write_report(layout, cfg)}\n")
     return 0
@@ -607,6 +730,7 @@ COMMANDS = {
     "run": cmd_run,
     "reindex": cmd_reindex,
     "deploy": cmd_deploy,
+    "finetune": cmd_finetune,
     "ingest": cmd_ingest,
     "datasets": cmd_datasets,
     "bench": cmd_bench,

@@ -242,6 +242,40 @@ class ReindexConfig(_Frozen):
     )
 
 
+class FinetuneConfig(_Frozen):
+    """``embedpipe finetune``: contrastive/triplet fine-tuning of ``extract.backbone`` on Ray Train."""
+
+    loss: Literal["contrastive", "triplet"] = Field("contrastive", description="tuple loss")
+    margin: float = Field(0.7, gt=0, description="loss margin m")
+    head: Literal["gem", "rmac"] = Field("gem", description="pooling head: GeM with learnable p, or R-MAC")
+    gem_p: float = Field(3.0, gt=0, description="initial GeM exponent (learnt)")
+    epochs: int = Field(5, ge=1, description="epochs; tuples are re-mined with the current model each epoch")
+    negatives: int = Field(5, ge=1, description="hard negatives per tuple, one per other group")
+    tuples_per_step: int = Field(4, ge=1, description="tuples per worker per optimiser step")
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate of the trunk (GeM p: 10x)")
+    weight_decay: float = Field(1e-6, ge=0, description="Adam weight decay")
+    max_side: int = Field(256, ge=32, description="training images are downscaled to this longer side")
+    workers: int = Field(0, ge=0, description="Ray Train workers; 0: one per GPU, else from the CPUs")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: GPUs when Ray sees them")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast on GPU (auto: bf16 on GPU, fp32 on CPU); CPUs always use fp32"
+    )
+    torch_threads: int = Field(0, ge=0, description="torch threads per worker; 0 derives it")
+    mining: Literal["auto", "labels", "verified"] = Field(
+        "auto",
+        description="positives from labels/Holidays groups, or mined without labels: the current "
+        "embedding's kNN pairs kept when RANSAC verifies them (auto: labels when there are groups)",
+    )
+    knn: int = Field(5, ge=1, description="mining without labels: neighbours of each image checked")
+    min_inliers: int = Field(
+        15, ge=3, description="mining without labels: RANSAC inliers that make a pair a positive"
+    )
+    whiten_dim: int = Field(128, ge=0, description="learned whitening output dim; 0 keeps all")
+    whiten_shrinkage: float = Field(
+        0.1, ge=0, description="learned whitening: regularisation of the pair-difference covariance"
+    )
+
+
 class Config(_Frozen):
     images: str | None = Field(
         None, description="folder, glob, list file, tar/WebDataset shards or URL (see the README)"
@@ -265,6 +299,7 @@ class Config(_Frozen):
     ray: RayConfig = RayConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     reindex: ReindexConfig = ReindexConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
 
     @field_validator("images", mode="before")
     @classmethod

@@ -55,7 +55,45 @@ class DemoInfo:
     n_queries: int
 
 
+# A second, disjoint collection for evaluating what was fine-tuned on the demo dataset: photographs and
+# pictures that the demo generator does not use (matplotlib's and dask.distributed's sample images too).
+# motorcycle_right is the other view of the demo's motorcycle_left stereo pair: the same scene, a
+# different photograph; per-query APs in the report show its group apart.
+EVAL_QUERY_PHOTOS = (
+    ("matplotlib", "grace_hopper.jpg"),
+    ("skimage", "motorcycle_right.png"),
+)
+EVAL_DISTRACTOR_PHOTOS = (
+    ("skimage", "logo.png"),
+    ("skimage", "color.png"),
+    ("skimage", "chessboard_RGB.png"),
+    ("skimage", "phantom.png"),
+    ("matplotlib", "logo2.png"),
+    ("matplotlib", "Minduka_Present_Blue_Pack.png"),
+    ("distributed", "python.png"),
+    ("distributed", "numpy.png"),
+)
+# each eval query photo gets the six transforms, then six pairs of them applied in turn (harder copies)
+EVAL_COMPOUND = (
+    ("crop", "colour"),
+    ("rotate", "blur"),
+    ("scale", "jpeg"),
+    ("crop", "blur"),
+    ("rotate", "colour"),
+    ("scale", "colour"),
+)
+EVAL_FACES = 60  # plus this many faces of scikit-image's LFW subset as distractors (portraits look alike)
+
+
 def _photo_path(package: str, name: str) -> Path:
+    if package == "matplotlib":
+        import matplotlib
+
+        return Path(matplotlib.get_data_path()) / "sample_data" / name
+    if package == "distributed":
+        import distributed
+
+        return Path(distributed.__file__).parent / "http" / "static" / "images" / name
     if package == "skimage":
         import skimage.data
 
@@ -114,34 +152,73 @@ def _jpeg_bytes(img: Image.Image, quality: int) -> bytes:
 
 def generate_demo(root: Path, seed: int = 0) -> DemoInfo:
     """Write the demo dataset under ``root`` (skipped when an identical one is already there)."""
+    return _generate(root, seed, "demo", QUERY_PHOTOS, DISTRACTOR_PHOTOS)
+
+
+def generate_eval(root: Path, seed: int = 0) -> DemoInfo:
+    """Write the evaluation collection under ``root``: the demo's layout and transforms on photos the demo
+    does not use (``EVAL_QUERY_PHOTOS``, ``EVAL_DISTRACTOR_PHOTOS``), for testing a backbone fine-tuned on
+    the demo dataset on images it never saw."""
+    return _generate(root, seed, "eval", EVAL_QUERY_PHOTOS, EVAL_DISTRACTOR_PHOTOS, EVAL_COMPOUND, EVAL_FACES)
+
+
+def compound(img: Image.Image, kinds: tuple[str, ...], rng: np.random.Generator) -> tuple[Image.Image, int]:
+    """Several ``transform``s in turn; saved with the lowest JPEG quality among them."""
+    quality = 95
+    for kind in kinds:
+        img, q = transform(img, kind, rng)
+        quality = min(quality, q)
+    return img, quality
+
+
+def _faces(n: int) -> list[Image.Image]:
+    """The first ``n`` faces of scikit-image's LFW subset (25x25 grey), as 100x100 RGB."""
+    import skimage.data
+
+    faces = skimage.data.lfw_subset()[:n]  # (n, 25, 25) float in [0, 1]
+    return [
+        Image.fromarray((f * 255).round().astype(np.uint8))
+        .convert("RGB")
+        .resize((100, 100), Image.Resampling.BICUBIC)
+        for f in faces
+    ]
+
+
+def _generate(
+    root: Path, seed: int, kind: str, queries, distractors, compounds=(), faces: int = 0
+) -> DemoInfo:
     root = Path(root)
     stamp = root / ".demo.json"  # hidden: inputs are the visible files
     key = {"generator": GENERATOR_VERSION, "seed": seed}
+    if kind != "demo":
+        key["collection"] = kind
     if stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
         info = json.loads(stamp.read_text())
         return DemoInfo(root, info["n_images"], info["n_queries"])
     root.mkdir(parents=True, exist_ok=True)
     files: dict[str, bytes] = {}
-    for g, (package, name) in enumerate(QUERY_PHOTOS):
+    for g, (package, name) in enumerate(queries):
         photo = load_photo(package, name)
         base = 100000 + 100 * g
         files[f"{base:06d}.jpg"] = _jpeg_bytes(photo, 95)
-        rng = np.random.default_rng([seed, g])
-        for k, kind in enumerate(TRANSFORMS, start=1):
-            copy, quality = transform(photo, kind, rng)
+        rng = np.random.default_rng([seed, g] if kind == "demo" else [seed, g, 7])
+        for k, kinds in enumerate([(t,) for t in TRANSFORMS] + list(compounds), start=1):
+            copy, quality = compound(photo, kinds, rng)
             files[f"{base + k:06d}.jpg"] = _jpeg_bytes(copy, quality)
-    for d, (package, name) in enumerate(DISTRACTOR_PHOTOS):
+    for d, (package, name) in enumerate(distractors):
         photo = load_photo(package, name)
         rng = np.random.default_rng([seed, 1000 + d])
         for c in range(CROPS_PER_DISTRACTOR):
             imno = 200001 + 100 * (d * CROPS_PER_DISTRACTOR + c)  # imno % 100 == 1: never a query
             files[f"{imno:06d}.jpg"] = _jpeg_bytes(_random_crop(photo, rng, 0.6, 0.9), 90)
+    for f, face in enumerate(_faces(faces)):
+        files[f"{300001 + 100 * f:06d}.jpg"] = _jpeg_bytes(face, 90)
     for old in root.glob("*.jpg"):
         if old.name not in files:
             old.unlink()
     for fname, data in files.items():
         (root / fname).write_bytes(data)
-    n_queries = len(QUERY_PHOTOS)
+    n_queries = len(queries)
     stamp.write_text(
         json.dumps({"key": key, "n_images": len(files), "n_queries": n_queries}, indent=2) + "\n"
     )

@@ -56,6 +56,8 @@ class Embedder:
         self.device = resolve_device(cfg.device)
         self.model, self.spec = load_backbone(cfg.backbone, cfg.weights)
         self.pools = tuple(d for d in cfg.descriptors if d not in FC_CODES)
+        # a fine-tuned backbone brings its learnt GeM exponent
+        self.gem_p = self.spec.gem_p if self.spec.gem_p is not None else cfg.gem_p
         self.fc = tuple(d for d in cfg.descriptors if d in FC_CODES)
         if self.fc and self.spec.fc_codes is None:
             raise BackboneError(
@@ -99,7 +101,7 @@ class Embedder:
             with self._autocast():
                 fmap = self.model(self.preprocess(rescale(image, scale)))  # (1, C, h, w)
                 codes = self.spec.fc_codes(fmap) if self.fc else {}
-            pooled = pool_all(fmap, self.pools, self.cfg.gem_p)
+            pooled = pool_all(fmap, self.pools, self.gem_p)
             pooled.update({name: l2n(codes[name].float()) for name in self.fc})
             for name, v in pooled.items():
                 total[name] = total[name] + v if name in total else v

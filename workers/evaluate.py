@@ -71,6 +71,8 @@ def whitening_name(descriptor: str) -> str:
 def borrowed_whitening(source: Path, descriptor: str, dim: int) -> tuple[dict[str, np.ndarray], int]:
     """The PCA-whitening another run learnt for ``descriptor`` (``fit.from_run``), checked against this
     run's descriptor dimension. Returns the arrays and the number of vectors it was fitted on."""
+    if (Path(source) / "backbone.json").is_file():  # a fine-tuned backbone folder: its learned whitening
+        return _learned_whitening(Path(source), descriptor, dim)
     path = RunLayout(Path(source)).model(whitening_name(descriptor))
     if not path.is_file():
         raise InputError(f"fit.from_run: no PCA-whitening for '{descriptor}' in {source} ({path} missing)")
@@ -83,6 +85,22 @@ def borrowed_whitening(source: Path, descriptor: str, dim: int) -> tuple[dict[st
     return {k: arrays[k] for k in ("mean", "proj", "eigvals")}, int(meta.get("n_train", 0))
 
 
+def _learned_whitening(ft_dir: Path, descriptor: str, dim: int) -> tuple[dict[str, np.ndarray], int]:
+    """The learned whitening (Lw) that ``embedpipe finetune`` fitted on its training pairs; marked with a
+    ``learned`` flag so its rows are named ``lw<dim>``."""
+    path = ft_dir / f"whitening-{descriptor}.npz"
+    if not path.is_file():
+        raise InputError(
+            f"fit.from_run: no learned whitening for '{descriptor}' in {ft_dir} ({path.name} missing)"
+        )
+    arrays, meta = load_npz(path)
+    if arrays["mean"].shape[0] != dim:
+        raise InputError(f"fit.from_run: {path} whitens {arrays['mean'].shape[0]}-dim vectors, not {dim}-dim")
+    out = {k: arrays[k] for k in ("mean", "proj", "eigvals")}
+    out["learned"] = np.array(1, np.int8)
+    return out, int(meta.get("n_train", 0))
+
+
 def variants(
     layout: RunLayout, cfg: Config, descriptor: str, vectors: np.ndarray
 ) -> list[tuple[str, np.ndarray]]:
@@ -91,7 +109,10 @@ def variants(
     if cfg.fit.whiten:
         arrays, _ = load_npz(layout.model(whitening_name(descriptor)))
         out.append(
-            (f"pcaw{arrays['proj'].shape[0]}", apply_whitening(vectors, arrays["mean"], arrays["proj"]))
+            (
+                f"{'lw' if 'learned' in arrays else 'pcaw'}{arrays['proj'].shape[0]}",
+                apply_whitening(vectors, arrays["mean"], arrays["proj"]),
+            )
         )
     return out
 

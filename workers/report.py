@@ -241,6 +241,23 @@ def _result_vectors(
     return meta.column("path").to_pylist(), chosen
 
 
+def _adapted_backbone(config: Any) -> list[str]:
+    """A fine-tuned backbone's training collection, stated next to the evaluation collection."""
+    from embedpipe.workers.descriptors.backbones import is_finetuned, read_finetuned
+
+    name = str(config.extract.backbone)
+    if not is_finetuned(name):
+        return []
+    training = read_finetuned(name)["training"]
+    loss = html.escape(training["config"]["loss"])
+    return [
+        f"<p id='adapted'>Backbone fine-tuned by <code>embedpipe finetune</code> ({html.escape(name)}) "
+        f"on the training collection <code>{html.escape(str(training['images']))}</code> "
+        f"({training['n_images']} images, {training['epochs']} epochs, {loss} loss), "
+        "evaluated on the collection above.</p>"
+    ]
+
+
 def build_report(layout: RunLayout, config: Any) -> str:
     """Render ``report/index.html`` from the run directory (metrics.json, ranks, features, manifest)."""
     metrics = json.loads(layout.metrics.read_text())
@@ -257,6 +274,7 @@ def build_report(layout: RunLayout, config: Any) -> str:
         f"<p>Protocol <b>{html.escape(metrics['protocol'])}</b> on "
         f"<code>{html.escape(str(ds['path']))}</code>:"
         f" {ds['n_images']} images, {ds['n_queries']} queries, {ds.get('n_quarantined', 0)} quarantined.</p>",
+        *_adapted_backbone(config),
     ]
     if best is not None:
         top = results[best]

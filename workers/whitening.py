@@ -68,3 +68,40 @@ def subspace_drift(old: np.ndarray, new: np.ndarray, dim: int) -> float:
     model = pca_whitening_from_moments(fit.sum(axis=0), fit.T @ fit, half, dim, 0.0)
     held = captured_energy(old[half:], model["mean"], model["proj"])
     return max(0.0, 1.0 - captured_energy(new, model["mean"], model["proj"]) / held) if held > 0 else 0.0
+
+
+def learned_whitening(
+    x: np.ndarray, qidx: np.ndarray, pidx: np.ndarray, dim: int, shrinkage: float
+) -> dict[str, np.ndarray]:
+    """Learned whitening Lw from matching pairs (Radenović et al., ECCV 2016; ``whitenlearn`` of
+    cnnimageretrieval-pytorch): whiten by the inverse square root (Cholesky) of the covariance of the
+    pair differences x[q] - x[p], then rotate by the PCA of all whitened vectors.
+
+    x: (n, D); qidx, pidx: (m,) row indices of the pairs. The difference covariance is regularised by
+    ``shrinkage`` times its mean eigenvalue (with fewer pairs than dimensions it is singular otherwise).
+    Keeps ``dim`` leading components (0: all). Returns mean (D,), proj (dim, D), eigvals (dim,) in the
+    format of ``pca_whitening_from_moments``: whitened y = proj @ (x - mean)."""
+    x = np.asarray(x, np.float64)
+    qidx, pidx = np.asarray(qidx), np.asarray(pidx)
+    if qidx.size == 0:
+        raise ValueError("learned whitening needs at least one matching pair")
+    mean = x[qidx].mean(axis=0)  # (D,)
+    diff = x[qidx] - x[pidx]  # (m, D)
+    cov = diff.T @ diff / diff.shape[0]  # (D, D)
+    cov = cov + (shrinkage * np.trace(cov) / cov.shape[0] + 1e-12) * np.eye(cov.shape[0])
+    chol = np.linalg.cholesky(cov)  # cov = L Lᵀ
+    p = np.linalg.inv(chol)  # (D, D): whitens the differences
+    white = (x - mean) @ p.T  # (n, D)
+    eigvals, eigvecs = np.linalg.eigh(white.T @ white)
+    order = np.argsort(eigvals)[::-1]
+    eigvals, eigvecs = np.clip(eigvals[order], 0.0, None), eigvecs[:, order]
+    dim = eigvecs.shape[1] if dim <= 0 else min(dim, eigvecs.shape[1])
+    eigvals, eigvecs = eigvals[:dim], eigvecs[:, :dim]
+    signs = np.sign(eigvecs[np.abs(eigvecs).argmax(axis=0), np.arange(dim)])
+    eigvecs = eigvecs * np.where(signs == 0, 1.0, signs)
+    proj = eigvecs.T @ p  # (dim, D)
+    return {
+        "mean": mean.astype(np.float32),
+        "proj": proj.astype(np.float32),
+        "eigvals": eigvals.astype(np.float32),
+    }

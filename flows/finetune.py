@@ -1,0 +1,43 @@
+"""The ``finetune`` Prefect flow: a thin wrapper over ``workers.train.run_finetune`` (Ray Train) and the
+fine-tuning report, so training runs are tracked like pipeline runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from embedpipe.flows.config import Config
+from embedpipe.workers.finetune_report import write_finetune_report
+from embedpipe.workers.train import run_finetune
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_task(cfg: Config, ft_dir: Path) -> dict[str, Any]:
+    r = run_finetune(cfg, ft_dir)
+    return {
+        "ft_dir": str(r.ft_dir),
+        "epochs": r.epochs,
+        "resumed_from": r.resumed_from,
+        "losses": r.losses,
+        "workers": r.workers,
+        "seconds": r.seconds,
+    }
+
+
+@flow(name="finetune", log_prints=False, validate_parameters=False)
+def finetune(cfg: Config, ft_dir: Path) -> dict[str, Any]:
+    """Fine-tune ``cfg.extract.backbone`` on ``cfg.images`` into ``ft_dir`` (resuming), then its report."""
+    result = train_task(cfg, ft_dir)
+    result["report"] = str(write_finetune_report(Path(result["ft_dir"])))
+    losses = ", ".join(f"{v:.4f}" for v in result["losses"])
+    get_run_logger().info("finetune: %d epochs, loss per epoch %s", result["epochs"], losses)
+    create_markdown_artifact(
+        key="finetune-summary",
+        markdown=f"Fine-tuned `{cfg.extract.backbone}` on `{cfg.images}`: {result['epochs']} epochs, "
+        f"loss per epoch {losses}; backbone `{result['ft_dir']}`.",
+    )
+    return result
