@@ -38,6 +38,7 @@ from embedpipe.workers.evaluate import (
     whitening_name,
 )
 from embedpipe.workers.extract import (
+    config_fingerprint,
     extract_queries,
     extract_shard,
     finish_extract,
@@ -64,7 +65,7 @@ def versions() -> dict[str, str]:
 
 
 def fingerprints(cfg: Config, inputs: RunInputs) -> dict[str, str]:
-    extract = _chain(inputs.fingerprint, cfg.fingerprint("extract", "local", "ingest"))
+    extract = _chain(inputs.fingerprint, config_fingerprint(cfg))
     fit = _chain(extract, cfg.fingerprint("fit", "bow"))
     return {
         "extract": extract,

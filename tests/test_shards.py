@@ -147,3 +147,20 @@ def test_subspace_drift_is_zero_in_distribution_and_grows_off_subspace():
     xc = other - model["mean"]
     naive = sum(float(np.dot(basis_rows @ v, basis_rows @ v)) for v in xc) / sum(float(v @ v) for v in xc)
     assert captured_energy(other, model["mean"], model["proj"]) == pytest.approx(naive, rel=1e-6)
+
+
+def test_weights_digest_follows_fine_tuned_and_local_weights(tmp_path):
+    from embedpipe.workers.descriptors.backbones import weights_digest
+
+    assert weights_digest("efficientnet_lite0") == "" and weights_digest("timm:resnet18", "cache") == ""
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    (folder / "backbone.json").write_text('{"base": "efficientnet_lite0"}')
+    (folder / "backbone.pt").write_bytes(b"weights v1")
+    first = weights_digest(str(folder))
+    assert first and first == weights_digest(str(folder))
+    (folder / "backbone.pt").write_bytes(b"weights v2")  # retrained into the same folder
+    assert weights_digest(str(folder)) != first
+    local = tmp_path / "resnet.pth"
+    local.write_bytes(b"a")
+    assert weights_digest("timm:resnet18", local) != weights_digest("timm:resnet18", None)

@@ -30,7 +30,7 @@ from embedpipe.storage.layout import RunLayout
 from embedpipe.storage.local_features import local_schema, local_table
 from embedpipe.storage.shards import ShardRecords, input_signature, shard_fingerprint
 from embedpipe.storage.sources import InputRef
-from embedpipe.workers.descriptors.backbones import check_backbone
+from embedpipe.workers.descriptors.backbones import check_backbone, weights_digest
 from embedpipe.workers.descriptors.local import (
     HOG_DIM,
     STORED_DIM,
@@ -116,8 +116,9 @@ def store_schema(spec: StoreSpec, dim: int) -> pa.Schema:
 
 
 def config_fingerprint(cfg: Config) -> str:
-    """What the extracted rows depend on besides the inputs."""
-    return cfg.fingerprint("extract", "local", "ingest")
+    """What the extracted rows depend on besides the inputs: the config and the backbone's weights."""
+    digest = weights_digest(cfg.extract.backbone, cfg.extract.weights)
+    return cfg.fingerprint("extract", "local", "ingest") + (f"-{digest}" if digest else "")
 
 
 def shard_inputs(plan: ShardPlan) -> dict[int, tuple[InputRef, ...]]:

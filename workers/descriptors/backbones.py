@@ -345,3 +345,20 @@ def load_backbone(name: str, weights: Path | str | None = None) -> tuple[nn.Modu
     else:
         trunk, spec = _torchvision(name.removeprefix("torchvision:"), weights)
     return trunk.eval(), spec
+
+
+def weights_digest(name: str, weights: Path | str | None = None) -> str:
+    """SHA-256 of the files the backbone's weights come from (a fine-tuned folder's ``backbone.json`` and
+    ``backbone.pt``, or a local weights file), '' when they come from a package: retraining into the same
+    folder or replacing the file changes what a run extracts, so it must change its fingerprints."""
+    import hashlib
+
+    files = [Path(name) / f for f in FINETUNED_FILES] if is_finetuned(name) else []
+    if weights is not None and str(weights) != "cache" and Path(weights).is_file():
+        files.append(Path(weights))
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16] if files else ""
