@@ -69,7 +69,8 @@ def test_deploy_bad_cron_and_no_server_are_one_line_errors(small_holidays, tmp_p
     assert result.returncode == 2
     expected = "embedpipe: error: --cron 'every day': not a valid cron schedule"
     assert result.stderr.strip().splitlines() == [expected]
-    result = embedpipe("deploy", "--cron", "0 2 * * *", "--images", small_holidays, "--out", tmp_path / "r")
+    args = ("deploy", "--cron", "0 2 * * *", "--images", small_holidays, "--out", tmp_path / "r")
+    result = embedpipe(*args, ephemeral=True)  # no PREFECT_API_URL: no server to deploy to
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("embedpipe: error: deploy needs a Prefect server")
