@@ -42,8 +42,7 @@ from embedpipe.workers.extract import (
     extract_queries,
     extract_shard,
     finish_extract,
-    shard_done,
-    shard_inputs,
+    pending_shards,
     stage_models,
 )
 from embedpipe.workers.inputs import RunInputs, run_inputs
@@ -138,9 +137,9 @@ def extract_stage(cfg: Config, inputs: RunInputs, layout: RunLayout, ray: LazyRa
     dataset manifest and quarantine."""
     logger = get_run_logger()
     plan, orch = inputs.plan, cfg.orchestration
-    shards = shard_inputs(plan)
-    todo = {s: refs for s, refs in shards.items() if not shard_done(refs, s, cfg, layout)}
-    logger.info("extract: %d of %d shard(s) to do", len(todo), len(shards))
+    n_shards = len(set(plan.shards))
+    todo = pending_shards(plan, cfg, layout)
+    logger.info("extract: %d of %d shard(s) to do", len(todo), n_shards)
     progress = Progress("extract", sum(len(r) for r in todo.values()), logging.getLogger("embedpipe.extract"))
     run = extract_shard_task.with_options(
         retries=orch.retries,
@@ -167,7 +166,7 @@ def extract_stage(cfg: Config, inputs: RunInputs, layout: RunLayout, ray: LazyRa
     return {
         "n_ok": result.n_ok,
         "n_quarantined": len(result.quarantined),
-        "shards": len(shards),
+        "shards": n_shards,
         "shards_done": len(todo),
         "summary": result.summary,
     }

@@ -129,14 +129,22 @@ def shard_inputs(plan: ShardPlan) -> dict[int, tuple[InputRef, ...]]:
     return {s: tuple(refs) for s, refs in out.items()}
 
 
-def shard_done(refs: tuple[InputRef, ...], shard: int, cfg: Config, layout: RunLayout) -> bool:
-    """True when ``shard`` was extracted from exactly these inputs with this config, its parts in place."""
-    record = ShardRecords(layout.shard_records("extract")).read(shard)
-    return (
-        record is not None
-        and record.get("fingerprint") == shard_fingerprint(config_fingerprint(cfg), refs)
-        and all(find_part(layout.feature_dir(s.name), shard) is not None for s in store_specs(cfg))
-    )
+def pending_shards(plan: ShardPlan, cfg: Config, layout: RunLayout) -> dict[int, tuple[InputRef, ...]]:
+    """The shards of ``plan`` (with their inputs) not extracted yet from exactly these inputs with this
+    config and weights, parts in place. The config fingerprint (which hashes the weight files) is
+    computed once for all shards."""
+    records = ShardRecords(layout.shard_records("extract"))
+    cfg_fp, specs = config_fingerprint(cfg), store_specs(cfg)
+
+    def done(shard: int, refs: tuple[InputRef, ...]) -> bool:
+        record = records.read(shard)
+        return (
+            record is not None
+            and record.get("fingerprint") == shard_fingerprint(cfg_fp, refs)
+            and all(find_part(layout.feature_dir(s.name), shard) is not None for s in specs)
+        )
+
+    return {s: refs for s, refs in shard_inputs(plan).items() if not done(s, refs)}
 
 
 def _passes(cfg: Config) -> list[str]:
@@ -176,8 +184,8 @@ def extract_shard(
     specs = store_specs(cfg)
     cfg_fp = config_fingerprint(cfg)
     records = ShardRecords(layout.shard_records("extract"))
-    keep = _reusable(records.read(shard), refs, cfg_fp, specs, layout, shard)
-    old = records.read(shard) if keep else None
+    old = records.read(shard)
+    keep = _reusable(old, refs, cfg_fp, specs, layout, shard)
     todo = tuple(r for r in refs if r.key not in keep)
     tables: dict[str, list[pa.Table]] = {s.name: [] for s in specs}
     dims = {s.name: s.dim for s in specs}
@@ -332,8 +340,7 @@ def finish_extract(plan: ShardPlan, cfg: Config, layout: RunLayout, progress: Pr
 def extract_all(plan: ShardPlan, cfg: Config, layout: RunLayout) -> ExtractResult:
     """Every shard of ``plan`` not yet up to date, one after the other, then ``finish_extract`` (inside a
     Ray session; the pipeline flow runs the same shards as Prefect tasks)."""
-    shards = shard_inputs(plan)
-    todo = {s: refs for s, refs in shards.items() if not shard_done(refs, s, cfg, layout)}
+    todo = pending_shards(plan, cfg, layout)
     progress = Progress("extract", sum(len(r) for r in todo.values()), log)
     models = stage_models(cfg)
     try:
