@@ -1,8 +1,9 @@
 import os
-import shutil
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import demo_subset
 
 for _key, _value in {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
@@ -26,10 +27,4 @@ def demo_images(tmp_path_factory) -> Path:
 @pytest.fixture
 def small_holidays(tmp_path, demo_images) -> Path:
     """Three groups of the demo dataset plus two distractors: a small real Holidays-layout folder."""
-    root = tmp_path / "holidays"
-    root.mkdir()
-    for p in sorted(demo_images.glob("*.jpg")):
-        imno = int(p.stem)
-        if imno // 100 in (1000, 1001, 1002) or imno in (200001, 200101):
-            shutil.copy(p, root / p.name)
-    return root
+    return demo_subset(demo_images, tmp_path / "holidays", (1000, 1001, 1002), (200001, 200101))

@@ -97,3 +97,17 @@ def write_webdataset(files, pattern: str, per_shard: int, labels=None) -> list:
                     tar.addfile(info, io.BytesIO(data))
         shards.append(path)
     return shards
+
+
+def demo_subset(demo_images, root, groups, extras):
+    """A Holidays-layout folder ``root`` with the demo groups ``groups`` (query number // 100) and the
+    single images ``extras`` (image numbers) of ``demo_images``."""
+    from pathlib import Path
+
+    root = Path(root)
+    root.mkdir(parents=True)
+    for p in sorted(demo_images.glob("*.jpg")):
+        imno = int(p.stem)
+        if imno // 100 in groups or imno in extras:
+            shutil.copy(p, root / p.name)
+    return root

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import dask_cluster, group_processes, ray_two_nodes, scheduler_task_counts
+from tests.helpers import demo_subset
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +35,7 @@ def holidays(tmp_path_factory, demo_images) -> Path:
     """The ``small_holidays`` images (three groups of the demo dataset and two distractors), for the
     module's runs."""
     root = tmp_path_factory.mktemp("cluster-holidays") / "holidays"
-    root.mkdir()
-    for p in sorted(demo_images.glob("*.jpg")):
-        imno = int(p.stem)
-        if imno // 100 in (1000, 1001, 1002) or imno in (200001, 200101):
-            shutil.copy(p, root / p.name)
-    return root
+    return demo_subset(demo_images, root, (1000, 1001, 1002), (200001, 200101))
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from embedpipe.workers.finetune import (
     triplet_loss,
 )
 from embedpipe.workers.whitening import apply_whitening, learned_whitening
-from tests.helpers import embedpipe
+from tests.helpers import demo_subset, embedpipe
 
 
 def _unit(rng, n, d):
@@ -116,13 +116,7 @@ def test_tuples_cover_every_grouped_image_and_are_seeded():
 @pytest.fixture
 def train_images(demo_images, tmp_path) -> Path:
     """Training collection: four demo groups and three distractors."""
-    root = tmp_path / "train"
-    root.mkdir()
-    for p in sorted(demo_images.glob("*.jpg")):
-        imno = int(p.stem)
-        if imno // 100 in (1003, 1004, 1005, 1006) or imno in (200001, 200301, 200601):
-            shutil.copy(p, root / p.name)
-    return root
+    return demo_subset(demo_images, tmp_path / "train", (1003, 1004, 1005, 1006), (200001, 200301, 200601))
 
 
 def test_training_steps_lower_the_loss_and_pull_a_matching_pair_together(train_images):
@@ -156,13 +150,7 @@ def test_training_steps_lower_the_loss_and_pull_a_matching_pair_together(train_i
 @pytest.fixture
 def eval_images(demo_images, tmp_path) -> Path:
     """Evaluation collection, disjoint from ``train_images``: three other groups and distractors."""
-    root = tmp_path / "eval"
-    root.mkdir()
-    for p in sorted(demo_images.glob("*.jpg")):
-        imno = int(p.stem)
-        if imno // 100 in (1000, 1001, 1002) or imno in (201001, 201201):
-            shutil.copy(p, root / p.name)
-    return root
+    return demo_subset(demo_images, tmp_path / "eval", (1000, 1001, 1002), (201001, 201201))
 
 
 FT_SETS = [
