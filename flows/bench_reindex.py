@@ -75,11 +75,13 @@ def bench_reindex(cfg: Config, fraction: float) -> dict[str, Any]:
             "refit": updated["reindex"]["refit"],
             "drift": updated["reindex"]["drift"],
             "best_map": _best_map(updated),
+            "stage_seconds": _stage_seconds(run),
         },
         "baseline": {
             "what": "full run on the whole collection",
             "seconds": round(full_s, 3),
             "best_map": _best_map(full),
+            "stage_seconds": _stage_seconds(work / "full"),
         },
         "ratio": round(full_s / reindex_s, 3),
         "target_ratio": round(len(files) / n_new, 3),

@@ -118,3 +118,5 @@ def test_bench_reindex_writes_side_by_side_json(tmp_path, small_holidays):
         result["baseline"]["seconds"] / result["ours"]["seconds"], rel=1e-2
     )
     assert result["ours"]["best_map"] == pytest.approx(result["baseline"]["best_map"], abs=1e-9)
+    for side in ("ours", "baseline"):
+        assert set(result[side]["stage_seconds"]) == {"extract", "fit", "evaluate"}
