@@ -192,7 +192,7 @@ def fit_task(cfg: Config, layout: RunLayout, ray: LazyRay) -> dict[str, Any]:
     for name in dense if cfg.fit.whiten else ():
         if cfg.fit.from_run is not None:  # learnt on another dataset
             dim = int(read_store_manifest(layout.feature_dir(name))["dim"])
-            model, n = borrowed_whitening(cfg.fit.from_run, name, dim)
+            model, n = borrowed_whitening(cfg.fit.from_run, name, dim, cfg.extract.backbone)
         else:
             model, n = fit_pca_whitening(layout.feature_dir(name), cfg.fit)
         meta = {

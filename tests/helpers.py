@@ -75,6 +75,38 @@ def embedpipe(*args, timeout=900, ephemeral=False) -> subprocess.CompletedProces
     )
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the process and every descendant (Prefect's server, Ray's GCS, raylet and workers)."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    while True:
+        procs = [root, *root.children(recursive=True)] if root.is_running() else []
+        procs = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not procs:
+            break
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=5)
+    proc.wait(timeout=30)
+
+
+def kill_cli_when(args: list, condition, log, timeout: float = 600) -> None:
+    """Start ``embedpipe ARGS`` and ``kill -9`` its whole tree the moment ``condition()`` holds."""
+    with open(log, "w") as fh:
+        command = [sys.executable, "-m", "embedpipe.flows.cli", *map(str, args)]
+        proc = subprocess.Popen(command, stdout=fh, stderr=fh, env=cli_env())
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert proc.poll() is None, f"the command ended before the kill point: {open(log).read()[-3000:]}"
+            assert time.monotonic() < deadline, "kill point never reached"
+            time.sleep(0.005)
+        kill_tree(proc)
+
+
 def write_webdataset(files, pattern: str, per_shard: int, labels=None) -> list:
     """Pack ``files`` into WebDataset tar shards named ``pattern.format(shard)``: each sample is the image
     (``<stem>.jpg``) plus, with ``labels``, a ``.cls`` member. Returns the shard paths."""

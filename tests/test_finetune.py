@@ -23,8 +23,9 @@ from embedpipe.workers.finetune import (
     mine_tuples,
     triplet_loss,
 )
+from embedpipe.workers.train import latest_state
 from embedpipe.workers.whitening import apply_whitening, learned_whitening
-from tests.helpers import demo_subset, embedpipe
+from tests.helpers import demo_subset, embedpipe, kill_cli_when
 
 
 def _unit(rng, n, d):
@@ -159,6 +160,12 @@ FT_SETS = [
 ]  # fmt: skip
 
 
+def _checkpointed(ft_dir: Path, epoch: int) -> bool:
+    """A complete checkpoint of ``epoch`` is on disk (one being copied does not load yet)."""
+    state = latest_state(ft_dir)  # only checkpoints that load completely
+    return state is not None and torch.load(state, weights_only=True)["epoch"] >= epoch
+
+
 @pytest.mark.slow
 def test_finetune_resumes_to_the_identical_epoch_and_run_extracts_with_it(
     train_images, eval_images, tmp_path
@@ -170,6 +177,8 @@ def test_finetune_resumes_to_the_identical_epoch_and_run_extracts_with_it(
     assert info["base"] == "efficientnet_lite0" and info["head"] == "gem" and info["max_side"] == 64
     assert info["training"]["images"] == str(train_images) and info["training"]["epochs"] == 2
     assert (ft / "backbone.pt").is_file() and (ft / "whitening-gem.npz").is_file()
+    lw, lw_base = (np.load(ft / name)["proj"] for name in ("whitening-gem.npz", "whitening-gem-base.npz"))
+    assert lw.shape == lw_base.shape == (16, 1280) and not np.allclose(lw, lw_base)
     assert (ft / "report.html").is_file()
     assert sorted(p.name for p in (ft / "tuples").glob("*.parquet")) == [
         "epoch-001.parquet",
@@ -180,16 +189,12 @@ def test_finetune_resumes_to_the_identical_epoch_and_run_extracts_with_it(
     tuples = pq.read_table(ft / "tuples" / "epoch-001.parquet").to_pylist()
     assert len(tuples) == 28 and all(t["source"] == "label" and len(t["negatives"]) == 2 for t in tuples)
 
-    # a training killed after its first epoch: only the first checkpoint survives
+    # kill -9 of the whole training (CLI, Ray, Ray Train workers) once its first epoch is checkpointed
     cut = tmp_path / "cut"
-    shutil.copytree(ft, cut)
-    for name in ("backbone.pt", "backbone.json", "train_log.json", "whitening-gem.npz", "report.html"):
-        (cut / name).unlink()
-    checkpoints = sorted(p for p in (cut / "ray-train").glob("checkpoint_*") if p.is_dir())
-    assert len(checkpoints) == 2
-    shutil.rmtree(checkpoints[-1])
-    (cut / "ray-train" / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
-    again = embedpipe("finetune", "--images", train_images, "--out", cut, "--epochs", 2, *FT_SETS)
+    args = ["finetune", "--images", train_images, "--out", cut, "--epochs", 2, *FT_SETS]
+    kill_cli_when(args, lambda: _checkpointed(cut, 1), tmp_path / "killed.log")
+    assert not (cut / "backbone.pt").exists() and latest_state(cut) is not None
+    again = embedpipe(*args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "(1 this run" in again.stdout
     assert json.loads((cut / "train_log.json").read_text()) == json.loads((ft / "train_log.json").read_text())
@@ -211,10 +216,26 @@ def test_finetune_resumes_to_the_identical_epoch_and_run_extracts_with_it(
 
     page = (out / "report" / "index.html").read_text()
     assert "id='adapted'" in page and str(train_images) in page and str(eval_images) in page
-    rep = embedpipe("report", ft, "--runs", out)
+    # the off-the-shelf backbone with the Lw learnt on the same pairs from its own vectors
+    base = tmp_path / "run-base"
+    run = embedpipe(
+        "run", "--images", eval_images, "--protocol", "holidays", "--out", base,
+        "--set", "extract.descriptors=[gem]", "--set", "rerank.methods=[]", "--set", "extract.max_side=64",
+        "--set", f"fit.from_run={ft}", "--set", "ray.num_cpus=2",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads((base / "report" / "metrics.json").read_text())["results"]
+    assert {(r["backbone"], r["post"]) for r in rows} == {
+        ("efficientnet_lite0", "l2"),
+        ("efficientnet_lite0", "lw16"),
+    }
+    used = np.load(base / "models" / "pcaw-gem.npz")["proj"]
+    assert np.array_equal(used, lw_base)
+    rep = embedpipe("report", ft, "--runs", out, base)
     assert rep.returncode == 0, rep.stderr[-2000:]
     ft_page = (ft / "report.html").read_text()
-    assert "lw16" in ft_page and "(adapted)" in ft_page and "Training loss" in ft_page
+    assert "lw16" in ft_page and "(adapted)" in ft_page and "(off-the-shelf)" in ft_page
+    assert "Training loss" in ft_page
 
     same = embedpipe("run", "--images", train_images, "--backbone", ft, "--out", tmp_path / "bad")
     assert same.returncode == 2 and "training collection" in same.stderr

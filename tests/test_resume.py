@@ -3,15 +3,11 @@ extraction, fit and evaluation; the same command then finishes without redoing f
 outputs are byte-identical to an uninterrupted run."""
 
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from .helpers import cli_env, embedpipe
+from .helpers import embedpipe, kill_cli_when
 
 pytestmark = pytest.mark.slow
 
@@ -38,38 +34,9 @@ def _stage(out: Path, stage: str) -> str | None:
         return None
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the process and every descendant (Prefect's server, Ray's GCS, raylet and workers)."""
-    root = psutil.Process(proc.pid)
-    while True:
-        procs = [root, *root.children(recursive=True)] if root.is_running() else []
-        procs = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        if not procs:
-            break
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=5)
-    proc.wait(timeout=30)
-
-
 def _run_until(images: Path, out: Path, condition, log: Path) -> None:
     """Start the run and kill -9 its whole tree the moment ``condition(out)`` holds."""
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "embedpipe.flows.cli", *_args(images, out)],
-            stdout=fh,
-            stderr=fh,
-            env=cli_env(),
-        )
-        deadline = time.monotonic() + 600
-        while not condition(out):
-            assert proc.poll() is None, f"run ended before the kill point: {log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "kill point never reached"
-            time.sleep(0.005)
-        _kill_tree(proc)
+    kill_cli_when(_args(images, out), lambda: condition(out), log)
 
 
 def _outputs(run: Path) -> dict[str, bytes]:

@@ -68,11 +68,14 @@ def whitening_name(descriptor: str) -> str:
     return f"pcaw-{descriptor}"
 
 
-def borrowed_whitening(source: Path, descriptor: str, dim: int) -> tuple[dict[str, np.ndarray], int]:
+def borrowed_whitening(
+    source: Path, descriptor: str, dim: int, backbone: str = ""
+) -> tuple[dict[str, np.ndarray], int]:
     """The PCA-whitening another run learnt for ``descriptor`` (``fit.from_run``), checked against this
-    run's descriptor dimension. Returns the arrays and the number of vectors it was fitted on."""
+    run's descriptor dimension, or the learned whitening of a fine-tuned folder for this run's
+    ``backbone``. Returns the arrays and the number of vectors it was fitted on."""
     if (Path(source) / "backbone.json").is_file():  # a fine-tuned backbone folder: its learned whitening
-        return _learned_whitening(Path(source), descriptor, dim)
+        return _learned_whitening(Path(source), descriptor, dim, backbone)
     path = RunLayout(Path(source)).model(whitening_name(descriptor))
     if not path.is_file():
         raise InputError(f"fit.from_run: no PCA-whitening for '{descriptor}' in {source} ({path} missing)")
@@ -85,10 +88,22 @@ def borrowed_whitening(source: Path, descriptor: str, dim: int) -> tuple[dict[st
     return {k: arrays[k] for k in ("mean", "proj", "eigvals")}, int(meta.get("n_train", 0))
 
 
-def _learned_whitening(ft_dir: Path, descriptor: str, dim: int) -> tuple[dict[str, np.ndarray], int]:
-    """The learned whitening (Lw) that ``embedpipe finetune`` fitted on its training pairs; marked with a
-    ``learned`` flag so its rows are named ``lw<dim>``."""
-    path = ft_dir / f"whitening-{descriptor}.npz"
+def _learned_whitening(
+    ft_dir: Path, descriptor: str, dim: int, backbone: str
+) -> tuple[dict[str, np.ndarray], int]:
+    """The learned whitening (Lw) that ``embedpipe finetune`` fitted on its training pairs, for the
+    fine-tuned backbone itself or for the off-the-shelf backbone it started from (the seeds' two Lw rows);
+    marked with a ``learned`` flag so its rows are named ``lw<dim>``."""
+    info = json.loads((ft_dir / "backbone.json").read_text())
+    if backbone == info.get("base"):
+        path = ft_dir / f"whitening-{descriptor}-base.npz"
+    elif not backbone or Path(backbone).resolve() == ft_dir.resolve():
+        path = ft_dir / f"whitening-{descriptor}.npz"
+    else:
+        raise InputError(
+            f"fit.from_run: {ft_dir} learned whitening for its fine-tuned backbone and for "
+            f"{info.get('base')}, not for {backbone}"
+        )
     if not path.is_file():
         raise InputError(
             f"fit.from_run: no learned whitening for '{descriptor}' in {ft_dir} ({path.name} missing)"

@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("embedpipe.train")
 
 STATE_FILE = "train_state.pt"
+# learned whitening of GeM vectors from the training pairs: the adapted model's, the off-the-shelf base's
+LEARNED_WHITENING = ("whitening-gem.npz", "whitening-gem-base.npz")
 RUN_NAME = "ray-train"
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -448,15 +450,17 @@ def write_backbone(ft_dir: Path, model_state: dict, cfg: Config, refs, mining: s
     os.replace(tmp, ft_dir / "backbone.pt")
     write_json_atomic(ft_dir / "train_log.json", history)
 
-    whitening = None
-    if cfg.finetune.head == "gem":
+    whitening = whitening_base = None
+    if cfg.finetune.head == "gem":  # Lw of the adapted model, and of the off-the-shelf one it started from
         torch.set_num_threads(1)  # see worker_plan: one thread is fastest on a shared host
-        vectors = embed_images(model, load_images(refs, cfg.finetune.max_side, cfg), spec, "cpu")
+        images = load_images(refs, cfg.finetune.max_side, cfg)
         q, p = training_pairs(ft_dir)
-        arrays = learned_whitening(vectors, q, p, cfg.finetune.whiten_dim, cfg.finetune.whiten_shrinkage)
-        meta = {"kind": "learned-whitening", "descriptor": "gem", "n_pairs": len(q), "n_train": len(refs)}
-        save_npz(ft_dir / "whitening-gem.npz", meta, **arrays)
-        whitening = "whitening-gem.npz"
+        whitening, whitening_base = LEARNED_WHITENING
+        for net, name in ((model, whitening), (build_model(cfg)[0], whitening_base)):
+            vectors = embed_images(net, images, spec, "cpu")
+            arrays = learned_whitening(vectors, q, p, cfg.finetune.whiten_dim, cfg.finetune.whiten_shrinkage)
+            meta = {"kind": "learned-whitening", "descriptor": "gem", "n_pairs": len(q), "n_train": len(refs)}
+            save_npz(ft_dir / name, meta, **arrays)
     info = {
         "format": 1,
         "base": cfg.extract.backbone,
@@ -468,6 +472,7 @@ def write_backbone(ft_dir: Path, model_state: dict, cfg: Config, refs, mining: s
         "channels": spec.channels,
         "max_side": cfg.finetune.max_side,
         "whitening": whitening,
+        "whitening_base": whitening_base,
         "training": {
             "images": str(cfg.images),
             "n_images": len(refs),
