@@ -256,7 +256,7 @@ def _engine_overrides(args: argparse.Namespace) -> dict:
 
 def _load_run_config(args: argparse.Namespace, check_inputs: bool = True):
     from embedpipe.flows.config import load_config
-    from embedpipe.storage.sources import list_inputs
+    from embedpipe.storage.sources import list_inputs, read_rotations
     from embedpipe.workers.descriptors.backbones import check_backbone
 
     overrides = {
@@ -276,6 +276,8 @@ def _load_run_config(args: argparse.Namespace, check_inputs: bool = True):
     )
     if cfg.images is not None and check_inputs:
         list_inputs(cfg.images)  # fail fast, before any engine starts
+    if cfg.ingest.rotations:
+        read_rotations(cfg.ingest.rotations)
     check_backbone(cfg.extract.backbone, cfg.extract.weights, cfg.extract.descriptors)
     _check_not_training_set(cfg)
     return cfg
@@ -305,7 +307,7 @@ def _backbone_overrides(name: str) -> dict:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from embedpipe.storage.sources import list_inputs
+    from embedpipe.storage.sources import list_inputs, listing_once
 
     overrides: dict = {"images": args.images}
     ft = {k: v for k, v in (("loss", args.loss), ("epochs", args.epochs)) if v is not None}
@@ -324,13 +326,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     )
     if cfg.images is None:
         raise InputError("no training images given (--images PATH)")
-    list_inputs(cfg.images)
     if is_finetuned(cfg.extract.backbone):
         raise InputError("finetune starts from a registry backbone, not a fine-tuned folder")
     check_backbone(cfg.extract.backbone, cfg.extract.weights)
     from embedpipe.flows.finetune import finetune
 
-    r = finetune(cfg, args.out)
+    with listing_once():
+        list_inputs(cfg.images)  # fail fast, before any engine starts
+        r = finetune(cfg, args.out)
     losses = ", ".join(f"{v:.4f}" for v in r["losses"])
     sys.stdout.write(
         f"finetune: {r['epochs']} epoch(s) ({r['epochs'] - r['resumed_from']} this run, "
@@ -342,10 +345,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = _load_run_config(args)
-    if cfg.images is None:
-        raise InputError("no images given (--images PATH or 'images:' in the config)")
-    metrics = _run_flow(cfg)
+    from embedpipe.storage.sources import listing_once
+
+    with listing_once():  # the check before the engines start and the run share one listing
+        cfg = _load_run_config(args)
+        if cfg.images is None:
+            raise InputError("no images given (--images PATH or 'images:' in the config)")
+        metrics = _run_flow(cfg)
     _print_table(metrics, cfg.out)
     return 0
 
@@ -354,7 +360,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     from embedpipe.flows.config import load_config
     from embedpipe.flows.pipeline import reindex
     from embedpipe.storage.layout import RunLayout
-    from embedpipe.storage.sources import list_inputs
+    from embedpipe.storage.sources import list_inputs, listing_once
 
     saved = RunLayout(args.run).read_manifest().get("config")
     if saved is None:
@@ -363,8 +369,9 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     for section, values in _engine_overrides(args).items():
         saved[section] = {**saved.get(section, {}), **values}
     cfg = load_config(overrides=saved, sets=args.sets)
-    list_inputs(cfg.images)  # fail fast, before any engine starts
-    metrics = reindex(cfg)
+    with listing_once():
+        list_inputs(cfg.images)  # fail fast, before any engine starts
+        metrics = reindex(cfg)
     _print_table(metrics, cfg.out)
     return 0
 

@@ -92,6 +92,17 @@ class IngestConfig(_Frozen):
     )
     timeout_s: float = Field(30.0, gt=0, description="timeout of one remote read (http, fsspec)")
     retries: int = Field(2, ge=0, le=10, description="retries of a failed remote read, with back-off")
+    exif_orientation: bool = Field(
+        True,
+        description="turn each image as its EXIF Orientation tag says (as photo viewers show it); false "
+        "keeps the pixels as stored, which is how the original Holidays evaluation read its images",
+    )
+    rotations: Path | None = Field(
+        None,
+        description="images to turn upright: a text or CSV file of 'name degrees' lines (degrees clockwise: "
+        "90, 180 or 270), names matched against each input's file name, applied after the EXIF "
+        "orientation; Holidays' widely used orientation correction ('rotated Holidays') is such a list",
+    )
 
 
 class FitConfig(_Frozen):

@@ -10,7 +10,8 @@ Accepted, alone or as a brace pattern (``data-{00000..00031}.tar``) or a glob (`
 - a ``.tar`` shard: members grouped into samples by key (the name up to the first dot of its last part,
   as WebDataset does); the sample's image is its first member with an image extension, its label the
   ``.cls`` member or the ``label`` of its ``.json`` member;
-- a URL: ``file://`` is a local path, ``http(s)://`` an image or a list, and any other scheme whose
+- a URL: ``file://`` is a local path, ``http(s)://`` an image, a list or a tar shard (read in place with
+  range requests), and any other scheme whose
   fsspec implementation is installed (``s3://``, ``gs://``, ...) a file, folder or glob.
 
 Listing never reads images; reading happens on the workers through ``read_input`` with timeouts and
@@ -19,6 +20,7 @@ bounded retries for remote sources. Nothing downstream knows which form an input
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import hashlib
@@ -27,6 +29,7 @@ import json
 import re
 import tarfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import urljoin
@@ -113,9 +116,29 @@ def _stamp(path: Path) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
+_shared_listings: dict[str, Listing] | None = None
+
+
+@contextlib.contextmanager
+def listing_once() -> Iterator[None]:
+    """Inside this scope each source is listed once: a command that checks its inputs before any engine
+    starts and then runs on them walks a folder (or fetches a URL list, or reads tar headers) one time.
+    Only for scopes in which the inputs do not change (one ``run``, not a long-lived scheduler)."""
+    global _shared_listings
+    outer = _shared_listings
+    _shared_listings = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _shared_listings = outer
+
+
 def list_inputs(spec: str | Path) -> Listing:
     """Every input of ``spec`` (see the module doc). Raises ``InputError`` when ``spec`` names nothing."""
     spec = str(spec)
+    if _shared_listings is not None and spec in _shared_listings:
+        done = _shared_listings[spec]
+        return Listing(list(done.refs), list(done.problems))
     if not spec.strip():
         raise InputError("empty images path")
     listing = Listing()
@@ -123,6 +146,8 @@ def list_inputs(spec: str | Path) -> Listing:
         listing.extend(_list_one(one))
     if not listing.refs and not listing.problems:
         raise InputError(f"no inputs found at {spec}")
+    if _shared_listings is not None:
+        _shared_listings[spec] = Listing(list(listing.refs), list(listing.problems))
     return listing
 
 
@@ -134,7 +159,7 @@ def _list_one(spec: str) -> Listing:
         if _suffix(spec) in LIST_EXTS:
             return _list_rows(spec, fetch_bytes(spec, timeout=30.0, retries=2), base=spec.rsplit("/", 1)[0])
         if _suffix(spec) == ".tar":
-            raise InputError(f"{spec}: tar shards over http are not supported; download them or list members")
+            return list_http_tar(spec)
         return Listing([InputRef(spec, spec)])
     if scheme:
         return _list_fsspec(spec)
@@ -192,28 +217,57 @@ def list_tar(path: Path) -> Listing:
     path = path.resolve()
     try:
         with tarfile.open(path, "r:") as tar:
-            members = tar.getmembers()
-            groups: dict[str, list[tarfile.TarInfo]] = {}
-            for m in members:
-                if m.isfile():
-                    groups.setdefault(sample_key(m.name)[0], []).append(m)
-            extras = {
-                key: {sample_key(m.name)[1]: _read_member(tar, m) for m in ms if _is_meta(m.name)}
-                for key, ms in groups.items()
-            }
+            groups, extras = _tar_samples(tar)
     except (tarfile.TarError, OSError) as err:
         return Listing(problems=[(str(path), f"unreadable tar shard: {err}")])
-    stamp = _stamp(path)
+    return _tar_listing(str(path), groups, extras, _stamp(path))
+
+
+def list_http_tar(url: str, timeout: float = 30.0, retries: int = 2) -> Listing:
+    """The samples of a tar shard served over http(s), listed in place: tar headers are walked with
+    range requests (jumping over image data, so about one request per sample), and workers later read each
+    image member with a range request of its own. The server must honour ``Range`` headers."""
+    import httpx
+
+    with httpx.Client(timeout=timeout, follow_redirects=True) as client:
+        remote = HttpRangeFile(url, client, retries)
+        try:
+            with tarfile.open(fileobj=io.BufferedReader(remote, buffer_size=1 << 16), mode="r:") as tar:
+                groups, extras = _tar_samples(tar)
+        except tarfile.TarError as err:
+            return Listing(problems=[(url, f"unreadable tar shard: {err}")])
+    return _tar_listing(url, groups, extras, remote.stamp)
+
+
+def _tar_samples(
+    tar: tarfile.TarFile,
+) -> tuple[dict[str, list[tarfile.TarInfo]], dict[str, dict[str, bytes]]]:
+    """Members grouped by sample key, in member order, and each sample's metadata members' bytes."""
+    groups: dict[str, list[tarfile.TarInfo]] = {}
+    for m in tar.getmembers():
+        if m.isfile():
+            groups.setdefault(sample_key(m.name)[0], []).append(m)
+    extras = {
+        key: {sample_key(m.name)[1]: _read_member(tar, m) for m in ms if _is_meta(m.name)}
+        for key, ms in groups.items()
+    }
+    return groups, extras
+
+
+def _tar_listing(
+    uri: str, groups: dict[str, list[tarfile.TarInfo]], extras: dict[str, dict[str, bytes]], stamp: str
+) -> Listing:
+    """One ``InputRef`` per sample (its image member read in place at its offset in ``uri``)."""
     listing = Listing()
     for key, ms in groups.items():
         image = next((m for m in ms if "." + sample_key(m.name)[1].rsplit(".", 1)[-1] in IMAGE_EXTS), None)
         if image is None:
-            listing.problems.append((f"{path}/{key}", "sample has no image member"))
+            listing.problems.append((f"{uri}/{key}", "sample has no image member"))
             continue
         listing.refs.append(
             InputRef(
-                f"{path}/{image.name}",
-                str(path),
+                f"{uri}/{image.name}",
+                uri,
                 image.offset_data,
                 image.size,
                 _sample_label(extras[key]),
@@ -221,6 +275,53 @@ def list_tar(path: Path) -> Listing:
             )
         )
     return listing
+
+
+class HttpRangeFile(io.RawIOBase):
+    """A seekable, read-only view of a remote file through HTTP range requests. Wrapped in an
+    ``io.BufferedReader``, each read fetches one buffer's worth, so small reads near each other (tar
+    headers and the metadata members after them) cost one request, and seeks past data cost nothing."""
+
+    def __init__(self, url: str, client, retries: int = 2):  # client: httpx.Client
+        super().__init__()
+        self.url, self.client, self.retries, self.pos = url, client, retries, 0
+        first = self._get(0, 0)
+        total = first.headers.get("content-range", "").rpartition("/")[2]
+        if first.status_code != 206 or not total.isdigit():
+            raise InputError(
+                f"{url}: the server does not honour HTTP range requests, needed to read a tar shard in "
+                "place (download the shard, or serve it from a server that supports Range)"
+            )
+        self.size = int(total)
+        version = first.headers.get("etag") or first.headers.get("last-modified") or ""
+        self.stamp = f"{self.size}:{version}"
+
+    def _get(self, start: int, end: int):
+        """Bytes ``start..end`` (inclusive), retried like ``fetch_bytes``."""
+        return _http_get(self.client, self.url, self.retries, {"Range": f"bytes={start}-{end}"}, InputError)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self.size - self.pos)
+        if n <= 0:
+            return 0
+        data = self._get(self.pos, self.pos + n - 1).content[:n]
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
 
 
 def _is_meta(name: str) -> bool:
@@ -343,6 +444,34 @@ def _list_fsspec(spec: str) -> Listing:
     return Listing(refs)
 
 
+def read_rotations(path: str | Path) -> dict[str, int]:
+    """An orientation-correction list: ``name degrees`` per line (spaces, tabs or a comma between; a
+    ``name,degrees`` header and ``#`` comments allowed) -> {file name: clockwise degrees in 0/90/180/270}.
+    Raises ``InputError`` naming the file and line of anything else."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as err:
+        raise InputError(f"rotations list {path}: {err.strerror or err}") from None
+    out: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = [f for f in re.split(r"[\s,]+", line.split("#", 1)[0].strip()) if f]
+        if not fields or (number == 1 and fields[-1].lower() in ("degrees", "rotation", "angle")):
+            continue
+        if len(fields) != 2 or not re.fullmatch(r"[+-]?\d+", fields[1]) or int(fields[1]) % 90:
+            raise InputError(
+                f"rotations list {path}, line {number}: expected 'name degrees' (a multiple of 90)"
+            )
+        out[PurePosixPath(fields[0]).name] = int(fields[1]) % 360
+    return out
+
+
+def rotation_of(key: str, rotations: dict[str, int]) -> int:
+    """The correction of the input ``key`` (a path, URL or ``shard.tar/member``), by its file name or stem."""
+    name = PurePosixPath(key.split("?", 1)[0]).name
+    return rotations.get(name, rotations.get(PurePosixPath(name).stem, 0))
+
+
 # ---------------------------------------------------------------------------------------------- reading
 
 
@@ -355,6 +484,11 @@ def read_input(
     if scheme == "file":
         uri, scheme = uri[len("file://") :], ""
     if scheme in ("http", "https"):
+        if offset >= 0:  # a member of a remote container
+            data = fetch_bytes(uri, timeout, retries, DecodeError, byte_range=(offset, length))
+            if len(data) != length:
+                raise DecodeError(f"container truncated: {length - len(data)} bytes of the member missing")
+            return data
         return fetch_bytes(uri, timeout, retries, error=DecodeError)
     if scheme:
         return _read_fsspec(uri, offset, length)
@@ -377,8 +511,29 @@ def read_input(
         raise DecodeError(f"cannot read file: {err.strerror or err}") from None
 
 
-def fetch_bytes(url: str, timeout: float, retries: int, error: type[Exception] = InputError) -> bytes:
-    """GET ``url``; retried on timeouts, connection errors and 5xx/429, not on other 4xx."""
+def fetch_bytes(
+    url: str,
+    timeout: float,
+    retries: int,
+    error: type[Exception] = InputError,
+    byte_range: tuple[int, int] | None = None,
+) -> bytes:
+    """GET ``url`` (``byte_range``: (offset, length) of it, by a range request); retried on timeouts,
+    connection errors and 5xx/429, not on other 4xx."""
+    import httpx
+
+    headers = {}
+    if byte_range is not None:
+        headers["Range"] = f"bytes={byte_range[0]}-{byte_range[0] + byte_range[1] - 1}"
+    with httpx.Client(timeout=timeout, follow_redirects=True) as client:
+        response = _http_get(client, url, retries, headers, error)
+    if byte_range is not None and response.status_code == 200:  # the server sent the whole file
+        return response.content[byte_range[0] : byte_range[0] + byte_range[1]]
+    return response.content
+
+
+def _http_get(client, url: str, retries: int, headers: dict[str, str], error: type[Exception]):
+    """One GET with ``client`` (an ``httpx.Client``): the 200/206 response, or ``error`` with one line."""
     import httpx
 
     last = ""
@@ -386,15 +541,15 @@ def fetch_bytes(url: str, timeout: float, retries: int, error: type[Exception] =
         if attempt:
             time.sleep(min(8.0, 0.5 * 2 ** (attempt - 1)))
         try:
-            response = httpx.get(url, timeout=timeout, follow_redirects=True)
+            response = client.get(url, headers=headers)
         except httpx.TimeoutException:
-            last = f"timed out after {timeout:g} s"
+            last = f"timed out after {client.timeout.read:g} s"
             continue
         except httpx.HTTPError as err:
             last = f"{type(err).__name__}: {err}"
             continue
-        if response.status_code == 200:
-            return response.content
+        if response.status_code in (200, 206):
+            return response
         last = f"HTTP {response.status_code} {response.reason_phrase}".strip()
         if response.status_code < 500 and response.status_code != 429:
             break

@@ -23,13 +23,16 @@ class _Handler(SimpleHTTPRequestHandler):
             self.send_error(503, "try again")
             return
         asked = self.headers.get("Range", "")
-        if asked.startswith("bytes=") and asked.endswith("-"):
-            self._partial(int(asked[len("bytes=") : -1]))
+        if asked.startswith("bytes=") and not self.path.startswith("/norange/"):
+            first, _, last = asked[len("bytes=") :].partition("-")
+            self._partial(int(first), int(last) if last else None)
             return
+        if self.path.startswith("/norange/"):
+            self.path = self.path[len("/norange") :]
         super().do_GET()
 
-    def _partial(self, start: int) -> None:
-        """Range requests ``bytes=N-`` (what resuming downloaders send)."""
+    def _partial(self, start: int, end: int | None) -> None:
+        """Range requests: ``bytes=N-`` (what resuming downloaders send) and ``bytes=N-M``."""
         path = Path(self.translate_path(self.path))
         if not path.is_file():
             self.send_error(404)
@@ -38,12 +41,14 @@ class _Handler(SimpleHTTPRequestHandler):
         if start >= len(data):
             self.send_error(416)
             return
+        end = len(data) - 1 if end is None else min(end, len(data) - 1)
         self.send_response(206)
-        self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Content-Length", str(len(data) - start))
+        self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        self.send_header("Content-Length", str(end - start + 1))
         self.end_headers()
-        self.wfile.write(data[start:])
+        self.wfile.write(data[start : end + 1])
         type(self).hits[f"range:{self.path}"] = start
+        type(self).hits[f"ranges:{self.path}"] = type(self).hits.get(f"ranges:{self.path}", 0) + 1
 
     def log_message(self, *args):  # keep test output quiet
         pass

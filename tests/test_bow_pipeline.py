@@ -16,6 +16,7 @@ from embedpipe.storage.layout import RunLayout
 from embedpipe.workers.dask_jobs import encode_descriptor, fit_codebook
 
 from .helpers import embedpipe
+from .http_fixture import serve
 
 pytestmark = pytest.mark.slow
 
@@ -125,23 +126,26 @@ def test_codebook_from_another_run(bow_run, tmp_path):
 
 
 def test_cnn_and_classical_descriptors_in_one_run(small_holidays, tmp_path):
-    """A run mixing a CNN pooling and a classical descriptor: each pass reads the inputs, both stores
-    are written, and every input appears once in the dataset manifest."""
+    """A run mixing a CNN pooling and a classical descriptor, on a URL list served over http: each pass
+    reads the inputs, both stores are written, every input appears once in the dataset manifest, and the
+    list itself is fetched once (the check before the engines start and the run share one listing)."""
     (small_holidays / "broken.jpg").write_bytes(b"not a photo")
+    names = sorted(p.name for p in small_holidays.iterdir())
+    (small_holidays / "urls.txt").write_text("".join(f"{n}\n" for n in names))
     run = tmp_path / "run"
-    out = embedpipe(
-        "run", "--images", small_holidays, "--out", run,
-        "--set", "extract.descriptors=[gem, hog]", "--set", "extract.max_side=256",
-        "--set", "fit.dim=8", "--set", "fit.scheduler=threads", "--set", "rerank.methods=[]",
-    )  # fmt: skip
+    with serve(small_holidays) as (base, hits):
+        out = embedpipe(
+            "run", "--images", f"{base}/urls.txt", "--out", run,
+            "--set", "extract.descriptors=[gem, hog]", "--set", "extract.max_side=256",
+            "--set", "fit.dim=8", "--set", "fit.scheduler=threads", "--set", "rerank.methods=[]",
+        )  # fmt: skip
     assert out.returncode == 0, out.stderr[-5000:]
+    assert hits["/urls.txt"] == 1
+    assert all(hits[f"/{n}"] >= 1 for n in names)
     metrics = json.loads((run / "report" / "metrics.json").read_text())
     assert {r["descriptor"] for r in metrics["results"]} == {"gem", "hog"}
     assert all(r["map"] > 0.5 for r in metrics["results"]), metrics["results"]
     quarantine = pd.read_parquet(run / "quarantine.parquet")
     assert list(quarantine["path"].str.rsplit("/", n=1).str[-1]) == ["broken.jpg"]  # once, not per pass
     manifest = pd.read_parquet(run / "dataset.parquet")
-    assert (
-        len(manifest) == len(list(small_holidays.iterdir()))
-        and (manifest["status"] == "ok").sum() == len(manifest) - 1
-    )
+    assert len(manifest) == len(names) and (manifest["status"] == "ok").sum() == len(names) - 1

@@ -69,6 +69,46 @@ def test_exif_orientation_is_applied():
     assert size == (40, 60) and out.shape == (30, 20, 3)
 
 
+def test_orientation_options(photo, tmp_path):
+    upright = np.asarray(Image.open(io.BytesIO(photo)).convert("RGB"))
+    turned = _encode(Image.fromarray(np.rot90(upright)), "PNG")  # stored 90° counter-clockwise
+    big = max(upright.shape)
+    out, size = decode_image(turned, big, rotate=90)  # turned back clockwise, at full size: lossless
+    assert np.array_equal(out, upright) and size == (upright.shape[1], upright.shape[0])
+    small, _ = decode_image(turned, 128, rotate=90)
+    assert small.shape[:2] == decode_image(_encode(Image.fromarray(upright), "PNG"), 128)[0].shape[:2]
+    for degrees, k in ((180, 2), (270, 1)):
+        assert np.array_equal(decode_image(_encode(Image.fromarray(upright), "PNG"), big, rotate=degrees)[0],
+                              np.rot90(upright, k=-k if degrees == 180 else k))  # fmt: skip
+    # EXIF orientation can be ignored: the pixels as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    tagged = _encode(Image.new("RGB", (60, 40), (255, 0, 0)), exif=exif.tobytes())
+    assert decode_image(tagged, 30, exif=False)[0].shape == (20, 30, 3)
+    assert decode_image(tagged, 30, exif=False, rotate=90)[0].shape == (30, 20, 3)
+
+
+def test_rotation_lists(tmp_path):
+    from embedpipe.storage.errors import InputError
+    from embedpipe.storage.sources import read_rotations, rotation_of
+
+    good = tmp_path / "rot.csv"
+    good.write_text(
+        "name,degrees\n100100.jpg,90\n# a comment\n\n/x/y/100200.jpg -90  # trailing\n100300\t180\n"
+    )
+    table = read_rotations(good)
+    assert table == {"100100.jpg": 90, "100200.jpg": 270, "100300": 180}
+    assert rotation_of("/data/holidays/100100.jpg", table) == 90
+    assert rotation_of("/s/shard-00001.tar/100300.jpg", table) == 180  # by stem
+    assert rotation_of("http://h/100200.jpg?x=1", table) == 270 and rotation_of("/a/b.jpg", table) == 0
+    bad = tmp_path / "bad.txt"
+    bad.write_text("100100.jpg 90\n100200.jpg 45\n")
+    with pytest.raises(InputError, match="bad.txt, line 2: expected 'name degrees'"):
+        read_rotations(bad)
+    with pytest.raises(InputError, match="rotations list .*missing"):
+        read_rotations(tmp_path / "missing.txt")
+
+
 def test_content_id_is_sha256():
     assert content_id(b"abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 

@@ -44,18 +44,21 @@ def test_every_container_gives_the_same_features_and_map(tmp_path, small_holiday
     served = tmp_path / "www"
     shutil.copytree(small_holidays, served)
     (served / "urls.txt").write_text("".join(f"{f.name}\n" for f in files))
+    shutil.copytree(wds, served / "wds")
     with prefect_test_harness(server_startup_timeout=180), serve(served) as (base, hits):
         runs = {
             "folder": _run(small_holidays, tmp_path / "r-folder"),
             "webdataset": _run(f"{wds}/holidays-{{00000..00002}}.tar", tmp_path / "r-wds"),
             "csv": _run(tmp_path / "list.csv", tmp_path / "r-csv"),
             "http": _run(f"{base}/urls.txt", tmp_path / "r-http"),
+            "http-wds": _run(f"{base}/wds/holidays-{{00000..00002}}.tar", tmp_path / "r-http-wds"),
             "labels": _run(wds, tmp_path / "r-labels", protocol="labels"),
         }
     assert all(hits.get(f"/{f.name}", 0) >= 1 for f in files)  # the http run really read over http
+    assert all(hits.get(f"ranges:/wds/{t.name}", 0) >= 1 for t in wds.iterdir())  # shards read in place
     reference = runs["folder"]["results"]
     assert reference[0]["map"] >= 0.9
-    for name in ("webdataset", "csv", "http"):
+    for name in ("webdataset", "csv", "http", "http-wds"):
         assert len(runs[name]["results"]) == len(reference)
         for a, b in zip(reference, runs[name]["results"], strict=True):
             assert (a["descriptor"], a["post"], a["rerank"]) == (b["descriptor"], b["post"], b["rerank"])
@@ -119,3 +122,44 @@ def test_broken_files_cost_only_their_own_rows(tmp_path, small_holidays):
     with Image.open(photo) as img:
         assert (turned["width"], turned["height"]) == (img.height, img.width)
     assert all(r["map"] >= 0.9 for r in metrics["results"]), metrics["results"]
+
+
+def test_orientation_correction_turns_stored_rotations_upright(tmp_path, small_holidays):
+    """Photos stored on their side (as in the original Holidays) and a correction list: the corrected run
+    describes them as the upright photos, the uncorrected one does not."""
+    upright, turned = tmp_path / "upright", tmp_path / "turned"
+    upright.mkdir()
+    turned.mkdir()
+    files = sorted(small_holidays.glob("*.jpg"))
+    sideways = [f.stem for f in files if f.stem.endswith("01")]  # a non-query image of each group
+    for f in files:
+        pixels = np.asarray(Image.open(f).convert("RGB"))
+        Image.fromarray(pixels).save(upright / f"{f.stem}.png")
+        Image.fromarray(np.rot90(pixels) if f.stem in sideways else pixels).save(turned / f"{f.stem}.png")
+    rotations = tmp_path / "holidays_rotations.txt"
+    rotations.write_text("".join(f"{stem}.png 90\n" for stem in sideways))
+
+    def gem(run):
+        meta, x = read_features(tmp_path / run / "features" / "gem")
+        return dict(zip([p.rsplit("/", 1)[-1][:-4] for p in meta.column("path").to_pylist()], x, strict=True))
+
+    with prefect_test_harness(server_startup_timeout=180):
+        _run(upright, tmp_path / "r-upright")
+        _run(turned, tmp_path / "r-turned")
+        cfg = load_config(
+            overrides={"images": str(turned), "out": tmp_path / "r-fixed", "protocol": "holidays"},
+            sets=[*SETS, f"ingest.rotations={rotations}"],
+        )
+        pipeline(cfg)
+    ref, raw, fixed = gem("r-upright"), gem("r-turned"), gem("r-fixed")
+    assert len(sideways) >= 3 and set(ref) == set(fixed)
+    for stem in ref:
+        cos = float(np.dot(ref[stem], fixed[stem]))
+        assert cos > 0.995 if stem in sideways else np.array_equal(ref[stem], fixed[stem]), (stem, cos)
+    assert all(float(np.dot(ref[s], raw[s])) < 0.98 for s in sideways)
+    manifest = pd.read_parquet(tmp_path / "r-fixed" / "dataset.parquet")
+    turned_rows = manifest[manifest["key"].str.contains("|".join(sideways))]
+    assert (turned_rows["width"] > turned_rows["height"]).tolist() == [
+        Image.open(small_holidays / f"{s}.jpg").width > Image.open(small_holidays / f"{s}.jpg").height
+        for s in sorted(sideways)
+    ]

@@ -2,6 +2,7 @@ import io
 import json
 import tarfile
 import time
+from pathlib import PurePosixPath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -83,6 +84,28 @@ def test_webdataset_shards_members_and_labels(tmp_path, small_holidays):
         "download failed upstream: 404",
         "sample has no image member",
     ]
+
+
+def test_webdataset_shards_over_http_are_read_in_place(tmp_path, small_holidays):
+    files = sorted(small_holidays.glob("*.jpg"))
+    labels = {f.name: int(f.stem) // 100 for f in files}
+    shards = write_webdataset(files, str(tmp_path / "data-{:05d}.tar"), 7, labels)
+    pattern = f"data-{{00000..{len(shards) - 1:05d}}}.tar"
+    local = list_inputs(f"{tmp_path}/{pattern}")
+    with serve(tmp_path) as (base, hits):
+        remote = list_inputs(f"{base}/{pattern}")
+        assert not remote.problems and len(remote.refs) == len(files)
+        for ref, near, f in zip(remote.refs, local.refs, files, strict=True):
+            assert ref.key == f"{base}/{PurePosixPath(near.key).parent.name}/{PurePosixPath(near.key).name}"
+            assert (ref.offset, ref.length, ref.label) == (near.offset, near.length, near.label)
+            assert read_input(ref.uri, ref.offset, ref.length) == f.read_bytes()
+        # listing jumps over image data: a few range requests per shard, no whole-shard GET
+        assert all(hits.get(f"/{s.name}", 0) == hits.get(f"ranges:/{s.name}") for s in shards)
+        assert sum(hits[f"ranges:/{s.name}"] for s in shards) <= 3 * len(files) + 2 * len(shards)
+        with pytest.raises(InputError, match="does not honour HTTP range requests"):
+            list_inputs(f"{base}/norange/{shards[0].name}")
+        with pytest.raises(InputError, match="HTTP 404"):
+            list_inputs(f"{base}/missing.tar")
 
 
 def test_read_errors_are_one_line(tmp_path):

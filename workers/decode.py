@@ -45,11 +45,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def decode_image(
-    data: bytes, max_side: int, max_pixels: int = 89_478_485
+    data: bytes, max_side: int, max_pixels: int = 89_478_485, exif: bool = True, rotate: int = 0
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode ``data`` to an RGB uint8 array (H, W, 3) with longer side <= ``max_side``.
 
-    Returns the array and the original (width, height) after EXIF orientation. Animated images give
+    Returns the array and the original (width, height) after orientation: the EXIF Orientation tag's
+    (unless ``exif`` is false), then ``rotate`` degrees clockwise (a multiple of 90). Animated images give
     their first frame. Raises ``DecodeError`` with a one-line reason for empty, truncated, corrupt or
     non-image data, and for images of more than ``max_pixels`` pixels (decompression bombs), which are
     refused from their header before any pixel is decoded.
@@ -66,14 +67,14 @@ def decode_image(
                     f"image too large: {img.width}x{img.height} = {img.width * img.height} pixels "
                     f"(limit ingest.max_pixels = {max_pixels})"
                 )
-            rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            rotated = exif and img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
             width, height = (img.height, img.width) if rotated else img.size
             tw, th = target_size(width, height, max_side)
             if img.format == "JPEG":
                 # DCT-domain downscale; draft() sees the stored orientation and keeps both sides >= request.
                 img.draft("RGB", (th, tw) if rotated else (tw, th))
             img.load()
-            img = to_rgb(ImageOps.exif_transpose(img))
+            img = to_rgb(ImageOps.exif_transpose(img) if exif else img)
             if img.size != (tw, th):
                 img = img.resize((tw, th), Image.Resampling.BICUBIC)
             array = np.asarray(img, dtype=np.uint8)
@@ -87,16 +88,23 @@ def decode_image(
         raise DecodeError(f"truncated or corrupt image: {err}") from None
     if array.ndim != 3 or array.shape[2] != 3 or array.size == 0:
         raise DecodeError(f"unusable pixel data of shape {array.shape}")
+    if rotate % 360:
+        array = np.rot90(array, k=-(rotate // 90))  # clockwise
+        width, height = (height, width) if rotate % 180 else (width, height)
     return np.ascontiguousarray(array), (width, height)
 
 
 def decode_query_crop(
-    data: bytes, max_side: int, bbox: tuple[float, float, float, float], max_pixels: int = 89_478_485
+    data: bytes,
+    max_side: int,
+    bbox: tuple[float, float, float, float],
+    max_pixels: int = 89_478_485,
+    exif: bool = True,
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """A query as the Oxford/Paris protocols define it: crop the bounding box (x1, y1, x2, y2, in the
     original image's pixels) from the full-resolution image, then resize the crop by the factor the whole
     image gets (longer side to ``max_side``, never up), so the query has the scale of the database images."""
-    full, (width, height) = decode_image(data, 1 << 30, max_pixels)  # full resolution
+    full, (width, height) = decode_image(data, 1 << 30, max_pixels, exif)  # full resolution
     x1, y1, x2, y2 = (int(round(v)) for v in bbox)
     x1, y1 = max(0, x1), max(0, y1)
     x2, y2 = min(width, x2), min(height, y2)

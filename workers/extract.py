@@ -4,6 +4,7 @@ the dataset manifest entries and the quarantine rows from the records."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -29,7 +30,7 @@ from embedpipe.storage.features import (
 from embedpipe.storage.layout import RunLayout
 from embedpipe.storage.local_features import local_schema, local_table
 from embedpipe.storage.shards import ShardRecords, input_signature, shard_fingerprint
-from embedpipe.storage.sources import InputRef
+from embedpipe.storage.sources import InputRef, read_rotations
 from embedpipe.workers.descriptors.backbones import check_backbone, weights_digest
 from embedpipe.workers.descriptors.local import (
     HOG_DIM,
@@ -116,8 +117,12 @@ def store_schema(spec: StoreSpec, dim: int) -> pa.Schema:
 
 
 def config_fingerprint(cfg: Config) -> str:
-    """What the extracted rows depend on besides the inputs: the config and the backbone's weights."""
+    """What the extracted rows depend on besides the inputs: the config, the backbone's weights and the
+    orientation-correction list."""
     digest = weights_digest(cfg.extract.backbone, cfg.extract.weights)
+    if cfg.ingest.rotations:
+        rotations = sorted(read_rotations(cfg.ingest.rotations).items())
+        digest += hashlib.sha256(json.dumps(rotations).encode()).hexdigest()[:16]
     return cfg.fingerprint("extract", "local", "ingest") + (f"-{digest}" if digest else "")
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 from embedpipe.storage.dataset import ShardPlan, manifest_rows, plan_shards, previous_shards, write_manifest
 from embedpipe.storage.errors import DecodeError
 from embedpipe.storage.layout import write_json_atomic
+from embedpipe.storage.sources import read_rotations, rotation_of
 from embedpipe.workers.decode import content_id, decode_image
 from embedpipe.workers.progress import Progress
 from embedpipe.workers.ray_stages import (
@@ -61,8 +62,9 @@ def shard_name(shard: int) -> str:
 
 
 def ingest_batch(batch: dict[str, np.ndarray], max_side: int, cfg: Config) -> dict[str, np.ndarray]:
-    """Read, hash, check and (when larger than ``max_side``) downscale each input to a JPEG; inputs
-    already small enough keep their original bytes. Bad inputs keep their row with ``error`` set."""
+    """Read, hash, check and (when larger than ``max_side``, or turned by ``ingest.rotations`` or with
+    ``ingest.exif_orientation`` off) re-encode each input to a JPEG; other inputs keep their original
+    bytes. Bad inputs keep their row with ``error`` set."""
     n = len(batch["path"])
     ids, errors, payloads, exts = [""] * n, [""] * n, [b""] * n, [""] * n
     sizes, width, height = np.full(n, -1, np.int64), np.zeros(n, np.int32), np.zeros(n, np.int32)
@@ -70,8 +72,10 @@ def ingest_batch(batch: dict[str, np.ndarray], max_side: int, cfg: Config) -> di
         try:
             data = read_row(batch, i, cfg.ingest)
             sizes[i], ids[i] = len(data), content_id(data)
-            array, (width[i], height[i]) = decode_image(data, max_side, cfg.ingest.max_pixels)
-            if max(width[i], height[i]) <= max_side:
+            rotate = int(batch["rotate"][i]) if "rotate" in batch else 0
+            exif = cfg.ingest.exif_orientation
+            array, (width[i], height[i]) = decode_image(data, max_side, cfg.ingest.max_pixels, exif, rotate)
+            if max(width[i], height[i]) <= max_side and exif and not rotate:
                 payloads[i], exts[i] = data, _extension(data)
             else:
                 buf = io.BytesIO()
@@ -108,13 +112,15 @@ def _member_stem(key: str, used: set[str]) -> str:
     return out
 
 
-def _shard_fingerprints(plan: ShardPlan, max_side: int) -> dict[int, str]:
+def _shard_fingerprints(plan: ShardPlan, max_side: int, cfg: Config) -> dict[int, str]:
     """shard -> fingerprint of its members and the output settings, in one pass over the plan."""
+    rotations = read_rotations(cfg.ingest.rotations) if cfg.ingest.rotations else {}
+    settings = f"{max_side}\0{JPEG_QUALITY}\0{cfg.ingest.exif_orientation}\n".encode()
     digests: dict[int, Any] = {}
     for ref, shard in zip(plan.refs, plan.shards, strict=True):
         if shard not in digests:
-            digests[shard] = hashlib.sha256(f"{max_side}\0{JPEG_QUALITY}\n".encode())
-        digests[shard].update(ref.signature())
+            digests[shard] = hashlib.sha256(settings)
+        digests[shard].update(ref.signature() + str(rotation_of(ref.key, rotations)).encode())
     return {s: d.hexdigest()[:16] for s, d in sorted(digests.items())}
 
 
@@ -151,7 +157,7 @@ def run_ingest(source: str, out: Path, cfg: Config, max_side: int) -> IngestResu
     plan = plan_shards(source, cfg.extract.shard_size, previous_shards(manifest_path))
     done_file = out / SHARDS_FILE
     done = json.loads(done_file.read_text()) if done_file.exists() else {}
-    fps = _shard_fingerprints(plan, max_side)
+    fps = _shard_fingerprints(plan, max_side, cfg)
     kept = {
         s
         for s, fp in fps.items()
@@ -176,7 +182,7 @@ def run_ingest(source: str, out: Path, cfg: Config, max_side: int) -> IngestResu
     if todo:
         with ray_session(cfg.ray):
             configure_data_context(cfg.ray)
-            items = input_items([plan.refs[i] for i in todo])
+            items = input_items([plan.refs[i] for i in todo], ingest=cfg.ingest)
             for row, pos in zip(items, todo, strict=True):
                 row["pos"] = pos
             batch_size = cfg.extract.batch_size

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedpipe.storage.errors import DecodeError, RunFailed
-from embedpipe.storage.sources import InputRef, read_input
+from embedpipe.storage.sources import InputRef, read_input, read_rotations, rotation_of
 from embedpipe.workers.decode import content_id, decode_image, decode_query_crop
 from embedpipe.workers.descriptors.local import HOG_DIM, extract_local, grayscale, hog_descriptor
 from embedpipe.workers.embed import Embedder
@@ -221,11 +221,13 @@ def decode_batch(batch: dict[str, np.ndarray], max_side: int, ingest: IngestConf
             data = read_row(batch, i, ingest)
             sizes[i] = len(data)
             ids[i] = content_id(data)
+            exif = ingest.exif_orientation
             if "bbox" in batch:  # a query: the box crop at the scale of the database images
                 box = tuple(batch["bbox"][i])
-                array, (width[i], height[i]) = decode_query_crop(data, max_side, box, ingest.max_pixels)
+                array, (width[i], height[i]) = decode_query_crop(data, max_side, box, ingest.max_pixels, exif)
             else:
-                array, (width[i], height[i]) = decode_image(data, max_side, ingest.max_pixels)
+                rotate = int(batch["rotate"][i]) if "rotate" in batch else 0
+                array, (width[i], height[i]) = decode_image(data, max_side, ingest.max_pixels, exif, rotate)
             h[i], w[i] = array.shape[:2]
             pixels[i] = array.tobytes()
         except DecodeError as err:
@@ -256,8 +258,12 @@ def input_result(batch: dict[str, np.ndarray], j: int) -> dict[str, Any]:
     }
 
 
-def input_items(refs: Sequence[InputRef | str], boxes: Sequence | None = None) -> list[dict[str, Any]]:
-    """Rows for inputs (plain strings are local paths or URLs); ``boxes``: query crops."""
+def input_items(
+    refs: Sequence[InputRef | str], boxes: Sequence | None = None, ingest: IngestConfig | None = None
+) -> list[dict[str, Any]]:
+    """Rows for inputs (plain strings are local paths or URLs); ``boxes``: query crops; ``ingest``: its
+    ``rotations`` list gives each database input's correction (``rotate``, degrees clockwise)."""
+    rotations = read_rotations(ingest.rotations) if ingest is not None and ingest.rotations else None
     items = []
     for pos, ref in enumerate(refs):
         if isinstance(ref, str):
@@ -265,6 +271,8 @@ def input_items(refs: Sequence[InputRef | str], boxes: Sequence | None = None) -
         item = {"pos": pos, "path": ref.key, "uri": ref.uri, "offset": ref.offset, "length": ref.length}
         if boxes is not None:
             item["bbox"] = [float(v) for v in boxes[pos]]
+        elif rotations is not None:
+            item["rotate"] = rotation_of(ref.key, rotations)
         items.append(item)
     return items
 
@@ -376,7 +384,7 @@ class ModelPool:
         """Result batches in input order: ``pos, path, id, bytes, width, height, error, d_<descriptor>``."""
         import ray
 
-        items = input_items(refs, boxes)
+        items = input_items(refs, boxes, self.ingest)
         size = self.cfg.batch_size
         window, pending = 2 * len(self.actors), 0
         try:
@@ -472,7 +480,7 @@ def stream_local(
 
     configure_data_context(config.ray)
     log.info("extract: local features %s%s on %d CPU(s)", ", ".join(stored), " + HOG" * hog, cluster_cpus())
-    items = input_items(refs)
+    items = input_items(refs, ingest=config.ingest)
     batch_size = config.extract.batch_size
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), -(-len(items) // batch_size))))
     ds = ds.map_batches(
