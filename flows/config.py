@@ -278,6 +278,12 @@ class FinetuneConfig(_Frozen):
         "embedding's kNN pairs kept when RANSAC verifies them (auto: labels when there are groups)",
     )
     knn: int = Field(5, ge=1, description="mining without labels: neighbours of each image checked")
+    matches: Literal["descriptors", "words"] = Field(
+        "descriptors",
+        description="mining without labels: tentative correspondences RANSAC checks: mutual, ratio-tested "
+        "RootSIFT matches, or keypoints sharing a visual word (BoW spatial verification: a codebook of "
+        "bow.k words trained on the training images, verify.max_word_matches)",
+    )
     min_inliers: int = Field(
         15, ge=3, description="mining without labels: RANSAC inliers that make a pair a positive"
     )

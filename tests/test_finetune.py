@@ -265,6 +265,7 @@ def test_mining_without_labels_keeps_geometrically_verified_pairs(train_images, 
         embed_images,
         load_images,
         local_features,
+        mining_features,
         training_inputs,
         verified_groups,
     )
@@ -294,6 +295,19 @@ def test_mining_without_labels_keeps_geometrically_verified_pairs(train_images, 
     assert len(pairs) >= 5
     assert all(truth[i] == truth[j] and n >= cfg.finetune.min_inliers for i, j, n in pairs)
     assert len(set(found.tolist())) < len(refs)
+    # the same through BoW spatial verification: keypoints sharing a visual word
+    words_cfg = cfg.model_copy(
+        update={
+            "finetune": cfg.finetune.model_copy(update={"matches": "words"}),
+            "bow": cfg.bow.model_copy(update={"k": 256}),
+        }
+    )
+    features = mining_features(refs, words_cfg)
+    assert all(w.shape == (len(xy),) and w.max() < 256 for xy, w in features)
+    found_w, pairs_w = verified_groups(vectors, features, {}, words_cfg)
+    assert len(pairs_w) >= 5, pairs_w
+    assert all(truth[i] == truth[j] and n >= cfg.finetune.min_inliers for i, j, n in pairs_w)
+    assert len(set(found_w.tolist())) < len(refs)
 
 
 def test_evaluation_collection_is_disjoint_from_the_demo_and_deterministic(tmp_path):

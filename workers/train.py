@@ -190,20 +190,51 @@ def local_features(refs: list[InputRef], cfg: Config) -> list[tuple[np.ndarray, 
     return out
 
 
+def mining_features(refs: list[InputRef], cfg: Config) -> list[tuple[np.ndarray, np.ndarray]]:
+    """What verification matches, per image: (keypoint xy (n, 2), RootSIFT (n, 128)), or with
+    ``finetune.matches: words`` (keypoint xy (n, 2), visual word (n,))."""
+    features = local_features(refs, cfg)
+    if cfg.finetune.matches == "descriptors":
+        return features
+    words = visual_words([d for _, d in features], [r.key for r in refs], cfg)
+    return [(xy, w) for (xy, _), w in zip(features, words, strict=True)]
+
+
+def visual_words(descriptors: list[np.ndarray], keys: list[str], cfg: Config) -> list[np.ndarray]:
+    """Each image's hard-assigned words under a codebook of ``bow.k`` words: seeded faiss k-means on up
+    to ``bow.sample_per_image`` descriptors of each image (seeded per image, as the BoW codebooks are)."""
+    from embedpipe.workers.codebook import assign, assignment_index, train_kmeans
+    from embedpipe.workers.descriptors.bow import image_seed, sample_rows
+    from embedpipe.workers.encode import cap_sample
+
+    blocks = [
+        d[sample_rows(len(d), cfg.bow.sample_per_image, image_seed(cfg.seed, key))]
+        for d, key in zip(descriptors, keys, strict=True)
+    ]
+    centroids = train_kmeans(
+        cap_sample(blocks, cfg.bow.max_sample, cfg.seed), cfg.bow.k, cfg.bow.iterations, cfg.seed
+    )
+    index = assignment_index(centroids, cfg.bow.assign_flat_max, cfg.seed)
+    return [assign(index, d, 1)[1][:, 0] for d in descriptors]
+
+
 def verified_groups(
     vectors: np.ndarray, features: list[tuple[np.ndarray, np.ndarray]], cache: dict, cfg: Config
 ) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
     """Groups without labels: the embedding's kNN pairs (``finetune.knn``) whose local features RANSAC
     verifies with at least ``finetune.min_inliers`` inliers (``verify.model``, ``verify.threshold``),
-    joined into connected components. ``cache`` keeps each pair's inlier count across epochs.
-    Returns the group of each image and the verified pairs (i, j, inliers)."""
-    from embedpipe.workers.rerank import ransac_inliers
+    joined into connected components. ``features``: ``mining_features``. ``cache`` keeps each pair's
+    inlier count across epochs. Returns the group of each image and the verified pairs (i, j, inliers)."""
+    from embedpipe.workers.rerank import ransac_inliers, word_matches
 
     verified = []
     for i, j in knn_pairs(vectors, cfg.finetune.knn):
         if (i, j) not in cache:
-            (pa, da), (pb, db) = features[i], features[j]
-            ia, ib = descriptor_matches(da, db)
+            (pa, fa), (pb, fb) = features[i], features[j]
+            if cfg.finetune.matches == "words":
+                ia, ib = word_matches(fa, fb, cfg.verify.max_word_matches)
+            else:
+                ia, ib = descriptor_matches(fa, fb)
             cache[(i, j)] = ransac_inliers(pa[ia], pb[ib], cfg.verify.model, cfg.verify.threshold)
         if cache[(i, j)] >= cfg.finetune.min_inliers:
             verified.append((i, j, cache[(i, j)]))
@@ -247,7 +278,7 @@ def train_loop(config: dict) -> None:
     groups = np.asarray(config["groups"])
     keys = config["keys"]
     mined = config["mining"] == "verified"
-    features = local_features(config["refs"], cfg) if mined and rank == 0 else None
+    features = mining_features(config["refs"], cfg) if mined and rank == 0 else None
     inliers_cache: dict = {}
 
     def allreduce(m: torch.nn.Module, loss: torch.Tensor) -> None:
