@@ -179,3 +179,23 @@ def test_bench_decode_compares_both_paths_on_the_same_files(tmp_path):
     assert result["name"] == "decode" and result["n_images"] == 3
     assert result["ratio"] == pytest.approx(result["baseline"]["time_s"] / result["ours"]["time_s"], rel=1e-3)
     assert 0.9 < result["cosine"]["min"] <= result["cosine"]["mean"] <= 1.0 + 1e-6
+
+
+def test_ingest_turns_listed_images_and_keeps_the_others(tmp_path, photo):
+    from embedpipe.flows.config import load_config
+    from embedpipe.storage.sources import list_inputs
+    from embedpipe.workers.ingest import ingest_batch
+    from embedpipe.workers.ray_stages import _columns, input_items
+
+    (tmp_path / "a.jpg").write_bytes(photo)
+    (tmp_path / "b.jpg").write_bytes(photo)
+    (tmp_path / "rot.txt").write_text("b.jpg 90\n")
+    cfg = load_config(preset="default", sets=[f"ingest.rotations={tmp_path / 'rot.txt'}"])
+    items = input_items(
+        list_inputs(tmp_path / "a.jpg").refs + list_inputs(tmp_path / "b.jpg").refs, ingest=cfg.ingest
+    )
+    assert [it["rotate"] for it in items] == [0, 90]
+    out = ingest_batch(_columns(items), 4096, cfg)
+    assert out["payload"][0] == photo  # small enough and not turned: the original bytes
+    with Image.open(io.BytesIO(photo)) as img, Image.open(io.BytesIO(out["payload"][1])) as turned:
+        assert turned.size == (img.height, img.width) and (out["width"][1], out["height"][1]) == turned.size
