@@ -167,6 +167,7 @@ def _checkpointed(ft_dir: Path, epoch: int) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # several full runs; a loaded host can take long
 def test_finetune_resumes_to_the_identical_epoch_and_run_extracts_with_it(
     train_images, eval_images, tmp_path
 ):

@@ -35,6 +35,7 @@ def _run(images, out, protocol="holidays"):
     return pipeline(cfg)
 
 
+@pytest.mark.timeout(1800)  # several full runs; a loaded host can take long
 def test_every_container_gives_the_same_features_and_map(tmp_path, small_holidays):
     files = sorted(small_holidays.glob("*.jpg"))
     wds = tmp_path / "wds"
