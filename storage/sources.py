@@ -24,11 +24,13 @@ import glob
 import hashlib
 import io
 import json
+import os
 import re
 import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 from urllib.parse import urljoin
 
 from embedpipe.storage.errors import DecodeError, InputError
@@ -377,8 +379,24 @@ def read_input(
         raise DecodeError(f"cannot read file: {err.strerror or err}") from None
 
 
+_HTTP_CLIENTS: dict[int, Any] = {}  # process id -> httpx.Client
+
+
+def _http_client() -> Any:
+    """This process's HTTP client: one connection pool (keep-alive) shared by its threads."""
+    import httpx
+
+    pid = os.getpid()
+    if pid not in _HTTP_CLIENTS:
+        _HTTP_CLIENTS[pid] = httpx.Client(
+            follow_redirects=True, limits=httpx.Limits(max_connections=64, max_keepalive_connections=32)
+        )
+    return _HTTP_CLIENTS[pid]
+
+
 def fetch_bytes(url: str, timeout: float, retries: int, error: type[Exception] = InputError) -> bytes:
-    """GET ``url``; retried on timeouts, connection errors and 5xx/429, not on other 4xx."""
+    """GET ``url``; retried on timeouts, connection errors and 5xx/429, not on other 4xx. Connections
+    are kept open and reused by later reads of the same process (and its threads)."""
     import httpx
 
     last = ""
@@ -386,7 +404,7 @@ def fetch_bytes(url: str, timeout: float, retries: int, error: type[Exception] =
         if attempt:
             time.sleep(min(8.0, 0.5 * 2 ** (attempt - 1)))
         try:
-            response = httpx.get(url, timeout=timeout, follow_redirects=True)
+            response = _http_client().get(url, timeout=timeout)
         except httpx.TimeoutException:
             last = f"timed out after {timeout:g} s"
             continue
