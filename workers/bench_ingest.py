@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,21 +54,21 @@ def bench_photos(root: Path, n: int, seed: int = 0, sides: tuple[int, int] = (12
 
     root.mkdir(parents=True, exist_ok=True)
     names = QUERY_PHOTOS + DISTRACTOR_PHOTOS
-    photos: dict[int, Image.Image] = {}
-    out = []
-    for i in range(n):
-        path = root / f"photo-{i:05d}.jpg"
-        out.append(path)
-        if path.exists():
-            continue
-        k = i % len(names)
-        if k not in photos:
-            photos[k] = load_photo(*names[k])
-        tmp = path.with_name(f".{path.name}.tmp")
-        _variant(photos[k], np.random.default_rng([seed, PHOTOS_VERSION, i]), sides).save(
-            tmp, format="JPEG", quality=90
-        )
-        os.replace(tmp, path)
+    out = [root / f"photo-{i:05d}.jpg" for i in range(n)]
+    todo = [i for i, path in enumerate(out) if not path.exists()]
+    if not todo:
+        return out
+    photos = [load_photo(*name) for name in names]
+
+    def make(i: int) -> None:
+        tmp = out[i].with_name(f".{out[i].name}.tmp")
+        rng = np.random.default_rng([seed, PHOTOS_VERSION, i])
+        _variant(photos[i % len(names)], rng, sides).save(tmp, format="JPEG", quality=90)
+        os.replace(tmp, out[i])
+
+    log.info("bench ingest: making %d photos in %s", len(todo), root)
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # PIL resizes and encodes outside the GIL
+        list(pool.map(make, todo))
     return out
 
 
