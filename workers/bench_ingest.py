@@ -279,6 +279,7 @@ def bench_ingest(
     with Image.open(photos[0]) as img:
         first = img.size
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "baseline": []}
+    kept = max(k for k, side in enumerate(ORDER) if side == "ours")  # its output serves the resume check
     with serve_folder(photos[0].parent) as base:
         urls = write_url_list(work / "urls.txt", base, photos)
         for k, side in enumerate(ORDER):
@@ -291,11 +292,10 @@ def bench_ingest(
                 run = run_img2dataset(baseline_python, urls, out, max_side, cpus, threads, per_shard)
             runs[side].append(run)
             log.info("bench ingest: %s %.1f s (%d ok)", side, run["time_s"], run["ok"])
-            if not (side == "ours" and k == ORDER.index("ours", ORDER.index("ours") + 1)):
+            if k != kept:
                 shutil.rmtree(out, ignore_errors=True)
-        last_ours = work / f"out-{ORDER.index('ours', ORDER.index('ours') + 1)}-ours"
-        resume = resume_check(urls, last_ours, cfg, max_side)
-        shutil.rmtree(last_ours, ignore_errors=True)
+        resume = resume_check(urls, work / f"out-{kept}-ours", cfg, max_side)
+        shutil.rmtree(work / f"out-{kept}-ours", ignore_errors=True)
     ours_sizes, base_sizes = runs["ours"][-1]["sizes"], runs["baseline"][-1]["sizes"]
     common = set(ours_sizes) & set(base_sizes)
     ours, baseline = _side_summary(runs["ours"], n), _side_summary(runs["baseline"], n)
