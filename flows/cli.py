@@ -566,7 +566,10 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
         raise InputError("--n must be at least 1")
     if args.max_side < 32:
         raise InputError("--max-side must be at least 32")
-    cfg = _load_run_config(args)
+    from embedpipe.flows.config import load_config
+
+    overrides = {"images": args.images, "out": args.out, **_engine_overrides(args)}
+    cfg = load_config(preset=args.preset or "default", overrides=overrides, sets=args.sets)
     photos = None
     if cfg.images is not None:
         root = Path(cfg.images)

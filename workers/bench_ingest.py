@@ -272,6 +272,7 @@ def bench_ingest(
     cpus = cfg.ray.num_cpus or os.cpu_count() or 1
     per_shard = cfg.extract.shard_size
     threads = 16
+    work.mkdir(parents=True, exist_ok=True)
     if photos is None:
         photos = bench_photos(work / "photos", n, cfg.seed)
     photos = photos[:n]
