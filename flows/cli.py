@@ -144,10 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="side-by-side benchmarks written as JSON")
     bench.add_argument(
         "what",
-        choices=("extract", "decode", "codebook", "pca", "index", "reindex", "train"),
+        choices=("extract", "decode", "codebook", "pca", "index", "reindex", "train", "ingest"),
         help="what to measure: the extraction pipeline, JPEG decode, faiss k-means vs MiniBatchKMeans, "
-        "the PCA fit, index filling, reindex against a full run, or fine-tuning steps (Ray Train vs a "
-        "plain loop)",
+        "the PCA fit, index filling, reindex against a full run, fine-tuning steps (Ray Train vs a "
+        "plain loop), or the ingest stage against img2dataset over HTTP",
     )
     bench.add_argument("--json", type=Path, help="write the result here (also printed)")
     bench.add_argument("--images", help="images to use, any input form (default: the demo dataset)")
@@ -173,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--store", type=Path, help="pca/index: where the synthetic store is written (reused)")
     bench.add_argument(
         "--fraction", type=float, default=0.1, help="reindex: share of the images that arrive later (0.1)"
+    )
+    bench.add_argument(
+        "--max-side", type=int, default=512, help="ingest: longer side of the output images (default 512)"
+    )
+    bench.add_argument(
+        "--baseline-python",
+        type=Path,
+        metavar="PY",
+        help="ingest: a Python with img2dataset installed (default: a virtual environment created once "
+        "under ~/.cache/embedpipe)",
     )
     _config_args(bench)
 
@@ -504,6 +514,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return cmd_bench_ann(args)
     if args.what == "reindex":
         return cmd_bench_reindex(args)
+    if args.what == "ingest":
+        return cmd_bench_ingest(args)
     from embedpipe.storage.sources import list_inputs
     from embedpipe.workers.bench import bench_extract
     from embedpipe.workers.demo_data import generate_demo
@@ -550,6 +562,45 @@ def cmd_bench_reindex(args: argparse.Namespace) -> int:
         root = Path(tempfile.gettempdir()) / "embedpipe-bench-demo"
         cfg = cfg.model_copy(update={"images": str(generate_demo(root, seed=cfg.seed).root)})
     _write_json(bench_reindex(cfg, args.fraction), args.json)
+    return 0
+
+
+def cmd_bench_ingest(args: argparse.Namespace) -> int:
+    """Our ingest vs img2dataset on the same photos served from 127.0.0.1 (see workers/bench_ingest.py)."""
+    from embedpipe.workers import bench_ingest as bi
+
+    if args.n < 1:
+        raise InputError("--n must be at least 1")
+    if args.max_side < 32:
+        raise InputError("--max-side must be at least 32")
+    from embedpipe.flows.config import load_config
+
+    overrides = {"images": args.images, "out": args.out, **_engine_overrides(args)}
+    cfg = load_config(preset=args.preset or "default", overrides=overrides, sets=args.sets)
+    photos = None
+    if cfg.images is not None:
+        root = Path(cfg.images)
+        if not root.is_dir():
+            raise InputError(f"bench ingest: --images must be a folder of image files, got {cfg.images}")
+        photos = sorted(p for p in root.iterdir() if p.suffix.lower() in bi.IMAGE_EXTS)[: args.n]
+        if len(photos) < args.n:
+            raise InputError(f"bench ingest: {root} has {len(photos)} images, --n asks for {args.n}")
+    if args.baseline_python is not None:
+        python = bi.check_baseline_python(args.baseline_python)
+    else:
+        python = bi.img2dataset_python()
+    with tempfile.TemporaryDirectory(prefix="embedpipe-bench-ingest-") as tmp:
+        if photos is None:
+            cache = Path(tempfile.gettempdir()) / f"embedpipe-bench-ingest-photos-v{bi.PHOTOS_VERSION}"
+            photos = bi.bench_photos(cache / f"seed{cfg.seed}", args.n, cfg.seed)
+        result = bi.bench_ingest(cfg, args.n, args.max_side, Path(tmp), python, photos)
+    _write_json(result, args.json)
+    log.info(
+        "bench ingest: ours %.1f img/s, img2dataset %.1f img/s, ratio %.3f",
+        result["ours"]["images_per_s"],
+        result["baseline"]["images_per_s"],
+        result["ratio"],
+    )
     return 0
 
 

@@ -26,12 +26,14 @@ import glob
 import hashlib
 import io
 import json
+import os
 import re
 import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 from urllib.parse import urljoin
 
 from embedpipe.storage.errors import DecodeError, InputError
@@ -230,7 +232,7 @@ def list_http_tar(url: str, timeout: float = 30.0, retries: int = 2) -> Listing:
     import httpx
 
     with httpx.Client(timeout=timeout, follow_redirects=True) as client:
-        remote = HttpRangeFile(url, client, retries)
+        remote = HttpRangeFile(url, client, retries, timeout)
         try:
             with tarfile.open(fileobj=io.BufferedReader(remote, buffer_size=1 << 16), mode="r:") as tar:
                 groups, extras = _tar_samples(tar)
@@ -282,9 +284,9 @@ class HttpRangeFile(io.RawIOBase):
     ``io.BufferedReader``, each read fetches one buffer's worth, so small reads near each other (tar
     headers and the metadata members after them) cost one request, and seeks past data cost nothing."""
 
-    def __init__(self, url: str, client, retries: int = 2):  # client: httpx.Client
+    def __init__(self, url: str, client, retries: int = 2, timeout: float = 30.0):  # client: httpx.Client
         super().__init__()
-        self.url, self.client, self.retries, self.pos = url, client, retries, 0
+        self.url, self.client, self.retries, self.timeout, self.pos = url, client, retries, timeout, 0
         first = self._get(0, 0)
         total = first.headers.get("content-range", "").rpartition("/")[2]
         if first.status_code != 206 or not total.isdigit():
@@ -298,7 +300,8 @@ class HttpRangeFile(io.RawIOBase):
 
     def _get(self, start: int, end: int):
         """Bytes ``start..end`` (inclusive), retried like ``fetch_bytes``."""
-        return _http_get(self.client, self.url, self.retries, {"Range": f"bytes={start}-{end}"}, InputError)
+        headers = {"Range": f"bytes={start}-{end}"}
+        return _http_get(self.client, self.url, self.retries, headers, InputError, self.timeout)
 
     def readable(self) -> bool:
         return True
@@ -511,6 +514,21 @@ def read_input(
         raise DecodeError(f"cannot read file: {err.strerror or err}") from None
 
 
+_HTTP_CLIENTS: dict[int, Any] = {}  # process id -> httpx.Client
+
+
+def _http_client() -> Any:
+    """This process's HTTP client: one connection pool (keep-alive) shared by its threads."""
+    import httpx
+
+    pid = os.getpid()
+    if pid not in _HTTP_CLIENTS:
+        _HTTP_CLIENTS[pid] = httpx.Client(
+            follow_redirects=True, limits=httpx.Limits(max_connections=64, max_keepalive_connections=32)
+        )
+    return _HTTP_CLIENTS[pid]
+
+
 def fetch_bytes(
     url: str,
     timeout: float,
@@ -519,20 +537,20 @@ def fetch_bytes(
     byte_range: tuple[int, int] | None = None,
 ) -> bytes:
     """GET ``url`` (``byte_range``: (offset, length) of it, by a range request); retried on timeouts,
-    connection errors and 5xx/429, not on other 4xx."""
-    import httpx
-
+    connection errors and 5xx/429, not on other 4xx. Connections are kept open and reused by later reads
+    of the same process (and its threads)."""
     headers = {}
     if byte_range is not None:
         headers["Range"] = f"bytes={byte_range[0]}-{byte_range[0] + byte_range[1] - 1}"
-    with httpx.Client(timeout=timeout, follow_redirects=True) as client:
-        response = _http_get(client, url, retries, headers, error)
+    response = _http_get(_http_client(), url, retries, headers, error, timeout)
     if byte_range is not None and response.status_code == 200:  # the server sent the whole file
         return response.content[byte_range[0] : byte_range[0] + byte_range[1]]
     return response.content
 
 
-def _http_get(client, url: str, retries: int, headers: dict[str, str], error: type[Exception]):
+def _http_get(
+    client, url: str, retries: int, headers: dict[str, str], error: type[Exception], timeout: float
+):
     """One GET with ``client`` (an ``httpx.Client``): the 200/206 response, or ``error`` with one line."""
     import httpx
 
@@ -541,9 +559,9 @@ def _http_get(client, url: str, retries: int, headers: dict[str, str], error: ty
         if attempt:
             time.sleep(min(8.0, 0.5 * 2 ** (attempt - 1)))
         try:
-            response = client.get(url, headers=headers)
+            response = client.get(url, headers=headers, timeout=timeout)
         except httpx.TimeoutException:
-            last = f"timed out after {client.timeout.read:g} s"
+            last = f"timed out after {timeout:g} s"
             continue
         except httpx.HTTPError as err:
             last = f"{type(err).__name__}: {err}"

@@ -27,6 +27,8 @@ def test_help(command):
         (["run", "--images", ".", "--set", "extract.descriptors=[fc6]"], "fc6/fc7 need a VGG-style"),
         (["run", "--images", ".", "--set", "extract.scales=[0]"], "scales must be"),
         (["bench", "extract", "--sweep", "1,x"], "--sweep expects comma-separated actor counts"),
+        (["bench", "ingest", "--max-side", "8"], "--max-side must be at least 32"),
+        (["bench", "ingest", "--images", "/nonexistent/photos"], "--images must be a folder of image files"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(args, message):

@@ -44,6 +44,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+_CLOCKWISE = {
+    90: Image.Transpose.ROTATE_270,
+    180: Image.Transpose.ROTATE_180,
+    270: Image.Transpose.ROTATE_90,
+}
+
+
 def decode_image(
     data: bytes, max_side: int, max_pixels: int = 89_478_485, exif: bool = True, rotate: int = 0
 ) -> tuple[np.ndarray, tuple[int, int]]:
@@ -55,13 +62,24 @@ def decode_image(
     non-image data, and for images of more than ``max_pixels`` pixels (decompression bombs), which are
     refused from their header before any pixel is decoded.
     """
+    img, size = decode_pil(data, max_side, max_pixels, exif, rotate)
+    array = np.asarray(img, dtype=np.uint8)
+    if array.ndim != 3 or array.shape[2] != 3 or array.size == 0:
+        raise DecodeError(f"unusable pixel data of shape {array.shape}")
+    return np.ascontiguousarray(array), size
+
+
+def decode_pil(
+    data: bytes, max_side: int, max_pixels: int = 89_478_485, exif: bool = True, rotate: int = 0
+) -> tuple[Image.Image, tuple[int, int]]:
+    """``decode_image`` as a loaded RGB PIL image (the same pixels), for callers that encode it again."""
     if not data:
         raise DecodeError("empty file")
     try:
         with warnings.catch_warnings():  # PIL's bomb warning: refused below with our own reason
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-        with img:
+            opened = img = Image.open(io.BytesIO(data))
+        with opened:
             if img.width * img.height > max_pixels:
                 raise DecodeError(
                     f"image too large: {img.width}x{img.height} = {img.width * img.height} pixels "
@@ -74,10 +92,13 @@ def decode_image(
                 # DCT-domain downscale; draft() sees the stored orientation and keeps both sides >= request.
                 img.draft("RGB", (th, tw) if rotated else (tw, th))
             img.load()
-            img = to_rgb(ImageOps.exif_transpose(img) if exif else img)
+            if exif:
+                ImageOps.exif_transpose(img, in_place=True)
+            img = to_rgb(img)
             if img.size != (tw, th):
                 img = img.resize((tw, th), Image.Resampling.BICUBIC)
-            array = np.asarray(img, dtype=np.uint8)
+            elif img is opened:  # closed when the block ends
+                img = img.copy()
     except UnidentifiedImageError:
         raise DecodeError("not an image (unrecognised format)") from None
     except Image.DecompressionBombError as err:
@@ -86,12 +107,12 @@ def decode_image(
         raise DecodeError(f"image too large: {err}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise DecodeError(f"truncated or corrupt image: {err}") from None
-    if array.ndim != 3 or array.shape[2] != 3 or array.size == 0:
-        raise DecodeError(f"unusable pixel data of shape {array.shape}")
-    if rotate % 360:
-        array = np.rot90(array, k=-(rotate // 90))  # clockwise
+    if img.width == 0 or img.height == 0:
+        raise DecodeError(f"unusable pixel data of size {img.size}")
+    if rotate % 360:  # clockwise
+        img = img.transpose(_CLOCKWISE[rotate % 360])
         width, height = (height, width) if rotate % 180 else (width, height)
-    return np.ascontiguousarray(array), (width, height)
+    return img, (width, height)
 
 
 def decode_query_crop(

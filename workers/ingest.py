@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,7 @@ from embedpipe.storage.dataset import ShardPlan, manifest_rows, plan_shards, pre
 from embedpipe.storage.errors import DecodeError
 from embedpipe.storage.layout import write_json_atomic
 from embedpipe.storage.sources import read_rotations, rotation_of
-from embedpipe.workers.decode import content_id, decode_image
+from embedpipe.workers.decode import content_id, decode_pil
 from embedpipe.workers.progress import Progress
 from embedpipe.workers.ray_stages import (
     cluster_cpus,
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("embedpipe.ingest")
 SHARDS_FILE = "_shards.json"
 JPEG_QUALITY = 95
+READ_THREADS = 16  # concurrent reads per ingest task (inputs per batch: at least this many)
+_READERS: dict[int, ThreadPoolExecutor] = {}  # process id -> reader threads
 
 
 @dataclass(frozen=True)
@@ -61,25 +64,38 @@ def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}.tar"
 
 
+def _readers() -> ThreadPoolExecutor:
+    """This process's reader threads (created on first use; Ray reuses worker processes)."""
+    pid = os.getpid()
+    if pid not in _READERS:
+        _READERS[pid] = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="ingest-read")
+    return _READERS[pid]
+
+
 def ingest_batch(batch: dict[str, np.ndarray], max_side: int, cfg: Config) -> dict[str, np.ndarray]:
     """Read, hash, check and (when larger than ``max_side``, or turned by ``ingest.rotations`` or with
     ``ingest.exif_orientation`` off) re-encode each input to a JPEG; other inputs keep their original
-    bytes. Bad inputs keep their row with ``error`` set."""
+    bytes. Bad inputs keep their row with ``error`` set.
+
+    Every read of the batch is started at once on reader threads (network and disk waits overlap each
+    other and the decoding); the rows are then decoded in order as their bytes arrive."""
     n = len(batch["path"])
     ids, errors, payloads, exts = [""] * n, [""] * n, [b""] * n, [""] * n
     sizes, width, height = np.full(n, -1, np.int64), np.zeros(n, np.int32), np.zeros(n, np.int32)
+    reads = [_readers().submit(read_row, batch, i, cfg.ingest) for i in range(n)]
     for i in range(n):
         try:
-            data = read_row(batch, i, cfg.ingest)
+            data = reads[i].result()
             sizes[i], ids[i] = len(data), content_id(data)
             rotate = int(batch["rotate"][i]) if "rotate" in batch else 0
             exif = cfg.ingest.exif_orientation
-            array, (width[i], height[i]) = decode_image(data, max_side, cfg.ingest.max_pixels, exif, rotate)
+            image, (width[i], height[i]) = decode_pil(data, max_side, cfg.ingest.max_pixels, exif, rotate)
             if max(width[i], height[i]) <= max_side and exif and not rotate:
                 payloads[i], exts[i] = data, _extension(data)
             else:
                 buf = io.BytesIO()
-                Image.fromarray(array).save(buf, format="JPEG", quality=JPEG_QUALITY)
+                image.info = {}  # pixels only: no ICC profile, comment or EXIF carried over
+                image.save(buf, format="JPEG", quality=JPEG_QUALITY)
                 payloads[i], exts[i] = buf.getvalue(), "jpg"
         except DecodeError as err:
             errors[i] = str(err)
@@ -185,7 +201,7 @@ def run_ingest(source: str, out: Path, cfg: Config, max_side: int) -> IngestResu
             items = input_items([plan.refs[i] for i in todo], ingest=cfg.ingest)
             for row, pos in zip(items, todo, strict=True):
                 row["pos"] = pos
-            batch_size = cfg.extract.batch_size
+            batch_size = max(cfg.extract.batch_size, READ_THREADS)
             ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), cluster_cpus() * 4)))
             ds = ds.map_batches(
                 ingest_batch,

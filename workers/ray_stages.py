@@ -26,7 +26,6 @@ from embedpipe.storage.errors import DecodeError, RunFailed
 from embedpipe.storage.sources import InputRef, read_input, read_rotations, rotation_of
 from embedpipe.workers.decode import content_id, decode_image, decode_query_crop
 from embedpipe.workers.descriptors.local import HOG_DIM, extract_local, grayscale, hog_descriptor
-from embedpipe.workers.embed import Embedder
 
 if TYPE_CHECKING:
     from embedpipe.flows.config import Config, ExtractConfig, IngestConfig, LocalConfig, RayConfig
@@ -282,6 +281,8 @@ class EmbedActor:
     (or, with ``decode``, a batch of paths, decoding them first)."""
 
     def __init__(self, cfg: ExtractConfig, threads: int, ingest: IngestConfig | None = None):
+        from embedpipe.workers.embed import Embedder  # torch: imported by the processes that embed
+
         self.embedder = Embedder(cfg, threads)
         self.names = cfg.descriptors
         self.max_side = cfg.max_side
