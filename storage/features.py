@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedpipe.storage.layout import write_json_atomic
+from embedpipe.storage.layout import atomic_path, write_json_atomic
 
 MANIFEST = "_manifest.json"
 
@@ -63,11 +63,9 @@ def feature_table(schema: pa.Schema, ids, paths, widths, heights, vectors: np.nd
 
 def write_part_table(directory: Path, shard: int, n_shards: int, table: pa.Table) -> Path:
     """Write one whole part file atomically: a temporary name, then a rename."""
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / part_name(shard, n_shards)
-    tmp = directory / f".{final.name}.tmp"
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, final)
+    with atomic_path(final) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
     return final
 
 
@@ -158,7 +156,7 @@ class FeatureWriter:
         self._close_current()
         for shard in range(self.n_shards):
             if shard not in self._done:
-                pq.write_table(self.schema.empty_table(), self.directory / part_name(shard, self.n_shards))
+                write_part_table(self.directory, shard, self.n_shards, self.schema.empty_table())
         write_json_atomic(
             self.directory / MANIFEST,
             {"dim": self.dim, "rows": self.rows, "n_parts": self.n_shards, **self.meta},
