@@ -174,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--fraction", type=float, default=0.1, help="reindex: share of the images that arrive later (0.1)"
     )
+    bench.add_argument(
+        "--held-back",
+        choices=("spread", "tail"),
+        default="spread",
+        help="reindex: which files arrive later: every 1/fraction-th in sorted order (spread, default) or "
+        "the last ones (tail)",
+    )
     _config_args(bench)
 
     ev = sub.add_parser("eval-ranks", help="score a ranking file against a benchmark's ground truth")
@@ -542,7 +549,7 @@ def cmd_bench_reindex(args: argparse.Namespace) -> int:
     if cfg.images is None:
         root = Path(tempfile.gettempdir()) / "embedpipe-bench-demo"
         cfg = cfg.model_copy(update={"images": str(generate_demo(root, seed=cfg.seed).root)})
-    _write_json(bench_reindex(cfg, args.fraction), args.json)
+    _write_json(bench_reindex(cfg, args.fraction, args.held_back), args.json)
     return 0
 
 
@@ -754,6 +761,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         sys.stderr.write(f"embedpipe: error: {err}\n")
         return err.exit_code
+    except OSError as err:  # a write error outside the run's atomic outputs (a folder, a log)
+        if args.debug:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        sys.stderr.write(f"embedpipe: error: {err.strerror or err}{where}; re-run the command to resume\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("embedpipe: interrupted; re-run the same command to resume\n")
         return 1
