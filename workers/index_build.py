@@ -243,10 +243,11 @@ def update_store_index(
     next_row = int(pc.max(ids.column("row")).as_py()) + 1 if ids.num_rows else 0
     added = [kept]
     for path, _ in part_row_counts(directory):
-        table, x = part_table(path, 0, transform)
-        fresh = ~pc.is_in(_keys(table), value_set=held).to_numpy(zero_copy_only=False)
+        keys = _keys(read_part(path, ["id", "path"]))  # vectors read only from parts with new rows
+        fresh = ~pc.is_in(keys, value_set=held).to_numpy(zero_copy_only=False)
         if not fresh.any():
             continue
+        table, x = part_table(path, 0, transform)
         rows = np.arange(next_row, next_row + int(fresh.sum()), dtype=np.int64)
         next_row += len(rows)
         index.add_with_ids(np.ascontiguousarray(x[fresh]), rows)
