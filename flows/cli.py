@@ -232,6 +232,21 @@ def _setup_logging(quiet: bool) -> None:
     log.propagate = False
 
 
+class _TypedErrorsInOneLine(logging.Filter):
+    """Prefect logs a failed task or flow with its traceback; for our typed errors the message already
+    says it all (and the CLI ends with it), so the traceback is dropped unless ``--debug``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], EmbedpipeError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_typed_tracebacks() -> None:
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_TypedErrorsInOneLine())
+
+
 def _run_flow(cfg) -> dict:
     from embedpipe.flows.pipeline import pipeline
 
@@ -754,6 +769,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     _setup_logging(args.quiet)
+    if not args.debug:
+        _quiet_typed_tracebacks()
     try:
         return COMMANDS[args.command](args)
     except EmbedpipeError as err:
