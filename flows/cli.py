@@ -184,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="ingest: a Python with img2dataset installed (default: a virtual environment created once "
         "under ~/.cache/embedpipe)",
     )
+    bench.add_argument(
+        "--held-back",
+        choices=("spread", "tail"),
+        default="spread",
+        help="reindex: which files arrive later: every 1/fraction-th in sorted order (spread, default) or "
+        "the last ones (tail)",
+    )
     _config_args(bench)
 
     ev = sub.add_parser("eval-ranks", help="score a ranking file against a benchmark's ground truth")
@@ -233,6 +240,21 @@ def _setup_logging(quiet: bool) -> None:
     log.addHandler(handler)
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
+
+
+class _TypedErrorsInOneLine(logging.Filter):
+    """Prefect logs a failed task or flow with its traceback; for our typed errors the message already
+    says it all (and the CLI ends with it), so the traceback is dropped unless ``--debug``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], EmbedpipeError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_typed_tracebacks() -> None:
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_TypedErrorsInOneLine())
 
 
 def _run_flow(cfg) -> dict:
@@ -561,7 +583,7 @@ def cmd_bench_reindex(args: argparse.Namespace) -> int:
     if cfg.images is None:
         root = Path(tempfile.gettempdir()) / "embedpipe-bench-demo"
         cfg = cfg.model_copy(update={"images": str(generate_demo(root, seed=cfg.seed).root)})
-    _write_json(bench_reindex(cfg, args.fraction), args.json)
+    _write_json(bench_reindex(cfg, args.fraction, args.held_back), args.json)
     return 0
 
 
@@ -805,6 +827,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     _setup_logging(args.quiet)
+    if not args.debug:
+        _quiet_typed_tracebacks()
     try:
         return COMMANDS[args.command](args)
     except EmbedpipeError as err:
@@ -812,6 +836,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         sys.stderr.write(f"embedpipe: error: {err}\n")
         return err.exit_code
+    except OSError as err:  # a write error outside the run's atomic outputs (a folder, a log)
+        if args.debug:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        sys.stderr.write(f"embedpipe: error: {err.strerror or err}{where}; re-run the command to resume\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("embedpipe: interrupted; re-run the same command to resume\n")
         return 1

@@ -22,7 +22,7 @@ from prefect.tasks import exponential_backoff
 from embedpipe.flows.config import Config
 from embedpipe.storage.artifacts import save_npz
 from embedpipe.storage.dataset import manifest_rows, previous_shards, write_manifest
-from embedpipe.storage.errors import EmbedpipeError, InputError, RunFailed
+from embedpipe.storage.errors import EmbedpipeError, InputError, RunFailed, WriteFailed
 from embedpipe.storage.features import read_store_manifest
 from embedpipe.storage.layout import STAGES, RunLayout, write_json_atomic
 from embedpipe.storage.quarantine import read_quarantine, write_quarantine
@@ -73,16 +73,31 @@ def fingerprints(cfg: Config, inputs: RunInputs) -> dict[str, str]:
     }
 
 
+class Timings(dict):
+    """Seconds of the phases of one execution (listing, Ray start, drift, report, ...): the manifest's
+    ``timings``, beside the stages' own seconds."""
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[phase] = round(self.get(phase, 0.0) + time.perf_counter() - start, 3)
+
+
 class LazyRay:
     """Starts the run's Ray session the first time a stage needs it, and only then."""
 
-    def __init__(self, cfg: Config, stack: contextlib.ExitStack):
+    def __init__(self, cfg: Config, stack: contextlib.ExitStack, timings: Timings | None = None):
         self.cfg, self.stack, self.started = cfg, stack, False
         self.work: NodeWork | None = None
+        self.timings = timings if timings is not None else Timings()
 
     def ensure(self) -> None:
         if not self.started:
-            self.work = self.stack.enter_context(ray_session(self.cfg.ray))
+            with self.timings("ray_start"):
+                self.work = self.stack.enter_context(ray_session(self.cfg.ray))
             self.started = True
 
     def record(self, layout: RunLayout) -> None:
@@ -126,9 +141,10 @@ def extract_shard_task(
 
 
 def _retry_transient(task, task_run, state) -> bool:
-    """Retry a shard unless it failed on bad usage or config (which a retry cannot mend)."""
+    """Retry a shard unless it failed on bad usage or config, or on a full or failing disk (which a
+    retry seconds later cannot mend; the same command resumes once there is room)."""
     err = state.result(raise_on_failure=False)
-    return not (isinstance(err, EmbedpipeError) and err.exit_code == 2)
+    return not (isinstance(err, WriteFailed) or (isinstance(err, EmbedpipeError) and err.exit_code == 2))
 
 
 def extract_stage(cfg: Config, inputs: RunInputs, layout: RunLayout, ray: LazyRay) -> dict[str, Any]:
@@ -313,9 +329,16 @@ def _fit(layout: RunLayout, cfg: Config, fp: str, ray: LazyRay, logger) -> None:
 
 
 def _finish(
-    cfg: Config, layout: RunLayout, metrics: dict[str, Any], extracted: dict[str, Any], logger
+    cfg: Config,
+    layout: RunLayout,
+    metrics: dict[str, Any],
+    extracted: dict[str, Any],
+    logger,
+    timings: Timings,
 ) -> None:
-    report_task(cfg, layout, metrics)
+    with timings("report"):
+        report_task(cfg, layout, metrics)
+    layout.update_manifest(timings=dict(timings))
     best = max(metrics["results"], key=map_of)
     logger.info(
         "done: %s; best %s; mAP %s; report %s",
@@ -330,15 +353,16 @@ def _finish(
 def pipeline(cfg: Config) -> dict[str, Any]:
     """Run every stage for ``cfg`` into ``cfg.out``; returns the metrics.json content."""
     logger = get_run_logger()
-    layout = RunLayout(cfg.out)
-    inputs = run_inputs(cfg, previous_shards(layout.dataset))
-    fps = fingerprints(cfg, inputs)
+    layout, timings = RunLayout(cfg.out), Timings()
+    with timings("list"):
+        inputs = run_inputs(cfg, previous_shards(layout.dataset))
+        fps = fingerprints(cfg, inputs)
     if all(layout.stage_done(s, fps[s]) for s in STAGES) and layout.metrics.exists():
         logger.info("run %s is complete and up to date: nothing to do", layout.root)
         return layout.read_manifest()["stages"]["evaluate"]["result"]
     _start(layout, cfg, inputs, logger)
     with contextlib.ExitStack() as stack:
-        ray = LazyRay(cfg, stack)
+        ray = LazyRay(cfg, stack, timings)
         extracted = _extract(layout, cfg, inputs, fps["extract"], ray, logger)
         _fit(layout, cfg, fps["fit"], ray, logger)
         metrics = _run_stage(
@@ -349,7 +373,7 @@ def pipeline(cfg: Config) -> dict[str, Any]:
             logger,
         )
         ray.record(layout)
-    _finish(cfg, layout, metrics, extracted, logger)
+    _finish(cfg, layout, metrics, extracted, logger, timings)
     return metrics
 
 
@@ -363,20 +387,23 @@ def reindex(cfg: Config) -> dict[str, Any]:
     layout = RunLayout(cfg.out)
     if not layout.metrics.exists():
         raise InputError(f"{layout.root} is not a finished run (no report/metrics.json): run it first")
-    inputs = run_inputs(cfg, previous_shards(layout.dataset))
-    fps = fingerprints(cfg, inputs)
+    timings = Timings()
+    with timings("list"):
+        inputs = run_inputs(cfg, previous_shards(layout.dataset))
+        fps = fingerprints(cfg, inputs)
     if all(layout.stage_done(s, fps[s]) for s in STAGES):
         logger.info("run %s is up to date with %s: nothing to do", layout.root, cfg.images)
         return layout.read_manifest()["stages"]["evaluate"]["result"]
     _start(layout, cfg, inputs, logger)
     with contextlib.ExitStack() as stack:
-        ray = LazyRay(cfg, stack)
+        ray = LazyRay(cfg, stack, timings)
         extracted = _extract(layout, cfg, inputs, fps["extract"], ray, logger)
-        drift = {
-            d: v
-            for d in cfg.extract.descriptors
-            if encoding_of(d)[0] != "bow" and (v := whitening_drift(layout, cfg, d)) is not None
-        }
+        with timings("drift"):
+            drift = {
+                d: v
+                for d in cfg.extract.descriptors
+                if encoding_of(d)[0] != "bow" and (v := whitening_drift(layout, cfg, d)) is not None
+            }
         refit = _encoded(cfg) or any(v > cfg.reindex.drift_threshold for v in drift.values())
         logger.info(
             "reindex: drift %s (threshold %g): %s",
@@ -399,7 +426,7 @@ def reindex(cfg: Config) -> dict[str, Any]:
             logger,
         )
         ray.record(layout)
-    _finish(cfg, layout, metrics, extracted, logger)
+    _finish(cfg, layout, metrics, extracted, logger, timings)
     return metrics
 
 

@@ -8,30 +8,34 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from embedpipe.storage.layout import atomic_path
+
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
 def save_npz(path: Path, meta: dict[str, Any], **arrays: np.ndarray) -> None:
     """Write ``arrays`` plus ``meta`` (JSON, stored as the string array ``meta``) atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     entries = dict(sorted(arrays.items()))
     entries["meta"] = np.array(json.dumps(meta, sort_keys=True))
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
         for name, array in entries.items():
             buf = io.BytesIO()
             np.lib.format.write_array(buf, np.asanyarray(array), allow_pickle=False)
             info = zipfile.ZipInfo(f"{name}.npy", date_time=_EPOCH)
             info.external_attr = 0o644 << 16
             zf.writestr(info, buf.getvalue())
-    os.replace(tmp, path)
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """``numpy.save`` through a temporary name and a rename (see ``atomic_path``)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 def load_npz(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

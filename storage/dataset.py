@@ -12,13 +12,13 @@ and ``duplicate_of`` (the first input with the same bytes).
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from embedpipe.storage.layout import atomic_path
 from embedpipe.storage.sources import InputRef, Listing, list_inputs
 
 
@@ -149,10 +149,8 @@ def manifest_rows(plan: ShardPlan, results: dict[int, dict]) -> list[dict]:
 
 
 def write_manifest(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), tmp, compression="zstd")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), tmp, compression="zstd")
 
 
 def read_manifest(path: Path) -> pa.Table | None:

@@ -25,3 +25,8 @@ class BackboneError(EmbedpipeError):
 
 class RunFailed(EmbedpipeError):
     """A stage failed; the run directory keeps what was finished so a re-run resumes."""
+
+
+class WriteFailed(RunFailed):
+    """An output could not be written (disk full, file too large, read-only or failing disk). The file
+    it was replacing is untouched, so the same command resumes once the cause is fixed."""

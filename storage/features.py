@@ -6,6 +6,7 @@ Rows: ``id`` (content hash), ``path`` (source), ``width``/``height`` (original i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedpipe.storage.layout import write_json_atomic
+from embedpipe.storage.layout import atomic_path, write_error, write_json_atomic
 
 MANIFEST = "_manifest.json"
 
@@ -63,11 +64,9 @@ def feature_table(schema: pa.Schema, ids, paths, widths, heights, vectors: np.nd
 
 def write_part_table(directory: Path, shard: int, n_shards: int, table: pa.Table) -> Path:
     """Write one whole part file atomically: a temporary name, then a rename."""
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / part_name(shard, n_shards)
-    tmp = directory / f".{final.name}.tmp"
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, final)
+    with atomic_path(final) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
     return final
 
 
@@ -122,12 +121,29 @@ class FeatureWriter:
     def _tmp(self, shard: int) -> Path:
         return self.directory / f".{part_name(shard, self.n_shards)}.tmp"
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A write error on the open part removes its temporary file and raises ``WriteFailed``."""
+        try:
+            yield
+        except OSError as err:
+            shard, writer = self._shard, self._writer
+            self._shard, self._writer = None, None
+            if writer is not None:
+                with contextlib.suppress(OSError):
+                    writer.close()
+            if shard is None:
+                raise
+            self._tmp(shard).unlink(missing_ok=True)
+            raise write_error(self.directory / part_name(shard, self.n_shards), err) from err
+
     def _close_current(self) -> None:
         if self._shard is None:
             return
         assert self._writer is not None
-        self._writer.close()
-        os.replace(self._tmp(self._shard), self.directory / part_name(self._shard, self.n_shards))
+        with self._writing():
+            self._writer.close()
+            os.replace(self._tmp(self._shard), self.directory / part_name(self._shard, self.n_shards))
         self._done.add(self._shard)
         self._shard, self._writer = None, None
 
@@ -137,20 +153,23 @@ class FeatureWriter:
                 raise ValueError(f"rows of shard {shard} arrived after the shard was closed")
             self._close_current()
             self._shard = shard
-            self._writer = pq.ParquetWriter(self._tmp(shard), self.schema, compression="zstd")
+            with self._writing():
+                self._writer = pq.ParquetWriter(self._tmp(shard), self.schema, compression="zstd")
 
     def write_table(self, shard: int, table: pa.Table) -> None:
         """Append rows already shaped as ``self.schema`` to the part of ``shard``."""
         self._switch(shard)
         assert self._writer is not None
-        self._writer.write_table(table.cast(self.schema))
+        with self._writing():
+            self._writer.write_table(table.cast(self.schema))
         self.rows += len(table)
 
     def write(self, shard: int, ids, paths, widths, heights, vectors: np.ndarray) -> None:
         self._switch(shard)
         table = feature_table(self.schema, ids, paths, widths, heights, vectors)
         assert self._writer is not None
-        self._writer.write_table(table)
+        with self._writing():
+            self._writer.write_table(table)
         self.rows += len(table)
 
     def close(self) -> None:
@@ -158,7 +177,7 @@ class FeatureWriter:
         self._close_current()
         for shard in range(self.n_shards):
             if shard not in self._done:
-                pq.write_table(self.schema.empty_table(), self.directory / part_name(shard, self.n_shards))
+                write_part_table(self.directory, shard, self.n_shards, self.schema.empty_table())
         write_json_atomic(
             self.directory / MANIFEST,
             {"dim": self.dim, "rows": self.rows, "n_parts": self.n_shards, **self.meta},

@@ -4,9 +4,10 @@ either the old index or the new one, never a mix."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
+
+from embedpipe.storage.layout import atomic_path
 
 CURRENT = "CURRENT"
 _VERSION = re.compile(r"^v(\d{4,})$")
@@ -33,9 +34,8 @@ def new_version(root: Path) -> Path:
 
 def publish(root: Path, version: Path) -> None:
     """Make ``version`` the live one: write CURRENT beside it through a temporary file and rename."""
-    tmp = Path(root) / f".{CURRENT}.tmp"
-    tmp.write_text(version.name + "\n")
-    os.replace(tmp, Path(root) / CURRENT)
+    with atomic_path(Path(root) / CURRENT) as tmp:
+        tmp.write_text(version.name + "\n")
 
 
 def current(root: Path) -> Path | None:

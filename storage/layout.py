@@ -2,19 +2,62 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from embedpipe.storage.errors import WriteFailed
+
+
+def write_error(path: Path, err: OSError) -> WriteFailed:
+    """The one-line error for an output that could not be written."""
+    reason = os.strerror(err.errno) if err.errno else str(err)
+    hint = " (free some space)" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ""
+    return WriteFailed(
+        f"cannot write {path}: {reason}{hint}; earlier outputs are intact, re-run the same command to resume"
+    )
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to: renamed onto ``path`` when the block succeeds,
+    removed when it fails, so ``path`` is only ever absent, the previous complete file or the new
+    complete one. A write error (full disk, file too large, read-only disk) becomes ``WriteFailed``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise write_error(path, err) from err
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """``path`` (a new folder) removed again, whatever was written into it, when the block fails."""
+    try:
+        yield path
+    except BaseException as err:
+        shutil.rmtree(path, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise write_error(path, err) from err
+        raise
+
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON through a temporary file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 STAGES = ("extract", "fit", "evaluate")  # the resumable stages, in pipeline order

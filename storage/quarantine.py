@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from embedpipe.storage.layout import atomic_path
 
 SCHEMA = pa.schema(
     [
@@ -22,9 +23,8 @@ def write_quarantine(path: Path, rows: list[dict[str, str | None]]) -> None:
     """Write the quarantine table (sorted by path for byte-identical output), replacing any earlier one."""
     rows = sorted(rows, key=lambda r: (r["path"], r["stage"]))
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 def read_quarantine(path: Path) -> pa.Table:

@@ -118,5 +118,20 @@ def test_bench_reindex_writes_side_by_side_json(tmp_path, small_holidays):
         result["baseline"]["seconds"] / result["ours"]["seconds"], rel=1e-2
     )
     assert result["ours"]["best_map"] == pytest.approx(result["baseline"]["best_map"], abs=1e-9)
+    assert result["held_back"] == "spread" and result["prefect_start_s"] >= 0
     for side in ("ours", "baseline"):
         assert set(result[side]["stage_seconds"]) == {"extract", "fit", "evaluate"}
+        assert {"list", "ray_start", "report"} <= set(result[side]["phase_seconds"])
+    assert "drift" in result["ours"]["phase_seconds"]
+
+
+def test_bench_holds_back_a_spread_or_a_tail():
+    from embedpipe.flows.bench_reindex import held_back
+
+    files = [Path(f"{i:06d}.jpg") for i in range(106)]
+    spread = held_back(files, 0.1, "spread")
+    assert sum(spread) == 11 and spread[-1] and not any(spread[:8])
+    gaps = np.diff(np.flatnonzero(spread))
+    assert gaps.min() >= 9 and gaps.max() <= 10  # evenly over the collection
+    assert held_back(files, 0.1, "tail") == [i >= 95 for i in range(106)]
+    assert sum(held_back(files[:3], 0.5, "spread")) == 2

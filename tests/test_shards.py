@@ -164,3 +164,23 @@ def test_weights_digest_follows_fine_tuned_and_local_weights(tmp_path):
     local = tmp_path / "resnet.pth"
     local.write_bytes(b"a")
     assert weights_digest("timm:resnet18", local) != weights_digest("timm:resnet18", None)
+
+
+@pytest.mark.parametrize("rows", [30, 300])  # fewer rows than dimensions (thin SVD) and more (eigh)
+def test_principal_basis_spans_the_covariance_eigenvectors(rows):
+    from embedpipe.workers.whitening import principal_basis
+
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 64)) * np.linspace(5, 0.1, 64)
+    xc = x - x.mean(0)
+    got = principal_basis(xc, 8)
+    ref = pca_whitening_from_moments(x.sum(0), x.T @ x, rows, 8, 0.0)["proj"]
+    ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    assert got.shape == (8, 64) and np.allclose(got @ got.T, np.eye(8), atol=1e-10)
+    assert np.allclose(np.abs(got @ ref.T), np.eye(8), atol=1e-6)  # same directions, up to sign
+    old, new = x[: rows // 2 * 2], rng.standard_normal((20, 64))
+    half = old[: len(old) // 2]
+    model = pca_whitening_from_moments(half.sum(0), half.T @ half, len(half), 8, 0.0)
+    held = captured_energy(old[len(old) // 2 :], model["mean"], model["proj"])
+    naive = max(0.0, 1 - captured_energy(new, model["mean"], model["proj"]) / held)
+    assert subspace_drift(old, new, 8) == pytest.approx(naive, rel=1e-6)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import faiss
 import numpy as np
 
 from embedpipe.storage.errors import InputError
+from embedpipe.storage.layout import atomic_path
 
 log = logging.getLogger("embedpipe.index")
 
@@ -213,10 +213,13 @@ def remove_ids(index: faiss.Index, ids: np.ndarray) -> int:
 
 
 def write_index(index: faiss.Index, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        try:
+            faiss.write_index(index, str(tmp))
+        except RuntimeError as err:  # FAISS reports a failed write (full disk, ...) as RuntimeError
+            if "write error" not in str(err):
+                raise
+            raise OSError(str(err).rsplit("(", 1)[-1].rstrip(")")) from err
 
 
 def read_index(path: Path) -> faiss.Index:

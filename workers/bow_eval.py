@@ -13,9 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
+from embedpipe.storage.artifacts import save_npy
 from embedpipe.storage.errors import InputError
 from embedpipe.storage.features import iter_parts, read_store_manifest
-from embedpipe.storage.layout import RunLayout
+from embedpipe.storage.layout import RunLayout, atomic_path
 from embedpipe.storage.local_features import bow_schema, list_values
 from embedpipe.workers.descriptors.bow import (
     InvertedFile,
@@ -146,7 +147,7 @@ def evaluate_bow(layout: RunLayout, cfg: Config, descriptor: str) -> tuple[list[
         if len(points) != len(words):
             raise ValueError(f"{descriptor}: {len(words)} BoW rows but {len(points)} local-feature rows")
         sv_ranks, inliers = spatial_verification(ranks, gt.queries, words, points, m, cfg)
-        np.save(layout.report_dir / f"sv-inliers-{name}.npy", inliers)
+        save_npy(layout.report_dir / f"sv-inliers-{name}.npy", inliers)
         row = _row(layout, base, "sv", sv_ranks, gt, name, start)
         row.update(
             {"sv_shortlist": int(inliers.shape[1]), **sv_summary(ranks, inliers, gt, cfg.verify.min_inliers)}
@@ -165,7 +166,7 @@ def _row(
     start: float,
 ) -> dict[str, Any]:
     suffix = "" if method == "none" else f"-{method}"
-    np.save(layout.report_dir / f"ranks-{name}{suffix}.npy", ranks)
+    save_npy(layout.report_dir / f"ranks-{name}{suffix}.npy", ranks)
     result = compute_map(ranks, gt.positives, gt.junk, KAPPAS)
     log.info("evaluate: %s%s mAP %.4f over %d queries", name, suffix, result["map"], result["n_queries"])
     return {
@@ -199,4 +200,5 @@ def _save_index(layout: RunLayout, name: str, ivf: InvertedFile, idf: np.ndarray
             "path": meta.column("path"),
         }
     )
-    pq.write_table(ids, folder / "ids.parquet")
+    with atomic_path(folder / "ids.parquet") as tmp:
+        pq.write_table(ids, tmp)

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from embedpipe.storage.artifacts import load_npz, save_npz
 from embedpipe.storage.errors import RunFailed
 from embedpipe.storage.features import part_files, read_part, read_store_manifest, vectors_of
-from embedpipe.storage.layout import RunLayout
+from embedpipe.storage.layout import RunLayout, atomic_path
 from embedpipe.storage.local_features import write_manifest
 from embedpipe.workers.whitening import pca_whitening_from_moments
 
@@ -172,10 +172,8 @@ def fit_codebook(layout: RunLayout, cfg: Config, feature: str, k: int) -> dict[s
         "seed": cfg.seed,
     }
     faiss_path = layout.model(codebook_name(feature, k), ".faiss")
-    faiss_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = faiss_path.with_name(f".{faiss_path.name}.tmp")
-    cb.serialize(index).tofile(tmp)
-    tmp.replace(faiss_path)
+    with atomic_path(faiss_path) as tmp:
+        cb.serialize(index).tofile(tmp)
     save_npz(path, meta, centroids=centroids)
     log.info(
         "fit: codebook %s k=%d on %d sampled descriptors (%s)", feature, k, len(sample), meta["assignment"]

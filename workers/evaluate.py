@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 
 from embedpipe.storage import index_versions
-from embedpipe.storage.artifacts import load_npz
+from embedpipe.storage.artifacts import load_npz, save_npy
 from embedpipe.storage.dataset import labels_by_key
 from embedpipe.storage.errors import InputError, RunFailed
 from embedpipe.storage.features import read_features, read_store_manifest
@@ -311,7 +311,7 @@ def index_and_evaluate(
                 else rerank_ranks(method, cfg, x, index, gt, augmented, queries)
             )
             suffix = "" if method == "none" else f"-{method.replace('+', '-')}"
-            np.save(layout.report_dir / f"ranks-{name}{suffix}.npy", ranks)
+            save_npy(layout.report_dir / f"ranks-{name}{suffix}.npy", ranks)
             result = compute_map(ranks, gt.positives, gt.junk, KAPPAS)
             rows.append(
                 {

@@ -257,7 +257,10 @@ def stage_models(cfg: Config) -> SharedModels:
     ecfg = cnn_config(cfg).extract
     if ecfg.descriptors:
         check_backbone(ecfg.backbone, ecfg.weights, ecfg.descriptors)
-    return SharedModels(cnn_config(cfg))
+    models = SharedModels(cnn_config(cfg))
+    if _passes(cfg) == ["cnn"]:  # no local pass to give the CPUs to first: the actors load the model
+        models.get()  # while the shard tasks are set up
+    return models
 
 
 def _stream_local(refs: tuple[InputRef, ...], cfg: Config) -> Iterator[dict]:

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from embedpipe.storage import index_versions
 from embedpipe.storage.errors import InputError, RunFailed
 from embedpipe.storage.features import part_row_counts, read_part, sample_vectors, vectors_of
+from embedpipe.storage.layout import atomic_dir
 from embedpipe.workers import ann
 from embedpipe.workers.progress import Progress
 from embedpipe.workers.whitening import apply_whitening
@@ -168,8 +169,9 @@ def _empty_ids() -> pa.Table:
 def save_version(root: Path, index: faiss.Index, ids: pa.Table) -> Path:
     """Write ``index`` and its ids as a new version under ``root`` and switch CURRENT to it."""
     version = index_versions.new_version(root)
-    ann.write_index(index, version / INDEX_FILE)
-    pq.write_table(ids, version / IDS_FILE)
+    with atomic_dir(version):  # a version that could not be written whole is removed, never published
+        ann.write_index(index, version / INDEX_FILE)
+        pq.write_table(ids, version / IDS_FILE)
     index_versions.publish(root, version)
     return version
 
@@ -241,10 +243,11 @@ def update_store_index(
     next_row = int(pc.max(ids.column("row")).as_py()) + 1 if ids.num_rows else 0
     added = [kept]
     for path, _ in part_row_counts(directory):
-        table, x = part_table(path, 0, transform)
-        fresh = ~pc.is_in(_keys(table), value_set=held).to_numpy(zero_copy_only=False)
+        keys = _keys(read_part(path, ["id", "path"]))  # vectors read only from parts with new rows
+        fresh = ~pc.is_in(keys, value_set=held).to_numpy(zero_copy_only=False)
         if not fresh.any():
             continue
+        table, x = part_table(path, 0, transform)
         rows = np.arange(next_row, next_row + int(fresh.sum()), dtype=np.int64)
         next_row += len(rows)
         index.add_with_ids(np.ascontiguousarray(x[fresh]), rows)

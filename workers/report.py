@@ -23,7 +23,7 @@ from PIL import Image
 from embedpipe.storage.dataset import locations
 from embedpipe.storage.errors import DecodeError
 from embedpipe.storage.features import read_features
-from embedpipe.storage.layout import STAGES, RunLayout
+from embedpipe.storage.layout import STAGES, RunLayout, atomic_path
 from embedpipe.storage.quarantine import read_quarantine
 from embedpipe.storage.sources import read_input
 from embedpipe.workers.metrics import compute_map
@@ -349,6 +349,8 @@ def _evaluation_sections(
 
 
 def write_report(layout: RunLayout, config: Any) -> Path:
-    layout.report_html.write_text(build_report(layout, config))
+    text = build_report(layout, config)
+    with atomic_path(layout.report_html) as tmp:
+        tmp.write_text(text)
     log.info("report: %s", layout.report_html)
     return layout.report_html

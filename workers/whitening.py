@@ -65,9 +65,22 @@ def subspace_drift(old: np.ndarray, new: np.ndarray, dim: int) -> float:
     if not len(new) or half < 2:
         return 0.0
     fit = np.asarray(old[:half], np.float64)
-    model = pca_whitening_from_moments(fit.sum(axis=0), fit.T @ fit, half, dim, 0.0)
-    held = captured_energy(old[half:], model["mean"], model["proj"])
-    return max(0.0, 1.0 - captured_energy(new, model["mean"], model["proj"]) / held) if held > 0 else 0.0
+    mean = fit.mean(axis=0)
+    basis = principal_basis(fit - mean, dim)
+    held = captured_energy(old[half:], mean, basis)
+    return max(0.0, 1.0 - captured_energy(new, mean, basis) / held) if held > 0 else 0.0
+
+
+def principal_basis(xc: np.ndarray, dim: int) -> np.ndarray:
+    """Orthonormal basis (d, D) of the ``dim`` leading principal directions of centred rows xc (n, D),
+    d = min(dim, n - 1, D): from the thin SVD of xc when n <= D (O(n²D), what a reindex of a collection
+    smaller than the descriptor dimension meets), else from the eigenvectors of xcᵀxc (O(nD² + D³))."""
+    n, d_in = xc.shape
+    dim = max(1, min(dim, n - 1, d_in))
+    if n <= d_in:
+        return np.linalg.svd(xc, full_matrices=False)[2][:dim]
+    eigvals, eigvecs = np.linalg.eigh(xc.T @ xc)
+    return eigvecs[:, np.argsort(eigvals)[::-1][:dim]].T
 
 
 def learned_whitening(
