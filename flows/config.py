@@ -135,6 +135,11 @@ class IndexConfig(_Frozen):
     engine: Literal["ray", "local"] = Field(
         "ray", description="fill one index per feature part as Ray tasks, or all in this process"
     )
+    layout: Literal["merged", "ondisk", "sharded"] = Field(
+        "merged",
+        description="how the per-part indices are kept: merged into one index; IVF lists merged into "
+        "one on-disk .ivfdata file (IVF factories only); or one index file per part searched together",
+    )
     budget_bytes_per_vector: int = Field(
         0, ge=0, description="factory 'auto': memory budget of one vector's code; 0 = no limit"
     )
@@ -153,6 +158,14 @@ class IndexConfig(_Frozen):
             return check_factory(v.strip())
         except InputError as err:
             raise ValueError(str(err)) from None
+
+    @model_validator(mode="after")
+    def _ondisk(self) -> IndexConfig:
+        from embedpipe.workers.ann import ONDISK_NEEDS_IVF, is_ivf
+
+        if self.layout == "ondisk" and self.factory != "auto" and not is_ivf(self.factory):
+            raise ValueError(ONDISK_NEEDS_IVF)
+        return self
 
 
 class RerankConfig(_Frozen):

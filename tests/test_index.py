@@ -7,8 +7,9 @@ import pytest
 from embedpipe.flows.config import IndexConfig, RayConfig, load_config
 from embedpipe.storage import index_versions
 from embedpipe.storage.errors import InputError
-from embedpipe.storage.features import FeatureWriter, part_files, sample_vectors
+from embedpipe.storage.features import FeatureWriter, part_files
 from embedpipe.workers import ann
+from embedpipe.workers.dask_jobs import sample_store
 from embedpipe.workers.index_build import (
     add_part,
     build_store_index,
@@ -62,7 +63,7 @@ def ray_cluster():
 
 def _single_process(store, data, cfg, seed=0):
     """Reference: train on the same seeded sample, add every vector at once in one process."""
-    index = ann.train_index(cfg.factory, sample_vectors(store, cfg.train_size, seed), seed)
+    index = ann.train_index(cfg.factory, sample_store(store, cfg.train_size, seed, "threads"), seed)
     index.add_with_ids(data, np.arange(len(data), dtype=np.int64))
     ann.set_search_params(index, cfg.nprobe, cfg.efsearch)
     return index
