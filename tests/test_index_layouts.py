@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from embedpipe.flows.config import Config, FitConfig, IndexConfig, load_config
-from embedpipe.storage.errors import InputError
+from embedpipe.storage.errors import InputError, RunFailed
 from embedpipe.storage.features import (
     feature_schema,
     feature_table,
@@ -31,6 +31,7 @@ from embedpipe.workers.index_build import (
     load_current,
     publish_store_index,
     remove_content_ids,
+    save_layout,
     train_on_store,
     update_store_index,
 )
@@ -310,3 +311,24 @@ def test_ondisk_needs_ivf_one_line():
     assert load_config(sets=["index.layout=ondisk", "index.factory=PCA16,IVF64,PQ8"]).index.layout == "ondisk"
     with pytest.raises(InputError, match="index.layout"):
         load_config(sets=["index.layout=split"])
+
+
+def test_empty_store_in_every_layout(tmp_path):
+    """No vectors: merged and sharded publish an empty index that searches to -1; ondisk (which cannot
+    map an empty file) refuses with one line and publishes nothing."""
+    schema = feature_schema(DIM, {"embedpipe": "{}"})
+    finish_store(tmp_path / "gem", 2, schema, {"descriptor": "gem", "dim": DIM})
+    x = _vectors(300)
+    for layout in ("merged", "sharded", "ondisk"):
+        cfg = IndexConfig(factory="IVF4,Flat", train_size=300, engine="local", layout=layout)
+        parts = []
+        trained = ann.serialize(ann.train_index(cfg.factory, x, 0))
+        if layout == "ondisk":
+            with pytest.raises(RunFailed, match="no vectors to put on disk"):
+                save_layout(tmp_path / layout, parts, trained, layout)
+            assert not (tmp_path / layout).exists()
+            continue
+        save_layout(tmp_path / layout, parts, trained, layout)
+        index, ids, _ = load_current(tmp_path / layout, cfg)
+        assert index.ntotal == 0 and ids.num_rows == 0
+        assert (index.search(x[:2], 3)[1] == -1).all()

@@ -237,10 +237,8 @@ def _write_shards(version: Path, trained: faiss.Index, shards: list[dict], parts
     index beside them (what later shards are filled from) and ``shards.json``."""
     folder = version / SHARDS_DIR
     folder.mkdir(exist_ok=True)
-    named = {s["file"] for s in shards}
     for part, entry in zip(parts, [s for s in shards if not (folder / s["file"]).exists()], strict=True):
         ann.write_index(part, folder / entry["file"])
-    assert named == {p.name for p in folder.glob("shard-*.faiss")}
     if not (version / "trained.faiss").exists():
         ann.write_index(trained, version / "trained.faiss")
     (version / SHARDS_FILE).write_text(json.dumps({"shards": shards}, indent=1) + "\n")
@@ -255,6 +253,8 @@ def save_layout(
     if layout == "ondisk" and ann._ivf(empty) is None:
         raise InputError(ann.ONDISK_NEEDS_IVF)
     indices = [p for p, _ in parts]
+    if layout == "ondisk" and not sum(p.ntotal for p in indices):
+        raise RunFailed("index.layout 'ondisk': no vectors to put on disk (the store is empty)")
     ids = pa.concat_tables([t for _, t in parts]) if parts else _empty_ids()
     if layout == "merged":
         return save_version(root, ann.merge(indices) if indices else empty, ids)
@@ -262,9 +262,11 @@ def save_layout(
     if layout == "ondisk":
         ann.write_ondisk(indices or [empty], version / INDEX_FILE, version / IVFDATA_FILE)
     else:
-        rows = [t.column("row").to_numpy() for _, t in parts]
-        shards = [{"file": _shard_name(i), "rows": [int(r[0]), int(r[-1]) + 1]} for i, r in enumerate(rows)]
-        _write_shards(version, empty, shards, indices)
+        spans = [
+            [int(pc.min(t.column("row")).as_py()), int(pc.max(t.column("row")).as_py()) + 1] for _, t in parts
+        ]
+        shards = [{"file": _shard_name(i), "rows": span} for i, span in enumerate(spans or [[0, 0]])]
+        _write_shards(version, empty, shards, indices or [empty])
     pq.write_table(ids, version / IDS_FILE)
     index_versions.publish(root, version)
     return version
