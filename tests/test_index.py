@@ -171,3 +171,10 @@ def test_hnsw_refuses_removal(data):
     index = ann.build_index(data, "HNSW16")
     with pytest.raises(InputError, match="HNSW"):
         ann.remove_ids(index, np.array([1]))
+
+
+def test_training_sample_on_dask_on_ray(store, ray_cluster):
+    """The index's training sample drawn on the run's Ray cluster (fit.scheduler 'ray') is the one
+    local threads draw."""
+    on_ray = sample_store(store, 700, 4, "ray")
+    assert on_ray.shape == (700, DIM) and on_ray.tobytes() == sample_store(store, 700, 4, "threads").tobytes()
