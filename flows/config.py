@@ -129,7 +129,11 @@ class IndexConfig(_Frozen):
         description="FAISS factory string (Flat, IVF256,Flat, IVF256,PQ32, OPQ32,IVF256,PQ32, HNSW32, LSH, "
         "optionally after PCA<d>), built once to validate it",
     )
-    train_size: int = Field(100_000, ge=1, description="rows sampled (seeded) to train the index")
+    train_size: int = Field(
+        100_000,
+        ge=1,
+        description="rows sampled (seeded, by a Dask job over the store's parts) to train the index",
+    )
     nprobe: int = Field(16, ge=1, description="IVF: inverted lists visited per query")
     efsearch: int = Field(64, ge=1, description="HNSW: search-time candidate list size")
     engine: Literal["ray", "local"] = Field(
