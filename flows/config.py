@@ -140,11 +140,20 @@ class IndexConfig(_Frozen):
         description="FAISS factory string (Flat, IVF256,Flat, IVF256,PQ32, OPQ32,IVF256,PQ32, HNSW32, LSH, "
         "optionally after PCA<d>), built once to validate it",
     )
-    train_size: int = Field(100_000, ge=1, description="rows sampled (seeded) to train the index")
+    train_size: int = Field(
+        100_000,
+        ge=1,
+        description="rows sampled (seeded, by a Dask job over the store's parts) to train the index",
+    )
     nprobe: int = Field(16, ge=1, description="IVF: inverted lists visited per query")
     efsearch: int = Field(64, ge=1, description="HNSW: search-time candidate list size")
     engine: Literal["ray", "local"] = Field(
         "ray", description="fill one index per feature part as Ray tasks, or all in this process"
+    )
+    layout: Literal["merged", "ondisk", "sharded"] = Field(
+        "merged",
+        description="how the per-part indices are kept: merged into one index; IVF lists merged into "
+        "one on-disk .ivfdata file (IVF factories only); or one index file per part searched together",
     )
     budget_bytes_per_vector: int = Field(
         0, ge=0, description="factory 'auto': memory budget of one vector's code; 0 = no limit"
@@ -164,6 +173,14 @@ class IndexConfig(_Frozen):
             return check_factory(v.strip())
         except InputError as err:
             raise ValueError(str(err)) from None
+
+    @model_validator(mode="after")
+    def _ondisk(self) -> IndexConfig:
+        from embedpipe.workers.ann import ONDISK_NEEDS_IVF, is_ivf
+
+        if self.layout == "ondisk" and self.factory != "auto" and not is_ivf(self.factory):
+            raise ValueError(ONDISK_NEEDS_IVF)
+        return self
 
 
 class RerankConfig(_Frozen):

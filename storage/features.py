@@ -225,17 +225,25 @@ def part_row_counts(directory: Path) -> list[tuple[Path, int]]:
     return [(p, pq.ParquetFile(p).metadata.num_rows) for p in part_files(directory)]
 
 
-def sample_vectors(directory: Path, n: int, seed: int) -> np.ndarray:
-    """A seeded uniform sample of ``n`` rows' vectors (all rows when the store has fewer), in store
-    order, read part by part so only the sampled rows are kept."""
-    counts = part_row_counts(directory)
-    total = sum(c for _, c in counts)
-    rows = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
-    out, start = [], 0
-    for path, count in counts:
-        take = rows[(rows >= start) & (rows < start + count)] - start
-        if take.size:
-            out.append(vectors_of(read_part(path, ["descriptor"]))[take])
-        start += count
-    dim = int(read_store_manifest(directory)["dim"])
-    return np.concatenate(out) if out else np.empty((0, dim), np.float32)
+def sample_quotas(counts: list[int], n: int) -> list[int]:
+    """Rows to sample from each part for a sample of ``min(n, total)`` rows, proportional to the part
+    sizes: the floors of ``n * count / total``, then one more row to the parts with the largest
+    remainders (ties: earlier part first). Integer arithmetic only, so every machine agrees."""
+    total = sum(counts)
+    n = min(n, total)
+    if not n:
+        return [0] * len(counts)
+    quotas = [n * c // total for c in counts]
+    remainders = [n * c % total for c in counts]
+    order = sorted(range(len(counts)), key=lambda i: (-remainders[i], i))
+    for i in order[: n - sum(quotas)]:
+        quotas[i] += 1
+    return quotas
+
+
+def sample_part(path: Path, take: int, seed: int, part: int) -> np.ndarray:
+    """``take`` rows of one part file drawn without replacement by the generator seeded with
+    (``seed``, ``part``), kept in the part's order -> (take, dim) float32; only those rows are kept."""
+    x = vectors_of(read_part(path, ["descriptor"]))
+    rows = np.sort(np.random.default_rng([seed, part]).choice(len(x), size=take, replace=False))
+    return np.ascontiguousarray(x[rows])

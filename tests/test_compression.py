@@ -122,3 +122,32 @@ def test_borrowed_whitening_errors(flat_run, tmp_path):
         borrowed_whitening(source, "spoc", 1280)
     with pytest.raises(InputError, match="1280-dim 'gem' descriptors, this run's are 512-dim"):
         borrowed_whitening(source, "gem", 512)
+
+
+@pytest.mark.parametrize(
+    "layout, factory", [("sharded", COMPRESSED), ("ondisk", "PCA64,IVF4,PQ64x4")], ids=["sharded", "ondisk"]
+)
+def test_index_layouts_in_a_run(flat_run, demo_images, layout, factory):
+    """index.layout in a real run: the index is written in the layout and evaluation searches it; its
+    rankings are those of the same index built in one piece (the store's 106 rows, fewer than
+    index.train_size, are the training sample; nprobe covers every list)."""
+    from embedpipe.storage.features import read_features
+    from embedpipe.workers.ann import build_index, search, set_search_params
+    from embedpipe.workers.protocols import holidays
+
+    run, _ = flat_run
+    sets = ["--set", f"index.factory={factory}", "--set", f"index.layout={layout}", "--set", "index.nprobe=4"]
+    out = embedpipe("run", "--images", demo_images, "--out", run, *ARGS, *sets)
+    assert out.returncode == 0, out.stderr[-4000:]
+    rows = json.loads((run / "report" / "metrics.json").read_text())["results"]
+    row = next(r for r in rows if r["post"] == "l2")
+    assert row["index"] == factory and row["bytes_per_vector"] == 32
+    live = (run / "index" / "gem-l2" / "CURRENT").read_text().strip()
+    files = {p.name for p in (run / "index" / "gem-l2" / live).iterdir()}
+    assert files >= ({"shards", "shards.json"} if layout == "sharded" else {"index.faiss", "lists.ivfdata"})
+    meta, x = read_features(run / "features" / "gem")
+    gt = holidays(meta.column("path").to_pylist())
+    ref = build_index(x, factory, seed=0)
+    set_search_params(ref, 4, 64)
+    want = search(ref, x[gt.queries], ref.ntotal)[1]
+    assert np.array_equal(np.load(run / "report" / "ranks-gem-l2.npy"), want)

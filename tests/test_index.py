@@ -7,8 +7,9 @@ import pytest
 from embedpipe.flows.config import IndexConfig, RayConfig, load_config
 from embedpipe.storage import index_versions
 from embedpipe.storage.errors import InputError
-from embedpipe.storage.features import FeatureWriter, part_files, sample_vectors
+from embedpipe.storage.features import FeatureWriter, part_files
 from embedpipe.workers import ann
+from embedpipe.workers.dask_jobs import sample_store
 from embedpipe.workers.index_build import (
     add_part,
     build_store_index,
@@ -62,7 +63,7 @@ def ray_cluster():
 
 def _single_process(store, data, cfg, seed=0):
     """Reference: train on the same seeded sample, add every vector at once in one process."""
-    index = ann.train_index(cfg.factory, sample_vectors(store, cfg.train_size, seed), seed)
+    index = ann.train_index(cfg.factory, sample_store(store, cfg.train_size, seed, "threads"), seed)
     index.add_with_ids(data, np.arange(len(data), dtype=np.int64))
     ann.set_search_params(index, cfg.nprobe, cfg.efsearch)
     return index
@@ -170,3 +171,10 @@ def test_hnsw_refuses_removal(data):
     index = ann.build_index(data, "HNSW16")
     with pytest.raises(InputError, match="HNSW"):
         ann.remove_ids(index, np.array([1]))
+
+
+def test_training_sample_on_dask_on_ray(store, ray_cluster):
+    """The index's training sample drawn on the run's Ray cluster (fit.scheduler 'ray') is the one
+    local threads draw."""
+    on_ray = sample_store(store, 700, 4, "ray")
+    assert on_ray.shape == (700, DIM) and on_ray.tobytes() == sample_store(store, 700, 4, "threads").tobytes()

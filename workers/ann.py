@@ -8,6 +8,11 @@ are wrapped in ``IndexIDMap2``; IVF indices store ids in their inverted lists.
 Sharded build (faiss contrib style): ``train_index`` once on a sample, ``serialize`` the empty trained
 index, ``fill`` one copy per shard with that shard's rows and ids, then ``merge`` the copies in shard
 order; the result equals a single-process build that adds the rows in the same order.
+
+Layouts of a built index: one merged index; the IVF lists of every shard merged into one on-disk file
+(``write_ondisk``, faiss's ``OnDiskInvertedLists``; the ``.ivfdata`` file next to the index file); or
+the shard indices kept apart and searched together (``shards_of``, a ``faiss.IndexShards`` that keeps
+each shard's ids and merges the per-shard top-k).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ log = logging.getLogger("embedpipe.index")
 # below this many vectors (or query x database pairs) FAISS runs on one thread: OpenMP start-up and
 # spinning cost more than they save on small problems, and much more on a busy machine
 SMALL_WORK = 20_000
+
+ONDISK_NEEDS_IVF = "index.layout 'ondisk' needs an IVF factory (e.g. IVF1024,PQ32): its lists go on disk"
 
 # a dimension divisible by every usual PQ/PCA/OPQ size, used to check a factory string's syntax
 CHECK_DIM = 3840
@@ -66,6 +73,11 @@ def check_factory(factory: str) -> str:
     """Validate a factory string by building it (config time: the real dimension is not known yet)."""
     make_index(factory, CHECK_DIM)
     return factory
+
+
+def is_ivf(factory: str) -> bool:
+    """Whether ``factory`` builds an inverted-file index."""
+    return _ivf(make_index(factory, CHECK_DIM)) is not None
 
 
 def _ivf(index: faiss.Index) -> faiss.IndexIVF | None:
@@ -181,8 +193,51 @@ def build_index(vectors: np.ndarray, factory: str = "Flat", seed: int = 0) -> fa
         return fill(serialize(train_index(factory, x, seed)), x, np.arange(len(x), dtype=np.int64))
 
 
+def shards_of(parts: list[faiss.Index]) -> faiss.IndexShards:
+    """The shard indices searched as one: queries go to every shard in turn and the top-k lists are
+    merged by score; ids are the shards' own (``successive_ids`` off), and the shards stay owned by
+    Python (the wrapper keeps references to them, ``own_indices`` stays off)."""
+    shards = faiss.IndexShards(int(parts[0].d), False, False)  # not threaded, ids as stored
+    for part in parts:
+        shards.add_shard(part)
+    return shards
+
+
+def members(index: faiss.Index) -> list[faiss.Index]:
+    """The shards of an ``IndexShards``, or the index itself."""
+    if isinstance(index, faiss.IndexShards):
+        return [faiss.downcast_index(index.at(i)) for i in range(index.count())]
+    return [index]
+
+
+def write_ondisk(parts: list[faiss.Index], path: Path, ivfdata: Path) -> None:
+    """Merge the inverted lists of the filled IVF shard indices ``parts`` (same trained index, shard
+    order) into one on-disk file ``ivfdata`` and write the index that reads them to ``path``. Lists keep
+    the shard order, so the result searches like ``merge(parts)``."""
+    ivfs = [_ivf(p) for p in parts]
+    if any(ivf is None for ivf in ivfs):
+        raise InputError(ONDISK_NEEDS_IVF)
+    out = deserialize(serialize(parts[0]))
+    out.reset()  # trained, empty; the lists come from every shard
+    out_ivf = _ivf(out)
+    lists = faiss.OnDiskInvertedLists(out_ivf.nlist, out_ivf.code_size, str(ivfdata))
+    sources = faiss.InvertedListsPtrVector()
+    for ivf in ivfs:
+        sources.push_back(ivf.invlists)
+    ntotal = lists.merge_from_multiple(sources.data(), sources.size(), False)
+    out_ivf.replace_invlists(lists, True)
+    lists.this.disown()  # owned by out_ivf now
+    out.ntotal = out_ivf.ntotal = ntotal
+    write_index(out, path)
+
+
 def set_search_params(index: faiss.Index, nprobe: int, efsearch: int) -> None:
-    """nprobe for IVF indices, efSearch for HNSW; other index types have neither."""
+    """nprobe for IVF indices, efSearch for HNSW (every shard of an ``IndexShards``); other index types
+    have neither."""
+    if isinstance(index, faiss.IndexShards):
+        for part in members(index):
+            set_search_params(part, nprobe, efsearch)
+        return
     ivf = _ivf(index)
     if ivf is not None:
         ivf.nprobe = min(nprobe, ivf.nlist)
@@ -194,6 +249,7 @@ def set_search_params(index: faiss.Index, nprobe: int, efsearch: int) -> None:
 def bytes_per_vector(index: faiss.Index) -> int:
     """Storage of one database vector in the index: its code (HNSW: plus its level-0 links; ids and
     IVF list overhead not counted)."""
+    index = members(index)[0]
     ivf = _ivf(index)
     if ivf is not None:
         return int(ivf.code_size)
@@ -222,8 +278,11 @@ def write_index(index: faiss.Index, path: Path) -> None:
             raise OSError(str(err).rsplit("(", 1)[-1].rstrip(")")) from err
 
 
-def read_index(path: Path) -> faiss.Index:
-    return faiss.read_index(str(path))
+def read_index(path: Path, ondisk: bool = False) -> faiss.Index:
+    """Read an index file; ``ondisk``: its on-disk lists are the ``.ivfdata`` file in the same folder
+    (wherever the folder was moved; the file also records its absolute path for other readers). The
+    index file itself is read into memory: mapping it (``IO_FLAG_MMAP``) is not used for these."""
+    return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR if ondisk else 0)
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -235,6 +294,9 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
 def codes_of(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
     """All (ids, codes) of an index in storage order (inverted list by list for IVF): for comparing two
     builds code for code."""
+    if isinstance(index, faiss.IndexShards):
+        got = [codes_of(part) for part in members(index)]
+        return np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
     ivf = _ivf(index)
     if ivf is not None:
         invlists = ivf.invlists

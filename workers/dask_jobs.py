@@ -1,4 +1,5 @@
-"""Dask jobs over the Parquet feature store: out-of-core moments for PCA/whitening.
+"""Dask jobs over the Parquet feature store: out-of-core moments for PCA/whitening, the seeded training
+sample of the FAISS index (PQ/OPQ/IVF), codebook samples and encodings.
 
 The store is read as a Dask array with one block per part file (one delayed Parquet read each), so the
 fit never holds more than a few parts in memory. The scheduler is Dask-on-Ray (the run's Ray cluster),
@@ -21,7 +22,15 @@ import pyarrow.parquet as pq
 
 from embedpipe.storage.artifacts import load_npz, save_npz
 from embedpipe.storage.errors import RunFailed
-from embedpipe.storage.features import part_files, read_part, read_store_manifest, vectors_of
+from embedpipe.storage.features import (
+    part_files,
+    part_row_counts,
+    read_part,
+    read_store_manifest,
+    sample_part,
+    sample_quotas,
+    vectors_of,
+)
 from embedpipe.storage.layout import RunLayout, atomic_path
 from embedpipe.storage.local_features import write_manifest
 from embedpipe.workers.whitening import pca_whitening_from_moments
@@ -116,6 +125,42 @@ def store_moments(directory: Path, scheduler: str, address: str | None = None) -
     with dask_scheduler(scheduler, address) as kwargs:
         (moments,) = dask.compute(level[0], **kwargs)
     return moments
+
+
+def _usable(scheduler: str) -> str:
+    """``scheduler``, or local threads in place of Dask-on-Ray when this process runs no Ray session
+    (the sample does not depend on the scheduler, so nothing but the place of the work changes)."""
+    if scheduler == "ray":
+        import ray
+
+        if not ray.is_initialized():
+            log.debug("no Ray session: Dask job on local threads")
+            return "threads"
+    return scheduler
+
+
+def sample_store(
+    directory: Path, n: int, seed: int, scheduler: str, address: str | None = None
+) -> np.ndarray:
+    """Dask job: a seeded sample of ``min(n, rows)`` vectors of the store -> (n, dim) float32.
+
+    Each part gives rows in proportion to its size (``sample_quotas``), drawn by a generator seeded
+    with (``seed``, part number) in one Dask task that reads that part alone and returns only its rows;
+    the blocks are concatenated in part order. Same store and seed -> the same bytes, whatever the
+    scheduler or the number of workers; memory holds the sample and the parts being read."""
+    counts = part_row_counts(directory)
+    quotas = sample_quotas([c for _, c in counts], n)
+    tasks = [
+        dask.delayed(sample_part)(str(path), take, seed, part)
+        for part, ((path, _), take) in enumerate(zip(counts, quotas, strict=True))
+        if take
+    ]
+    if not tasks:
+        dim = int(read_store_manifest(directory)["dim"])
+        return np.empty((0, dim), np.float32)
+    with dask_scheduler(_usable(scheduler), address) as kwargs:
+        blocks = dask.compute(*tasks, **kwargs)
+    return np.concatenate(blocks)
 
 
 def fit_pca_whitening(directory: Path, cfg: FitConfig) -> tuple[dict[str, np.ndarray], int]:

@@ -162,6 +162,26 @@ def generate_eval(root: Path, seed: int = 0) -> DemoInfo:
     return _generate(root, seed, "eval", EVAL_QUERY_PHOTOS, EVAL_DISTRACTOR_PHOTOS, EVAL_COMPOUND, EVAL_FACES)
 
 
+# A larger collection in the same layout, for what needs more vectors than the demo has (training 8-bit PQ
+# sub-quantizers: 256 centroids each): the demo's and the evaluation collection's query photos in the six
+# transforms (12 groups), LARGE_CROPS crops of every distractor photo of both, and LARGE_FACES LFW faces.
+LARGE_CROPS = 16
+LARGE_FACES = 100
+
+
+def generate_large(root: Path, seed: int = 0) -> DemoInfo:
+    """Write the larger collection under ``root`` (12 queries, 504 images; see ``LARGE_CROPS``)."""
+    return _generate(
+        root,
+        seed,
+        "large",
+        QUERY_PHOTOS + EVAL_QUERY_PHOTOS,
+        DISTRACTOR_PHOTOS + EVAL_DISTRACTOR_PHOTOS,
+        faces=LARGE_FACES,
+        crops=LARGE_CROPS,
+    )
+
+
 def compound(img: Image.Image, kinds: tuple[str, ...], rng: np.random.Generator) -> tuple[Image.Image, int]:
     """Several ``transform``s in turn; saved with the lowest JPEG quality among them."""
     quality = 95
@@ -185,7 +205,14 @@ def _faces(n: int) -> list[Image.Image]:
 
 
 def _generate(
-    root: Path, seed: int, kind: str, queries, distractors, compounds=(), faces: int = 0
+    root: Path,
+    seed: int,
+    kind: str,
+    queries,
+    distractors,
+    compounds=(),
+    faces: int = 0,
+    crops: int = CROPS_PER_DISTRACTOR,
 ) -> DemoInfo:
     root = Path(root)
     stamp = root / ".demo.json"  # hidden: inputs are the visible files
@@ -208,8 +235,8 @@ def _generate(
     for d, (package, name) in enumerate(distractors):
         photo = load_photo(package, name)
         rng = np.random.default_rng([seed, 1000 + d])
-        for c in range(CROPS_PER_DISTRACTOR):
-            imno = 200001 + 100 * (d * CROPS_PER_DISTRACTOR + c)  # imno % 100 == 1: never a query
+        for c in range(crops):
+            imno = 200001 + 100 * (d * crops + c)  # imno % 100 == 1: never a query
             files[f"{imno:06d}.jpg"] = _jpeg_bytes(_random_crop(photo, rng, 0.6, 0.9), 90)
     for f, face in enumerate(_faces(faces)):
         files[f"{300001 + 100 * f:06d}.jpg"] = _jpeg_bytes(face, 90)

@@ -24,9 +24,9 @@ from embedpipe.workers.choose import choose_index
 from embedpipe.workers.index_build import (
     StoreOrderIndex,
     Transform,
-    build_store_index,
+    index_layout,
     new_rows,
-    save_version,
+    publish_store_index,
     update_store_index,
 )
 from embedpipe.workers.inputs import ground_truth_path
@@ -248,23 +248,27 @@ def variant_index(
 ) -> tuple[faiss.Index, Any, str]:
     """The variant's index as (the live FAISS index, what evaluation searches, its index string).
 
-    ``incremental`` with a live version: that index brought up to date with the store (gone rows removed,
-    new rows added, no retraining), searched in store order. Otherwise trained and filled from the store.
-    Either way published as a new version."""
+    ``incremental`` with a live version in ``index.layout``: that index brought up to date with the
+    store (gone rows removed, new rows added, no retraining), searched in store order. Otherwise
+    trained (on a Dask-drawn sample, on the fit's scheduler) and filled from the store. Either way
+    published as a new version."""
     name, store = f"{descriptor}-{post}", layout.feature_dir(descriptor)
+    root = layout.index_dir(name)
     transform = variant_transform(layout, descriptor, post)
-    if incremental and index_versions.current(layout.index_dir(name)) is not None:
+    live_version = index_versions.current(root)
+    if incremental and live_version is not None and index_layout(live_version) != cfg.index.layout:
+        log.info("index %s: layout changed to %s, rebuilt", name, cfg.index.layout)
+    elif incremental and live_version is not None:
         try:
-            live, ids, added, removed = update_store_index(layout.index_dir(name), store, transform)
-        except InputError as err:  # e.g. HNSW cannot remove: rebuilt below
+            live, ids, added, removed = update_store_index(root, store, transform)
+        except InputError as err:  # e.g. HNSW cannot remove, on-disk lists are not updated: rebuilt below
             log.warning("index %s: %s", name, err)
         else:
             set_search_params(live, cfg.index.nprobe, cfg.index.efsearch)
             log.info("index %s: %d added, %d removed, no retraining", name, added, removed)
             factory = _previous_factory(layout, descriptor, post, cfg.index.factory)
             return live, StoreOrderIndex(live, ids, store), factory
-    index, ids = build_store_index(store, cfg.index, cfg.seed, transform)
-    save_version(layout.index_dir(name), index, ids)
+    index, _, _ = publish_store_index(root, store, cfg.index, cfg.seed, transform, cfg.fit)
     return index, index, cfg.index.factory
 
 
