@@ -33,7 +33,7 @@ from embedpipe.workers.inputs import ground_truth_path
 from embedpipe.workers.metrics import compute_map, few_shot_accuracy, ns_score, precision_at_k
 from embedpipe.workers.protocols import BENCHMARK_PROTOCOLS, GroundTruth, benchmark_layout, ground_truth
 from embedpipe.workers.rerank import alpha_qe, dba, drop_excluded
-from embedpipe.workers.whitening import apply_whitening, subspace_drift
+from embedpipe.workers.whitening import apply_whitening, learned_whitening_file, subspace_drift
 
 if TYPE_CHECKING:
     from embedpipe.flows.config import Config
@@ -96,9 +96,9 @@ def _learned_whitening(
     marked with a ``learned`` flag so its rows are named ``lw<dim>``."""
     info = json.loads((ft_dir / "backbone.json").read_text())
     if backbone == info.get("base"):
-        path = ft_dir / f"whitening-{descriptor}-base.npz"
+        path = ft_dir / learned_whitening_file(descriptor, base=True)
     elif not backbone or Path(backbone).resolve() == ft_dir.resolve():
-        path = ft_dir / f"whitening-{descriptor}.npz"
+        path = ft_dir / learned_whitening_file(descriptor)
     else:
         raise InputError(
             f"fit.from_run: {ft_dir} learned whitening for its fine-tuned backbone and for "

@@ -37,6 +37,7 @@ from embedpipe.workers.ray_stages import (
     iterate_results,
     ray_session,
     read_row,
+    row_rotation,
 )
 
 if TYPE_CHECKING:
@@ -87,8 +88,7 @@ def ingest_batch(batch: dict[str, np.ndarray], max_side: int, cfg: Config) -> di
         try:
             data = reads[i].result()
             sizes[i], ids[i] = len(data), content_id(data)
-            rotate = int(batch["rotate"][i]) if "rotate" in batch else 0
-            exif = cfg.ingest.exif_orientation
+            rotate, exif = row_rotation(batch, i), cfg.ingest.exif_orientation
             image, (width[i], height[i]) = decode_pil(data, max_side, cfg.ingest.max_pixels, exif, rotate)
             if max(width[i], height[i]) <= max_side and exif and not rotate:
                 payloads[i], exts[i] = data, _extension(data)

@@ -209,6 +209,11 @@ def read_row(batch: dict[str, np.ndarray], i: int, ingest: IngestConfig) -> byte
     )
 
 
+def row_rotation(batch: dict[str, np.ndarray], i: int) -> int:
+    """Row ``i``'s orientation correction in degrees clockwise (the ``rotate`` of ``input_items``)."""
+    return int(batch["rotate"][i]) if "rotate" in batch else 0
+
+
 def decode_batch(batch: dict[str, np.ndarray], max_side: int, ingest: IngestConfig) -> dict[str, np.ndarray]:
     """Read, hash and decode each input. Bad inputs keep their row with ``error`` set, never raise."""
     n = len(batch["path"])
@@ -225,7 +230,7 @@ def decode_batch(batch: dict[str, np.ndarray], max_side: int, ingest: IngestConf
                 box = tuple(batch["bbox"][i])
                 array, (width[i], height[i]) = decode_query_crop(data, max_side, box, ingest.max_pixels, exif)
             else:
-                rotate = int(batch["rotate"][i]) if "rotate" in batch else 0
+                rotate = row_rotation(batch, i)
                 array, (width[i], height[i]) = decode_image(data, max_side, ingest.max_pixels, exif, rotate)
             h[i], w[i] = array.shape[:2]
             pixels[i] = array.tobytes()

@@ -48,8 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("embedpipe.train")
 
 STATE_FILE = "train_state.pt"
-# learned whitening of GeM vectors from the training pairs: the adapted model's, the off-the-shelf base's
-LEARNED_WHITENING = ("whitening-gem.npz", "whitening-gem-base.npz")
 RUN_NAME = "ray-train"
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -472,7 +470,7 @@ def write_backbone(ft_dir: Path, model_state: dict, cfg: Config, refs, mining: s
     fitted on the last epoch's (query, positive) pairs."""
     from embedpipe.storage.artifacts import save_npz
     from embedpipe.storage.layout import write_json_atomic
-    from embedpipe.workers.whitening import learned_whitening
+    from embedpipe.workers.whitening import learned_whitening, learned_whitening_file
 
     model, spec = build_model(cfg)
     model.load_state_dict(model_state)
@@ -486,7 +484,7 @@ def write_backbone(ft_dir: Path, model_state: dict, cfg: Config, refs, mining: s
         torch.set_num_threads(1)  # see worker_plan: one thread is fastest on a shared host
         images = load_images(refs, cfg.finetune.max_side, cfg)
         q, p = training_pairs(ft_dir)
-        whitening, whitening_base = LEARNED_WHITENING
+        whitening, whitening_base = learned_whitening_file("gem"), learned_whitening_file("gem", base=True)
         for net, name in ((model, whitening), (build_model(cfg)[0], whitening_base)):
             vectors = embed_images(net, images, spec, "cpu")
             arrays = learned_whitening(vectors, q, p, cfg.finetune.whiten_dim, cfg.finetune.whiten_shrinkage)

@@ -83,6 +83,12 @@ def principal_basis(xc: np.ndarray, dim: int) -> np.ndarray:
     return eigvecs[:, np.argsort(eigvals)[::-1][:dim]].T
 
 
+def learned_whitening_file(descriptor: str, base: bool = False) -> str:
+    """Where a fine-tuned folder keeps the learned whitening of ``descriptor``: fitted on the fine-tuned
+    model's vectors, or (``base``) on the off-the-shelf model's it started from."""
+    return f"whitening-{descriptor}{'-base' if base else ''}.npz"
+
+
 def learned_whitening(
     x: np.ndarray, qidx: np.ndarray, pidx: np.ndarray, dim: int, shrinkage: float
 ) -> dict[str, np.ndarray]:
