@@ -59,6 +59,12 @@ class ExtractConfig(_Frozen):
         "fp32", description="autocast dtype of the forward pass"
     )
     batch_size: int = Field(8, ge=1, description="images per batch between Ray stages")
+    forward_batch: int = Field(
+        0,
+        ge=0,
+        description="images of one shape stacked into one forward pass (aspect-ratio buckets, no "
+        "padding); 0: batch_size on a GPU, 1 on a CPU (where stacking large images is slower)",
+    )
     shard_size: int = Field(256, ge=1, description="images per Parquet part file")
     actors: int = Field(0, ge=0, description="model actors; 0 derives it from the cluster's CPUs")
     torch_threads: int = Field(0, ge=0, description="torch threads per actor; 0 derives it")

@@ -145,3 +145,61 @@ def test_weights_from_the_library_cache(tmp_path, monkeypatch):
     trunk, _ = load_backbone("torchvision:resnet18", "cache")
     assert torch.equal(trunk[0].weight, model.conv1.weight)
     assert load_config(sets=["extract.weights=cache"]).extract.weights == "cache"
+
+
+def test_shape_buckets_group_equal_shapes_without_padding():
+    from embedpipe.workers.embed import shape_buckets
+
+    shapes = [(4, 6, 3), (6, 4, 3), (4, 6, 3), (4, 6, 3), (5, 5, 3), (6, 4, 3), (4, 6, 3)]
+    assert shape_buckets(shapes, 3) == [[0, 2, 3], [6], [1, 5], [4]]
+    assert shape_buckets(shapes, 1) == [[i] for i in (0, 2, 3, 6, 1, 5, 4)]
+    assert shape_buckets([], 4) == []
+
+
+def test_embed_many_stacks_each_shape_and_matches_one_image_at_a_time(demo_images):
+    photo = np.asarray(Image.open(demo_images / "100000.jpg").convert("RGB"))
+    crops = [(0, 200, 0, 300), (0, 300, 0, 200), (40, 240, 10, 310), (0, 160, 0, 240), (50, 350, 0, 200)]
+    crops += [(20, 220, 30, 330)]
+    images = [np.ascontiguousarray(photo[a:b, c:d]) for a, b, c, d in crops]
+    cfg = ExtractConfig(descriptors=("gem", "spoc", "rmac"), scales=(1.0, 0.5), forward_batch=4)
+    stacked, alone = Embedder(cfg), Embedder(cfg.model_copy(update={"forward_batch": 1}))
+    sizes: list[int] = []
+    hook = stacked.model.register_forward_hook(lambda _m, args, _out: sizes.append(args[0].shape[0]))
+    many = stacked.embed_many(images)
+    # one forward per scale and shape: 3 of 200x300, 2 of 300x200, 1 of 160x240
+    assert sizes == [3, 3, 2, 2, 1, 1]
+    hook.remove()
+    again = stacked.embed_many(images)
+    for image, got, got_again in zip(images, many, again, strict=True):
+        ref = alone(image)
+        for name in ("gem", "spoc", "rmac"):
+            assert np.array_equal(got[name], got_again[name]), name  # same buckets, same bytes
+            assert np.allclose(got[name], ref[name], rtol=0, atol=1e-6), name  # no padding effects
+
+
+def test_model_actor_gives_the_error_to_the_image_the_model_cannot_take(alexnet_weights, demo_images):
+    from embedpipe.workers.ray_stages import EmbedActor
+
+    path, _ = alexnet_weights
+    cfg = ExtractConfig(backbone="torchvision:alexnet", weights=path, descriptors=("gem",), forward_batch=8)
+    photo = np.asarray(Image.open(demo_images / "100100.jpg").convert("RGB"))
+    images = [photo[:180, :240], photo[:10, :10], photo[20:200, :240]]  # alexnet cannot pool a 10x10 map
+    batch = {
+        "pos": np.arange(3),
+        "path": np.array(["a.jpg", "tiny.jpg", "b.jpg"], dtype=object),
+        "id": np.array(["a", "t", "b"], dtype=object),
+        "bytes": np.array([1, 1, 1]),
+        "width": np.array([im.shape[1] for im in images]),
+        "height": np.array([im.shape[0] for im in images]),
+        "h": np.array([im.shape[0] for im in images]),
+        "w": np.array([im.shape[1] for im in images]),
+        "pixels": np.array([np.ascontiguousarray(im).tobytes() for im in images], dtype=object),
+        "error": np.array(["", "", ""], dtype=object),
+    }
+    out = EmbedActor(cfg, threads=1)(batch)  # a batch decoded by the decode stage
+    assert out["error"][0] == "" and out["error"][2] == ""
+    assert out["error"][1].startswith("model failed on image:")
+    emb = Embedder(cfg)
+    assert np.array_equal(out["d_gem"][0], emb(np.ascontiguousarray(images[0]))["gem"])
+    assert np.array_equal(out["d_gem"][2], emb(np.ascontiguousarray(images[2]))["gem"])
+    assert not out["d_gem"][1].any()

@@ -57,12 +57,16 @@ def test_bench_extract_writes_side_by_side_json(tmp_path, small_holidays):
         "1,2",
         "--set",
         "extract.max_side=256",
+        "--set",
+        "extract.forward_batch=4",
         "--json",
         tmp_path / "b.json",
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["name"] == "extract" and result["n_images"] == 6
+    assert result["device"] == "cpu" and result["forward_batch"] == 4
+    assert 1 <= result["images_per_forward"] <= 4
     for side in ("ours", "baseline"):
         assert result[side]["time_s"] > 0 and result[side]["failed"] == 0
     assert 0 < result["ours"]["first_batch_s"] <= result["ours"]["time_s"]

@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from embedpipe.storage.errors import DecodeError
 from embedpipe.storage.sources import InputRef, read_input
 from embedpipe.workers.decode import decode_image, target_size
-from embedpipe.workers.embed import Embedder
+from embedpipe.workers.embed import Embedder, shape_buckets
 from embedpipe.workers.progress import Progress
 from embedpipe.workers.ray_stages import (
     cluster_cpus,
@@ -36,22 +36,27 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def plain_loop(paths: list[InputRef], embedder: Embedder, cfg: Config, label: str) -> tuple[float, int]:
-    """Baseline: one process, read + decode + forward + pool each image in turn, torch on every core.
-    Returns (seconds, failed inputs)."""
+def plain_loop(paths: list[InputRef], embedder: Embedder, cfg: Config, label: str) -> tuple[float, int, int]:
+    """Baseline: one process, torch on every core; per batch of ``extract.batch_size``, read + decode
+    each image, then forward + pool them as ours does (same-shape images stacked up to
+    ``forward_batch``). Returns (seconds, failed inputs, forward passes)."""
     start = time.perf_counter()
     progress = Progress(label, len(paths), log)
-    failed = 0
-    for ref in paths:
-        try:
-            data = read_input(ref.uri, ref.offset, ref.length, cfg.ingest.timeout_s, cfg.ingest.retries)
-            image, _ = decode_image(data, cfg.extract.max_side, cfg.ingest.max_pixels)
-            embedder(image)
-        except DecodeError:
-            failed += 1
-        progress.update(1)
+    failed = forwards = 0
+    size = cfg.extract.batch_size
+    for k in range(0, len(paths), size):
+        images = []
+        for ref in paths[k : k + size]:
+            try:
+                data = read_input(ref.uri, ref.offset, ref.length, cfg.ingest.timeout_s, cfg.ingest.retries)
+                images.append(decode_image(data, cfg.extract.max_side, cfg.ingest.max_pixels)[0])
+            except DecodeError:
+                failed += 1
+        embedder.embed_many(images)
+        forwards += len(shape_buckets([im.shape for im in images], embedder.forward_batch))
+        progress.update(len(paths[k : k + size]))
     progress.finish()
-    return time.perf_counter() - start, failed
+    return time.perf_counter() - start, failed, forwards
 
 
 def _timed_stream(paths: list[InputRef], cfg: Config, label: str) -> dict[str, Any]:
@@ -93,7 +98,8 @@ def bench_extract(paths: list[InputRef], cfg: Config, sweep: list[int] | None = 
     embedder = Embedder(cfg.extract, threads=os.cpu_count() or 1)
     load_s = time.perf_counter() - t0
     half = len(paths) // 2
-    first_s, failed_1 = plain_loop(paths[:half], embedder, cfg, "bench baseline (1st half)")
+    half -= half % cfg.extract.batch_size  # both halves batched as ours is
+    first_s, failed_1, forwards_1 = plain_loop(paths[:half], embedder, cfg, "bench baseline (1st half)")
     start = time.perf_counter()
     with ray_session(cfg.ray):
         startup = time.perf_counter() - start
@@ -102,7 +108,7 @@ def bench_extract(paths: list[InputRef], cfg: Config, sweep: list[int] | None = 
         for actors in sweep or []:
             swept = cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"actors": actors})})
             runs.append(_timed_stream(paths, swept, f"bench sweep actors={actors}"))
-    second_s, failed_2 = plain_loop(paths[half:], embedder, cfg, "bench baseline (2nd half)")
+    second_s, failed_2, forwards_2 = plain_loop(paths[half:], embedder, cfg, "bench baseline (2nd half)")
     total = load_s + first_s + second_s
     baseline = {
         "time_s": round(total, 3),
@@ -122,6 +128,9 @@ def bench_extract(paths: list[InputRef], cfg: Config, sweep: list[int] | None = 
         "max_side": cfg.extract.max_side,
         "descriptors": list(cfg.extract.descriptors),
         "cpus": os.cpu_count(),
+        "device": embedder.device,
+        "forward_batch": embedder.forward_batch,
+        "images_per_forward": round((len(paths) - failed_1 - failed_2) / max(1, forwards_1 + forwards_2), 3),
         "ours": ours,
         "baseline": baseline,
         "ratio": round(baseline["time_s"] / ours["time_s"], 4),

@@ -169,16 +169,18 @@ LARGE_CROPS = 16
 LARGE_FACES = 100
 
 
-def generate_large(root: Path, seed: int = 0) -> DemoInfo:
-    """Write the larger collection under ``root`` (12 queries, 504 images; see ``LARGE_CROPS``)."""
+def generate_large(root: Path, seed: int = 0, crops: int = LARGE_CROPS) -> DemoInfo:
+    """Write the larger collection under ``root`` (12 queries, 184 + 20 x ``crops`` images: 504 by
+    default; see ``LARGE_CROPS``). More crops make a collection of any size for timing (``bench
+    reindex``): each crop is a distinct image of its own."""
     return _generate(
         root,
         seed,
-        "large",
+        "large" if crops == LARGE_CROPS else f"large-{crops}",
         QUERY_PHOTOS + EVAL_QUERY_PHOTOS,
         DISTRACTOR_PHOTOS + EVAL_DISTRACTOR_PHOTOS,
         faces=LARGE_FACES,
-        crops=LARGE_CROPS,
+        crops=crops,
     )
 
 
@@ -238,8 +240,9 @@ def _generate(
         for c in range(crops):
             imno = 200001 + 100 * (d * crops + c)  # imno % 100 == 1: never a query
             files[f"{imno:06d}.jpg"] = _jpeg_bytes(_random_crop(photo, rng, 0.6, 0.9), 90)
+    first_face = 300001 + 100 * max(0, len(distractors) * crops - 1000)  # after the crops' numbers
     for f, face in enumerate(_faces(faces)):
-        files[f"{300001 + 100 * f:06d}.jpg"] = _jpeg_bytes(face, 90)
+        files[f"{first_face + 100 * f:06d}.jpg"] = _jpeg_bytes(face, 90)
     for old in root.glob("*.jpg"):
         if old.name not in files:
             old.unlink()

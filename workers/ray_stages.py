@@ -299,22 +299,36 @@ class EmbedActor:
         n = len(batch["path"])
         out = {name: np.zeros((n, dim), np.float32) for name, dim in self.embedder.dims().items()}
         errors = batch["error"].copy()
-        for i in range(n):
-            if errors[i]:
-                continue
-            image = np.frombuffer(batch["pixels"][i], np.uint8).reshape(
-                int(batch["h"][i]), int(batch["w"][i]), 3
-            )
-            try:
-                vectors = self.embedder(image)
-            except RuntimeError as err:  # e.g. an image too small for the network's strides
-                errors[i] = f"model failed on image: {str(err).splitlines()[0]}"
+        rows = [i for i in range(n) if not errors[i]]
+        images = [
+            np.frombuffer(batch["pixels"][i], np.uint8).reshape(int(batch["h"][i]), int(batch["w"][i]), 3)
+            for i in rows
+        ]
+        for i, vectors in zip(rows, self._embed(images), strict=True):
+            if isinstance(vectors, str):
+                errors[i] = vectors
                 continue
             for name in self.names:
                 out[name][i] = vectors[name]
         keep = {k: batch[k] for k in ("pos", "path", "id", "bytes", "width", "height")}
         node = np.array([current_node()] * n, dtype=object)  # which node did the work (run manifest)
         return {**keep, "node": node, "error": errors, **{f"d_{name}": v for name, v in out.items()}}
+
+    def _embed(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray] | str]:
+        """Descriptors of each image, bucketed by shape; when a forward pass fails, the images again one
+        by one, so that only an image the model cannot take (e.g. smaller than the network's strides)
+        gets the error."""
+        try:
+            return list(self.embedder.embed_many(images))
+        except RuntimeError:
+            pass
+        out: list[dict[str, np.ndarray] | str] = []
+        for image in images:
+            try:
+                out.append(self.embedder(image))
+            except RuntimeError as err:
+                out.append(f"model failed on image: {str(err).splitlines()[0]}")
+        return out
 
     def embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The actor method ``ModelPool`` calls."""
