@@ -315,20 +315,26 @@ class EmbedActor:
         return {**keep, "node": node, "error": errors, **{f"d_{name}": v for name, v in out.items()}}
 
     def _embed(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray] | str]:
-        """Descriptors of each image, bucketed by shape; when a forward pass fails, the images again one
-        by one, so that only an image the model cannot take (e.g. smaller than the network's strides)
-        gets the error."""
-        try:
-            return list(self.embedder.embed_many(images))
-        except RuntimeError:
-            pass
-        out: list[dict[str, np.ndarray] | str] = []
-        for image in images:
+        """Descriptors of each image, one ``shape_buckets`` group at a time; when a group's forward pass
+        fails, that group's images again one by one, so that only an image the model cannot take (e.g.
+        smaller than the network's strides) gets the error and no other group is computed twice."""
+        from embedpipe.workers.embed import shape_buckets  # torch: imported by the processes that embed
+
+        out: list[dict[str, np.ndarray] | str] = [""] * len(images)
+        for group in shape_buckets([im.shape for im in images], self.embedder.forward_batch):
             try:
-                out.append(self.embedder(image))
-            except RuntimeError as err:
-                out.append(f"model failed on image: {str(err).splitlines()[0]}")
+                vectors = self.embedder.embed_many([images[i] for i in group])
+            except RuntimeError:
+                vectors = [self._embed_one(images[i]) for i in group]
+            for i, v in zip(group, vectors, strict=True):
+                out[i] = v
         return out
+
+    def _embed_one(self, image: np.ndarray) -> dict[str, np.ndarray] | str:
+        try:
+            return self.embedder(image)
+        except RuntimeError as err:
+            return f"model failed on image: {str(err).splitlines()[0]}"
 
     def embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The actor method ``ModelPool`` calls."""
