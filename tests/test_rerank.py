@@ -1,8 +1,11 @@
 import numpy as np
 import pytest
 
+from embedpipe.flows.config import Config
+from embedpipe.storage.layout import RunLayout
 from embedpipe.workers.ann import build_index, search
-from embedpipe.workers.rerank import alpha_qe, dba, drop_excluded
+from embedpipe.workers.evaluate import dba_neighbours
+from embedpipe.workers.rerank import alpha_qe, dba, drop_excluded, merge_neighbours
 
 
 def _unit(x):
@@ -51,3 +54,56 @@ def test_drop_excluded_removes_self_and_pads():
     assert i.tolist() == [[2, 7], [-1, -1]] and s[0].tolist() == pytest.approx([0.9, 0.8])
     out = alpha_qe(np.ones((2, 8), np.float32), np.ones((8, 8), np.float32), s, i, 3.0)
     assert np.allclose(np.linalg.norm(out, axis=1), 1.0)
+
+
+def test_merge_neighbours_keeps_the_best_of_both_lists():
+    sims_a = np.array([[1.0, 0.7, 0.2], [1.0, 0.3, -np.inf]], dtype=np.float32)
+    idx_a = np.array([[0, 3, 5], [1, 0, -1]])
+    sims_b = np.array([[0.8, 0.2], [0.9, 0.4]], dtype=np.float32)
+    idx_b = np.array([[9, 8], [7, 6]])
+    s, i = merge_neighbours(sims_a, idx_a, sims_b, idx_b, 3)
+    assert i.tolist() == [[0, 9, 3], [1, 7, 6]]
+    assert np.allclose(s, [[1.0, 0.8, 0.7], [1.0, 0.9, 0.4]])
+    _, i = merge_neighbours(sims_a, idx_a, sims_b, idx_b, 4)  # equal similarities: smaller id first
+    assert i[0].tolist() == [0, 9, 3, 5]
+
+
+def test_dba_expansion_equals_the_direct_sum(data):
+    x, _ = data
+    sims, idx = search(build_index(x), x, 4)
+    idx[::3, 3] = -1  # a missing neighbour gets no weight
+    out = dba(x, sims, idx, alpha=3.0)
+    for i in range(len(x)):
+        ref = sum(
+            max(s, 0) ** 3 * x[j].astype(np.float64) for s, j in zip(sims[i], idx[i], strict=True) if j >= 0
+        )
+        assert np.allclose(out[i], ref / np.linalg.norm(ref), atol=1e-6)
+
+
+def _graph_run(tmp_path, x, keys, reuse):
+    layout = RunLayout(tmp_path / "run")
+    cfg = Config()
+    return dba_neighbours(layout, cfg, "gem-l2", x, build_index(x), "Flat", keys, reuse)
+
+
+def test_saved_dba_neighbours_give_what_a_full_search_gives(tmp_path):
+    """A reindex reuses the saved lists: rows new or that lost a neighbour searched against all, the
+    rest against the new rows only; the result is the full search's, whatever moved or went."""
+    rng = np.random.default_rng(1)
+    x = _unit(rng.standard_normal((300, 16)))
+    keys = np.array([f"img{i:04d}.jpg\0id{i}".encode() for i in range(300)])
+    old = np.arange(0, 240)
+    _graph_run(tmp_path, x[old], keys[old], reuse=False)
+    saved = tmp_path / "run" / "report" / "dba-neighbours-gem-l2.npz"
+    assert saved.exists()
+    # 20 old rows go, 60 arrive, and the store order changes (new shards between old ones)
+    now = np.concatenate([np.arange(20, 120), np.arange(240, 270), np.arange(120, 240), np.arange(270, 300)])
+    sims, idx = _graph_run(tmp_path, x[now], keys[now], reuse=True)
+    ref_s, ref_i = search(build_index(x[now]), x[now], 3)
+    assert (idx == ref_i).all() and np.allclose(sims, ref_s, atol=1e-6)
+    arrays = np.load(saved)
+    assert arrays["keys"].tolist() == keys[now].tolist() and (arrays["ids"] == ref_i).all()
+    # the same keys with other vectors (a refit, say): nothing saved is trusted
+    y = _unit(rng.standard_normal((len(now), 16)))
+    _, idx = _graph_run(tmp_path, y, keys[now], reuse=True)
+    assert (idx == search(build_index(y), y, 3)[1]).all()

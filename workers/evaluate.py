@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 
 from embedpipe.storage import index_versions
-from embedpipe.storage.artifacts import load_npz, save_npy
+from embedpipe.storage.artifacts import load_npz, save_npy, save_npz
 from embedpipe.storage.dataset import labels_by_key
 from embedpipe.storage.errors import InputError, RunFailed
 from embedpipe.storage.features import read_features, read_store_manifest
@@ -25,6 +25,7 @@ from embedpipe.workers.index_build import (
     StoreOrderIndex,
     Transform,
     index_layout,
+    input_keys,
     new_rows,
     publish_store_index,
     update_store_index,
@@ -32,7 +33,7 @@ from embedpipe.workers.index_build import (
 from embedpipe.workers.inputs import ground_truth_path
 from embedpipe.workers.metrics import compute_map, few_shot_accuracy, ns_score, precision_at_k
 from embedpipe.workers.protocols import BENCHMARK_PROTOCOLS, GroundTruth, benchmark_layout, ground_truth
-from embedpipe.workers.rerank import alpha_qe, dba, drop_excluded
+from embedpipe.workers.rerank import alpha_qe, dba, drop_excluded, merge_neighbours
 from embedpipe.workers.whitening import apply_whitening, learned_whitening_file, subspace_drift
 
 if TYPE_CHECKING:
@@ -182,9 +183,85 @@ def setup_scores(gt: GroundTruth, ranks: np.ndarray) -> dict[str, float]:
     return out
 
 
-def augment_database(cfg: Config, x: np.ndarray, index: faiss.Index) -> tuple[np.ndarray, faiss.Index]:
-    """DBA over the whole database and an index of the result."""
-    sims, idx = neighbours(index, x, x, cfg.rerank.dba_k + 1)  # includes each vector itself
+def dba_neighbours_file(layout: RunLayout, name: str) -> Path:
+    return layout.report_dir / f"dba-neighbours-{name}.npz"
+
+
+def _kept_lists(
+    path: Path, keys: np.ndarray, x: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """From a saved neighbour graph: (old, rows, sims, ids): the positions in ``keys`` of the rows it
+    was computed on that are still there, and the rows whose lists still hold with those lists (ids
+    as positions): the row and all its neighbours are still in the database, and their
+    similarities, computed again from ``x``, are the saved ones (so vectors that changed under the
+    same key, after a refit say, are never trusted). None when nothing can be kept."""
+    try:
+        arrays, meta = load_npz(path)
+    except (OSError, ValueError, KeyError):
+        return None
+    old_keys, sims, idx = arrays.get("keys"), arrays.get("sims"), arrays.get("ids")
+    if old_keys is None or sims is None or idx is None or meta.get("k") != k or idx.shape[1:] != (k,):
+        return None
+    position = {key: i for i, key in enumerate(keys.tolist())}
+    where = np.array([position.get(key, -1) for key in old_keys.tolist()], np.int64)
+    mapped = np.where(idx >= 0, where[np.maximum(idx, 0)], -1)
+    keep = (where >= 0) & ~((idx >= 0) & (mapped < 0)).any(axis=1) & (idx >= 0).all(axis=1)
+    rows, sims, mapped = where[keep], sims[keep], mapped[keep]
+    again = np.stack([np.einsum("nd,nd->n", x[rows], x[mapped[:, j]]) for j in range(k)], axis=1)
+    if not np.allclose(again, sims, rtol=0, atol=1e-4):
+        return None
+    return where[where >= 0], rows, sims, mapped
+
+
+def dba_neighbours(
+    layout: RunLayout,
+    cfg: Config,
+    name: str,
+    x: np.ndarray,
+    index: Any,
+    factory: str,
+    keys: np.ndarray,
+    reuse: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each database vector's ``dba_k + 1`` nearest database vectors (itself included), as store
+    positions. Under an exact index (``factory`` Flat) the lists are saved in
+    report/dba-neighbours-<name>.npz, keyed by input (path + content id). With ``reuse`` (a reindex
+    that kept the models), a row whose list still holds is searched against the rows new to the
+    database alone and the two lists are merged; only new rows and rows that lost a neighbour are
+    searched against the whole database: the work grows with the new rows, not with the square of
+    the database."""
+    k = cfg.rerank.dba_k + 1
+    exact = factory == "Flat" and index.metric_type == faiss.METRIC_INNER_PRODUCT
+    if not exact or len(x) < k:
+        return neighbours(index, x, x, k)
+    path = dba_neighbours_file(layout, name)
+    kept = _kept_lists(path, keys, x, k) if reuse and path.exists() else None
+    if kept is None:
+        sims, idx = neighbours(index, x, x, k)
+    else:
+        old, rows, kept_sims, kept_ids = kept
+        sims, idx = np.empty((len(x), k), np.float32), np.empty((len(x), k), np.int64)
+        known = np.zeros(len(x), bool)
+        known[old] = True  # the rows the kept lists were chosen among
+        added, redo = np.flatnonzero(~known), np.setdiff1d(np.arange(len(x)), rows)
+        if redo.size:
+            sims[redo], idx[redo] = neighbours(index, x[redo], x, k)
+        if added.size:
+            s_new, i_new = search(build_index(x[added], "Flat", cfg.seed), x[rows], k)
+            i_new = np.where(i_new >= 0, added[np.maximum(i_new, 0)], -1)
+            kept_sims, kept_ids = merge_neighbours(kept_sims, kept_ids, s_new, i_new, k)
+        sims[rows], idx[rows] = kept_sims, kept_ids
+        log.info("dba %s: %d neighbour list(s) kept, %d searched anew", name, len(rows), len(redo))
+    save_npz(path, {"k": k}, keys=keys, sims=sims, ids=idx)
+    return sims, idx
+
+
+def augment_database(
+    cfg: Config, x: np.ndarray, index: faiss.Index, graph: tuple[np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, faiss.Index]:
+    """DBA over the whole database (``graph``: each vector's neighbours, see ``dba_neighbours``) and
+    an index of the result."""
+    sims, idx = graph
     db = dba(x, sims, idx, cfg.rerank.dba_alpha)
     db_index = build_index(db, cfg.index.factory, cfg.seed)
     set_search_params(db_index, cfg.index.nprobe, cfg.index.efsearch)
@@ -281,6 +358,7 @@ def index_and_evaluate(
     meta, vectors = read_features(layout.feature_dir(descriptor))
     store = read_store_manifest(layout.feature_dir(descriptor))
     paths = meta.column("path").to_pylist()
+    keys = np.array([key.encode() for key in input_keys(meta).to_pylist()])  # for saved DBA lists
     gt = run_ground_truth(layout, cfg, paths)
     external = query_vectors(layout, cfg, descriptor, gt) if gt is not None else {}
     rows = []
@@ -304,7 +382,11 @@ def index_and_evaluate(
             rows.append({**base, "rerank": "none", "time_s": round(time.perf_counter() - start, 4)})
             continue
         layout.report_dir.mkdir(parents=True, exist_ok=True)
-        augmented = functools.cache(lambda x=x, index=index, cfg=cfg: augment_database(cfg, x, index))
+        augmented = functools.cache(
+            lambda x=x, index=index, cfg=cfg, name=name, factory=factory: augment_database(
+                cfg, x, index, dba_neighbours(layout, cfg, name, x, index, factory, keys, incremental)
+            )
+        )
         queries = external[post] if external else x[gt.queries]
         for method in ("none", *cfg.rerank.methods):
             if method != "none":

@@ -439,22 +439,22 @@ def remove_content_ids(root: Path, content_ids: list[str]) -> tuple[Path, int]:
     return save_version(root, index, kept), removed
 
 
-def _keys(table: pa.Table) -> pa.Array:
+def input_keys(table: pa.Table) -> pa.Array:
     """path + NUL + content id per row: an input whose bytes changed gets a new key."""
     return pc.binary_join_element_wise(table.column("path"), table.column("id"), "\0").combine_chunks()
 
 
 def store_keys(directory: Path) -> pa.Array:
-    """``_keys`` of every row of a feature store, in store order (id and path columns only)."""
+    """``input_keys`` of every row of a feature store, in store order (id and path columns only)."""
     tables = [read_part(p, ["id", "path"]) for p, _ in part_row_counts(directory)]
-    return _keys(pa.concat_tables(tables)) if tables else pa.array([], pa.string())
+    return input_keys(pa.concat_tables(tables)) if tables else pa.array([], pa.string())
 
 
 def new_rows(root: Path, directory: Path) -> np.ndarray:
     """Store positions (store order) of the rows the live index of ``root`` does not hold."""
     ids = pq.read_table(_current(root) / IDS_FILE)
     return np.flatnonzero(
-        ~pc.is_in(store_keys(directory), value_set=_keys(ids)).to_numpy(zero_copy_only=False)
+        ~pc.is_in(store_keys(directory), value_set=input_keys(ids)).to_numpy(zero_copy_only=False)
     )
 
 
@@ -469,14 +469,14 @@ def update_store_index(
     layout = _updatable(version)
     ids = pq.read_table(version / IDS_FILE)
     current = store_keys(directory)
-    gone = ~pc.is_in(_keys(ids), value_set=current).to_numpy(zero_copy_only=False)
+    gone = ~pc.is_in(input_keys(ids), value_set=current).to_numpy(zero_copy_only=False)
     gone_rows = ids.column("row").to_numpy()[gone]
     kept = ids.filter(pa.array(~gone))
-    held = _keys(kept)
+    held = input_keys(kept)
     next_row = int(pc.max(ids.column("row")).as_py()) + 1 if ids.num_rows else 0
     tables, blocks = [kept], []
     for path, _ in part_row_counts(directory):
-        keys = _keys(read_part(path, ["id", "path"]))  # vectors read only from parts with new rows
+        keys = input_keys(read_part(path, ["id", "path"]))  # vectors read only from parts with new rows
         fresh = ~pc.is_in(keys, value_set=held).to_numpy(zero_copy_only=False)
         if not fresh.any():
             continue
@@ -509,7 +509,7 @@ class StoreOrderIndex:
         position = {k: i for i, k in enumerate(store_keys(directory).to_pylist())}
         rows = ids.column("row").to_numpy()
         self.map = np.full(int(rows.max(initial=-1)) + 2, -1, np.int64)  # the last slot answers -1 pads
-        self.map[rows] = [position[k] for k in _keys(ids).to_pylist()]
+        self.map[rows] = [position[k] for k in input_keys(ids).to_pylist()]
         self.index, self.ntotal, self.d, self.metric_type = index, index.ntotal, index.d, index.metric_type
 
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -18,8 +18,10 @@ def weighted_expansion(
     x: (n, D); database: (N, D); sims, idx: (n, k), idx -1 for missing neighbours -> (n, D) float32."""
     valid = idx >= 0
     weights = np.where(valid, np.clip(sims, 0.0, None), 0.0) ** alpha
-    weights = np.where(valid, weights, 0.0)
-    out = np.einsum("nk,nkd->nd", weights, database[np.where(valid, idx, 0)].astype(np.float64))
+    weights = np.where(valid, weights, 0.0).astype(np.float64)
+    out = np.zeros((len(idx), database.shape[1]))
+    for j in range(idx.shape[1]):  # one (n, D) gather per neighbour rank, never an (n, k, D) array
+        out += weights[:, j, None] * database[np.where(valid[:, j], idx[:, j], 0)]
     if include_self:
         out += x
     norms = np.linalg.norm(out, axis=1, keepdims=True)
@@ -37,6 +39,18 @@ def dba(database: np.ndarray, sims: np.ndarray, idx: np.ndarray, alpha: float) -
     """DBA: each database vector replaced by the weighted sum over its k+1 nearest database vectors,
     which include itself (similarity 1); ``sims``/``idx`` come from searching the database with itself."""
     return weighted_expansion(database, database, sims, idx, alpha, include_self=False)
+
+
+def merge_neighbours(
+    sims_a: np.ndarray, idx_a: np.ndarray, sims_b: np.ndarray, idx_b: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k best of two disjoint candidate lists (e.g. a row's neighbours among old rows and
+    among new ones): similarity descending, ties by id ascending; -1 ids (pads) last.
+    (n, ka) and (n, kb) -> (n, k) similarities (float32) and ids (int64)."""
+    idx = np.concatenate([idx_a, idx_b], axis=1).astype(np.int64)
+    sims = np.where(idx >= 0, np.concatenate([sims_a, sims_b], axis=1), -np.inf).astype(np.float32)
+    order = np.lexsort((idx, -sims), axis=1)[:, :k]
+    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(idx, order, axis=1)
 
 
 def drop_excluded(
