@@ -107,3 +107,7 @@ def test_saved_dba_neighbours_give_what_a_full_search_gives(tmp_path):
     y = _unit(rng.standard_normal((len(now), 16)))
     _, idx = _graph_run(tmp_path, y, keys[now], reuse=True)
     assert (idx == search(build_index(y), y, 3)[1]).all()
+    for damaged in (b"not an npz", saved.read_bytes()[:200]):  # unreadable: searched around, replaced
+        saved.write_bytes(damaged)
+        _, idx = _graph_run(tmp_path, x[now], keys[now], reuse=True)
+        assert (idx == ref_i).all() and (np.load(saved)["ids"] == ref_i).all()

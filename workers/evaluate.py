@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -197,7 +198,7 @@ def _kept_lists(
     same key, after a refit say, are never trusted). None when nothing can be kept."""
     try:
         arrays, meta = load_npz(path)
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return None
     old_keys, sims, idx = arrays.get("keys"), arrays.get("sims"), arrays.get("ids")
     if old_keys is None or sims is None or idx is None or meta.get("k") != k or idx.shape[1:] != (k,):
