@@ -288,6 +288,7 @@ def _engine_overrides(args: argparse.Namespace) -> dict:
 
 def _load_run_config(args: argparse.Namespace, check_inputs: bool = True):
     from embedpipe.flows.config import load_config
+    from embedpipe.storage.dataset import run_listings
     from embedpipe.storage.sources import list_inputs, read_rotations
     from embedpipe.workers.descriptors.backbones import check_backbone
 
@@ -307,7 +308,8 @@ def _load_run_config(args: argparse.Namespace, check_inputs: bool = True):
         sets=args.sets,
     )
     if cfg.images is not None and check_inputs:
-        list_inputs(cfg.images)  # fail fast, before any engine starts
+        with run_listings(cfg.out):
+            list_inputs(cfg.images)  # fail fast, before any engine starts
     if cfg.ingest.rotations:
         read_rotations(cfg.ingest.rotations)
     check_backbone(cfg.extract.backbone, cfg.extract.weights, cfg.extract.descriptors)
@@ -391,6 +393,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_reindex(args: argparse.Namespace) -> int:
     from embedpipe.flows.config import load_config
     from embedpipe.flows.pipeline import reindex
+    from embedpipe.storage.dataset import run_listings
     from embedpipe.storage.layout import RunLayout
     from embedpipe.storage.sources import list_inputs, listing_once
 
@@ -402,7 +405,8 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         saved[section] = {**saved.get(section, {}), **values}
     cfg = load_config(overrides=saved, sets=args.sets)
     with listing_once():
-        list_inputs(cfg.images)  # fail fast, before any engine starts
+        with run_listings(cfg.out):
+            list_inputs(cfg.images)  # fail fast, before any engine starts
         metrics = reindex(cfg)
     _print_table(metrics, cfg.out)
     return 0

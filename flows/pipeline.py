@@ -21,7 +21,13 @@ from prefect.tasks import exponential_backoff
 
 from embedpipe.flows.config import Config
 from embedpipe.storage.artifacts import save_npz
-from embedpipe.storage.dataset import manifest_rows, previous_shards, write_manifest
+from embedpipe.storage.dataset import (
+    manifest_rows,
+    previous_shards,
+    run_listings,
+    write_manifest,
+    write_tar_stamps,
+)
 from embedpipe.storage.errors import EmbedpipeError, InputError, RunFailed, WriteFailed
 from embedpipe.storage.features import read_store_manifest
 from embedpipe.storage.layout import STAGES, RunLayout, write_json_atomic
@@ -47,6 +53,7 @@ from embedpipe.workers.extract import (
 )
 from embedpipe.workers.inputs import RunInputs, run_inputs
 from embedpipe.workers.progress import Progress
+from embedpipe.workers.protocols import BENCHMARK_PROTOCOLS
 from embedpipe.workers.ray_stages import NodeWork, SharedModels, cluster_nodes, ray_session
 from embedpipe.workers.report import fmt_metric, map_of, row_label, write_report
 
@@ -172,6 +179,7 @@ def extract_stage(cfg: Config, inputs: RunInputs, layout: RunLayout, ray: LazyRa
             models.close()
     result = finish_extract(plan, cfg, layout, progress)
     write_manifest(layout.dataset, manifest_rows(plan, result.inputs))
+    write_tar_stamps(layout.tar_stamps, plan, whole=cfg.protocol not in BENCHMARK_PROTOCOLS)
     listed = [{"path": k, "id": None, "stage": "ingest", "reason": r} for k, r in plan.problems]
     write_quarantine(layout.quarantine, result.quarantined + listed)
     if result.n_ok == 0:
@@ -355,7 +363,8 @@ def pipeline(cfg: Config) -> dict[str, Any]:
     logger = get_run_logger()
     layout, timings = RunLayout(cfg.out), Timings()
     with timings("list"):
-        inputs = run_inputs(cfg, previous_shards(layout.dataset))
+        with run_listings(layout.root):  # tar shards unchanged since the last plan are not read again
+            inputs = run_inputs(cfg, previous_shards(layout.dataset))
         fps = fingerprints(cfg, inputs)
     if all(layout.stage_done(s, fps[s]) for s in STAGES) and layout.metrics.exists():
         logger.info("run %s is complete and up to date: nothing to do", layout.root)
@@ -389,7 +398,8 @@ def reindex(cfg: Config) -> dict[str, Any]:
         raise InputError(f"{layout.root} is not a finished run (no report/metrics.json): run it first")
     timings = Timings()
     with timings("list"):
-        inputs = run_inputs(cfg, previous_shards(layout.dataset))
+        with run_listings(layout.root):  # tar shards unchanged since the last plan are not read again
+            inputs = run_inputs(cfg, previous_shards(layout.dataset))
         fps = fingerprints(cfg, inputs)
     if all(layout.stage_done(s, fps[s]) for s in STAGES):
         logger.info("run %s is up to date with %s: nothing to do", layout.root, cfg.images)

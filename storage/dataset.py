@@ -11,15 +11,18 @@ and ``duplicate_of`` (the first input with the same bytes).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from embedpipe.storage.layout import atomic_path
-from embedpipe.storage.sources import InputRef, Listing, list_inputs
+from embedpipe.storage.layout import RunLayout, atomic_path, write_json_atomic
+from embedpipe.storage.sources import InputRef, Listing, known_tar_listings, list_inputs
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,49 @@ def write_manifest(path: Path, rows: list[dict]) -> None:
 
 def read_manifest(path: Path) -> pa.Table | None:
     return pq.read_table(path) if Path(path).exists() else None
+
+
+def write_tar_stamps(path: Path, plan: ShardPlan, whole: bool = True) -> None:
+    """The size:mtime stamp of each local tar shard of ``plan`` whose samples all entered the plan (none
+    rejected at listing), as listed: what ``known_tars`` reads back for the next listing. ``whole``:
+    the plan holds every listed input (False for a benchmark's image list: then no shard is recorded)."""
+    refs = plan.refs if whole else ()
+    stamps = {r.uri: r.stamp.rsplit(":", 1)[0] for r in refs if r.offset >= 0 and "://" not in r.uri}
+    for key, _ in plan.problems:  # "shard.tar/sample": a sample without an image, say
+        for cut in (i for i, c in enumerate(key) if c == "/"):
+            stamps.pop(key[:cut], None)
+    write_json_atomic(path, dict(sorted(stamps.items())))
+
+
+def known_tars(dataset: Path, stamps: Path) -> dict[str, tuple[str, tuple[InputRef, ...]]]:
+    """The local tar shards an earlier plan of the run took whole: resolved path -> (stamp then, its
+    samples in member order, rebuilt from the dataset manifest), for ``known_tar_listings``."""
+    try:
+        recorded = json.loads(stamps.read_text())
+    except (OSError, ValueError):
+        return {}
+    table = read_manifest(dataset) if recorded else None
+    if table is None:
+        return {}
+    table = table.select(["key", "uri", "offset", "length", "label"])
+    table = table.filter(pc.is_in(table.column("uri"), value_set=pa.array(list(recorded), pa.string())))
+    table = table.filter(pc.greater_equal(table.column("offset"), 0))
+    members: dict[str, list[InputRef]] = {}
+    for key, uri, offset, length, label in zip(
+        *(table.column(c).to_pylist() for c in table.column_names), strict=True
+    ):
+        stamp = f"{recorded[uri]}:{length}"
+        members.setdefault(uri, []).append(InputRef(key, uri, offset, length, label, stamp))
+    return {
+        uri: (recorded[uri], tuple(sorted(refs, key=lambda r: r.offset))) for uri, refs in members.items()
+    }
+
+
+def run_listings(root: Path) -> contextlib.AbstractContextManager:
+    """``known_tar_listings`` for the run directory ``root``: its earlier plan's unchanged tar shards are
+    not read again."""
+    layout = RunLayout(root)
+    return known_tar_listings(known_tars(layout.dataset, layout.tar_stamps))
 
 
 def previous_shards(path: Path) -> dict[str, int]:

@@ -83,6 +83,11 @@ class RunLayout:
         return self.root / "dataset.parquet"
 
     @property
+    def tar_stamps(self) -> Path:
+        """Size:mtime stamps of the tar shards the dataset manifest lists whole (see ``known_tars``)."""
+        return self.root / "tar-stamps.json"
+
+    @property
     def features(self) -> Path:
         return self.root / "features"
 

@@ -1,8 +1,9 @@
 import io
 import json
+import os
 import tarfile
 import time
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,13 +11,16 @@ import pytest
 
 from embedpipe.storage.dataset import (
     assign_shards,
+    known_tars,
     manifest_rows,
+    plan_listing,
     plan_shards,
     previous_shards,
     write_manifest,
+    write_tar_stamps,
 )
 from embedpipe.storage.errors import DecodeError, InputError
-from embedpipe.storage.sources import expand_braces, list_inputs, read_input, sample_key
+from embedpipe.storage.sources import expand_braces, known_tar_listings, list_inputs, read_input, sample_key
 from tests.helpers import write_webdataset
 from tests.http_fixture import serve
 
@@ -84,6 +88,43 @@ def test_webdataset_shards_members_and_labels(tmp_path, small_holidays):
         "download failed upstream: 404",
         "sample has no image member",
     ]
+
+
+def test_unchanged_tar_shards_are_listed_from_the_last_plan(tmp_path, small_holidays):
+    """A shard whose size and mtime did not change is not read again: its samples come from the
+    dataset manifest; a changed shard, or one with a sample rejected at listing, is read."""
+    files = sorted(small_holidays.glob("*.jpg"))
+    labels = {f.name: int(f.stem) // 100 for f in files}
+    root = tmp_path / "shards"
+    root.mkdir()
+    shards = [Path(p) for p in write_webdataset(files, str(root / "data-{:05d}.tar"), 7, labels)]
+    with tarfile.open(root / "data-99999.tar", "w") as tar:  # a sample without an image
+        for name, data in (("a.jpg", files[0].read_bytes()), ("lonely.json", b"{}")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    listing = list_inputs(root)
+    plan = plan_listing(listing, str(root), 4)
+    write_manifest(tmp_path / "dataset.parquet", manifest_rows(plan, {}))
+    write_tar_stamps(tmp_path / "stamps.json", plan)
+    known = known_tars(tmp_path / "dataset.parquet", tmp_path / "stamps.json")
+    assert sorted(known) == sorted(str(p.resolve()) for p in shards)  # not the shard with a problem
+    with known_tar_listings(known):
+        again = list_inputs(root)
+    assert again.refs == listing.refs and again.fingerprint() == listing.fingerprint()
+    # same size and mtime, other bytes: not read (the known samples stand); another mtime: read again
+    st = shards[0].stat()
+    shards[0].write_bytes(b"\0" * st.st_size)
+    os.utime(shards[0], ns=(st.st_atime_ns, st.st_mtime_ns))
+    with known_tar_listings(known):
+        assert list_inputs(root).refs == listing.refs
+    os.utime(shards[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    with known_tar_listings(known):
+        changed = list_inputs(root)
+    first = str(shards[0].resolve())
+    assert [r.key for r in changed.refs] == [r.key for r in listing.refs if not r.key.startswith(first)]
+    write_tar_stamps(tmp_path / "stamps.json", plan, whole=False)  # a benchmark's image list: nothing kept
+    assert known_tars(tmp_path / "dataset.parquet", tmp_path / "stamps.json") == {}
 
 
 def test_webdataset_shards_over_http_are_read_in_place(tmp_path, small_holidays):
