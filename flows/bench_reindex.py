@@ -44,6 +44,12 @@ def _phase_seconds(run: Path) -> dict[str, float]:
     return RunLayout(run).read_manifest().get("timings", {})
 
 
+def _rate(images: int, run: Path) -> float:
+    """Images extracted per second of the run's last extract stage: equal on both sides unless the
+    host's speed changed between them."""
+    return round(images / max(_stage_seconds(run).get("extract", 0.0), 1e-9), 2)
+
+
 def held_back(files: list[Path], fraction: float, how: str) -> list[bool]:
     """Which of ``files`` (sorted) arrive later: ``spread``, every (1/fraction)-th file, the last of each
     run of that length, about ``fraction`` of them; ``tail``, the last ``fraction``."""
@@ -85,16 +91,17 @@ def bench_reindex(cfg: Config, fraction: float, how: str = "spread") -> dict[str
     start = time.perf_counter()
     _warm_up()
     prefect_s = time.perf_counter() - start
-    start = time.perf_counter()
-    full = pipeline(cfg.model_copy(update={"images": str(whole), "out": work / "full"}))
-    full_s = time.perf_counter() - start
-
+    # the untimed run first, then the two timed sides back to back: on a host whose speed drifts under
+    # sustained load (shared VMs), neither side runs on a fresher machine than the other
     run = work / "incremental"
     pipeline(cfg.model_copy(update={"images": str(grown), "out": run}))
     _copy([f for f, x in zip(files, later, strict=True) if x], root.resolve(), grown)
     start = time.perf_counter()
     updated = reindex(cfg.model_copy(update={"images": str(grown), "out": run}))
     reindex_s = time.perf_counter() - start
+    start = time.perf_counter()
+    full = pipeline(cfg.model_copy(update={"images": str(whole), "out": work / "full"}))
+    full_s = time.perf_counter() - start
     result = {
         "name": "reindex",
         "images": len(files),
@@ -110,6 +117,7 @@ def bench_reindex(cfg: Config, fraction: float, how: str = "spread") -> dict[str
             "best_map": _best_map(updated),
             "stage_seconds": _stage_seconds(run),
             "phase_seconds": _phase_seconds(run),
+            "extract_images_per_s": _rate(n_new, run),
         },
         "baseline": {
             "what": "full run on the whole collection",
@@ -117,6 +125,7 @@ def bench_reindex(cfg: Config, fraction: float, how: str = "spread") -> dict[str
             "best_map": _best_map(full),
             "stage_seconds": _stage_seconds(work / "full"),
             "phase_seconds": _phase_seconds(work / "full"),
+            "extract_images_per_s": _rate(len(files), work / "full"),
         },
         "ratio": round(full_s / reindex_s, 3),
         "target_ratio": round(len(files) / n_new, 3),

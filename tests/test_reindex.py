@@ -122,6 +122,7 @@ def test_bench_reindex_writes_side_by_side_json(tmp_path, small_holidays):
     for side in ("ours", "baseline"):
         assert set(result[side]["stage_seconds"]) == {"extract", "fit", "evaluate"}
         assert {"list", "ray_start", "report"} <= set(result[side]["phase_seconds"])
+        assert result[side]["extract_images_per_s"] > 0
     assert "drift" in result["ours"]["phase_seconds"]
 
 
