@@ -179,7 +179,7 @@ def known_tars(dataset: Path, stamps: Path) -> dict[str, tuple[str, tuple[InputR
         recorded = json.loads(stamps.read_text())
     except (OSError, ValueError):
         return {}
-    table = read_manifest(dataset) if recorded else None
+    table = read_manifest(dataset) if recorded and isinstance(recorded, dict) else None
     if table is None:
         return {}
     table = table.select(["key", "uri", "offset", "length", "label"])

@@ -42,13 +42,14 @@ class _Handler(SimpleHTTPRequestHandler):
             self.send_error(416)
             return
         end = len(data) - 1 if end is None else min(end, len(data) - 1)
+        # counted before answering: a client that has the bytes must find its request counted
+        type(self).hits[f"range:{self.path}"] = start
+        type(self).hits[f"ranges:{self.path}"] = type(self).hits.get(f"ranges:{self.path}", 0) + 1
         self.send_response(206)
         self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
         self.send_header("Content-Length", str(end - start + 1))
         self.end_headers()
         self.wfile.write(data[start : end + 1])
-        type(self).hits[f"range:{self.path}"] = start
-        type(self).hits[f"ranges:{self.path}"] = type(self).hits.get(f"ranges:{self.path}", 0) + 1
 
     def log_message(self, *args):  # keep test output quiet
         pass
