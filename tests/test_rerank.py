@@ -1,4 +1,5 @@
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from embedpipe.flows.config import Config
@@ -82,8 +83,9 @@ def test_dba_expansion_equals_the_direct_sum(data):
 
 def _graph_run(tmp_path, x, keys, reuse):
     layout = RunLayout(tmp_path / "run")
-    cfg = Config()
-    return dba_neighbours(layout, cfg, "gem-l2", x, build_index(x), "Flat", keys, reuse)
+    path, cid = zip(*(key.decode().split("\0") for key in keys.tolist()), strict=True)
+    meta = pa.table({"path": list(path), "id": list(cid)})
+    return dba_neighbours(layout, Config(), "gem-l2", x, build_index(x), "Flat", meta, reuse)
 
 
 def test_saved_dba_neighbours_give_what_a_full_search_gives(tmp_path):

@@ -206,9 +206,10 @@ def _kept_lists(
     position = {key: i for i, key in enumerate(keys.tolist())}
     where = np.array([position.get(key, -1) for key in old_keys.tolist()], np.int64)
     mapped = np.where(idx >= 0, where[np.maximum(idx, 0)], -1)
-    keep = (where >= 0) & ~((idx >= 0) & (mapped < 0)).any(axis=1) & (idx >= 0).all(axis=1)
+    keep = (where >= 0) & (idx >= 0).all(axis=1) & (mapped >= 0).all(axis=1)
     rows, sims, mapped = where[keep], sims[keep], mapped[keep]
-    again = np.stack([np.einsum("nd,nd->n", x[rows], x[mapped[:, j]]) for j in range(k)], axis=1)
+    kept = x[rows]
+    again = np.stack([np.einsum("nd,nd->n", kept, x[mapped[:, j]]) for j in range(k)], axis=1)
     if not np.allclose(again, sims, rtol=0, atol=1e-4):
         return None
     return where[where >= 0], rows, sims, mapped
@@ -221,12 +222,13 @@ def dba_neighbours(
     x: np.ndarray,
     index: Any,
     factory: str,
-    keys: np.ndarray,
+    meta: Any,
     reuse: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each database vector's ``dba_k + 1`` nearest database vectors (itself included), as store
     positions. Under an exact index (``factory`` Flat) the lists are saved in
-    report/dba-neighbours-<name>.npz, keyed by input (path + content id). With ``reuse`` (a reindex
+    report/dba-neighbours-<name>.npz, keyed by input (path + content id, from the store's ``meta``
+    table). With ``reuse`` (a reindex
     that kept the models), a row whose list still holds is searched against the rows new to the
     database alone and the two lists are merged; only new rows and rows that lost a neighbour are
     searched against the whole database: the work grows with the new rows, not with the square of
@@ -236,6 +238,7 @@ def dba_neighbours(
     if not exact or len(x) < k:
         return neighbours(index, x, x, k)
     path = dba_neighbours_file(layout, name)
+    keys = np.array([key.encode() for key in input_keys(meta).to_pylist()])
     kept = _kept_lists(path, keys, x, k) if reuse and path.exists() else None
     if kept is None:
         sims, idx = neighbours(index, x, x, k)
@@ -359,7 +362,6 @@ def index_and_evaluate(
     meta, vectors = read_features(layout.feature_dir(descriptor))
     store = read_store_manifest(layout.feature_dir(descriptor))
     paths = meta.column("path").to_pylist()
-    keys = np.array([key.encode() for key in input_keys(meta).to_pylist()])  # for saved DBA lists
     gt = run_ground_truth(layout, cfg, paths)
     external = query_vectors(layout, cfg, descriptor, gt) if gt is not None else {}
     rows = []
@@ -385,7 +387,7 @@ def index_and_evaluate(
         layout.report_dir.mkdir(parents=True, exist_ok=True)
         augmented = functools.cache(
             lambda x=x, index=index, cfg=cfg, name=name, factory=factory: augment_database(
-                cfg, x, index, dba_neighbours(layout, cfg, name, x, index, factory, keys, incremental)
+                cfg, x, index, dba_neighbours(layout, cfg, name, x, index, factory, meta, incremental)
             )
         )
         queries = external[post] if external else x[gt.queries]
