@@ -302,6 +302,13 @@ def _run_stage(layout: RunLayout, stage: str, fp: str, fn, logger) -> Any:
     return result
 
 
+def _listed_inputs(cfg: Config, layout: RunLayout) -> RunInputs:
+    """The run's inputs, planned against its earlier plan (tar shards unchanged since it are not read
+    again)."""
+    with run_listings(layout.root):
+        return run_inputs(cfg, previous_shards(layout.dataset))
+
+
 def _start(layout: RunLayout, cfg: Config, inputs: RunInputs, logger) -> None:
     plan = inputs.plan
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -363,8 +370,7 @@ def pipeline(cfg: Config) -> dict[str, Any]:
     logger = get_run_logger()
     layout, timings = RunLayout(cfg.out), Timings()
     with timings("list"):
-        with run_listings(layout.root):  # tar shards unchanged since the last plan are not read again
-            inputs = run_inputs(cfg, previous_shards(layout.dataset))
+        inputs = _listed_inputs(cfg, layout)
         fps = fingerprints(cfg, inputs)
     if all(layout.stage_done(s, fps[s]) for s in STAGES) and layout.metrics.exists():
         logger.info("run %s is complete and up to date: nothing to do", layout.root)
@@ -398,8 +404,7 @@ def reindex(cfg: Config) -> dict[str, Any]:
         raise InputError(f"{layout.root} is not a finished run (no report/metrics.json): run it first")
     timings = Timings()
     with timings("list"):
-        with run_listings(layout.root):  # tar shards unchanged since the last plan are not read again
-            inputs = run_inputs(cfg, previous_shards(layout.dataset))
+        inputs = _listed_inputs(cfg, layout)
         fps = fingerprints(cfg, inputs)
     if all(layout.stage_done(s, fps[s]) for s in STAGES):
         logger.info("run %s is up to date with %s: nothing to do", layout.root, cfg.images)
