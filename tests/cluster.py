@@ -82,8 +82,10 @@ def _ray(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     )
 
 
-def _node_ports() -> list[str]:
-    """Every port a Ray node opens, picked free, so clusters of concurrent test runs cannot collide."""
+def _node_ports(taken: set[int]) -> list[str]:
+    """Every port a Ray node opens, picked free and distinct from each other, from ``taken`` (ports this
+    cluster uses already) and from the node's worker port range, so that neither concurrent test runs nor
+    the node's own components collide; the picked ports are added to ``taken``."""
     names = (
         "node-manager-port",
         "object-manager-port",
@@ -92,13 +94,20 @@ def _node_ports() -> list[str]:
         "dashboard-agent-listen-port",
         "metrics-export-port",
     )
-    low = free_port()
-    return [a for n in names for a in (f"--{n}", str(free_port()))] + [
-        "--min-worker-port",
-        str(low),
-        "--max-worker-port",
-        str(low + 40),
-    ]
+    span = 40
+    while True:  # a worker range clear of every port taken so far
+        low = free_port()
+        if low + span < 65536 and not any(low <= t <= low + span for t in taken):
+            break
+    taken.update(range(low, low + span + 1))
+    args = []
+    for name in names:
+        port = free_port()
+        while port in taken:
+            port = free_port()
+        taken.add(port)
+        args += [f"--{name}", str(port)]
+    return args + ["--min-worker-port", str(low), "--max-worker-port", str(low + span)]
 
 
 @contextlib.contextmanager
@@ -116,6 +125,8 @@ def ray_two_nodes(tmp: Path) -> Iterator[RayCluster]:
     }
     env.pop("RAY_ADDRESS", None)
     port = free_port("127.0.0.2")
+    dashboard = free_port()
+    taken = {port, dashboard}
     temp = Path(f"/tmp/ep-rc-{secrets.token_hex(3)}")  # short: Ray's socket paths have a length limit
     common = ["--num-cpus", "1", "--disable-usage-stats"]
     common += ["--object-store-memory", str(200 * 1024 * 1024), "--temp-dir", str(temp)]
@@ -125,8 +136,8 @@ def ray_two_nodes(tmp: Path) -> Iterator[RayCluster]:
             _ray(
                 ["--head", "--node-ip-address", "127.0.0.2", "--port", str(port)]
                 + ["--resources", '{"node_a": 1}']
-                + ["--include-dashboard", "false", "--dashboard-port", str(free_port())]
-                + _node_ports()
+                + ["--include-dashboard", "false", "--dashboard-port", str(dashboard)]
+                + _node_ports(taken)
                 + common,
                 env,
                 tmp / "ray-head.log",
@@ -137,7 +148,7 @@ def ray_two_nodes(tmp: Path) -> Iterator[RayCluster]:
             _ray(
                 ["--address", f"127.0.0.2:{port}", "--node-ip-address", "127.0.0.3"]
                 + ["--resources", '{"node_b": 1}']
-                + _node_ports()
+                + _node_ports(taken)
                 + common,
                 env,
                 tmp / "ray-worker.log",
