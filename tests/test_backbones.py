@@ -67,6 +67,23 @@ def test_embedder_descriptors_are_unit_and_deterministic(demo_images):
         assert np.array_equal(a[name], b[name])
 
 
+def test_channels_last_forward_equals_the_plain_layout(demo_images):
+    """The embedder runs the backbone channels-last on every device; the descriptors are those of the
+    default (NCHW) layout up to float rounding."""
+    image = np.asarray(Image.open(demo_images / "100100.jpg").convert("RGB"))[:240, :320]
+    emb = Embedder(ExtractConfig(descriptors=("gem", "mac")))
+    out = emb(image)
+    plain, _ = load_backbone("efficientnet_lite0")
+    x = emb.preprocess(image).contiguous()
+    with torch.no_grad():
+        fmap = plain(x)
+    assert fmap.is_contiguous() and not emb.preprocess(image).is_contiguous()
+    gem = fmap.clamp(min=1e-6).pow(3.0).mean(dim=(2, 3)).pow(1 / 3.0)[0]
+    mac = fmap.amax(dim=(2, 3))[0]
+    for name, ref in (("gem", gem), ("mac", mac)):
+        assert np.allclose(out[name], (ref / ref.norm()).numpy(), atol=1e-5), name
+
+
 @pytest.fixture(scope="module")
 def alexnet_weights(tmp_path_factory):
     torch.manual_seed(0)
