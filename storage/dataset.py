@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embedpipe.storage.layout import RunLayout, atomic_path, write_json_atomic
-from embedpipe.storage.sources import InputRef, Listing, known_tar_listings, list_inputs
+from embedpipe.storage.sources import InputRef, KnownTars, Listing, known_tar_listings, list_inputs
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ def write_tar_stamps(path: Path, plan: ShardPlan, whole: bool = True) -> None:
     write_json_atomic(path, dict(sorted(stamps.items())))
 
 
-def known_tars(dataset: Path, stamps: Path) -> dict[str, tuple[str, tuple[InputRef, ...]]]:
+def known_tars(dataset: Path, stamps: Path) -> KnownTars:
     """The local tar shards an earlier plan of the run took whole: resolved path -> (stamp then, its
     samples in member order, rebuilt from the dataset manifest), for ``known_tar_listings``."""
     try:
@@ -200,7 +200,7 @@ def run_listings(root: Path) -> contextlib.AbstractContextManager:
     """``known_tar_listings`` for the run directory ``root``: its earlier plan's unchanged tar shards are
     not read again."""
     layout = RunLayout(root)
-    return known_tar_listings(known_tars(layout.dataset, layout.tar_stamps))
+    return known_tar_listings(lambda: known_tars(layout.dataset, layout.tar_stamps))
 
 
 def previous_shards(path: Path) -> dict[str, int]:

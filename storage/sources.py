@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import glob
 import hashlib
 import io
@@ -30,7 +31,7 @@ import os
 import re
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -119,18 +120,20 @@ def _stamp(path: Path) -> str:
 
 
 _shared_listings: dict[str, Listing] | None = None
-_known_tars: dict[str, tuple[str, tuple[InputRef, ...]]] = {}
+KnownTars = dict[str, tuple[str, tuple[InputRef, ...]]]  # resolved path -> (stamp then, samples)
+_known_tars: Callable[[], KnownTars] = dict
 
 
 @contextlib.contextmanager
-def known_tar_listings(known: dict[str, tuple[str, tuple[InputRef, ...]]]) -> Iterator[None]:
-    """Inside this scope a local tar shard listed before (``known``: resolved path -> (its size:mtime
+def known_tar_listings(load: Callable[[], KnownTars]) -> Iterator[None]:
+    """Inside this scope a local tar shard listed before (``load()``: resolved path -> (its size:mtime
     stamp then, its samples in member order)) whose stamp has not changed is not read again: its
     samples are the known ones. Listing a collection of shards that mostly did not change then costs
-    one ``stat`` per shard, not one header read per image."""
+    one ``stat`` per shard, not one header read per image. ``load`` runs once, when the scope first
+    lists a tar shard: a scope whose inputs come from ``listing_once``'s shared listing never runs it."""
     global _known_tars
     outer = _known_tars
-    _known_tars = {**outer, **known}
+    _known_tars = functools.cache(lambda: {**outer(), **load()})
     try:
         yield
     finally:
@@ -233,7 +236,7 @@ def list_tar(path: Path) -> Listing:
     """The samples of one tar shard, in member order; byte offsets recorded so workers read members
     directly without unpacking."""
     path = path.resolve()
-    known = _known_tars.get(str(path))
+    known = _known_tars().get(str(path))
     with contextlib.suppress(OSError):
         if known is not None and _stamp(path) == known[0]:
             return Listing(list(known[1]))

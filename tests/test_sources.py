@@ -20,7 +20,14 @@ from embedpipe.storage.dataset import (
     write_tar_stamps,
 )
 from embedpipe.storage.errors import DecodeError, InputError
-from embedpipe.storage.sources import expand_braces, known_tar_listings, list_inputs, read_input, sample_key
+from embedpipe.storage.sources import (
+    expand_braces,
+    known_tar_listings,
+    list_inputs,
+    listing_once,
+    read_input,
+    sample_key,
+)
 from tests.helpers import write_webdataset
 from tests.http_fixture import serve
 
@@ -109,20 +116,30 @@ def test_unchanged_tar_shards_are_listed_from_the_last_plan(tmp_path, small_holi
     write_tar_stamps(tmp_path / "stamps.json", plan)
     known = known_tars(tmp_path / "dataset.parquet", tmp_path / "stamps.json")
     assert sorted(known) == sorted(str(p.resolve()) for p in shards)  # not the shard with a problem
-    with known_tar_listings(known):
+    with known_tar_listings(lambda: known):
         again = list_inputs(root)
     assert again.refs == listing.refs and again.fingerprint() == listing.fingerprint()
     # same size and mtime, other bytes: not read (the known samples stand); another mtime: read again
     st = shards[0].stat()
     shards[0].write_bytes(b"\0" * st.st_size)
     os.utime(shards[0], ns=(st.st_atime_ns, st.st_mtime_ns))
-    with known_tar_listings(known):
+    with known_tar_listings(lambda: known):
         assert list_inputs(root).refs == listing.refs
     os.utime(shards[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1))
-    with known_tar_listings(known):
+    with known_tar_listings(lambda: known):
         changed = list_inputs(root)
     first = str(shards[0].resolve())
     assert [r.key for r in changed.refs] == [r.key for r in listing.refs if not r.key.startswith(first)]
+    # the known shards are loaded once per scope, and not at all when the listing is a shared one
+    loads = []
+    with listing_once():
+        shared = list_inputs(root)
+        with known_tar_listings(lambda: loads.append(1) or known):
+            assert list_inputs(root).refs == shared.refs == changed.refs
+        assert loads == []
+    with known_tar_listings(lambda: loads.append(1) or known):
+        list_inputs(root)
+    assert loads == [1]
     write_tar_stamps(tmp_path / "stamps.json", plan, whole=False)  # a benchmark's image list: nothing kept
     assert known_tars(tmp_path / "dataset.parquet", tmp_path / "stamps.json") == {}
 
