@@ -34,7 +34,7 @@ from embedpipe.workers.index_build import (
 from embedpipe.workers.inputs import ground_truth_path
 from embedpipe.workers.metrics import compute_map, few_shot_accuracy, ns_score, precision_at_k
 from embedpipe.workers.protocols import BENCHMARK_PROTOCOLS, GroundTruth, benchmark_layout, ground_truth
-from embedpipe.workers.rerank import alpha_qe, dba, drop_excluded, merge_neighbours
+from embedpipe.workers.rerank import alpha_qe, dba, drop_excluded, merge_neighbours, pair_similarities
 from embedpipe.workers.whitening import apply_whitening, learned_whitening_file, subspace_drift
 
 if TYPE_CHECKING:
@@ -208,9 +208,7 @@ def _kept_lists(
     mapped = np.where(idx >= 0, where[np.maximum(idx, 0)], -1)
     keep = (where >= 0) & (idx >= 0).all(axis=1) & (mapped >= 0).all(axis=1)
     rows, sims, mapped = where[keep], sims[keep], mapped[keep]
-    kept = x[rows]
-    again = np.stack([np.einsum("nd,nd->n", kept, x[mapped[:, j]]) for j in range(k)], axis=1)
-    if not np.allclose(again, sims, rtol=0, atol=1e-4):
+    if not np.allclose(pair_similarities(x, rows, mapped), sims, rtol=0, atol=1e-4):
         return None
     return where[where >= 0], rows, sims, mapped
 

@@ -475,9 +475,10 @@ def update_store_index(
     held = input_keys(kept)
     next_row = int(pc.max(ids.column("row")).as_py()) + 1 if ids.num_rows else 0
     tables, blocks = [kept], []
-    for path, _ in part_row_counts(directory):
-        keys = input_keys(read_part(path, ["id", "path"]))  # vectors read only from parts with new rows
-        fresh = ~pc.is_in(keys, value_set=held).to_numpy(zero_copy_only=False)
+    fresh_rows = ~pc.is_in(current, value_set=held).to_numpy(zero_copy_only=False)
+    start = 0
+    for path, n in part_row_counts(directory):  # vectors read only from parts with new rows
+        fresh, start = fresh_rows[start : start + n], start + n
         if not fresh.any():
             continue
         table, x = part_table(path, 0, transform)
