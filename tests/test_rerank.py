@@ -6,7 +6,15 @@ from embedpipe.flows.config import Config
 from embedpipe.storage.layout import RunLayout
 from embedpipe.workers.ann import build_index, search
 from embedpipe.workers.evaluate import dba_neighbours
-from embedpipe.workers.rerank import alpha_qe, dba, drop_excluded, merge_neighbours
+from embedpipe.workers.rerank import (
+    EXPANSION_ROWS,
+    alpha_qe,
+    dba,
+    drop_excluded,
+    merge_neighbours,
+    pair_similarities,
+    weighted_expansion,
+)
 
 
 def _unit(x):
@@ -79,6 +87,26 @@ def test_dba_expansion_equals_the_direct_sum(data):
             max(s, 0) ** 3 * x[j].astype(np.float64) for s, j in zip(sims[i], idx[i], strict=True) if j >= 0
         )
         assert np.allclose(out[i], ref / np.linalg.norm(ref), atol=1e-6)
+
+
+def test_expansion_and_pair_similarities_across_row_blocks():
+    """More rows than one block, the last block partial: every row as the one-shot formula gives it."""
+    rng = np.random.default_rng(1)
+    n = 2 * EXPANSION_ROWS + 37
+    x = _unit(rng.standard_normal((n, 6)))
+    idx = rng.integers(0, n, (n, 3))
+    idx[::5, 2] = -1
+    sims = rng.random((n, 3)).astype(np.float32)
+    w = np.where(idx >= 0, sims.astype(np.float64) ** 2.0, 0.0)
+    ref = x + np.einsum("nk,nkd->nd", w, x[np.maximum(idx, 0)].astype(np.float64))
+    out = weighted_expansion(x, x, sims, idx, 2.0, include_self=True)
+    assert out.dtype == np.float32 and out.shape == (n, 6)
+    assert np.allclose(out, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-6)
+    rows = rng.permutation(n)[: n - 11]
+    ids = np.maximum(idx[: len(rows)], 0)
+    got = pair_similarities(x, rows, ids)
+    assert got.shape == ids.shape
+    assert np.allclose(got, np.einsum("nd,nkd->nk", x[rows], x[ids]), atol=1e-6)
 
 
 def _graph_run(tmp_path, x, keys, reuse):

@@ -1,10 +1,18 @@
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from embedpipe.storage.artifacts import load_npz, save_npz
-from embedpipe.storage.features import FeatureWriter, part_files, read_features, read_store_manifest
+from embedpipe.storage.features import (
+    FeatureWriter,
+    iter_parts,
+    part_files,
+    read_features,
+    read_parts,
+    read_store_manifest,
+)
 from embedpipe.storage.quarantine import read_quarantine, write_quarantine
 
 
@@ -38,6 +46,18 @@ def test_parquet_round_trip(tmp_path):
     assert len(df) == 11 and len(df["descriptor"].iloc[0]) == 8
     n = duckdb.sql(f"select count(*) from read_parquet('{tmp_path / 'gem'}/part-*.parquet')").fetchall()[0][0]
     assert n == 11
+
+
+def test_parallel_read_keeps_store_order(tmp_path):
+    """Many parts of uneven sizes, some empty: the one-table read equals reading the parts one by one."""
+    sizes = np.random.default_rng(2).integers(0, 300, 40)
+    expected = _write(tmp_path / "gem", [(i, int(n)) for i, n in enumerate(sizes)], n_shards=40)
+    whole = read_parts(tmp_path / "gem")
+    assert whole.equals(pa.concat_tables(list(iter_parts(tmp_path / "gem"))))
+    meta, vectors = read_features(tmp_path / "gem")
+    assert np.array_equal(vectors, expected) and meta.num_rows == sizes.sum()
+    assert read_parts(tmp_path / "gem", ["path"]).column_names == ["path"]
+    assert read_parts(tmp_path / "none") is None
 
 
 def test_writer_rejects_out_of_order_shards(tmp_path):

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from embedpipe.storage import index_versions
 from embedpipe.storage.errors import InputError, RunFailed
-from embedpipe.storage.features import part_row_counts, read_part, read_store_manifest, vectors_of
+from embedpipe.storage.features import part_row_counts, read_part, read_parts, read_store_manifest, vectors_of
 from embedpipe.storage.layout import atomic_dir, write_error
 from embedpipe.workers import ann
 from embedpipe.workers.dask_jobs import sample_store
@@ -446,8 +446,8 @@ def input_keys(table: pa.Table) -> pa.Array:
 
 def store_keys(directory: Path) -> pa.Array:
     """``input_keys`` of every row of a feature store, in store order (id and path columns only)."""
-    tables = [read_part(p, ["id", "path"]) for p, _ in part_row_counts(directory)]
-    return input_keys(pa.concat_tables(tables)) if tables else pa.array([], pa.string())
+    table = read_parts(directory, ["id", "path"])
+    return input_keys(table) if table is not None else pa.array([], pa.string())
 
 
 def new_rows(root: Path, directory: Path) -> np.ndarray:
