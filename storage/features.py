@@ -212,8 +212,8 @@ def iter_parts(directory: Path, columns: list[str] | None = None) -> Iterator[pa
 
 def read_parts(directory: Path, columns: list[str] | None = None) -> pa.Table | None:
     """Every part of a store as one table, in store order (None when it has none). Arrow reads the
-    files in parallel; its scanner hands the batches back in the order of the files given (about 2x
-    faster than reading the parts one after the other on 20,000 x 1280 vectors)."""
+    files in parallel; its scanner hands the batches back in the order of the files given. On 79 parts
+    of 20,000 x 1280 vectors: 0.37 s against 0.65 s part by part from the page cache (one-off timing)."""
     paths = [str(p) for p in part_files(directory)]
     if not paths:
         return None
