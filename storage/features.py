@@ -205,11 +205,6 @@ def read_part(path: Path, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, columns=columns)
 
 
-def iter_parts(directory: Path, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    for path in part_files(directory):
-        yield read_part(path, columns)
-
-
 def read_parts(directory: Path, columns: list[str] | None = None) -> pa.Table | None:
     """Every part of a store as one table, in store order (None when it has none). Arrow reads the
     files in parallel; its scanner hands the batches back in the order of the files given. On 79 parts

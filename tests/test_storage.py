@@ -7,9 +7,9 @@ import pytest
 from embedpipe.storage.artifacts import load_npz, save_npz
 from embedpipe.storage.features import (
     FeatureWriter,
-    iter_parts,
     part_files,
     read_features,
+    read_part,
     read_parts,
     read_store_manifest,
 )
@@ -53,7 +53,7 @@ def test_parallel_read_keeps_store_order(tmp_path):
     sizes = np.random.default_rng(2).integers(0, 300, 40)
     expected = _write(tmp_path / "gem", [(i, int(n)) for i, n in enumerate(sizes)], n_shards=40)
     whole = read_parts(tmp_path / "gem")
-    assert whole.equals(pa.concat_tables(list(iter_parts(tmp_path / "gem"))))
+    assert whole.equals(pa.concat_tables([read_part(p) for p in part_files(tmp_path / "gem")]))
     meta, vectors = read_features(tmp_path / "gem")
     assert np.array_equal(vectors, expected) and meta.num_rows == sizes.sum()
     assert read_parts(tmp_path / "gem", ["path"]).column_names == ["path"]

@@ -15,7 +15,7 @@ import scipy.sparse as sp
 
 from embedpipe.storage.artifacts import save_npy
 from embedpipe.storage.errors import InputError
-from embedpipe.storage.features import iter_parts, read_store_manifest
+from embedpipe.storage.features import read_parts, read_store_manifest
 from embedpipe.storage.layout import RunLayout, atomic_path
 from embedpipe.storage.local_features import bow_schema, list_values
 from embedpipe.workers.descriptors.bow import (
@@ -38,8 +38,8 @@ KAPPAS = (1, 5, 10)
 
 
 def _concat(directory: Path, columns: list[str] | None, schema: pa.Schema) -> pa.Table:
-    tables = list(iter_parts(directory, columns))
-    return pa.concat_tables(tables) if tables else schema.empty_table().select(columns or schema.names)
+    table = read_parts(directory, columns)
+    return table if table is not None else schema.empty_table().select(columns or schema.names)
 
 
 def read_bow(directory: Path) -> tuple[pa.Table, list[np.ndarray], list[np.ndarray]]:
@@ -57,10 +57,9 @@ def read_bow(directory: Path) -> tuple[pa.Table, list[np.ndarray], list[np.ndarr
 
 def read_points(directory: Path) -> list[np.ndarray]:
     """Keypoint positions per image of a local-feature store: (n_i, 2) float32 x, y."""
-    tables = list(iter_parts(directory, ["x", "y"]))
-    if not tables:
+    table = read_parts(directory, ["x", "y"])
+    if table is None:
         return []
-    table = pa.concat_tables(tables)
     offsets, xs = list_values(table, "x")
     _, ys = list_values(table, "y")
     xy = np.stack([xs, ys], axis=1).astype(np.float32)
