@@ -64,6 +64,33 @@ def test_folder_glob_and_lists(tmp_path, small_holidays):
         list_inputs(tmp_path / "nothing")
 
 
+def test_folder_walk_hidden_names_links_and_order(tmp_path):
+    """Nested folders in path order, hidden files and folders skipped, a link to a file listed under its
+    target's path, a linked folder not walked into, a dangling link left out; stamps are size:mtime."""
+    root, outside = tmp_path / "photos", tmp_path / "elsewhere"
+    for rel in ("b.jpg", "a/z.jpg", "a/b/c.jpg", "a-b.jpg", ".hidden.jpg", ".cache/x.jpg", "a/.d/y.jpg"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(rel.encode())
+    outside.mkdir()
+    (outside / "t.jpg").write_bytes(b"target")
+    (root / "link.jpg").symlink_to(outside / "t.jpg")
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    refs = list_inputs(root).refs
+    base = root.resolve()
+    assert [r.key for r in refs] == [
+        str(base / "a-b.jpg"),
+        str(base / "a/b/c.jpg"),
+        str(base / "a/z.jpg"),
+        str(base / "b.jpg"),
+        str((outside / "t.jpg").resolve()),
+    ]
+    assert all(r.uri == r.key for r in refs)
+    st = (outside / "t.jpg").stat()
+    assert refs[-1].stamp == f"{st.st_size}:{st.st_mtime_ns}"
+    assert refs[0].stamp.startswith(f"{len(b'a-b.jpg')}:")
+
+
 def test_webdataset_shards_members_and_labels(tmp_path, small_holidays):
     files = sorted(small_holidays.glob("*.jpg"))
     labels = {f.name: int(f.stem) // 100 for f in files}
