@@ -29,7 +29,7 @@ from embedpipe.storage.dataset import (
     write_tar_stamps,
 )
 from embedpipe.storage.errors import EmbedpipeError, InputError, RunFailed, WriteFailed
-from embedpipe.storage.features import read_store_manifest
+from embedpipe.storage.features import kept_store_reads, read_store_manifest
 from embedpipe.storage.layout import STAGES, RunLayout, write_json_atomic
 from embedpipe.storage.quarantine import read_quarantine, write_quarantine
 from embedpipe.storage.sources import InputRef
@@ -376,19 +376,20 @@ def pipeline(cfg: Config) -> dict[str, Any]:
         logger.info("run %s is complete and up to date: nothing to do", layout.root)
         return layout.read_manifest()["stages"]["evaluate"]["result"]
     _start(layout, cfg, inputs, logger)
-    with contextlib.ExitStack() as stack:
-        ray = LazyRay(cfg, stack, timings)
-        extracted = _extract(layout, cfg, inputs, fps["extract"], ray, logger)
-        _fit(layout, cfg, fps["fit"], ray, logger)
-        metrics = _run_stage(
-            layout,
-            "evaluate",
-            fps["evaluate"],
-            lambda: evaluate_task(cfg, layout, extracted["n_ok"], ray),
-            logger,
-        )
-        ray.record(layout)
-    _finish(cfg, layout, metrics, extracted, logger, timings)
+    with kept_store_reads():  # evaluation and report read the same stores
+        with contextlib.ExitStack() as stack:
+            ray = LazyRay(cfg, stack, timings)
+            extracted = _extract(layout, cfg, inputs, fps["extract"], ray, logger)
+            _fit(layout, cfg, fps["fit"], ray, logger)
+            metrics = _run_stage(
+                layout,
+                "evaluate",
+                fps["evaluate"],
+                lambda: evaluate_task(cfg, layout, extracted["n_ok"], ray),
+                logger,
+            )
+            ray.record(layout)
+        _finish(cfg, layout, metrics, extracted, logger, timings)
     return metrics
 
 
@@ -410,38 +411,43 @@ def reindex(cfg: Config) -> dict[str, Any]:
         logger.info("run %s is up to date with %s: nothing to do", layout.root, cfg.images)
         return layout.read_manifest()["stages"]["evaluate"]["result"]
     _start(layout, cfg, inputs, logger)
-    with contextlib.ExitStack() as stack:
-        ray = LazyRay(cfg, stack, timings)
-        extracted = _extract(layout, cfg, inputs, fps["extract"], ray, logger)
-        with timings("drift"):
-            drift = {
-                d: v
-                for d in cfg.extract.descriptors
-                if encoding_of(d)[0] != "bow" and (v := whitening_drift(layout, cfg, d)) is not None
-            }
-        refit = _encoded(cfg) or any(v > cfg.reindex.drift_threshold for v in drift.values())
-        logger.info(
-            "reindex: drift %s (threshold %g): %s",
-            ", ".join(f"{d} {v:.4f}" for d, v in drift.items()) or "none",
-            cfg.reindex.drift_threshold,
-            "refit and retrain" if refit else "models kept, indices updated in place",
-        )
-        if refit:
-            _fit(layout, cfg, fps["fit"], ray, logger)
-        else:
-            layout.mark_stage("fit", fps["fit"], "done", seconds=0.0, result={"kept": True})
-        metrics = _run_stage(
-            layout,
-            "evaluate",
-            fps["evaluate"],
-            lambda: {
-                **evaluate_task(cfg, layout, extracted["n_ok"], ray, incremental=not refit),
-                "reindex": {"drift": drift, "refit": refit, "shards_extracted": extracted.get("shards_done")},
-            },
-            logger,
-        )
-        ray.record(layout)
-    _finish(cfg, layout, metrics, extracted, logger, timings)
+    with kept_store_reads():  # drift check, evaluation and report read the same stores
+        with contextlib.ExitStack() as stack:
+            ray = LazyRay(cfg, stack, timings)
+            extracted = _extract(layout, cfg, inputs, fps["extract"], ray, logger)
+            with timings("drift"):
+                drift = {
+                    d: v
+                    for d in cfg.extract.descriptors
+                    if encoding_of(d)[0] != "bow" and (v := whitening_drift(layout, cfg, d)) is not None
+                }
+            refit = _encoded(cfg) or any(v > cfg.reindex.drift_threshold for v in drift.values())
+            logger.info(
+                "reindex: drift %s (threshold %g): %s",
+                ", ".join(f"{d} {v:.4f}" for d, v in drift.items()) or "none",
+                cfg.reindex.drift_threshold,
+                "refit and retrain" if refit else "models kept, indices updated in place",
+            )
+            if refit:
+                _fit(layout, cfg, fps["fit"], ray, logger)
+            else:
+                layout.mark_stage("fit", fps["fit"], "done", seconds=0.0, result={"kept": True})
+            metrics = _run_stage(
+                layout,
+                "evaluate",
+                fps["evaluate"],
+                lambda: {
+                    **evaluate_task(cfg, layout, extracted["n_ok"], ray, incremental=not refit),
+                    "reindex": {
+                        "drift": drift,
+                        "refit": refit,
+                        "shards_extracted": extracted.get("shards_done"),
+                    },
+                },
+                logger,
+            )
+            ray.record(layout)
+        _finish(cfg, layout, metrics, extracted, logger, timings)
     return metrics
 
 

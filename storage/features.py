@@ -216,12 +216,51 @@ def read_parts(directory: Path, columns: list[str] | None = None) -> pa.Table | 
     return pa.Table.from_batches(scanner.to_batches(), scanner.projected_schema)
 
 
+# stores ``kept_store_reads`` keeps (most recently read last), and the largest one it keeps
+KEPT_READS = 2
+KEPT_READ_BYTES = 1 << 30
+_kept_reads: dict[tuple, tuple[pa.Table, np.ndarray]] | None = None
+
+
+@contextlib.contextmanager
+def kept_store_reads() -> Iterator[None]:
+    """Inside this scope the last ``KEPT_READS`` stores read (up to ``KEPT_READ_BYTES`` of vectors
+    each) are kept: reading one again while its part files are the same files (name, inode, size,
+    mtime) returns the rows read before (read-only arrays, as Arrow's are) rather than scanning the
+    Parquet again. A reindex reads each store in its drift check, its evaluation and its report."""
+    global _kept_reads
+    outer, _kept_reads = _kept_reads, {} if _kept_reads is None else _kept_reads
+    try:
+        yield
+    finally:
+        _kept_reads = outer
+
+
+def _store_state(directory: Path) -> tuple:
+    states = []
+    for p in part_files(directory):
+        st = p.stat()
+        states.append((p.name, st.st_ino, st.st_size, st.st_mtime_ns))
+    return (str(Path(directory).resolve()), tuple(states))
+
+
 def read_features(directory: Path) -> tuple[pa.Table, np.ndarray]:
     """All rows (metadata table without the vectors) and the (n, dim) vectors, in store order."""
+    cache = _kept_reads
+    state = _store_state(directory) if cache is not None else None
+    if cache is not None and state in cache:
+        cache[state] = cache.pop(state)  # most recent last
+        return cache[state]
     table = read_parts(directory)
     if table is None:
         table = feature_schema(read_store_manifest(directory)["dim"]).empty_table()
-    return table.drop_columns(["descriptor"]), vectors_of(table)
+    meta, vectors = table.drop_columns(["descriptor"]), vectors_of(table)
+    if cache is not None and vectors.nbytes <= KEPT_READ_BYTES:
+        vectors.flags.writeable = False
+        cache[state] = meta, vectors
+        while len(cache) > KEPT_READS:
+            cache.pop(next(iter(cache)))
+    return meta, vectors
 
 
 def part_row_counts(directory: Path) -> list[tuple[Path, int]]:

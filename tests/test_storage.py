@@ -4,9 +4,11 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from embedpipe.storage import features
 from embedpipe.storage.artifacts import load_npz, save_npz
 from embedpipe.storage.features import (
     FeatureWriter,
+    kept_store_reads,
     part_files,
     read_features,
     read_part,
@@ -58,6 +60,39 @@ def test_parallel_read_keeps_store_order(tmp_path):
     assert np.array_equal(vectors, expected) and meta.num_rows == sizes.sum()
     assert read_parts(tmp_path / "gem", ["path"]).column_names == ["path"]
     assert read_parts(tmp_path / "none") is None
+
+
+def test_kept_store_reads_reuse_unchanged_stores_only(tmp_path, monkeypatch):
+    """Inside ``kept_store_reads`` a store read again while its parts are unchanged is not scanned again
+    and comes back as a copy of the same rows; a replaced part, or more stores than are kept, mean a new
+    scan; outside the scope every read scans. Vectors come back read-only, as Arrow hands them over."""
+    scans = []
+    real = features.read_parts
+    monkeypatch.setattr(features, "read_parts", lambda d, columns=None: scans.append(d) or real(d, columns))
+    a = _write(tmp_path / "a", [(0, 5), (1, 3)])
+    b = _write(tmp_path / "b", [(0, 2)])
+    c = _write(tmp_path / "c", [(2, 4)])
+    with kept_store_reads():
+        meta, x = read_features(tmp_path / "a")
+        with pytest.raises(ValueError, match="read-only"):
+            x[:] = 0
+        meta2, x2 = read_features(tmp_path / "a")
+        assert np.array_equal(x2, a) and meta2.equals(meta) and len(scans) == 1
+        assert np.array_equal(read_features(tmp_path / "b")[1], b) and len(scans) == 2
+        # part 1 of store a written again (another file under the same name): scanned again
+        writer = FeatureWriter(tmp_path / "a", 8, 3, {"descriptor": "gem", "backbone": "x"})
+        writer.write(0, ["n"], ["/p/n.jpg"], [1], [1], np.ones((1, 8), np.float32))
+        writer.close()
+        assert np.array_equal(read_features(tmp_path / "a")[1], np.ones((1, 8))) and len(scans) == 3
+        read_features(tmp_path / "b")
+        assert len(scans) == 3
+        # a third store pushes out the one read longest ago (a), not b
+        assert np.array_equal(read_features(tmp_path / "c")[1], c) and len(scans) == 4
+        read_features(tmp_path / "b")
+        read_features(tmp_path / "a")
+        assert len(scans) == 5
+    read_features(tmp_path / "b")
+    assert len(scans) == 6
 
 
 def test_writer_rejects_out_of_order_shards(tmp_path):
