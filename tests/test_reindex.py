@@ -119,11 +119,19 @@ def test_bench_reindex_writes_side_by_side_json(tmp_path, small_holidays):
     )
     assert result["ours"]["best_map"] == pytest.approx(result["baseline"]["best_map"], abs=1e-9)
     assert result["held_back"] == "spread" and result["prefect_start_s"] >= 0
-    for side in ("ours", "baseline"):
-        assert set(result[side]["stage_seconds"]) == {"extract", "fit", "evaluate"}
-        assert {"list", "ray_start", "report"} <= set(result[side]["phase_seconds"])
-        assert result[side]["extract_images_per_s"] > 0
-    assert "drift" in result["ours"]["phase_seconds"]
+    # the reindex timed before and after the full run, from the same state, with the same results
+    ours, before, after = result["ours"], result["ours"]["before_full_run"], result["ours"]["after_full_run"]
+    assert ours["seconds"] == pytest.approx((before["seconds"] + after["seconds"]) / 2, abs=2e-3)
+    assert result["ratio_before_after"] == [
+        pytest.approx(result["baseline"]["seconds"] / s["seconds"], rel=1e-2) for s in (before, after)
+    ]
+    assert ours["same_metrics"] is True
+    for side in (before, after, result["baseline"]):
+        assert set(side["stage_seconds"]) == {"extract", "fit", "evaluate"}
+        assert {"list", "ray_start", "report"} <= set(side["phase_seconds"])
+        assert side["extract_images_per_s"] > 0
+    assert "drift" in before["phase_seconds"] and "drift" in after["phase_seconds"]
+    assert before["stage_seconds"]["fit"] == after["stage_seconds"]["fit"] == 0.0  # models kept
 
 
 def test_bench_holds_back_a_spread_or_a_tail():
