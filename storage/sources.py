@@ -229,7 +229,8 @@ def _list_folder(root: Path) -> Listing:
             listing.extend(list_tar(t))
         listing.problems.extend(_img2dataset_failures(root))
         return listing
-    # one realpath for the folder; each file's own only when it is a link (20,000 files: 0.1 s, not 2.5 s)
+    # one realpath for the folder, a file's own only when it is a link: 20,004 files listed in 0.24 s
+    # against 1.16 s for the rglob walk it replaced (from the page cache, one-off timing)
     base = root.resolve()
     for rel, entry in files:
         path = str(Path(entry.path).resolve() if entry.is_symlink() else base / rel)
