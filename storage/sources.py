@@ -114,7 +114,8 @@ def _visible(rel: Path) -> bool:
     return not any(part.startswith(".") for part in rel.parts)
 
 
-def _stamp(path: Path) -> str:
+def _stamp(path: Path | os.DirEntry) -> str:
+    """``size:mtime_ns`` of a file (through a link), from a path or a directory scan's entry."""
     st = path.stat()
     return f"{st.st_size}:{st.st_mtime_ns}"
 
@@ -234,8 +235,7 @@ def _list_folder(root: Path) -> Listing:
     base = root.resolve()
     for rel, entry in files:
         path = str(Path(entry.path).resolve() if entry.is_symlink() else base / rel)
-        st = entry.stat()
-        listing.refs.append(InputRef(path, path, stamp=f"{st.st_size}:{st.st_mtime_ns}"))
+        listing.refs.append(InputRef(path, path, stamp=_stamp(entry)))
     return listing
 
 
