@@ -19,6 +19,8 @@ from embedpipe.flows.config import load_config
 from embedpipe.flows.pipeline import pipeline
 from embedpipe.storage.quarantine import read_quarantine
 
+from .fingerprint import FILE as FINGERPRINT
+from .fingerprint import output_fingerprint
 from .helpers import embedpipe
 
 pytestmark = pytest.mark.slow
@@ -81,6 +83,16 @@ def test_demo_end_to_end(demo_run):
     assert "nothing to do" in again.stderr + again.stdout
     assert _files(run, "features", "index", "models", "report") == before
     assert time.perf_counter() - start < 300
+
+
+def test_demo_outputs_match_the_committed_fingerprint(demo_run):
+    """Features, models, indices, rankings and metrics (timings aside) are the bytes the demo has always
+    produced: moving code around must not change a single output."""
+    run, _ = demo_run
+    expected = json.loads(FINGERPRINT.read_text())
+    got = output_fingerprint(run)
+    assert sorted(got) == sorted(expected)
+    assert [k for k in expected if got[k] != expected[k]] == []
 
 
 def _inject_bad_files(folder: Path) -> dict[str, str]:
