@@ -1,1 +1,3 @@
-"""Prefect flows, the CLI, the config object and presets."""
+"""The top: Prefect flows over plain stage functions, the CLI, config loading and presets, deployments, and
+the benchmarks.
+"""

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from embedpipe.storage.errors import EmbedpipeError, InputError
+from embedpipe.storage.contracts.errors import EmbedpipeError, InputError
 
 log = logging.getLogger("embedpipe")
 
@@ -265,7 +265,7 @@ def _run_flow(cfg) -> dict:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from embedpipe.flows.config import load_config
-    from embedpipe.workers.demo_data import generate_demo
+    from embedpipe.workers.ingest.demo_data import generate_demo
 
     cfg = load_config(preset="demo", overrides={"out": args.out}, sets=args.sets)
     info = generate_demo(cfg.out / "demo-images", seed=cfg.seed)
@@ -289,8 +289,8 @@ def _engine_overrides(args: argparse.Namespace) -> dict:
 def _load_run_config(args: argparse.Namespace, check_inputs: bool = True):
     from embedpipe.flows.config import load_config
     from embedpipe.storage.dataset import run_listings
-    from embedpipe.storage.sources import list_inputs, read_rotations
     from embedpipe.workers.descriptors.backbones import check_backbone
+    from embedpipe.workers.ingest.sources import list_inputs, read_rotations
 
     overrides = {
         "images": getattr(args, "images", None),
@@ -341,7 +341,7 @@ def _backbone_overrides(name: str) -> dict:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from embedpipe.storage.sources import list_inputs, listing_once
+    from embedpipe.workers.ingest.sources import list_inputs, listing_once
 
     overrides: dict = {"images": args.images}
     ft = {k: v for k, v in (("loss", args.loss), ("epochs", args.epochs)) if v is not None}
@@ -379,7 +379,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from embedpipe.storage.sources import listing_once
+    from embedpipe.workers.ingest.sources import listing_once
 
     with listing_once():  # the check before the engines start and the run share one listing
         cfg = _load_run_config(args)
@@ -393,9 +393,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_reindex(args: argparse.Namespace) -> int:
     from embedpipe.flows.config import load_config
     from embedpipe.flows.pipeline import reindex
+    from embedpipe.storage.contracts.layout import RunLayout
     from embedpipe.storage.dataset import run_listings
-    from embedpipe.storage.layout import RunLayout
-    from embedpipe.storage.sources import list_inputs, listing_once
+    from embedpipe.workers.ingest.sources import list_inputs, listing_once
 
     saved = RunLayout(args.run).read_manifest().get("config")
     if saved is None:
@@ -437,7 +437,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from embedpipe.flows.config import load_config
-    from embedpipe.workers.ingest import run_ingest
+    from embedpipe.workers.ingest.stage import run_ingest
 
     if args.max_side < 32:
         raise InputError("--max-side must be at least 32")
@@ -449,7 +449,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
-    from embedpipe.storage import benchmarks
+    from embedpipe.workers.ingest import datasets as benchmarks
     from embedpipe.workers.progress import Progress
 
     if args.action == "list":
@@ -482,14 +482,14 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_decode(args: argparse.Namespace) -> int:
-    from embedpipe.workers.bench import bench_decode, large_photos
+    from embedpipe.flows.benchmarks.extract import bench_decode, large_photos
 
     cfg = _load_run_config(args)
     if cfg.images is None:
         root = Path(tempfile.gettempdir()) / "embedpipe-bench-decode"
         files = large_photos(root, min(args.n, 64))
     else:
-        from embedpipe.storage.sources import list_inputs
+        from embedpipe.workers.ingest.sources import list_inputs
 
         files = [Path(r.uri) for r in list_inputs(cfg.images).refs if r.offset < 0 and "://" not in r.uri]
         files = files[: args.n]
@@ -508,7 +508,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_ann(args: argparse.Namespace) -> int:
-    from embedpipe.workers.bench_ann import bench_index, bench_pca
+    from embedpipe.flows.benchmarks.ann import bench_index, bench_pca
 
     rows = args.rows if args.rows is not None else 1_000_000
     dim = args.dim if args.dim is not None else (256 if args.what == "pca" else 128)
@@ -525,7 +525,7 @@ def cmd_bench_ann(args: argparse.Namespace) -> int:
     if args.what == "pca":
         result = bench_pca(store, rows, dim, args.parts, args.components)
     else:
-        from embedpipe.workers.ann import check_factory
+        from embedpipe.workers.index.ann import check_factory
 
         result = bench_index(store, rows, dim, args.parts, check_factory(args.factory), growth)
     _write_json(result, args.json)
@@ -542,9 +542,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return cmd_bench_reindex(args)
     if args.what == "ingest":
         return cmd_bench_ingest(args)
-    from embedpipe.storage.sources import list_inputs
-    from embedpipe.workers.bench import bench_extract
-    from embedpipe.workers.demo_data import generate_demo
+    from embedpipe.flows.benchmarks.extract import bench_extract
+    from embedpipe.workers.ingest.demo_data import generate_demo
+    from embedpipe.workers.ingest.sources import list_inputs
 
     if args.what == "codebook":
         return cmd_bench_codebook(args)
@@ -578,8 +578,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_reindex(args: argparse.Namespace) -> int:
-    from embedpipe.flows.bench_reindex import bench_reindex
-    from embedpipe.workers.demo_data import generate_demo
+    from embedpipe.flows.benchmarks.reindex import bench_reindex
+    from embedpipe.workers.ingest.demo_data import generate_demo
 
     if args.out is None:
         args.out = Path("runs/bench-reindex")
@@ -592,8 +592,8 @@ def cmd_bench_reindex(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_ingest(args: argparse.Namespace) -> int:
-    """Our ingest vs img2dataset on the same photos served from 127.0.0.1 (see workers/bench_ingest.py)."""
-    from embedpipe.workers import bench_ingest as bi
+    """Our ingest vs img2dataset on the same photos served from 127.0.0.1 (see flows/benchmarks/ingest.py)."""
+    from embedpipe.flows.benchmarks import ingest as bi
 
     if args.n < 1:
         raise InputError("--n must be at least 1")
@@ -632,8 +632,8 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
     """Ray Train vs a plain PyTorch loop on the same model and tuples of --images (default: the demo)."""
-    from embedpipe.workers.demo_data import generate_demo
-    from embedpipe.workers.train import bench_train
+    from embedpipe.workers.ingest.demo_data import generate_demo
+    from embedpipe.workers.train.loop import bench_train
 
     if args.steps < 1:
         raise InputError("--steps must be at least 1")
@@ -656,8 +656,8 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 def cmd_bench_codebook(args: argparse.Namespace) -> int:
     """Local features of every image of --images (default: the demo dataset) into --out (default: a
     temporary folder), then faiss k-means vs MiniBatchKMeans on one Dask sample of them."""
-    from embedpipe.workers.bench import bench_codebook
-    from embedpipe.workers.demo_data import generate_demo
+    from embedpipe.flows.benchmarks.extract import bench_codebook
+    from embedpipe.workers.ingest.demo_data import generate_demo
 
     cfg = _load_run_config(args)
     if cfg.images is None:
@@ -690,15 +690,15 @@ def _write_json(result: dict, path: Path | None, echo: bool = True) -> None:
 
 
 def cmd_eval_ranks(args: argparse.Namespace) -> int:
-    from embedpipe.workers.eval_ranks import eval_ranks, load_ranks
+    from embedpipe.workers.evaluate.eval_ranks import eval_ranks, load_ranks
 
     _write_json(eval_ranks(args.protocol, args.gnd, load_ranks(args.ranks)), args.json)
     return 0
 
 
 def _finished_run(path: Path):
-    from embedpipe.flows.config import Config
-    from embedpipe.storage.layout import RunLayout
+    from embedpipe.storage.contracts.config import Config
+    from embedpipe.storage.contracts.layout import RunLayout
 
     layout = RunLayout(path)
     if not layout.metrics.is_file():
@@ -707,10 +707,10 @@ def _finished_run(path: Path):
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from embedpipe.workers.report import write_report
+    from embedpipe.workers.report.html import write_report
 
     if (args.run / "backbone.json").is_file():
-        from embedpipe.workers.finetune_report import write_finetune_report
+        from embedpipe.workers.train.report import write_finetune_report
 
         runs = {str(r): _finished_run(r)[0].root for r in args.runs}
         sys.stdout.write(f"{write_finetune_report(args.run, runs)}\n")
@@ -741,7 +741,7 @@ def compare_runs(metrics_a: dict, metrics_b: dict) -> list[dict]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from embedpipe.workers.report import fmt_metric
+    from embedpipe.workers.report.html import fmt_metric
 
     (layout_a, _), (layout_b, _) = _finished_run(args.run_a), _finished_run(args.run_b)
     rows = compare_runs(json.loads(layout_a.metrics.read_text()), json.loads(layout_b.metrics.read_text()))
@@ -765,11 +765,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from embedpipe.storage.layout import write_json_atomic
-    from embedpipe.workers.evaluate import run_ground_truth
-    from embedpipe.workers.protocols import BENCHMARK_PROTOCOLS
-    from embedpipe.workers.report import fmt_metric
-    from embedpipe.workers.study import compression_study, plot_compression
+    from embedpipe.storage.contracts.layout import write_json_atomic
+    from embedpipe.workers.evaluate.protocols import BENCHMARK_PROTOCOLS
+    from embedpipe.workers.evaluate.stage import run_ground_truth
+    from embedpipe.workers.evaluate.study import compression_study, plot_compression
+    from embedpipe.workers.report.html import fmt_metric
 
     layout, cfg = _finished_run(args.run)
     if cfg.protocol == "none":
@@ -799,7 +799,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _print_table(metrics: dict, out: Path) -> None:
-    from embedpipe.workers.report import fmt_metric
+    from embedpipe.workers.report.html import fmt_metric
 
     lines = [f"{'descriptor':<16}{'post':<12}{'rerank':<9}{'dim':>6}{'mAP':>9}{'mP@10':>9}"]
     for r in metrics["results"]:

@@ -20,8 +20,8 @@ from typing import Any
 import yaml
 from prefect import flow
 
-from embedpipe.flows.config import Config
-from embedpipe.storage.errors import InputError
+from embedpipe.storage.contracts.config import Config
+from embedpipe.storage.contracts.errors import InputError
 
 log = logging.getLogger("embedpipe.deploy")
 

@@ -10,9 +10,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from embedpipe.flows.config import Config
-from embedpipe.workers.finetune_report import write_finetune_report
-from embedpipe.workers.train import run_finetune
+from embedpipe.storage.contracts.config import Config
+from embedpipe.workers.train.loop import run_finetune
+from embedpipe.workers.train.report import write_finetune_report
 
 
 @task(name="train", cache_policy=NO_CACHE)

@@ -19,8 +19,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from embedpipe.flows.config import Config
 from embedpipe.storage.artifacts import save_npz
+from embedpipe.storage.contracts.config import Config
+from embedpipe.storage.contracts.errors import EmbedpipeError, InputError, RunFailed, WriteFailed
+from embedpipe.storage.contracts.layout import STAGES, RunLayout, write_json_atomic
 from embedpipe.storage.dataset import (
     manifest_rows,
     previous_shards,
@@ -28,22 +30,21 @@ from embedpipe.storage.dataset import (
     write_manifest,
     write_tar_stamps,
 )
-from embedpipe.storage.errors import EmbedpipeError, InputError, RunFailed, WriteFailed
 from embedpipe.storage.features import kept_store_reads, read_store_manifest
-from embedpipe.storage.layout import STAGES, RunLayout, write_json_atomic
 from embedpipe.storage.quarantine import read_quarantine, write_quarantine
-from embedpipe.storage.sources import InputRef
-from embedpipe.workers.bow_eval import evaluate_bow
-from embedpipe.workers.dask_jobs import encode_descriptor, fit_codebook, fit_pca_whitening
+from embedpipe.workers.classical.encode import descriptor_info
 from embedpipe.workers.descriptors.local import encoding_of
-from embedpipe.workers.encode import descriptor_info
-from embedpipe.workers.evaluate import (
+from embedpipe.workers.engines.dask_jobs import encode_descriptor, fit_codebook, fit_pca_whitening
+from embedpipe.workers.engines.ray_stages import NodeWork, SharedModels, cluster_nodes, ray_session
+from embedpipe.workers.evaluate.bow import evaluate_bow
+from embedpipe.workers.evaluate.protocols import BENCHMARK_PROTOCOLS
+from embedpipe.workers.evaluate.stage import (
     borrowed_whitening,
     index_and_evaluate,
     whitening_drift,
     whitening_name,
 )
-from embedpipe.workers.extract import (
+from embedpipe.workers.extract.stage import (
     config_fingerprint,
     extract_queries,
     extract_shard,
@@ -51,11 +52,10 @@ from embedpipe.workers.extract import (
     pending_shards,
     stage_models,
 )
-from embedpipe.workers.inputs import RunInputs, run_inputs
+from embedpipe.workers.ingest.inputs import RunInputs, run_inputs
+from embedpipe.workers.ingest.sources import InputRef
 from embedpipe.workers.progress import Progress
-from embedpipe.workers.protocols import BENCHMARK_PROTOCOLS
-from embedpipe.workers.ray_stages import NodeWork, SharedModels, cluster_nodes, ray_session
-from embedpipe.workers.report import fmt_metric, map_of, row_label, write_report
+from embedpipe.workers.report.html import fmt_metric, map_of, row_label, write_report
 
 
 def _chain(*parts: str) -> str:

@@ -1,1 +1,3 @@
-"""On-disk formats: run layout, Parquet feature store, quarantine, errors."""
+"""On-disk formats: dataset manifest, shard records, Parquet feature stores, model artifacts, index folders,
+quarantine; contracts/ is the bottom layer.
+"""

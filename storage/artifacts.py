@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from embedpipe.storage.layout import atomic_path
+from embedpipe.storage.contracts.layout import atomic_path
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 

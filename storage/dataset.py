@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from embedpipe.storage.layout import RunLayout, atomic_path, write_json_atomic
-from embedpipe.storage.sources import InputRef, KnownTars, Listing, known_tar_listings, list_inputs
+from embedpipe.storage.contracts.layout import RunLayout, atomic_path, write_json_atomic
+from embedpipe.workers.ingest.sources import InputRef, KnownTars, Listing, known_tar_listings, list_inputs
 
 
 @dataclass(frozen=True)

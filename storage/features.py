@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from embedpipe.storage.layout import atomic_path, write_error, write_json_atomic
+from embedpipe.storage.contracts.layout import atomic_path, write_error, write_json_atomic
 
 MANIFEST = "_manifest.json"
 

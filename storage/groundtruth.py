@@ -11,7 +11,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from embedpipe.storage.errors import InputError
+from embedpipe.storage.contracts.errors import InputError
 
 _NUMPY_GLOBALS = {"_reconstruct", "scalar", "ndarray", "dtype"}
 _BUILTIN_GLOBALS = {"set", "frozenset", "slice", "complex"}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from embedpipe.storage.layout import atomic_path
+from embedpipe.storage.contracts.layout import atomic_path
 
 CURRENT = "CURRENT"
 _VERSION = re.compile(r"^v(\d{4,})$")

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from embedpipe.storage.contracts.layout import write_json_atomic
 from embedpipe.storage.features import MANIFEST, FeatureWriter
-from embedpipe.storage.layout import write_json_atomic
 
 _BASE = [
     pa.field("id", pa.string(), nullable=False),

@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedpipe.storage.layout import atomic_path
+from embedpipe.storage.contracts.layout import atomic_path
 
 SCHEMA = pa.schema(
     [

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from embedpipe.storage.layout import write_json_atomic
-from embedpipe.storage.sources import InputRef
+from embedpipe.storage.contracts.layout import write_json_atomic
+from embedpipe.workers.ingest.sources import InputRef
 
 _RECORD = re.compile(r"^shard-(\d{5,})\.json$")
 

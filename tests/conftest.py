@@ -19,7 +19,7 @@ os.environ.pop("PREFECT_API_URL", None)
 @pytest.fixture(scope="session")
 def demo_images(tmp_path_factory) -> Path:
     """The real demo dataset (photos from scikit-image / scikit-learn), generated once per session."""
-    from embedpipe.workers.demo_data import generate_demo
+    from embedpipe.workers.ingest.demo_data import generate_demo
 
     return generate_demo(tmp_path_factory.mktemp("demo") / "images").root
 

@@ -5,10 +5,11 @@ import torch
 import torchvision
 from PIL import Image
 
-from embedpipe.flows.config import ExtractConfig, load_config
-from embedpipe.storage.errors import BackboneError
+from embedpipe.flows.config import load_config
+from embedpipe.storage.contracts.config import ExtractConfig
+from embedpipe.storage.contracts.errors import BackboneError
 from embedpipe.workers.descriptors.backbones import lite_classifier, load_backbone, load_in_order
-from embedpipe.workers.embed import Embedder
+from embedpipe.workers.extract.embed import Embedder
 
 CAT_CLASSES = range(281, 286)  # ImageNet tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -120,7 +121,7 @@ def test_fc_codes_come_from_the_same_forward_pass(alexnet_weights, demo_images):
 
 def test_multi_scale_power_and_bf16(demo_images):
     from embedpipe.workers.descriptors.pooling import gem, l2n
-    from embedpipe.workers.embed import rescale
+    from embedpipe.workers.extract.embed import rescale
 
     image = np.asarray(Image.open(demo_images / "100200.jpg").convert("RGB"))[:240, :320]
     one = Embedder(ExtractConfig(descriptors=("gem",)))
@@ -165,7 +166,7 @@ def test_weights_from_the_library_cache(tmp_path, monkeypatch):
 
 
 def test_shape_buckets_group_equal_shapes_without_padding():
-    from embedpipe.workers.embed import shape_buckets
+    from embedpipe.workers.extract.embed import shape_buckets
 
     shapes = [(4, 6, 3), (6, 4, 3), (4, 6, 3), (4, 6, 3), (5, 5, 3), (6, 4, 3), (4, 6, 3)]
     assert shape_buckets(shapes, 3) == [[0, 2, 3], [6], [1, 5], [4]]
@@ -195,7 +196,7 @@ def test_embed_many_stacks_each_shape_and_matches_one_image_at_a_time(demo_image
 
 
 def test_model_actor_gives_the_error_to_the_image_the_model_cannot_take(alexnet_weights, demo_images):
-    from embedpipe.workers.ray_stages import EmbedActor
+    from embedpipe.workers.engines.ray_stages import EmbedActor
 
     path, _ = alexnet_weights
     cfg = ExtractConfig(backbone="torchvision:alexnet", weights=path, descriptors=("gem",), forward_batch=8)

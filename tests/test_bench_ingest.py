@@ -10,10 +10,10 @@ import httpx
 import pytest
 from PIL import Image
 
+from embedpipe.flows.benchmarks.http_serve import serve_folder
+from embedpipe.flows.benchmarks.ingest import bench_ingest, bench_photos, img2dataset_python, write_url_list
 from embedpipe.flows.config import load_config
-from embedpipe.workers.bench_ingest import bench_ingest, bench_photos, img2dataset_python, write_url_list
-from embedpipe.workers.http_serve import serve_folder
-from embedpipe.workers.ray_stages import ray_session
+from embedpipe.workers.engines.ray_stages import ray_session
 
 from .helpers import embedpipe
 

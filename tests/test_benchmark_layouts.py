@@ -12,7 +12,7 @@ from prefect.testing.utilities import prefect_test_harness
 from embedpipe.flows.config import load_config
 from embedpipe.flows.pipeline import pipeline
 from embedpipe.storage.features import read_features
-from embedpipe.workers.eval_ranks import eval_ranks
+from embedpipe.workers.evaluate.eval_ranks import eval_ranks
 
 pytestmark = pytest.mark.slow
 GROUPS = (1000, 1001, 1002)

@@ -8,10 +8,12 @@ import pytest
 import scipy.sparse as sp
 from PIL import Image
 
-from embedpipe.flows.config import BowConfig, load_config
-from embedpipe.storage.errors import InputError, RunFailed
+from embedpipe.flows.config import load_config
+from embedpipe.storage.contracts.config import BowConfig
+from embedpipe.storage.contracts.errors import InputError, RunFailed
 from embedpipe.storage.local_features import LocalFeatureWriter, list_values
-from embedpipe.workers import codebook as cb
+from embedpipe.workers.classical import codebook as cb
+from embedpipe.workers.classical.encode import cap_sample, sample_part
 from embedpipe.workers.descriptors.bow import (
     InvertedFile,
     image_seed,
@@ -31,8 +33,7 @@ from embedpipe.workers.descriptors.local import (
     keypoint_order,
     stored_features,
 )
-from embedpipe.workers.encode import cap_sample, sample_part
-from embedpipe.workers.rerank import ransac_inliers, verified_order, word_matches
+from embedpipe.workers.evaluate.rerank import ransac_inliers, verified_order, word_matches
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +257,7 @@ def test_encode_part_bow_and_vlad(demo_images, tmp_path, stored, feature, assign
     """One part of a real local-feature store encoded as BoW (words, weights per keypoint) and VLAD."""
     from embedpipe.storage.features import read_features
     from embedpipe.storage.local_features import write_manifest
-    from embedpipe.workers.encode import encode_part
+    from embedpipe.workers.classical.encode import encode_part
 
     photos = [np.asarray(Image.open(demo_images / f"10000{i}.jpg").convert("RGB")) for i in range(3)]
     feats = [extract_local(grayscale(p), stored, 200) for p in photos]

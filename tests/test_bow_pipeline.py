@@ -11,9 +11,9 @@ import pytest
 
 from embedpipe.flows.config import load_config
 from embedpipe.storage.artifacts import load_npz
-from embedpipe.storage.errors import InputError
-from embedpipe.storage.layout import RunLayout
-from embedpipe.workers.dask_jobs import encode_descriptor, fit_codebook
+from embedpipe.storage.contracts.errors import InputError
+from embedpipe.storage.contracts.layout import RunLayout
+from embedpipe.workers.engines.dask_jobs import encode_descriptor, fit_codebook
 
 from .helpers import embedpipe
 from .http_fixture import serve

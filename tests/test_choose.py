@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from embedpipe.storage.errors import InputError
-from embedpipe.workers.choose import auto_candidates, choose_index, nlist_for, recall_at_k
-from embedpipe.workers.protocols import GroundTruth
+from embedpipe.storage.contracts.errors import InputError
+from embedpipe.workers.evaluate.protocols import GroundTruth
+from embedpipe.workers.index.choose import auto_candidates, choose_index, nlist_for, recall_at_k
 
 
 @pytest.fixture(scope="module")

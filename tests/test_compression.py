@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from embedpipe.storage.artifacts import load_npz
-from embedpipe.storage.errors import InputError
-from embedpipe.workers.evaluate import borrowed_whitening
-from embedpipe.workers.study import candidates, pq_factory, pq_nbits
+from embedpipe.storage.contracts.errors import InputError
+from embedpipe.workers.evaluate.stage import borrowed_whitening
+from embedpipe.workers.evaluate.study import candidates, pq_factory, pq_nbits
 
 from .helpers import embedpipe
 
@@ -132,8 +132,8 @@ def test_index_layouts_in_a_run(flat_run, demo_images, layout, factory):
     rankings are those of the same index built in one piece (the store's 106 rows, fewer than
     index.train_size, are the training sample; nprobe covers every list)."""
     from embedpipe.storage.features import read_features
-    from embedpipe.workers.ann import build_index, search, set_search_params
-    from embedpipe.workers.protocols import holidays
+    from embedpipe.workers.evaluate.protocols import holidays
+    from embedpipe.workers.index.ann import build_index, search, set_search_params
 
     run, _ = flat_run
     sets = ["--set", f"index.factory={factory}", "--set", f"index.layout={layout}", "--set", "index.nprobe=4"]

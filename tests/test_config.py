@@ -1,8 +1,9 @@
 import pytest
 from pydantic import ValidationError
 
-from embedpipe.flows.config import Config, load_config, preset_names
-from embedpipe.storage.errors import InputError
+from embedpipe.flows.config import load_config, preset_names
+from embedpipe.storage.contracts.config import Config
+from embedpipe.storage.contracts.errors import InputError
 
 
 def test_presets_load():

@@ -8,8 +8,8 @@ import tarfile
 import pytest
 import yaml
 
-from embedpipe.storage import benchmarks
-from embedpipe.storage.errors import InputError
+from embedpipe.storage.contracts.errors import InputError
+from embedpipe.workers.ingest import datasets as benchmarks
 
 from .helpers import embedpipe
 from .http_fixture import serve

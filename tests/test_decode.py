@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from embedpipe.storage.errors import DecodeError
-from embedpipe.workers.decode import content_id, decode_image
+from embedpipe.storage.contracts.errors import DecodeError
+from embedpipe.workers.ingest.decode import content_id, decode_image
 
 
 def _encode(img, fmt="JPEG", **kw):
@@ -89,8 +89,8 @@ def test_orientation_options(photo, tmp_path):
 
 
 def test_rotation_lists(tmp_path):
-    from embedpipe.storage.errors import InputError
-    from embedpipe.storage.sources import read_rotations, rotation_of
+    from embedpipe.storage.contracts.errors import InputError
+    from embedpipe.workers.ingest.sources import read_rotations, rotation_of
 
     good = tmp_path / "rot.csv"
     good.write_text(
@@ -114,7 +114,7 @@ def test_content_id_is_sha256():
 
 
 def test_query_crop_keeps_the_database_scale(photo):
-    from embedpipe.workers.decode import decode_query_crop
+    from embedpipe.workers.ingest.decode import decode_query_crop
 
     full = Image.open(io.BytesIO(photo)).convert("RGB")
     w, h = full.size
@@ -167,8 +167,8 @@ def test_decompression_bomb_is_refused_from_the_header():
 
 
 def test_bench_decode_compares_both_paths_on_the_same_files(tmp_path):
+    from embedpipe.flows.benchmarks.extract import bench_decode, large_photos, naive_decode
     from embedpipe.flows.config import load_config
-    from embedpipe.workers.bench import bench_decode, large_photos, naive_decode
 
     files = large_photos(tmp_path, 3, side=1200)
     assert all(max(Image.open(f).size) == 1200 for f in files)
@@ -183,9 +183,9 @@ def test_bench_decode_compares_both_paths_on_the_same_files(tmp_path):
 
 def test_ingest_turns_listed_images_and_keeps_the_others(tmp_path, photo):
     from embedpipe.flows.config import load_config
-    from embedpipe.storage.sources import list_inputs
-    from embedpipe.workers.ingest import ingest_batch
-    from embedpipe.workers.ray_stages import _columns, input_items
+    from embedpipe.workers.engines.ray_stages import _columns, input_items
+    from embedpipe.workers.ingest.sources import list_inputs
+    from embedpipe.workers.ingest.stage import ingest_batch
 
     (tmp_path / "a.jpg").write_bytes(photo)
     (tmp_path / "b.jpg").write_bytes(photo)

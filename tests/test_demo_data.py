@@ -1,5 +1,5 @@
-from embedpipe.workers.demo_data import QUERY_PHOTOS, TRANSFORMS, generate_demo
-from embedpipe.workers.protocols import holidays
+from embedpipe.workers.evaluate.protocols import holidays
+from embedpipe.workers.ingest.demo_data import QUERY_PHOTOS, TRANSFORMS, generate_demo
 
 
 def test_demo_is_deterministic(tmp_path, demo_images):

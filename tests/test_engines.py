@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from embedpipe.flows.config import ExtractConfig, FitConfig, load_config
-from embedpipe.storage.errors import InputError, RunFailed
-from embedpipe.workers.dask_jobs import dask_scheduler
-from embedpipe.workers.ray_stages import NodeWork, cluster_pool, pool_size, record_work
+from embedpipe.flows.config import load_config
+from embedpipe.storage.contracts.config import ExtractConfig, FitConfig
+from embedpipe.storage.contracts.errors import InputError, RunFailed
+from embedpipe.workers.engines.dask_jobs import dask_scheduler
+from embedpipe.workers.engines.ray_stages import NodeWork, cluster_pool, pool_size, record_work
 
 
 @pytest.mark.parametrize(
@@ -60,8 +61,8 @@ def test_unreachable_dask_scheduler_is_one_line():
 
 
 def test_deployment_parameters_are_absolute_and_validate(small_holidays, tmp_path, monkeypatch):
-    from embedpipe.flows.config import Config
     from embedpipe.flows.deploy import deployment_config, deployment_yaml
+    from embedpipe.storage.contracts.config import Config
 
     monkeypatch.chdir(small_holidays.parent)  # relative paths: a run and its images in this folder
     cfg = load_config(overrides={"images": small_holidays.name, "out": "runs/x"})

@@ -5,10 +5,10 @@ import pickle
 import numpy as np
 import pytest
 
-from embedpipe.storage.errors import InputError
+from embedpipe.storage.contracts.errors import InputError
 from embedpipe.storage.groundtruth import load_pickle_safely
-from embedpipe.workers.eval_ranks import eval_ranks
-from embedpipe.workers.metrics import ns_score
+from embedpipe.workers.evaluate.eval_ranks import eval_ranks
+from embedpipe.workers.evaluate.metrics import ns_score
 
 from .helpers import embedpipe
 from .revisitop_reference import revisitop_compute_map

@@ -15,7 +15,8 @@ import torch
 
 from embedpipe.flows.config import load_config
 from embedpipe.workers.descriptors.pooling import gem
-from embedpipe.workers.finetune import (
+from embedpipe.workers.fit.whitening import apply_whitening, learned_whitening
+from embedpipe.workers.train.finetune import (
     GeM,
     contrastive_loss,
     groups_of,
@@ -23,8 +24,7 @@ from embedpipe.workers.finetune import (
     mine_tuples,
     triplet_loss,
 )
-from embedpipe.workers.train import latest_state
-from embedpipe.workers.whitening import apply_whitening, learned_whitening
+from embedpipe.workers.train.loop import latest_state
 from tests.helpers import demo_subset, embedpipe, kill_cli_when
 
 
@@ -121,7 +121,7 @@ def train_images(demo_images, tmp_path) -> Path:
 
 
 def test_training_steps_lower_the_loss_and_pull_a_matching_pair_together(train_images):
-    from embedpipe.workers.train import build_model, embed_images, load_images, optimiser, train_step
+    from embedpipe.workers.train.loop import build_model, embed_images, load_images, optimiser, train_step
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -132,7 +132,7 @@ def test_training_steps_lower_the_loss_and_pull_a_matching_pair_together(train_i
     )
     files = sorted(train_images.glob("*.jpg"))
     names = [f.name for f in files]
-    from embedpipe.storage.sources import list_inputs
+    from embedpipe.workers.ingest.sources import list_inputs
 
     refs = list_inputs(str(train_images)).refs
     images = load_images(refs, 96, cfg)
@@ -260,8 +260,8 @@ def test_bench_train_writes_side_by_side_json(train_images, tmp_path):
 
 
 def test_mining_without_labels_keeps_geometrically_verified_pairs(train_images, tmp_path):
-    from embedpipe.workers.finetune import components, knn_pairs
-    from embedpipe.workers.train import (
+    from embedpipe.workers.train.finetune import components, knn_pairs
+    from embedpipe.workers.train.loop import (
         build_model,
         embed_images,
         load_images,
@@ -312,7 +312,7 @@ def test_mining_without_labels_keeps_geometrically_verified_pairs(train_images, 
 
 
 def test_evaluation_collection_is_disjoint_from_the_demo_and_deterministic(tmp_path):
-    from embedpipe.workers import demo_data
+    from embedpipe.workers.ingest import demo_data
 
     demo = set(demo_data.QUERY_PHOTOS + demo_data.DISTRACTOR_PHOTOS)
     assert not demo & set(demo_data.EVAL_QUERY_PHOTOS + demo_data.EVAL_DISTRACTOR_PHOTOS)

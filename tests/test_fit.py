@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from embedpipe.flows.config import FitConfig
+from embedpipe.storage.contracts.config import FitConfig
 from embedpipe.storage.features import FeatureWriter
-from embedpipe.workers.dask_jobs import fit_pca_whitening
-from embedpipe.workers.whitening import apply_whitening, pca_whitening_from_moments
+from embedpipe.workers.engines.dask_jobs import fit_pca_whitening
+from embedpipe.workers.fit.whitening import apply_whitening, pca_whitening_from_moments
 
 
 @pytest.fixture

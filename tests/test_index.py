@@ -4,20 +4,21 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from embedpipe.flows.config import IndexConfig, RayConfig, load_config
+from embedpipe.flows.config import load_config
 from embedpipe.storage import index_versions
-from embedpipe.storage.errors import InputError
+from embedpipe.storage.contracts.config import IndexConfig, RayConfig
+from embedpipe.storage.contracts.errors import InputError
 from embedpipe.storage.features import FeatureWriter, part_files
-from embedpipe.workers import ann
-from embedpipe.workers.dask_jobs import sample_store
-from embedpipe.workers.index_build import (
+from embedpipe.workers.engines.dask_jobs import sample_store
+from embedpipe.workers.engines.ray_stages import ray_session
+from embedpipe.workers.index import ann
+from embedpipe.workers.index.build import (
     add_part,
     build_store_index,
     load_current,
     remove_content_ids,
     save_version,
 )
-from embedpipe.workers.ray_stages import ray_session
 
 DIM, PARTS, PER_PART = 32, 4, 300
 FACTORIES = [

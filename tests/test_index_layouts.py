@@ -9,8 +9,10 @@ import faiss
 import numpy as np
 import pytest
 
-from embedpipe.flows.config import Config, FitConfig, IndexConfig, load_config
-from embedpipe.storage.errors import InputError, RunFailed
+from embedpipe.flows.config import load_config
+from embedpipe.storage.contracts.config import Config, FitConfig, IndexConfig
+from embedpipe.storage.contracts.errors import InputError, RunFailed
+from embedpipe.storage.contracts.layout import RunLayout
 from embedpipe.storage.features import (
     feature_schema,
     feature_table,
@@ -20,11 +22,10 @@ from embedpipe.storage.features import (
     sample_quotas,
     write_part_table,
 )
-from embedpipe.storage.layout import RunLayout
-from embedpipe.workers import ann
-from embedpipe.workers.dask_jobs import sample_store
-from embedpipe.workers.evaluate import variant_index
-from embedpipe.workers.index_build import (
+from embedpipe.workers.engines.dask_jobs import sample_store
+from embedpipe.workers.evaluate.stage import variant_index
+from embedpipe.workers.index import ann
+from embedpipe.workers.index.build import (
     StoreOrderIndex,
     add_part,
     index_layout,

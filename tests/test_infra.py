@@ -168,8 +168,8 @@ def test_kuberay_rayjob():
 def test_prefect_deployment_file():
     from prefect.flows import Flow, load_flow_from_entrypoint
 
-    from embedpipe.flows.config import Config
     from embedpipe.flows.deploy import ENTRYPOINT, check_cron, update_run
+    from embedpipe.storage.contracts.config import Config
 
     spec = yaml.safe_load((INFRA / "prefect.yaml").read_text())
     (dep,) = spec["deployments"]

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from embedpipe.storage.sources import list_inputs, read_input
+from embedpipe.workers.ingest.sources import list_inputs, read_input
 
 from .helpers import embedpipe
 from .http_fixture import serve

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from embedpipe.workers.metrics import compute_ap, compute_map
-from embedpipe.workers.protocols import holidays
+from embedpipe.workers.evaluate.metrics import compute_ap, compute_map
+from embedpipe.workers.evaluate.protocols import holidays
 
 from .revisitop_reference import revisitop_compute_map as _revisitop_reference
 
@@ -66,7 +66,7 @@ def test_holidays_ground_truth_from_names():
 
 
 def test_ukbench_and_labels_ground_truth():
-    from embedpipe.workers.protocols import ground_truth
+    from embedpipe.workers.evaluate.protocols import ground_truth
 
     uk = ground_truth("ukbench", [f"/u/ukbench{i:05d}.jpg" for i in range(8)])
     assert uk.queries.tolist() == list(range(8)) and uk.positives[5].tolist() == [4, 5, 6, 7]
@@ -78,7 +78,7 @@ def test_ukbench_and_labels_ground_truth():
 
 
 def test_precision_recall_and_few_shot():
-    from embedpipe.workers.metrics import few_shot_accuracy, precision_at_k, recall_at_k
+    from embedpipe.workers.evaluate.metrics import few_shot_accuracy, precision_at_k, recall_at_k
 
     ranks = np.array([[0, 3, 1, 5, 2, 4]])
     p = precision_at_k(ranks, [np.array([3, 5])], [np.array([0])], (1, 2, 5))
@@ -96,8 +96,8 @@ def test_precision_recall_and_few_shot():
 
 
 def test_pr_curve_by_hand():
-    from embedpipe.workers.protocols import GroundTruth
-    from embedpipe.workers.report import RECALLS, pr_curve
+    from embedpipe.workers.evaluate.protocols import GroundTruth
+    from embedpipe.workers.report.html import RECALLS, pr_curve
 
     # positives {1, 3} of a query whose junk is {0}: after junk removal the list is [1, 2, 3]
     gt = GroundTruth(np.array([0]), [np.array([1, 3])], [np.array([0])])

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedpipe.flows.config import load_config
+from embedpipe.storage.contracts.layout import RunLayout
 from embedpipe.storage.features import read_features
-from embedpipe.storage.layout import RunLayout
-from embedpipe.workers.evaluate import run_ground_truth
-from embedpipe.workers.metrics import compute_map
+from embedpipe.workers.evaluate.metrics import compute_map
+from embedpipe.workers.evaluate.stage import run_ground_truth
 
 from .helpers import embedpipe
 
@@ -135,7 +135,7 @@ def test_bench_reindex_writes_side_by_side_json(tmp_path, small_holidays):
 
 
 def test_bench_holds_back_a_spread_or_a_tail():
-    from embedpipe.flows.bench_reindex import held_back
+    from embedpipe.flows.benchmarks.reindex import held_back
 
     files = [Path(f"{i:06d}.jpg") for i in range(106)]
     spread = held_back(files, 0.1, "spread")

@@ -2,11 +2,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from embedpipe.flows.config import Config
-from embedpipe.storage.layout import RunLayout
-from embedpipe.workers.ann import build_index, search
-from embedpipe.workers.evaluate import dba_neighbours
-from embedpipe.workers.rerank import (
+from embedpipe.storage.contracts.config import Config
+from embedpipe.storage.contracts.layout import RunLayout
+from embedpipe.workers.evaluate.rerank import (
     EXPANSION_ROWS,
     alpha_qe,
     dba,
@@ -15,6 +13,8 @@ from embedpipe.workers.rerank import (
     pair_similarities,
     weighted_expansion,
 )
+from embedpipe.workers.evaluate.stage import dba_neighbours
+from embedpipe.workers.index.ann import build_index, search
 
 
 def _unit(x):

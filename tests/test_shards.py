@@ -17,16 +17,16 @@ from embedpipe.storage.features import (
     write_part_table,
 )
 from embedpipe.storage.shards import ShardRecords, input_signature, shard_fingerprint
-from embedpipe.storage.sources import InputRef
-from embedpipe.workers import ann
-from embedpipe.workers.index_build import (
+from embedpipe.workers.fit.whitening import captured_energy, pca_whitening_from_moments, subspace_drift
+from embedpipe.workers.index import ann
+from embedpipe.workers.index.build import (
     StoreOrderIndex,
     build_store_index,
     new_rows,
     save_version,
     update_store_index,
 )
-from embedpipe.workers.whitening import captured_energy, pca_whitening_from_moments, subspace_drift
+from embedpipe.workers.ingest.sources import InputRef
 
 
 def test_records_round_trip_and_ignore_torn_files(tmp_path):
@@ -84,7 +84,7 @@ def test_finish_store_renames_parts_drops_gone_shards_and_fills_empty_ones(tmp_p
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat", "PCA8,IVF4,PQ4"])
 def test_incremental_update_matches_brute_force_and_keeps_training(tmp_path, factory):
-    from embedpipe.flows.config import IndexConfig
+    from embedpipe.storage.contracts.config import IndexConfig
 
     rng = np.random.default_rng(1)
     x = rng.standard_normal((400, 16)).astype(np.float32)
@@ -168,7 +168,7 @@ def test_weights_digest_follows_fine_tuned_and_local_weights(tmp_path):
 
 @pytest.mark.parametrize("rows", [30, 300])  # fewer rows than dimensions (thin SVD) and more (eigh)
 def test_principal_basis_spans_the_covariance_eigenvectors(rows):
-    from embedpipe.workers.whitening import principal_basis
+    from embedpipe.workers.fit.whitening import principal_basis
 
     rng = np.random.default_rng(rows)
     x = rng.standard_normal((rows, 64)) * np.linspace(5, 0.1, 64)

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from embedpipe.storage.contracts.errors import DecodeError, InputError
 from embedpipe.storage.dataset import (
     assign_shards,
     known_tars,
@@ -19,8 +20,7 @@ from embedpipe.storage.dataset import (
     write_manifest,
     write_tar_stamps,
 )
-from embedpipe.storage.errors import DecodeError, InputError
-from embedpipe.storage.sources import (
+from embedpipe.workers.ingest.sources import (
     expand_braces,
     known_tar_listings,
     list_inputs,

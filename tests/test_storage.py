@@ -124,8 +124,8 @@ def test_quarantine_round_trip(tmp_path):
 @pytest.mark.parametrize("cpus", [1, 2, 3, 4, 8, 16])
 @pytest.mark.parametrize("actors", [0, 1, 2, 3])
 def test_actor_pool_never_starves_decode(cpus, actors):
-    from embedpipe.flows.config import ExtractConfig
-    from embedpipe.workers.ray_stages import pool_size
+    from embedpipe.storage.contracts.config import ExtractConfig
+    from embedpipe.workers.engines.ray_stages import pool_size
 
     auto = pool_size(ExtractConfig(actors=actors), cpus)
     assert auto.actors == (actors or max(1, cpus // 4))

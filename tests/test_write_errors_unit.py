@@ -13,11 +13,11 @@ CHILD = textwrap.dedent(
     from pathlib import Path
     import numpy as np, pyarrow as pa
     from embedpipe.storage.artifacts import save_npz
-    from embedpipe.storage.errors import WriteFailed
+    from embedpipe.storage.contracts.errors import WriteFailed
     from embedpipe.storage.features import FeatureWriter, feature_schema, feature_table, write_part_table
-    from embedpipe.storage.layout import write_json_atomic
-    from embedpipe.workers.index_build import save_version
-    from embedpipe.workers import ann
+    from embedpipe.storage.contracts.layout import write_json_atomic
+    from embedpipe.workers.index.build import save_version
+    from embedpipe.workers.index import ann
 
     root = Path(sys.argv[1])
     x = np.random.default_rng(0).standard_normal((400, 64)).astype(np.float32)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from embedpipe.storage.errors import BackboneError
+from embedpipe.storage.contracts.errors import BackboneError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,0 +1,334 @@
+"""The config schema: the one config object of a run, frozen pydantic models, unknown keys rejected.
+
+Every field carries a description; ``docs/configuration.md`` is generated from them
+(``embedpipe config docs``). Building a Config from presets, files and flags is ``flows.config``'s job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Descriptor = Literal[
+    "gem",
+    "spoc",
+    "spoc-cp",
+    "mac",
+    "rmac",
+    "crow",
+    "fc6",
+    "fc7",
+    "hog",
+    "bow-sift",
+    "bow-rootsift",
+    "bow-orb",
+    "vlad-sift",
+    "vlad-rootsift",
+    "vlad-orb",
+]
+Protocol = Literal["holidays", "oxford5k", "paris6k", "roxford5k", "rparis6k", "ukbench", "labels", "none"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ExtractConfig(_Frozen):
+    backbone: str = "efficientnet_lite0"
+    weights: Literal["cache"] | Path | None = Field(
+        None,
+        description="local weights file for timm:/torchvision: backbones, or 'cache' for the library's cache",
+    )
+    max_side: int = Field(1024, ge=32, description="images larger than this are downscaled, aspect kept")
+    descriptors: tuple[Descriptor, ...] = ("gem", "spoc")
+    gem_p: float = Field(3.0, gt=0)
+    scales: tuple[float, ...] = Field(
+        (1.0,), description="multi-scale: descriptors averaged over these scales"
+    )
+    power: float = Field(1.0, gt=0, description="power normalisation sign(x)|x|^power before the final L2")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="autocast dtype of the forward pass"
+    )
+    batch_size: int = Field(8, ge=1, description="images per batch between Ray stages")
+    forward_batch: int = Field(
+        0,
+        ge=0,
+        description="images of one shape stacked into one forward pass (aspect-ratio buckets, no "
+        "padding); 0: batch_size on a GPU, 1 on a CPU (where stacking large images is slower)",
+    )
+    shard_size: int = Field(256, ge=1, description="images per Parquet part file")
+    actors: int = Field(0, ge=0, description="model actors; 0 derives it from the cluster's CPUs")
+    torch_threads: int = Field(0, ge=0, description="torch threads per actor; 0 derives it")
+    decode_in: Literal["auto", "actor", "stage"] = Field(
+        "auto",
+        description="where images are decoded: in the model actors or a stage of their own "
+        "(auto: in the actors on CPU nodes of fewer than 4 CPUs)",
+    )
+
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(s <= 0 or s > 4 for s in v):
+            raise ValueError("scales must be a non-empty list of factors in (0, 4]")
+        return v
+
+    @field_validator("descriptors")
+    @classmethod
+    def _unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("descriptors must be a non-empty list without repeats")
+        return v
+
+
+class IngestConfig(_Frozen):
+    max_pixels: int = Field(
+        89_478_485,
+        ge=1,
+        le=178_956_970,
+        description="decompression-bomb guard: images with more pixels are quarantined",
+    )
+    timeout_s: float = Field(30.0, gt=0, description="timeout of one remote read (http, fsspec)")
+    retries: int = Field(2, ge=0, le=10, description="retries of a failed remote read, with back-off")
+    exif_orientation: bool = Field(
+        True,
+        description="turn each image as its EXIF Orientation tag says (as photo viewers show it); false "
+        "keeps the pixels as stored, which is how the original Holidays evaluation read its images",
+    )
+    rotations: Path | None = Field(
+        None,
+        description="images to turn upright: a text or CSV file of 'name degrees' lines (degrees clockwise: "
+        "90, 180 or 270), names matched against each input's file name, applied after the EXIF "
+        "orientation; Holidays' widely used orientation correction ('rotated Holidays') is such a list",
+    )
+
+
+class FitConfig(_Frozen):
+    whiten: bool = True
+    dim: int = Field(128, ge=0, description="PCA-whitening output dim; 0 keeps all that the data supports")
+    shrinkage: float = Field(
+        1.0, ge=0, description="eigenvalue regularisation: adds this fraction of the mean eigenvalue"
+    )
+    scheduler: Literal["ray", "threads", "local-cluster", "distributed"] = Field(
+        "ray",
+        description="Dask scheduler: Dask-on-Ray (the run's Ray cluster), local threads, an in-process "
+        "local cluster, or 'distributed': the scheduler at fit.dask_address",
+    )
+    dask_address: str | None = Field(
+        None,
+        description="address of a running Dask scheduler (e.g. tcp://10.0.0.5:8786) for "
+        "scheduler 'distributed'",
+    )
+    from_run: Path | None = Field(
+        None,
+        description="apply the PCA-whitening learnt by this finished run (e.g. learn on Paris, test on "
+        "Oxford) instead of fitting on this run's images",
+    )
+
+    @model_validator(mode="after")
+    def _address(self) -> FitConfig:
+        if (self.scheduler == "distributed") != (self.dask_address is not None):
+            raise ValueError("fit.scheduler 'distributed' and fit.dask_address go together (--dask-address)")
+        return self
+
+
+class IndexConfig(_Frozen):
+    factory: str = Field(
+        "Flat",
+        description="FAISS factory string (Flat, IVF256,Flat, IVF256,PQ32, OPQ32,IVF256,PQ32, HNSW32, LSH, "
+        "optionally after PCA<d>), or 'auto'; built once at start to validate it",
+    )
+    train_size: int = Field(
+        100_000,
+        ge=1,
+        description="rows sampled (seeded, by a Dask job over the store's parts) to train the index",
+    )
+    nprobe: int = Field(16, ge=1, description="IVF: inverted lists visited per query")
+    efsearch: int = Field(64, ge=1, description="HNSW: search-time candidate list size")
+    engine: Literal["ray", "local"] = Field(
+        "ray", description="fill one index per feature part as Ray tasks, or all in this process"
+    )
+    layout: Literal["merged", "ondisk", "sharded"] = Field(
+        "merged",
+        description="how the per-part indices are kept: merged into one index; IVF lists merged into "
+        "one on-disk .ivfdata file (IVF factories only); or one index file per part searched together",
+    )
+    budget_bytes_per_vector: int = Field(
+        0, ge=0, description="factory 'auto': memory budget of one vector's code; 0 = no limit"
+    )
+    target_recall: float = Field(
+        0.9, gt=0, le=1, description="factory 'auto': recall@10 against exact search to reach"
+    )
+
+    @field_validator("factory")
+    @classmethod
+    def _factory(cls, v: str) -> str:
+        return v.strip()  # checked against FAISS at start by workers.index.ann.check_index_config
+
+
+class RerankConfig(_Frozen):
+    methods: tuple[Literal["aqe", "dba", "dba+aqe"], ...] = ("aqe", "dba", "dba+aqe")
+    aqe_k: int = Field(2, ge=1, description="αQE: database neighbours added to each query")
+    aqe_alpha: float = Field(3.0, ge=0, description="αQE: similarity exponent of the weights")
+    dba_k: int = Field(2, ge=1, description="DBA: neighbours added to each database vector")
+    dba_alpha: float = Field(3.0, ge=0, description="DBA: similarity exponent of the weights")
+
+
+class LocalConfig(_Frozen):
+    """Classical descriptors: local features (for the bow-*/vlad-* descriptors) and HOG."""
+
+    max_side: int = Field(
+        640, ge=32, description="images are downscaled to this longer side before local features / HOG"
+    )
+    max_keypoints: int = Field(
+        1000, ge=1, description="keypoints kept per image: strongest response first, ties by position"
+    )
+    hog_size: int = Field(128, ge=16, multiple_of=8, description="HOG: the image is resized to this square")
+
+
+class BowConfig(_Frozen):
+    """Visual-word codebooks (seeded faiss k-means on a Dask sample of the local-feature store) and the
+    BoW / VLAD encodings."""
+
+    k: int = Field(1000, ge=2, description="BoW vocabulary size")
+    vlad_k: int = Field(32, ge=2, description="VLAD codebook size (VLAD dim = vlad_k x descriptor dim)")
+    iterations: int = Field(20, ge=1, description="k-means iterations")
+    sample_per_image: int = Field(300, ge=1, description="descriptors sampled per image for k-means")
+    max_sample: int = Field(500_000, ge=100, description="cap on the whole k-means sample")
+    assign: Literal["hard", "soft"] = Field("hard", description="BoW: nearest word, or m nearest weighted")
+    soft_neighbours: int = Field(3, ge=1, description="soft assignment: words per descriptor")
+    soft_sigma: float = Field(
+        0.2, gt=0, description="soft assignment: kernel width sigma^2 as a fraction of the mean d_1^2"
+    )
+    burstiness: bool = Field(True, description="square-root term frequencies before tf-idf")
+    assign_flat_max: int = Field(
+        8192, ge=1, description="codebooks larger than this assign through an IVF index (approximate)"
+    )
+    codebook_from: Path | None = Field(
+        None, description="train codebooks on this run directory's local-feature store instead of this run's"
+    )
+
+
+class VerifyConfig(_Frozen):
+    """Spatial verification of the BoW shortlist: RANSAC on keypoints sharing a visual word."""
+
+    enabled: bool = True
+    shortlist: int = Field(100, ge=1, description="top BoW results verified per query")
+    model: Literal["affine", "homography"] = "affine"
+    threshold: float = Field(8.0, gt=0, description="RANSAC reprojection threshold in pixels")
+    min_inliers: int = Field(6, ge=3, description="fewer inliers than this do not count as verified")
+    max_word_matches: int = Field(
+        3, ge=1, description="words occurring more often than this in either image give no matches"
+    )
+
+
+class RayConfig(_Frozen):
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+    object_store_mb: int = Field(1024, ge=128)
+    progress_timeout_s: float = Field(
+        600.0, gt=0, description="fail a stage that makes no progress this long"
+    )
+    max_retries: int = Field(
+        3,
+        ge=0,
+        description="a Ray task or model actor whose worker process dies (killed, out of memory, node "
+        "lost) is retried / restarted this many times before the stage fails",
+    )
+
+
+class OrchestrationConfig(_Frozen):
+    """How the flow runs its per-shard tasks (does not change any output)."""
+
+    retries: int = Field(2, ge=0, description="retries of a failed shard task, with exponential back-off")
+    retry_delay_s: float = Field(2.0, ge=0, description="first back-off delay; doubles at each retry")
+
+
+class ReindexConfig(_Frozen):
+    drift_threshold: float = Field(
+        0.1,
+        ge=0,
+        description="refit whitening and retrain indices when new vectors are described this much worse "
+        "(1 - captured energy ratio) by the fitted PCA than the old ones",
+    )
+
+
+class FinetuneConfig(_Frozen):
+    """``embedpipe finetune``: contrastive/triplet fine-tuning of ``extract.backbone`` on Ray Train."""
+
+    loss: Literal["contrastive", "triplet"] = Field("contrastive", description="tuple loss")
+    margin: float = Field(0.7, gt=0, description="loss margin m")
+    head: Literal["gem", "rmac"] = Field("gem", description="pooling head: GeM with learnable p, or R-MAC")
+    gem_p: float = Field(3.0, gt=0, description="initial GeM exponent (learnt)")
+    epochs: int = Field(5, ge=1, description="epochs; tuples are re-mined with the current model each epoch")
+    negatives: int = Field(5, ge=1, description="hard negatives per tuple, one per other group")
+    tuples_per_step: int = Field(4, ge=1, description="tuples per worker per optimiser step")
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate of the trunk (GeM p: 10x)")
+    weight_decay: float = Field(1e-6, ge=0, description="Adam weight decay")
+    max_side: int = Field(256, ge=32, description="training images are downscaled to this longer side")
+    workers: int = Field(0, ge=0, description="Ray Train workers; 0: one per GPU, else from the CPUs")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: GPUs when Ray sees them")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast on GPU (auto: bf16 on GPU, fp32 on CPU); CPUs always use fp32"
+    )
+    torch_threads: int = Field(0, ge=0, description="torch threads per worker; 0 derives it")
+    mining: Literal["auto", "labels", "verified"] = Field(
+        "auto",
+        description="positives from labels/Holidays groups, or mined without labels: the current "
+        "embedding's kNN pairs kept when RANSAC verifies them (auto: labels when there are groups)",
+    )
+    knn: int = Field(5, ge=1, description="mining without labels: neighbours of each image checked")
+    matches: Literal["descriptors", "words"] = Field(
+        "descriptors",
+        description="mining without labels: tentative correspondences RANSAC checks: mutual, ratio-tested "
+        "RootSIFT matches, or keypoints sharing a visual word (BoW spatial verification: a codebook of "
+        "bow.k words trained on the training images, verify.max_word_matches)",
+    )
+    min_inliers: int = Field(
+        15, ge=3, description="mining without labels: RANSAC inliers that make a pair a positive"
+    )
+    whiten_dim: int = Field(128, ge=0, description="learned whitening output dim; 0 keeps all")
+    whiten_shrinkage: float = Field(
+        0.1, ge=0, description="learned whitening: regularisation of the pair-difference covariance"
+    )
+
+
+class Config(_Frozen):
+    images: str | None = Field(
+        None, description="folder, glob, list file, tar/WebDataset shards or URL (see the README)"
+    )
+    protocol: Protocol = "holidays"
+    ground_truth: str | None = Field(
+        None,
+        description="Oxford/Paris ground truth: the gt/ folder of *_query.txt lists or a revisitop "
+        "gnd_*.pkl (default: found in the images folder)",
+    )
+    out: Path = Path("runs/latest")
+    seed: int = 0
+    ingest: IngestConfig = IngestConfig()
+    extract: ExtractConfig = ExtractConfig()
+    fit: FitConfig = FitConfig()
+    index: IndexConfig = IndexConfig()
+    rerank: RerankConfig = RerankConfig()
+    local: LocalConfig = LocalConfig()
+    bow: BowConfig = BowConfig()
+    verify: VerifyConfig = VerifyConfig()
+    ray: RayConfig = RayConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+    reindex: ReindexConfig = ReindexConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+
+    @field_validator("images", mode="before")
+    @classmethod
+    def _images_text(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, Path) else v
+
+    def fingerprint(self, *sections: str) -> str:
+        """Hash of the named sections (all when none): what a stage's output depends on."""
+        data = self.model_dump(mode="json")
+        picked = {k: data[k] for k in (sections or data.keys())}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,3 @@
+"""Evaluation: protocols and ground truth, reference metrics, re-ranking, the per-descriptor evaluation
+stage, BoW evaluation, the compression study.
+"""

@@ -1,0 +1,252 @@
+"""Ground truth of the evaluation protocols, derived from the dataset's own layout (pure)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import PurePath
+
+import numpy as np
+
+from embedpipe.storage.contracts.errors import InputError
+
+_HOLIDAYS_NAME = re.compile(r"^(\d{6})$")
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """Queries as database row indices; per query the rows that are positive and the rows ignored.
+
+    With ``query_keys`` the queries are external images (Oxford/Paris box crops): ``queries`` then
+    numbers them 0..n-1 in the query store, and ``query_keys`` names each query's source image.
+    Positives missing from the database are numbered from the database size up, so they count in the
+    AP denominator as the reference protocols count them, and are never ranked."""
+
+    queries: np.ndarray
+    positives: list[np.ndarray]
+    junk: list[np.ndarray]
+    groups: np.ndarray | None = None  # per database row (group / class id, -1 for none), for plots
+    group_names: tuple[str, ...] = ()  # name of each group id, when the layout has names
+    query_keys: tuple[str, ...] = ()
+    setups: dict[str, GroundTruth] | None = None  # revisited protocols: easy / medium / hard
+
+
+def holidays_imno(path: str) -> int | None:
+    match = _HOLIDAYS_NAME.match(PurePath(path).stem)
+    return int(match.group(1)) if match else None
+
+
+def holidays(paths: list[str]) -> GroundTruth:
+    """INRIA Holidays: ``NNNNNN.jpg``; query <=> imno % 100 == 0; group = imno // 100.
+
+    Every image is in the database; a query's positives are the other images of its group and the query
+    itself is removed from its own ranking (junk). Files not named in the layout stay in the database as
+    distractors."""
+    imnos = [holidays_imno(p) for p in paths]
+    groups = np.array([-1 if n is None else n // 100 for n in imnos])
+    queries = np.array([i for i, n in enumerate(imnos) if n is not None and n % 100 == 0], dtype=np.int64)
+    if queries.size == 0:
+        raise InputError(
+            "holidays protocol: no query image (NNNNNN.jpg with NNNNNN % 100 == 0) among the inputs"
+        )
+    positives, junk = [], []
+    for q in queries:
+        same = np.flatnonzero(groups == groups[q])
+        positives.append(same[same != q])
+        junk.append(np.array([q], dtype=np.int64))
+    return GroundTruth(queries, positives, junk, groups)
+
+
+def every_image_queries(groups: np.ndarray, include_self: bool) -> GroundTruth:
+    """Every image is a query whose positives are the other members of its group (and itself when
+    ``include_self``, as UKBench scores count it); otherwise the query is junk in its own ranking."""
+    rows = np.arange(len(groups), dtype=np.int64)
+    positives, junk = [], []
+    for q in rows:
+        same = np.flatnonzero(groups == groups[q])
+        positives.append(same if include_self else same[same != q])
+        junk.append(np.empty(0, np.int64) if include_self else np.array([q], dtype=np.int64))
+    return GroundTruth(rows, positives, junk, groups)
+
+
+def ukbench(paths: list[str]) -> GroundTruth:
+    """UKBench: groups of four consecutive image numbers; every image queries, itself included."""
+    return every_image_queries(ukbench_groups(paths), include_self=True)
+
+
+def labels(paths: list[str], root: str | None, known: dict[str, str] | None = None) -> GroundTruth:
+    """Every image queries its class, itself removed from its own ranking. The class is the input's label
+    (``known``: a list's ``label`` column, a shard's ``.cls``/``.json``) or else its class folder: the
+    first folder under ``root`` when the input is inside it, otherwise the folder holding the image."""
+    names = []
+    for p in paths:
+        if known and p in known:
+            names.append(known[p])
+            continue
+        path = PurePath(p)
+        rel = path.relative_to(root) if root and path.is_relative_to(root) else None
+        if rel is not None and len(rel.parts) >= 2:
+            names.append(rel.parts[0])
+        elif rel is None and path.parent.name:
+            names.append(path.parent.name)
+        else:
+            raise InputError(f"labels protocol: {p} has no label and is not inside a class folder")
+    classes = tuple(sorted(set(names)))
+    groups = np.array([classes.index(n) for n in names], dtype=np.int64)
+    gt = every_image_queries(groups, include_self=False)
+    return GroundTruth(gt.queries, gt.positives, gt.junk, groups, classes)
+
+
+def ground_truth(
+    protocol: str,
+    paths: list[str],
+    root: str | None = None,
+    known_labels: dict[str, str] | None = None,
+    benchmark: BenchmarkLayout | None = None,
+) -> GroundTruth | None:
+    """The protocol's ground truth over the database ``paths`` (``root``: the dataset folder;
+    ``known_labels``: key -> label from the dataset manifest; ``benchmark``: the Oxford/Paris layout)."""
+    if protocol in BENCHMARK_PROTOCOLS:
+        if benchmark is None:
+            raise InputError(f"{protocol} protocol: no ground truth given")
+        return benchmark_ground_truth(benchmark, paths)
+    if protocol == "holidays":
+        return holidays(paths)
+    if protocol == "ukbench":
+        return ukbench(paths)
+    if protocol == "labels":
+        return labels(paths, root, known_labels)
+    if protocol == "none":
+        return None
+    raise InputError(f"unknown protocol '{protocol}'")
+
+
+def _as_index(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64).reshape(-1)
+
+
+def revisitop_setups(gnd: list[dict]) -> dict[str, GroundTruth]:
+    """revisitop's protocols from a ``gnd`` list, exactly as its example evaluation builds them.
+
+    Revisited (easy/hard/junk): easy = ok easy, junk junk+hard; medium = ok easy+hard, junk junk;
+    hard = ok hard, junk junk+easy. Classic (ok/junk): one setup, ``classic``. Queries are external
+    images, so ``queries`` holds the query numbers 0..n-1."""
+    queries = np.arange(len(gnd), dtype=np.int64)
+    if all("easy" in g for g in gnd):
+        parts = {k: [_as_index(g[k]) for g in gnd] for k in ("easy", "hard", "junk")}
+        combos = {
+            "easy": (("easy",), ("junk", "hard")),
+            "medium": (("easy", "hard"), ("junk",)),
+            "hard": (("hard",), ("junk", "easy")),
+        }
+        return {
+            name: GroundTruth(
+                queries,
+                [np.concatenate([parts[k][i] for k in ok]) for i in range(len(gnd))],
+                [np.concatenate([parts[k][i] for k in junk]) for i in range(len(gnd))],
+            )
+            for name, (ok, junk) in combos.items()
+        }
+    return {
+        "classic": GroundTruth(
+            queries, [_as_index(g["ok"]) for g in gnd], [_as_index(g["junk"]) for g in gnd]
+        )
+    }
+
+
+_UKBENCH_NAME = re.compile(r"(\d+)$")
+
+
+def ukbench_groups(paths: list[str]) -> np.ndarray:
+    """UKBench: images ``ukbenchNNNNN.jpg`` come in groups of four consecutive numbers."""
+    groups = []
+    for p in paths:
+        match = _UKBENCH_NAME.search(PurePath(p).stem)
+        if match is None:
+            raise InputError(f"ukbench protocol: '{p}' has no image number")
+        groups.append(int(match.group(1)) // 4)
+    return np.array(groups, dtype=np.int64)
+
+
+BENCHMARK_PROTOCOLS = ("oxford5k", "paris6k", "roxford5k", "rparis6k")
+
+
+@dataclass(frozen=True)
+class BenchmarkLayout:
+    """Oxford/Paris-style ground truth by image name: queries are box crops of named images.
+
+    ``gnd``: revisitop's list (``easy``/``hard``/``junk`` or ``ok``/``junk`` indices into ``imlist``);
+    ``imlist``: the database image names in the protocol's order (``None``: every image of the folder)."""
+
+    protocol: str
+    query_names: tuple[str, ...]
+    query_images: tuple[str, ...]
+    query_boxes: tuple[tuple[float, float, float, float], ...]
+    imlist: tuple[str, ...]
+    gnd: list[dict]
+    database_is_imlist: bool  # revisited: only imlist images are in the database
+
+
+def benchmark_layout(protocol: str, gt_path: str) -> BenchmarkLayout:
+    """Read the ground truth of an Oxford/Paris benchmark: the original ``gt`` folder of ``*_query.txt``
+    and ``_good/_ok/_junk`` lists, or a revisitop ``gnd_*.pkl`` (classic or Easy/Medium/Hard)."""
+    from embedpipe.storage.groundtruth import load_oxford_gt, load_revisitop_gnd
+
+    if str(gt_path).endswith(".pkl"):
+        data = load_revisitop_gnd(gt_path)
+        imlist, qimlist = tuple(map(str, data["imlist"])), tuple(map(str, data["qimlist"]))
+        boxes = []
+        for i, g in enumerate(data["gnd"]):
+            box = g.get("bbx")
+            if box is None or len(box) != 4:
+                raise InputError(f"{gt_path}: gnd[{i}] has no query box 'bbx'")
+            boxes.append(tuple(float(v) for v in box))
+        return BenchmarkLayout(protocol, qimlist, qimlist, tuple(boxes), imlist, data["gnd"], True)
+    entries = load_oxford_gt(gt_path)
+    names = sorted(
+        {n for e in entries for k in ("good", "ok", "junk") for n in e[k]} | {e["image"] for e in entries}
+    )
+    index = {n: i for i, n in enumerate(names)}
+    gnd = [
+        {"ok": [index[n] for n in e["good"] + e["ok"]], "junk": [index[n] for n in e["junk"]]}
+        for e in entries
+    ]
+    return BenchmarkLayout(
+        protocol,
+        tuple(e["name"] for e in entries),
+        tuple(e["image"] for e in entries),
+        tuple(e["bbox"] for e in entries),
+        tuple(names),
+        gnd,
+        False,
+    )
+
+
+def benchmark_ground_truth(layout: BenchmarkLayout, paths: list[str]) -> GroundTruth:
+    """Map the layout's image names onto database rows (by file stem). Revisited protocols give the
+    medium setup with easy/medium/hard in ``setups``; classic ones their single ok/junk setup."""
+    row = {PurePath(p).stem: i for i, p in enumerate(paths)}
+    missing: dict[str, int] = {}
+
+    def rows_of(indices) -> np.ndarray:
+        out = []
+        for j in _as_index(indices):
+            name = layout.imlist[int(j)]
+            if name in row:
+                out.append(row[name])
+            else:
+                out.append(missing.setdefault(name, len(paths) + len(missing)))
+        return np.asarray(out, dtype=np.int64)
+
+    mapped = [
+        {k: rows_of(v) for k, v in g.items() if k in ("easy", "hard", "junk", "ok")} for g in layout.gnd
+    ]
+    setups = revisitop_setups(mapped)
+    keys = tuple(layout.query_images)
+    setups = {
+        name: GroundTruth(gt.queries, gt.positives, gt.junk, query_keys=keys) for name, gt in setups.items()
+    }
+    main = setups.get("medium", setups.get("classic"))
+    return GroundTruth(
+        main.queries, main.positives, main.junk, query_keys=keys, setups=setups if len(setups) > 1 else None
+    )

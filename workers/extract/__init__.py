@@ -1,0 +1,2 @@
+"""Extraction: the per-shard stage and the engine-free embedding of one image (backbone forward +
+poolings)."""

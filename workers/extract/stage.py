@@ -1,0 +1,390 @@
+"""The extraction stage, shard by shard: inputs -> model actors / local-feature tasks on Ray -> one
+Parquet part per store (written whole, then renamed) -> the shard's record; then the stores' manifests,
+the dataset manifest entries and the quarantine rows from the records."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from embedpipe.storage.contracts.errors import RunFailed
+from embedpipe.storage.contracts.layout import RunLayout
+from embedpipe.storage.dataset import ShardPlan
+from embedpipe.storage.features import (
+    FeatureWriter,
+    feature_schema,
+    feature_table,
+    find_part,
+    finish_store,
+    read_part,
+    write_part_table,
+)
+from embedpipe.storage.local_features import local_schema, local_table
+from embedpipe.storage.shards import ShardRecords, input_signature, shard_fingerprint
+from embedpipe.workers.descriptors.backbones import check_backbone, weights_digest
+from embedpipe.workers.descriptors.local import (
+    HOG_DIM,
+    STORED_DIM,
+    is_classical,
+    local_store,
+    stored_features,
+)
+from embedpipe.workers.engines.ray_stages import SharedModels, input_result, stream_descriptors, stream_local
+from embedpipe.workers.ingest.sources import InputRef, read_rotations
+from embedpipe.workers.progress import Progress
+
+if TYPE_CHECKING:
+    from embedpipe.storage.contracts.config import Config
+
+log = logging.getLogger("embedpipe.extract")
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    n_inputs: int
+    n_ok: int
+    quarantined: list[dict[str, str | None]]
+    seconds: float
+    summary: str
+    inputs: dict[int, dict]  # position in the plan -> id, bytes, width, height, reason (dataset manifest)
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """One feature store the extraction writes: ``vector`` rows (one vector per image) or ``local``
+    rows (keypoints and descriptors per image); ``dim`` is None when only the model knows it."""
+
+    name: str
+    kind: str
+    meta: dict[str, Any]
+    dim: int | None
+
+    @property
+    def stage(self) -> str:
+        """The pass that computes it: ``cnn`` (the model actors) or ``local`` (OpenCV/HOG Ray tasks)."""
+        return "cnn" if self.dim is None else "local"
+
+
+def store_specs(cfg: Config) -> list[StoreSpec]:
+    """The stores ``cfg.extract.descriptors`` need: CNN descriptors, local features, HOG."""
+    ecfg, lcfg = cfg.extract, cfg.local
+    specs = [
+        StoreSpec(
+            name,
+            "vector",
+            {
+                "descriptor": name,
+                "backbone": ecfg.backbone,
+                "max_side": ecfg.max_side,
+                "gem_p": ecfg.gem_p if name == "gem" else None,
+            },
+            None,
+        )
+        for name in ecfg.descriptors
+        if not is_classical(name)
+    ]
+    for f in stored_features(ecfg.descriptors):
+        meta = {
+            "descriptor": local_store(f),
+            "backbone": f"opencv-{f}",
+            "max_side": lcfg.max_side,
+            "max_keypoints": lcfg.max_keypoints,
+        }
+        specs.append(StoreSpec(local_store(f), "local", meta, STORED_DIM[f]))
+    if "hog" in ecfg.descriptors:
+        meta = {
+            "descriptor": "hog",
+            "backbone": "skimage-hog",
+            "max_side": lcfg.max_side,
+            "hog_size": lcfg.hog_size,
+        }
+        specs.append(StoreSpec("hog", "vector", meta, HOG_DIM))
+    return specs
+
+
+def store_schema(spec: StoreSpec, dim: int) -> pa.Schema:
+    meta = {"embedpipe": json.dumps(spec.meta, sort_keys=True)}
+    return local_schema(dim, meta) if spec.kind == "local" else feature_schema(dim, meta)
+
+
+def config_fingerprint(cfg: Config) -> str:
+    """What the extracted rows depend on besides the inputs: the config, the backbone's weights and the
+    orientation-correction list."""
+    digest = weights_digest(cfg.extract.backbone, cfg.extract.weights)
+    if cfg.ingest.rotations:
+        rotations = sorted(read_rotations(cfg.ingest.rotations).items())
+        digest += hashlib.sha256(json.dumps(rotations).encode()).hexdigest()[:16]
+    return cfg.fingerprint("extract", "local", "ingest") + (f"-{digest}" if digest else "")
+
+
+def shard_inputs(plan: ShardPlan) -> dict[int, tuple[InputRef, ...]]:
+    """The inputs of each shard of ``plan``, in plan order."""
+    out: dict[int, list[InputRef]] = {}
+    for ref, shard in zip(plan.refs, plan.shards, strict=True):
+        out.setdefault(shard, []).append(ref)
+    return {s: tuple(refs) for s, refs in out.items()}
+
+
+def pending_shards(plan: ShardPlan, cfg: Config, layout: RunLayout) -> dict[int, tuple[InputRef, ...]]:
+    """The shards of ``plan`` (with their inputs) not extracted yet from exactly these inputs with this
+    config and weights, parts in place. The config fingerprint (which hashes the weight files) is
+    computed once for all shards."""
+    records = ShardRecords(layout.shard_records("extract"))
+    cfg_fp, specs = config_fingerprint(cfg), store_specs(cfg)
+
+    def done(shard: int, refs: tuple[InputRef, ...]) -> bool:
+        record = records.read(shard)
+        return (
+            record is not None
+            and record.get("fingerprint") == shard_fingerprint(cfg_fp, refs)
+            and all(find_part(layout.feature_dir(s.name), shard) is not None for s in specs)
+        )
+
+    return {s: refs for s, refs in shard_inputs(plan).items() if not done(s, refs)}
+
+
+def _passes(cfg: Config) -> list[str]:
+    stages = {s.stage for s in store_specs(cfg)}
+    return [p for p in ("local", "cnn") if p in stages]
+
+
+def _reusable(
+    old: dict[str, Any] | None,
+    refs: tuple[InputRef, ...],
+    cfg_fp: str,
+    specs: list[StoreSpec],
+    layout: RunLayout,
+    shard: int,
+) -> set[str]:
+    """Keys of this shard whose rows of an earlier extraction (same config, unchanged input) are kept."""
+    if old is None or old.get("config") != cfg_fp:
+        return set()
+    if any(find_part(layout.feature_dir(s.name), shard) is None for s in specs):
+        return set()
+    before = old.get("inputs", {})
+    return {r.key for r in refs if r.key in before and before[r.key].get("sig") == input_signature(r)}
+
+
+def extract_shard(
+    refs: tuple[InputRef, ...],
+    shard: int,
+    n_shards: int,
+    cfg: Config,
+    layout: RunLayout,
+    models: SharedModels,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Extract one shard (inside a Ray session): each store's part written whole under a temporary name
+    and renamed, then the shard's record. Rows of inputs unchanged since the shard's last extraction with
+    the same config are kept rather than recomputed (a collection that lost or changed a few files)."""
+    specs = store_specs(cfg)
+    cfg_fp = config_fingerprint(cfg)
+    records = ShardRecords(layout.shard_records("extract"))
+    old = records.read(shard)
+    keep = _reusable(old, refs, cfg_fp, specs, layout, shard)
+    todo = tuple(r for r in refs if r.key not in keep)
+    tables: dict[str, list[pa.Table]] = {s.name: [] for s in specs}
+    dims = {s.name: s.dim for s in specs}
+    inputs: dict[str, dict[str, Any]] = {}
+    passes = _passes(cfg) if todo else []
+    for kind in passes:
+        if kind == "local":
+            models.close()  # its CPUs go to the local-feature tasks
+        stream = models.get().stream(todo) if kind == "cnn" else _stream_local(todo, cfg)
+        for batch in stream:
+            _add_batch(batch, kind, specs, tables, dims, inputs)
+            if progress is not None and kind == passes[-1]:
+                progress.update(len(batch["pos"]))
+    if keep:
+        assert old is not None
+        for spec in specs:
+            dims[spec.name] = dims[spec.name] or old["stores"][spec.name]["dim"]
+            part = read_part(find_part(layout.feature_dir(spec.name), shard))
+            tables[spec.name].append(
+                part.filter(pc.is_in(part.column("path"), pa.array(sorted(keep), pa.string())))
+            )
+        inputs.update({k: old["inputs"][k] for k in keep})
+    position = {r.key: i for i, r in enumerate(refs)}
+    stores: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        dim = dims[spec.name]
+        if dim is None:  # nothing of this shard reached the model
+            continue
+        schema = store_schema(spec, dim)
+        table = (
+            pa.concat_tables([t.cast(schema) for t in tables[spec.name]])
+            if tables[spec.name]
+            else schema.empty_table()
+        )
+        order = np.argsort([position[k] for k in table.column("path").to_pylist()], kind="stable")
+        table = table.take(pa.array(order, pa.int64()))
+        write_part_table(layout.feature_dir(spec.name), shard, n_shards, table)
+        info: dict[str, Any] = {"dim": dim, "rows": table.num_rows}
+        if spec.kind == "local":
+            info["keypoints"] = int(pc.sum(pc.list_value_length(table.column("x"))).as_py() or 0)
+        stores[spec.name] = info
+    for ref in refs:
+        inputs[ref.key]["sig"] = input_signature(ref)
+    record = {
+        "shard": shard,
+        "config": cfg_fp,
+        "fingerprint": shard_fingerprint(cfg_fp, refs),
+        "inputs": {r.key: inputs[r.key] for r in refs},
+        "stores": stores,
+        "reused": len(keep),
+    }
+    records.write(shard, record)
+    return record
+
+
+def cnn_config(cfg: Config) -> Config:
+    """``cfg`` with only the CNN descriptors (what the model actors compute)."""
+    cnn = tuple(d for d in cfg.extract.descriptors if not is_classical(d))
+    return cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"descriptors": cnn})})
+
+
+def stage_models(cfg: Config) -> SharedModels:
+    """The model actors of an extraction stage (started on first use; ``close`` them at its end)."""
+    ecfg = cnn_config(cfg).extract
+    if ecfg.descriptors:
+        check_backbone(ecfg.backbone, ecfg.weights, ecfg.descriptors)
+    models = SharedModels(cnn_config(cfg))
+    if _passes(cfg) == ["cnn"]:  # no local pass to give the CPUs to first: the actors load the model
+        models.get()  # while the shard tasks are set up
+    return models
+
+
+def _stream_local(refs: tuple[InputRef, ...], cfg: Config) -> Iterator[dict]:
+    return stream_local(refs, cfg, stored_features(cfg.extract.descriptors), "hog" in cfg.extract.descriptors)
+
+
+def _add_batch(
+    batch: dict,
+    kind: str,
+    specs: list[StoreSpec],
+    tables: dict[str, list[pa.Table]],
+    dims: dict[str, int | None],
+    inputs: dict[str, dict[str, Any]],
+) -> None:
+    """Record each row's manifest entry (the first pass's reason wins) and append the good rows to the
+    tables of this pass's stores."""
+    for j, key in enumerate(batch["path"]):
+        res = input_result(batch, j)
+        seen = inputs.get(str(key))
+        if seen is None or (res["reason"] and not seen["reason"]):
+            if res["reason"]:
+                log.warning("quarantined %s: %s", key, res["reason"])
+            inputs[str(key)] = res if seen is None or not seen["reason"] else seen
+    sel = (batch["error"] == "").nonzero()[0]
+    head = (batch["id"][sel], batch["path"][sel], batch["width"][sel], batch["height"][sel])
+    for spec in specs:
+        if spec.stage != kind:
+            continue
+        if spec.kind == "local":
+            f = spec.name.removeprefix("local-")
+            dim = STORED_DIM[f]
+            kps = [np.frombuffer(batch[f"kp_{f}"][i], np.float32).reshape(-1, 4) for i in sel]
+            descs = [np.frombuffer(batch[f"desc_{f}"][i], np.uint8).reshape(-1, dim) for i in sel]
+            tables[spec.name].append(local_table(store_schema(spec, dim), *head, kps, descs))
+        else:
+            vectors = batch[f"d_{spec.name}"]
+            dims[spec.name] = int(vectors.shape[1])
+            tables[spec.name].append(feature_table(store_schema(spec, vectors.shape[1]), *head, vectors[sel]))
+
+
+def finish_extract(plan: ShardPlan, cfg: Config, layout: RunLayout, progress: Progress) -> ExtractResult:
+    """After every shard is done: complete each store (parts named for the current shard count, parts of
+    shards gone removed, manifests), drop records of shards gone, and gather the dataset manifest entries
+    and quarantine rows from the shard records."""
+    records = ShardRecords(layout.shard_records("extract"))
+    per_shard = {s: records.read(s) for s in sorted(set(plan.shards))}
+    missing = [s for s, r in per_shard.items() if r is None]
+    if missing:
+        raise RunFailed(f"extract: shard(s) {missing[:5]} have no record; re-run to finish them")
+    for spec in store_specs(cfg):
+        infos = [r["stores"][spec.name] for r in per_shard.values() if spec.name in r["stores"]]
+        dim = spec.dim or (infos[0]["dim"] if infos else None)
+        if dim is None:
+            continue
+        meta = {**spec.meta, "dim": dim}
+        if spec.kind == "local":
+            meta["keypoints"] = sum(i["keypoints"] for i in infos)
+        finish_store(layout.feature_dir(spec.name), plan.n_shards, store_schema(spec, dim), meta)
+    records.prune(set(plan.shards))
+    by_key = {k: v for r in per_shard.values() for k, v in r["inputs"].items()}
+    inputs = {pos: by_key[ref.key] for pos, ref in enumerate(plan.refs)}
+    quarantined = [
+        {
+            "path": ref.key,
+            "id": by_key[ref.key]["id"],
+            "stage": "extract",
+            "reason": by_key[ref.key]["reason"],
+        }
+        for ref in plan.refs
+        if by_key[ref.key]["reason"]
+    ]
+    n_ok = len(plan.refs) - len(quarantined)
+    ids = [v["id"] for v in inputs.values() if v["id"] and not v["reason"]]
+    duplicates = len(ids) - len(set(ids))
+    kept = sum(r.get("reused", 0) for r in per_shard.values())
+    summary = progress.finish(
+        f"{n_ok} ok, {len(quarantined)} quarantined"
+        + (f", {duplicates} exact duplicate(s)" if duplicates else "")
+        + (f", {len(plan.refs) - progress.done} up to date" if progress.done < len(plan.refs) else "")
+        + (f" ({kept} kept from changed shards)" if kept else "")
+    )
+    return ExtractResult(len(plan.refs), n_ok, quarantined, progress.elapsed, summary, inputs)
+
+
+def extract_all(plan: ShardPlan, cfg: Config, layout: RunLayout) -> ExtractResult:
+    """Every shard of ``plan`` not yet up to date, one after the other, then ``finish_extract`` (inside a
+    Ray session; the pipeline flow runs the same shards as Prefect tasks)."""
+    todo = pending_shards(plan, cfg, layout)
+    progress = Progress("extract", sum(len(r) for r in todo.values()), log)
+    models = stage_models(cfg)
+    try:
+        for shard, refs in todo.items():
+            extract_shard(refs, shard, plan.n_shards, cfg, layout, models, progress)
+    finally:
+        models.close()
+    return finish_extract(plan, cfg, layout, progress)
+
+
+def extract_queries(refs: tuple[InputRef, ...], boxes: tuple, cfg: Config, layout: RunLayout) -> str:
+    """Descriptors of the box-cropped queries of an Oxford/Paris protocol, in query order, into
+    ``RUN/queries/<descriptor>`` (inside a Ray session). A query that cannot be read fails the stage:
+    the protocol is not defined without it."""
+    ecfg = cfg.extract
+    progress = Progress("extract queries", len(refs), log)
+    writers: dict[str, FeatureWriter] = {}
+    for name in ecfg.descriptors:
+        shutil.rmtree(layout.query_dir(name), ignore_errors=True)
+    for batch in stream_descriptors(refs, cfg, boxes):
+        bad = (batch["error"] != "").nonzero()[0]
+        if bad.size:
+            i = int(bad[0])
+            raise RunFailed(f"query image {batch['path'][i]} cannot be used: {batch['error'][i]}")
+        for name in ecfg.descriptors:
+            vectors = batch[f"d_{name}"]
+            if name not in writers:
+                meta = {
+                    "descriptor": name,
+                    "backbone": ecfg.backbone,
+                    "max_side": ecfg.max_side,
+                    "queries": True,
+                }
+                writers[name] = FeatureWriter(layout.query_dir(name), vectors.shape[1], 1, meta)
+            writers[name].write(0, batch["id"], batch["path"], batch["width"], batch["height"], vectors)
+        progress.update(len(batch["pos"]))
+    for w in writers.values():
+        w.close()
+    return progress.finish()

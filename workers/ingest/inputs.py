@@ -1,0 +1,89 @@
+"""What a run reads: the shard plan of its database and, for the Oxford/Paris protocols, the box-cropped
+queries and the ground truth that come with the benchmark's layout.
+
+A benchmark folder as ``embedpipe datasets fetch`` leaves it: images under ``jpg/`` (any depth) and the
+ground truth as ``gt/`` (the original ``*_query.txt``, ``_good/_ok/_junk`` lists) or ``gnd_<name>.pkl``
+(revisitop). ``ground_truth:`` in the config points elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING
+
+from embedpipe.storage.contracts.errors import InputError
+from embedpipe.storage.dataset import ShardPlan, plan_listing
+from embedpipe.workers.evaluate.protocols import BENCHMARK_PROTOCOLS, BenchmarkLayout, benchmark_layout
+from embedpipe.workers.ingest.sources import InputRef, Listing, list_inputs
+
+if TYPE_CHECKING:
+    from embedpipe.storage.contracts.config import Config
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    plan: ShardPlan
+    benchmark: BenchmarkLayout | None = None
+    query_refs: tuple[InputRef, ...] = ()
+    query_boxes: tuple[tuple[float, float, float, float], ...] = ()
+    fingerprint: str = ""  # the plan's, and the ground truth's when the protocol has files of its own
+
+
+def ground_truth_path(cfg: Config) -> Path:
+    """Where an Oxford/Paris protocol's ground truth is: ``ground_truth`` or found in the images folder."""
+    if cfg.ground_truth:
+        path = Path(cfg.ground_truth)
+    else:
+        root = Path(str(cfg.images))
+        candidates = [root / f"gnd_{cfg.protocol}.pkl"]
+        if cfg.protocol in ("oxford5k", "paris6k"):
+            candidates.insert(0, root / "gt")
+        path = next((c for c in candidates if c.exists()), candidates[0])
+    if not path.exists():
+        raise InputError(
+            f"{cfg.protocol} protocol: ground truth not found at {path} (set ground_truth: PATH)"
+        )
+    return path
+
+
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if f.is_file():
+            digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def run_inputs(cfg: Config, previous: dict[str, int] | None = None) -> RunInputs:
+    """The run's inputs for ``cfg`` (``previous``: key -> shard of an earlier plan of the same run)."""
+    if cfg.images is None:
+        raise InputError("no images given (--images PATH or 'images:' in the config)")
+    shard_size = cfg.extract.shard_size
+    if cfg.protocol not in BENCHMARK_PROTOCOLS:
+        plan = plan_listing(list_inputs(cfg.images), str(cfg.images), shard_size, previous)
+        return RunInputs(plan, fingerprint=plan.fingerprint)
+    gt_path = ground_truth_path(cfg)
+    bench = benchmark_layout(cfg.protocol, str(gt_path))
+    root = Path(str(cfg.images))
+    source = root / "jpg" if (root / "jpg").is_dir() else root
+    listing = list_inputs(source)
+    by_name = {PurePath(r.key).stem: r for r in listing.refs}
+    absent = [n for n in bench.query_images if n not in by_name]
+    if absent:
+        raise InputError(
+            f"{cfg.protocol}: query image '{absent[0]}' not found under {source} (+{len(absent) - 1} more)"
+        )
+    if bench.database_is_imlist:  # revisited: the database is imlist; query images are not part of it
+        wanted = set(bench.imlist)
+        listing = Listing([r for r in listing.refs if PurePath(r.key).stem in wanted], listing.problems)
+    plan = plan_listing(listing, str(source), shard_size, previous)
+    fingerprint = hashlib.sha256(f"{plan.fingerprint}\0{_digest(gt_path)}".encode()).hexdigest()[:16]
+    return RunInputs(
+        plan,
+        bench,
+        tuple(by_name[n] for n in bench.query_images),
+        bench.query_boxes,
+        fingerprint,
+    )

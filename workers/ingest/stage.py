@@ -1,0 +1,261 @@
+"""The ingest stage alone (``embedpipe ingest``): list any source, read every input once on Ray (remote
+ones with timeouts and retries), hash, check and downscale it, and write WebDataset tar shards plus the
+dataset manifest into one folder, ready for extraction (``embedpipe run --images DIR``).
+
+Shards follow the stable shard plan, each written to a temporary name and renamed when complete and
+recorded in ``_shards.json`` with the fingerprint of its members: an interrupted ingest re-run with the
+same arguments redoes only the shards that were not finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from embedpipe.storage.contracts.errors import DecodeError
+from embedpipe.storage.contracts.layout import write_json_atomic
+from embedpipe.storage.dataset import ShardPlan, manifest_rows, plan_shards, previous_shards, write_manifest
+from embedpipe.workers.engines.ray_stages import (
+    cluster_cpus,
+    configure_data_context,
+    input_items,
+    input_result,
+    iterate_results,
+    ray_session,
+    read_row,
+    row_rotation,
+)
+from embedpipe.workers.ingest.decode import content_id, decode_pil
+from embedpipe.workers.ingest.sources import read_rotations, rotation_of
+from embedpipe.workers.progress import Progress
+
+if TYPE_CHECKING:
+    from embedpipe.storage.contracts.config import Config
+
+log = logging.getLogger("embedpipe.ingest")
+SHARDS_FILE = "_shards.json"
+JPEG_QUALITY = 95
+READ_THREADS = 16  # concurrent reads per ingest task (inputs per batch: at least this many)
+_READERS: dict[int, ThreadPoolExecutor] = {}  # process id -> reader threads
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    n_inputs: int
+    n_ok: int
+    n_quarantined: int
+    n_duplicates: int
+    shards_written: int
+    shards_kept: int
+    summary: str
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}.tar"
+
+
+def _readers() -> ThreadPoolExecutor:
+    """This process's reader threads (created on first use; Ray reuses worker processes)."""
+    pid = os.getpid()
+    if pid not in _READERS:
+        _READERS[pid] = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="ingest-read")
+    return _READERS[pid]
+
+
+def ingest_batch(batch: dict[str, np.ndarray], max_side: int, cfg: Config) -> dict[str, np.ndarray]:
+    """Read, hash, check and (when larger than ``max_side``, or turned by ``ingest.rotations`` or with
+    ``ingest.exif_orientation`` off) re-encode each input to a JPEG; other inputs keep their original
+    bytes. Bad inputs keep their row with ``error`` set.
+
+    Every read of the batch is started at once on reader threads (network and disk waits overlap each
+    other and the decoding); the rows are then decoded in order as their bytes arrive."""
+    n = len(batch["path"])
+    ids, errors, payloads, exts = [""] * n, [""] * n, [b""] * n, [""] * n
+    sizes, width, height = np.full(n, -1, np.int64), np.zeros(n, np.int32), np.zeros(n, np.int32)
+    reads = [_readers().submit(read_row, batch, i, cfg.ingest) for i in range(n)]
+    for i in range(n):
+        try:
+            data = reads[i].result()
+            sizes[i], ids[i] = len(data), content_id(data)
+            rotate, exif = row_rotation(batch, i), cfg.ingest.exif_orientation
+            image, (width[i], height[i]) = decode_pil(data, max_side, cfg.ingest.max_pixels, exif, rotate)
+            if max(width[i], height[i]) <= max_side and exif and not rotate:
+                payloads[i], exts[i] = data, _extension(data)
+            else:
+                buf = io.BytesIO()
+                image.info = {}  # pixels only: no ICC profile, comment or EXIF carried over
+                image.save(buf, format="JPEG", quality=JPEG_QUALITY)
+                payloads[i], exts[i] = buf.getvalue(), "jpg"
+        except DecodeError as err:
+            errors[i] = str(err)
+    return {
+        "pos": batch["pos"],
+        "id": np.array(ids, dtype=object),
+        "bytes": sizes,
+        "width": width,
+        "height": height,
+        "payload": np.array(payloads, dtype=object),
+        "ext": np.array(exts, dtype=object),
+        "error": np.array(errors, dtype=object),
+    }
+
+
+def _extension(data: bytes) -> str:
+    with Image.open(io.BytesIO(data)) as img:
+        fmt = (img.format or "").lower()
+    return {"jpeg": "jpg", "tiff": "tif"}.get(fmt, fmt or "bin")
+
+
+def _member_stem(key: str, used: set[str]) -> str:
+    """A WebDataset sample key from the input's name: no dots (they split keys), unique in its shard."""
+    stem = PurePosixPath(key.split("?", 1)[0]).stem.replace(".", "_") or "image"
+    out, n = stem, 1
+    while out in used:
+        n += 1
+        out = f"{stem}_{n}"
+    used.add(out)
+    return out
+
+
+def _shard_fingerprints(plan: ShardPlan, max_side: int, cfg: Config) -> dict[int, str]:
+    """shard -> fingerprint of its members and the output settings, in one pass over the plan."""
+    rotations = read_rotations(cfg.ingest.rotations) if cfg.ingest.rotations else {}
+    settings = f"{max_side}\0{JPEG_QUALITY}\0{cfg.ingest.exif_orientation}\n".encode()
+    digests: dict[int, Any] = {}
+    for ref, shard in zip(plan.refs, plan.shards, strict=True):
+        if shard not in digests:
+            digests[shard] = hashlib.sha256(settings)
+        digests[shard].update(ref.signature() + str(rotation_of(ref.key, rotations)).encode())
+    return {s: d.hexdigest()[:16] for s, d in sorted(digests.items())}
+
+
+class ShardTarWriter:
+    """Writes one shard's samples (image + ``.json`` metadata + ``.cls`` label) to ``.tmp`` then renames."""
+
+    def __init__(self, path: Path):
+        self.path, self.tmp = path, path.with_name(f".{path.name}.tmp")
+        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        self.used: set[str] = set()
+
+    def add(self, key: str, label: str | None, payload: bytes, ext: str, meta: dict[str, Any]) -> None:
+        stem = _member_stem(key, self.used)
+        members = [(f"{stem}.{ext}", payload), (f"{stem}.json", json.dumps(meta, sort_keys=True).encode())]
+        if label is not None:
+            members.append((f"{stem}.cls", label.encode()))
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            self.tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self.tar.close()
+        os.replace(self.tmp, self.path)
+
+
+def run_ingest(source: str, out: Path, cfg: Config, max_side: int) -> IngestResult:
+    """Ingest ``source`` into ``out`` (see the module doc)."""
+    import ray.data
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / "manifest.parquet"
+    plan = plan_shards(source, cfg.extract.shard_size, previous_shards(manifest_path))
+    done_file = out / SHARDS_FILE
+    done = json.loads(done_file.read_text()) if done_file.exists() else {}
+    fps = _shard_fingerprints(plan, max_side, cfg)
+    kept = {
+        s
+        for s, fp in fps.items()
+        if done.get(str(s), {}).get("fingerprint") == fp and (out / shard_name(s)).exists()
+    }
+    previous = _previous_results(manifest_path, plan) if kept else {}
+    todo = [i for i, s in enumerate(plan.shards) if s not in kept]
+    log.info(
+        "ingest %s: %d inputs in %d shard(s), %d already done", source, len(plan.refs), len(fps), len(kept)
+    )
+    results: dict[int, dict] = {p: r for p, r in previous.items() if plan.shards[p] in kept}
+    progress = Progress("ingest", len(todo), log)
+    writers: dict[int, ShardTarWriter] = {}
+    written: set[int] = set()
+
+    def finish(shard: int) -> None:
+        writers.pop(shard).close()
+        written.add(shard)
+        done[str(shard)] = {"fingerprint": fps[shard], "file": shard_name(shard)}
+        write_json_atomic(done_file, done)
+
+    if todo:
+        with ray_session(cfg.ray):
+            configure_data_context(cfg.ray)
+            items = input_items([plan.refs[i] for i in todo], ingest=cfg.ingest)
+            for row, pos in zip(items, todo, strict=True):
+                row["pos"] = pos
+            batch_size = max(cfg.extract.batch_size, READ_THREADS)
+            ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), cluster_cpus() * 4)))
+            ds = ds.map_batches(
+                ingest_batch,
+                fn_kwargs={"max_side": max_side, "cfg": cfg},
+                batch_size=batch_size,
+                batch_format="numpy",
+                num_cpus=1,
+            )
+            for batch in iterate_results(ds, "ingest"):
+                for j, pos in enumerate(batch["pos"]):
+                    pos = int(pos)
+                    shard, ref = plan.shards[pos], plan.refs[pos]
+                    for s in [s for s in writers if s != shard]:
+                        finish(s)
+                    if shard not in writers:
+                        writers[shard] = ShardTarWriter(out / shard_name(shard))
+                    results[pos] = res = input_result(batch, j)
+                    if res["reason"]:
+                        log.warning("quarantined %s: %s", ref.key, res["reason"])
+                    else:
+                        meta = {
+                            "source": ref.key,
+                            "id": res["id"],
+                            "width": res["width"],
+                            "height": res["height"],
+                        }
+                        writers[shard].add(ref.key, ref.label, batch["payload"][j], batch["ext"][j], meta)
+                progress.update(len(batch["pos"]))
+            for s in list(writers):
+                finish(s)
+        for s in sorted({plan.shards[p] for p in todo} - written):  # shards without a usable image
+            ShardTarWriter(out / shard_name(s)).close()
+            done[str(s)] = {"fingerprint": fps[s], "file": shard_name(s)}
+        write_json_atomic(done_file, done)
+    rows = manifest_rows(plan, results)
+    write_manifest(manifest_path, rows)
+    n_bad = sum(r["status"] != "ok" for r in rows)
+    n_dup = sum(r["duplicate_of"] is not None for r in rows)
+    summary = progress.finish(
+        f"{len(rows) - n_bad} ok, {n_bad} quarantined, {n_dup} exact duplicate(s), "
+        f"{len(fps) - len(kept)} shard(s) written, {len(kept)} kept, in {out}"
+    )
+    return IngestResult(len(rows), len(rows) - n_bad, n_bad, n_dup, len(fps) - len(kept), len(kept), summary)
+
+
+def _previous_results(path: Path, plan: ShardPlan) -> dict[int, dict]:
+    """Manifest rows of an earlier ingest, by position in ``plan`` (for the shards it completed)."""
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        return {}
+    position = {ref.key: i for i, ref in enumerate(plan.refs)}
+    out = {}
+    for row in pq.read_table(path).to_pylist():
+        if row["key"] in position and row["shard"] >= 0:
+            out[position[row["key"]]] = {k: row[k] for k in ("id", "bytes", "width", "height", "reason")}
+    return out

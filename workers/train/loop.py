@@ -1,0 +1,659 @@
+"""Ray Train engine: data-parallel fine-tuning of a retrieval network (``embedpipe finetune``).
+
+``run_finetune`` lists the training images, starts Ray, and runs ``train_loop`` on a ``TorchTrainer``
+of N workers (gloo on CPU, NCCL on GPUs). Every epoch each worker embeds its share of the images with
+the current model, the shares are gathered, tuples are mined from them (``workers/train/finetune.py``),
+and the tuples of each step are split over the workers; gradients are summed across workers before each Adam
+step, so N workers take the same steps as one worker would on the same tuples. After every epoch rank 0
+writes a checkpoint (model, optimiser, epoch, loss log) that Ray Train stores under ``FT_DIR/ray-train``;
+a re-run with the same ``FT_DIR`` resumes from the newest one. The final model is written as
+``FT_DIR/backbone.pt`` + ``backbone.json`` (an ``extract.backbone`` for ``embedpipe run``), with the
+learned whitening of its GeM vectors from the training pairs (``whitening-gem.npz``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from embedpipe.storage.contracts.errors import InputError, RunFailed
+from embedpipe.workers.descriptors.backbones import load_backbone
+from embedpipe.workers.ingest.decode import decode_image
+from embedpipe.workers.ingest.sources import InputRef, list_inputs, read_input
+from embedpipe.workers.train.finetune import (
+    RetrievalNet,
+    components,
+    descriptor_matches,
+    freeze_batchnorm,
+    groups_of,
+    knn_pairs,
+    mine_tuples,
+    to_input,
+    tuple_loss,
+    tuples_table,
+)
+
+if TYPE_CHECKING:
+    from embedpipe.storage.contracts.config import Config
+
+log = logging.getLogger("embedpipe.train")
+
+STATE_FILE = "train_state.pt"
+RUN_NAME = "ray-train"
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    ft_dir: Path
+    epochs: int
+    resumed_from: int  # epochs already done when this run started
+    losses: list[float]  # mean loss per epoch
+    workers: int
+    seconds: float
+
+
+# ----------------------------------------------------------------------------------------- data, model
+
+
+def load_images(refs: list[InputRef], max_side: int, cfg: Config) -> list[np.ndarray]:
+    """Every training image decoded to (H, W, 3) uint8, longer side ``max_side``. A bad image is an error:
+    training tuples must not silently change."""
+    images = []
+    for ref in refs:
+        data = read_input(
+            ref.uri, ref.offset, ref.length, timeout=cfg.ingest.timeout_s, retries=cfg.ingest.retries
+        )
+        images.append(decode_image(data, max_side, cfg.ingest.max_pixels)[0])
+    return images
+
+
+def build_model(cfg: Config) -> tuple[RetrievalNet, Any]:
+    trunk, spec = load_backbone(cfg.extract.backbone, cfg.extract.weights)
+    return RetrievalNet(trunk, cfg.finetune.head, cfg.finetune.gem_p), spec
+
+
+def optimiser(model: RetrievalNet, cfg: Config) -> torch.optim.Optimizer:
+    """Adam; the pooling exponent learns 10x faster, without weight decay (as the reference code)."""
+    f = cfg.finetune
+    groups = [{"params": list(model.trunk.parameters()), "lr": f.lr, "weight_decay": f.weight_decay}]
+    pool = list(model.pool.parameters())
+    if pool:
+        groups.append({"params": pool, "lr": 10 * f.lr, "weight_decay": 0.0})
+    return torch.optim.Adam(groups)
+
+
+def embed_images(model: RetrievalNet, images: list[np.ndarray], spec, device: str) -> np.ndarray:
+    """(n, D) float32 unit vectors, one image at a time at its own size."""
+    model.eval()
+    with torch.no_grad():
+        out = [model(to_input(im, spec.mean, spec.std).to(device))[0].float().cpu().numpy() for im in images]
+    return np.stack(out).astype(np.float32)
+
+
+def _autocast(device: str, precision: str):
+    import contextlib
+
+    if device != "cuda":
+        return contextlib.nullcontext()
+    dtype = AUTOCAST.get("bf16" if precision == "auto" else precision)
+    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def train_step(
+    model: RetrievalNet,
+    opt: torch.optim.Optimizer,
+    batch: list[list[np.ndarray]],
+    n_total: int,
+    cfg: Config,
+    spec,
+    device: str,
+    allreduce=None,
+) -> float:
+    """One optimiser step on this worker's tuples ``batch`` (each a list of images: query, positive,
+    negatives) out of ``n_total`` tuples in the step over all workers. The loss is the mean over the
+    ``n_total`` tuples; ``allreduce`` sums gradients and the loss across workers. Returns the step's loss."""
+    model.train()
+    freeze_batchnorm(model)
+    opt.zero_grad(set_to_none=False)
+    total = torch.zeros(1, dtype=torch.float64)
+    for images in batch:
+        with _autocast(device, cfg.finetune.precision):
+            vecs = torch.cat([model(to_input(im, spec.mean, spec.std).to(device)) for im in images])
+        loss = tuple_loss(cfg.finetune.loss, vecs.float(), cfg.finetune.margin) / n_total
+        loss.backward()
+        total += loss.detach().double().cpu()
+    if allreduce is not None:
+        allreduce(model, total)
+    opt.step()
+    return float(total)
+
+
+def steps_of(n_tuples: int, per_step: int) -> list[range]:
+    """Tuple index ranges of consecutive steps."""
+    return [range(s, min(s + per_step, n_tuples)) for s in range(0, n_tuples, per_step)]
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def save_state(folder: Path, model, opt, epoch: int, history: list[dict]) -> None:
+    torch.save(
+        {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "history": history},
+        folder / STATE_FILE,
+    )
+
+
+def latest_state(ft_dir: Path) -> Path | None:
+    """The newest complete checkpoint under ``ft_dir`` (highest epoch), or None."""
+    best, best_epoch = None, -1
+    for path in (ft_dir / RUN_NAME).glob(f"**/{STATE_FILE}"):
+        try:
+            epoch = int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+        except (RuntimeError, OSError, EOFError, KeyError):
+            continue  # a checkpoint cut short by a kill
+        if epoch > best_epoch:
+            best, best_epoch = path, epoch
+    return best
+
+
+def _state_of(checkpoint) -> dict | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        path = Path(d) / STATE_FILE
+        return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+
+# -------------------------------------------------------------------------------- mining without labels
+
+
+def local_features(refs: list[InputRef], cfg: Config) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(keypoint xy (n, 2), RootSIFT (n, 128)) of every image at ``local.max_side``, for verification."""
+    from embedpipe.workers.descriptors.local import descriptor_vectors, extract_local, grayscale
+
+    out = []
+    for image in load_images(refs, cfg.local.max_side, cfg):
+        f = extract_local(grayscale(image), "sift", cfg.local.max_keypoints)
+        out.append((f.keypoints[:, :2], descriptor_vectors(f.descriptors, "rootsift")))
+    return out
+
+
+def mining_features(refs: list[InputRef], cfg: Config) -> list[tuple[np.ndarray, np.ndarray]]:
+    """What verification matches, per image: (keypoint xy (n, 2), RootSIFT (n, 128)), or with
+    ``finetune.matches: words`` (keypoint xy (n, 2), visual word (n,))."""
+    features = local_features(refs, cfg)
+    if cfg.finetune.matches == "descriptors":
+        return features
+    words = visual_words([d for _, d in features], [r.key for r in refs], cfg)
+    return [(xy, w) for (xy, _), w in zip(features, words, strict=True)]
+
+
+def visual_words(descriptors: list[np.ndarray], keys: list[str], cfg: Config) -> list[np.ndarray]:
+    """Each image's hard-assigned words under a codebook of ``bow.k`` words: seeded faiss k-means on up
+    to ``bow.sample_per_image`` descriptors of each image (seeded per image, as the BoW codebooks are)."""
+    from embedpipe.workers.classical.codebook import assign, assignment_index, train_kmeans
+    from embedpipe.workers.classical.encode import cap_sample
+    from embedpipe.workers.descriptors.bow import image_seed, sample_rows
+
+    blocks = [
+        d[sample_rows(len(d), cfg.bow.sample_per_image, image_seed(cfg.seed, key))]
+        for d, key in zip(descriptors, keys, strict=True)
+    ]
+    centroids = train_kmeans(
+        cap_sample(blocks, cfg.bow.max_sample, cfg.seed), cfg.bow.k, cfg.bow.iterations, cfg.seed
+    )
+    index = assignment_index(centroids, cfg.bow.assign_flat_max, cfg.seed)
+    return [assign(index, d, 1)[1][:, 0] for d in descriptors]
+
+
+def verified_groups(
+    vectors: np.ndarray, features: list[tuple[np.ndarray, np.ndarray]], cache: dict, cfg: Config
+) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """Groups without labels: the embedding's kNN pairs (``finetune.knn``) whose local features RANSAC
+    verifies with at least ``finetune.min_inliers`` inliers (``verify.model``, ``verify.threshold``),
+    joined into connected components. ``features``: ``mining_features``. ``cache`` keeps each pair's
+    inlier count across epochs. Returns the group of each image and the verified pairs (i, j, inliers)."""
+    from embedpipe.workers.evaluate.rerank import ransac_inliers, word_matches
+
+    verified = []
+    for i, j in knn_pairs(vectors, cfg.finetune.knn):
+        if (i, j) not in cache:
+            (pa, fa), (pb, fb) = features[i], features[j]
+            if cfg.finetune.matches == "words":
+                ia, ib = word_matches(fa, fb, cfg.verify.max_word_matches)
+            else:
+                ia, ib = descriptor_matches(fa, fb)
+            cache[(i, j)] = ransac_inliers(pa[ia], pb[ib], cfg.verify.model, cfg.verify.threshold)
+        if cache[(i, j)] >= cfg.finetune.min_inliers:
+            verified.append((i, j, cache[(i, j)]))
+    return components(len(vectors), [(i, j) for i, j, _ in verified]), verified
+
+
+# ----------------------------------------------------------------------------------------- worker loop
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train worker function (one per worker)."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    cfg = config["cfg"]
+    torch.set_num_threads(config["threads"])
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = "cuda" if torch.cuda.is_available() and config["use_gpu"] else "cpu"
+    if device == "cuda":
+        device = str(ray.train.torch.get_device())
+    torch.manual_seed(cfg.seed)
+    model, spec = build_model(cfg)
+    model = model.to(device)
+    opt = optimiser(model, cfg)
+
+    start, history = 0, []
+    states = [_state_of(ray.train.get_checkpoint())]
+    if config["resume_from"]:
+        states.append(torch.load(config["resume_from"], map_location="cpu", weights_only=True))
+    states = [s for s in states if s is not None]
+    if states:
+        state = max(states, key=lambda s: s["epoch"])
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, history = int(state["epoch"]), list(state["history"])
+
+    images = load_images(config["refs"], cfg.finetune.max_side, cfg)
+    groups = np.asarray(config["groups"])
+    keys = config["keys"]
+    mined = config["mining"] == "verified"
+    features = mining_features(config["refs"], cfg) if mined and rank == 0 else None
+    inliers_cache: dict = {}
+
+    def allreduce(m: torch.nn.Module, loss: torch.Tensor) -> None:
+        if world == 1:
+            return
+        for p in m.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+        dist.all_reduce(loss)
+
+    for epoch in range(start, cfg.finetune.epochs):
+        t0 = time.perf_counter()
+        mine = list(range(rank, len(images), world))
+        mine_vecs = embed_images(model, [images[i] for i in mine], spec, device)
+        if world > 1:
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, (mine, mine_vecs))
+            vectors = np.zeros((len(images), mine_vecs.shape[1]), np.float32)
+            for idx, vecs in gathered:
+                vectors[idx] = vecs
+        else:
+            vectors = mine_vecs
+        if mined:  # positives re-mined with the current embedding, verified geometrically
+            shared = [verified_groups(vectors, features, inliers_cache, cfg)[0] if rank == 0 else None]
+            if world > 1:
+                dist.broadcast_object_list(shared, src=0)
+            groups = shared[0]
+        tuples = mine_tuples(vectors, groups, cfg.finetune.negatives, cfg.seed, epoch)
+        if not tuples:
+            raise RunFailed(f"epoch {epoch + 1}: no verified pair among the images, nothing to train on")
+        if rank == 0:
+            _write_tuples(Path(config["ft_dir"]), tuples, keys, epoch, "mined" if mined else "label")
+        torch.manual_seed(cfg.seed * 1000 + epoch)
+        losses = []
+        for step, span in enumerate(steps_of(len(tuples), cfg.finetune.tuples_per_step * world)):
+            batch = [
+                [images[t.query], images[t.positive], *[images[n] for n in t.negatives]]
+                for t in (tuples[i] for i in span[rank::world])
+            ]
+            loss = train_step(model, opt, batch, len(span), cfg, spec, device, allreduce)
+            losses.append(loss)
+            history.append({"epoch": epoch + 1, "step": step + 1, "loss": loss})
+        metrics = {
+            "epoch": epoch + 1,
+            "loss": float(np.mean(losses)),
+            "seconds": time.perf_counter() - t0,
+            "tuples": len(tuples),
+            "gem_p": model.gem_p(),
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                save_state(Path(tmp), model, opt, epoch + 1, history)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _write_tuples(ft_dir: Path, tuples, keys: list[str], epoch: int, source: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = ft_dir / "tuples"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"epoch-{epoch + 1:03d}.parquet"
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.table(tuples_table(tuples, keys, source, epoch + 1)), tmp)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def training_inputs(cfg: Config) -> tuple[list[InputRef], np.ndarray, str]:
+    """The training images, their groups, and how positives are found: ``labels`` (groups of the labels
+    or the Holidays layout) or ``verified`` (mined without labels; every image starts in its own group)."""
+    refs = list_inputs(cfg.images).refs
+    groups = groups_of([r.key for r in refs], [r.label for r in refs])
+    has_groups = len(refs) > 0 and np.bincount(groups).max() >= 2
+    mining = cfg.finetune.mining
+    if mining == "auto":
+        mining = "labels" if has_groups else "verified"
+    if mining == "labels" and not has_groups:
+        raise InputError(f"{cfg.images}: no groups of matching images (labels or the Holidays layout)")
+    if mining == "verified":
+        groups = np.arange(len(refs), dtype=np.int64)
+    if len(refs) < 3 or len(np.unique(groups)) <= cfg.finetune.negatives:
+        raise InputError(
+            f"{cfg.images}: {len(np.unique(groups))} groups, fewer than finetune.negatives + 1 "
+            f"({cfg.finetune.negatives + 1})"
+        )
+    return refs, groups, mining
+
+
+def worker_plan(cfg: Config, cpus: int, gpus: int) -> tuple[int, bool, int, float]:
+    """(workers, use_gpu, torch threads per worker, CPUs per worker) for a cluster. One worker per GPU;
+    on CPUs one single-threaded worker per CPU (on a busy host, multi-threaded torch loses far more to
+    its threads waiting on each other than data parallelism loses to the all-reduce); ``finetune.workers``
+    and ``finetune.torch_threads`` override. Ray Train's controller reserves no CPU, so the workers may
+    take every CPU without waiting on it."""
+    f = cfg.finetune
+    use_gpu = gpus > 0 and f.device != "cpu"
+    if f.device == "cuda" and gpus == 0:
+        raise InputError("finetune.device is cuda but the Ray cluster has no GPU")
+    n = f.workers or (gpus if use_gpu else cpus)
+    cpu_each = 1.0 if use_gpu else cpus / n
+    threads = f.torch_threads or max(1, int(cpu_each))
+    return n, use_gpu, threads, cpu_each
+
+
+def run_finetune(cfg: Config, ft_dir: Path) -> FinetuneResult:
+    """Fine-tune ``cfg.extract.backbone`` on ``cfg.images`` into ``ft_dir`` (resuming what is there)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from embedpipe.workers.engines.ray_stages import cluster_cpus, cluster_gpus, ray_session
+
+    ft_dir = Path(ft_dir).resolve()
+    ft_dir.mkdir(parents=True, exist_ok=True)
+    refs, groups, mining = training_inputs(cfg)
+    resume = latest_state(ft_dir)
+    done = int(torch.load(resume, map_location="cpu", weights_only=True)["epoch"]) if resume else 0
+    t0 = time.perf_counter()
+    with ray_session(cfg.ray):
+        n, use_gpu, threads, cpu_each = worker_plan(cfg, cluster_cpus(), cluster_gpus())
+        log.info(
+            "finetune: %d images (positives: %s), %d worker(s) x %d thread(s)%s, %s loss, epochs %d..%d",
+            len(refs),
+            "verified kNN pairs" if mining == "verified" else f"{len(np.unique(groups))} groups",
+            n,
+            threads,
+            " on GPU" if use_gpu else "",
+            cfg.finetune.loss,
+            done + 1,
+            cfg.finetune.epochs,
+        )
+        if done < cfg.finetune.epochs:
+            trainer = TorchTrainer(
+                train_loop,
+                train_loop_config={
+                    "cfg": cfg,
+                    "refs": refs,
+                    "keys": [r.key for r in refs],
+                    "groups": groups.tolist(),
+                    "mining": mining,
+                    "threads": threads,
+                    "use_gpu": use_gpu,
+                    "ft_dir": str(ft_dir),
+                    "resume_from": str(resume) if resume else None,
+                },
+                torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+                scaling_config=ScalingConfig(
+                    num_workers=n,
+                    use_gpu=use_gpu,
+                    resources_per_worker={"CPU": cpu_each, **({"GPU": 1} if use_gpu else {})},
+                ),
+                run_config=RunConfig(
+                    storage_path=str(ft_dir),
+                    name=RUN_NAME,
+                    checkpoint_config=CheckpointConfig(num_to_keep=2),
+                    failure_config=FailureConfig(max_failures=0),
+                ),
+            )
+            try:
+                trainer.fit()
+            except Exception as err:  # Ray wraps worker errors in its own types
+                raise RunFailed(f"finetune failed: {str(err).splitlines()[0]}") from err
+    state_path = latest_state(ft_dir)
+    if state_path is None:
+        raise RunFailed(f"finetune: no checkpoint in {ft_dir / RUN_NAME}")
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    history = state["history"]
+    losses = [
+        float(np.mean([h["loss"] for h in history if h["epoch"] == e])) for e in range(1, state["epoch"] + 1)
+    ]
+    write_backbone(ft_dir, state["model"], cfg, refs, mining, history)
+    return FinetuneResult(ft_dir, int(state["epoch"]), done, losses, n, time.perf_counter() - t0)
+
+
+def training_pairs(ft_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(query, positive) rows of every tuple of the last epoch: the matching pairs for learned whitening."""
+    import pyarrow.parquet as pq
+
+    last = sorted((ft_dir / "tuples").glob("epoch-*.parquet"))[-1]
+    table = pq.read_table(last, columns=["query", "positive"])
+    return table.column("query").to_numpy(), table.column("positive").to_numpy()
+
+
+def write_backbone(ft_dir: Path, model_state: dict, cfg: Config, refs, mining: str, history) -> None:
+    """``backbone.pt`` (trunk and pooling state), ``backbone.json`` (architecture, pooling, preprocessing,
+    training config), ``train_log.json`` (loss per step) and the learned whitening of the GeM vectors,
+    fitted on the last epoch's (query, positive) pairs."""
+    from embedpipe.storage.artifacts import save_npz
+    from embedpipe.storage.contracts.layout import write_json_atomic
+    from embedpipe.workers.fit.whitening import learned_whitening, learned_whitening_file
+
+    model, spec = build_model(cfg)
+    model.load_state_dict(model_state)
+    tmp = ft_dir / ".backbone.pt.tmp"
+    torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, ft_dir / "backbone.pt")
+    write_json_atomic(ft_dir / "train_log.json", history)
+
+    whitening = whitening_base = None
+    if cfg.finetune.head == "gem":  # Lw of the adapted model, and of the off-the-shelf one it started from
+        torch.set_num_threads(1)  # see worker_plan: one thread is fastest on a shared host
+        images = load_images(refs, cfg.finetune.max_side, cfg)
+        q, p = training_pairs(ft_dir)
+        whitening, whitening_base = learned_whitening_file("gem"), learned_whitening_file("gem", base=True)
+        for net, name in ((model, whitening), (build_model(cfg)[0], whitening_base)):
+            vectors = embed_images(net, images, spec, "cpu")
+            arrays = learned_whitening(vectors, q, p, cfg.finetune.whiten_dim, cfg.finetune.whiten_shrinkage)
+            meta = {"kind": "learned-whitening", "descriptor": "gem", "n_pairs": len(q), "n_train": len(refs)}
+            save_npz(ft_dir / name, meta, **arrays)
+    info = {
+        "format": 1,
+        "base": cfg.extract.backbone,
+        "base_weights": str(cfg.extract.weights) if cfg.extract.weights else None,
+        "head": cfg.finetune.head,
+        "gem_p": model.gem_p(),
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "channels": spec.channels,
+        "max_side": cfg.finetune.max_side,
+        "whitening": whitening,
+        "whitening_base": whitening_base,
+        "training": {
+            "images": str(cfg.images),
+            "n_images": len(refs),
+            "positives": mining,
+            "seed": cfg.seed,
+            "epochs": max((h["epoch"] for h in history), default=0),
+            "final_loss": history[-1]["loss"] if history else None,
+            "config": cfg.finetune.model_dump(mode="json"),
+        },
+    }
+    write_json_atomic(ft_dir / "backbone.json", info)
+    log.info("finetune: wrote %s (GeM p %s)", ft_dir / "backbone.json", json.dumps(model.gem_p()))
+
+
+# ------------------------------------------------------------------------------------------------- bench
+
+
+def bench_batches(cfg: Config, refs: list[InputRef], groups: np.ndarray, n_steps: int, per_step: int):
+    """The tuples of ``n_steps`` steps of ``per_step`` tuples each, identical for both sides of the bench:
+    labelled anchors/positives, negatives ranked by a seeded random embedding (what matters here is the
+    work per step, not which negatives are hard)."""
+    rng = np.random.default_rng(cfg.seed)
+    vectors = rng.normal(size=(len(refs), 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    tuples, epoch = [], 0
+    while len(tuples) < n_steps * per_step:
+        tuples += mine_tuples(vectors, groups, cfg.finetune.negatives, cfg.seed, epoch)
+        epoch += 1
+    return [tuples[s * per_step : (s + 1) * per_step] for s in range(n_steps)]
+
+
+def _timed_steps(
+    model, opt, images, steps, cfg, spec, device, rank=0, world=1, allreduce=None
+) -> list[float]:
+    times = []
+    for step in steps:
+        mine = step[rank::world]
+        batch = [[images[t.query], images[t.positive], *[images[n] for n in t.negatives]] for t in mine]
+        t0 = time.perf_counter()
+        train_step(model, opt, batch, len(step), cfg, spec, device, allreduce)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_loop(config: dict) -> None:
+    """Ray Train worker of ``bench_train``: the same steps as the baseline, split over the workers."""
+    import ray.train
+    import torch.distributed as dist
+
+    cfg = config["cfg"]
+    torch.set_num_threads(config["threads"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = str(ray.train.torch.get_device()) if config["use_gpu"] else "cpu"
+    torch.manual_seed(cfg.seed)
+    model, spec = build_model(cfg)
+    model = model.to(device)
+    opt = optimiser(model, cfg)
+    images = load_images(config["refs"], cfg.finetune.max_side, cfg)
+
+    def allreduce(m, loss):
+        if world > 1:
+            for p in m.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+            dist.all_reduce(loss)
+
+    times = _timed_steps(model, opt, images, config["steps"], cfg, spec, device, rank, world, allreduce)
+    with tempfile.TemporaryDirectory() as tmp:  # rank 0's step times travel as a checkpoint file
+        checkpoint = None
+        if rank == 0:
+            (Path(tmp) / "times.json").write_text(json.dumps(times))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({"rank": rank}, checkpoint=checkpoint)
+
+
+def bench_train(cfg: Config, n_steps: int) -> dict:
+    """``embedpipe bench train``: seconds per training step of Ray Train (N workers, as ``finetune`` sizes
+    them) vs a plain single-process PyTorch loop using every CPU thread, on the same model and the same
+    tuples; the first step of each side is a warm-up, reported apart."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from embedpipe.workers.engines.ray_stages import cluster_cpus, cluster_gpus, ray_session
+
+    refs, groups, _ = training_inputs(cfg)
+    with ray_session(cfg.ray):
+        cpus, gpus = cluster_cpus(), cluster_gpus()
+        n, use_gpu, threads, cpu_each = worker_plan(cfg, cpus, gpus)
+        per_step = cfg.finetune.tuples_per_step * n
+        steps = bench_batches(cfg, refs, groups, n_steps + 1, per_step)
+        images_per_step = per_step * (2 + cfg.finetune.negatives)
+
+        # baseline: one process, every core's threads (or the GPU), no Ray
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        old_threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, cpus) if device == "cpu" else old_threads)
+        torch.manual_seed(cfg.seed)
+        model, spec = build_model(cfg)
+        model = model.to(device)
+        base_times = _timed_steps(model, optimiser(model, cfg), load_images(refs, cfg.finetune.max_side, cfg),
+                                  steps, cfg, spec, device)  # fmt: skip
+        torch.set_num_threads(old_threads)
+        del model
+
+        with tempfile.TemporaryDirectory(prefix="embedpipe-bench-train-") as tmp:
+            t0 = time.perf_counter()
+            trainer = TorchTrainer(
+                bench_loop,
+                train_loop_config={
+                    "cfg": cfg,
+                    "refs": refs,
+                    "steps": steps,
+                    "threads": threads,
+                    "use_gpu": use_gpu,
+                },
+                torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+                scaling_config=ScalingConfig(
+                    num_workers=n,
+                    use_gpu=use_gpu,
+                    resources_per_worker={"CPU": cpu_each, **({"GPU": 1} if use_gpu else {})},
+                ),
+                run_config=RunConfig(storage_path=tmp, name="bench"),
+            )
+            result = trainer.fit()
+            wall = time.perf_counter() - t0
+            with result.checkpoint.as_directory() as d:  # rank 0's; every rank waits on each all-reduce
+                ours_times = json.loads((Path(d) / "times.json").read_text())
+
+    def side(times: list[float], **extra) -> dict:
+        steady = float(np.sum(times[1:]))
+        return {
+            "warmup_step_s": times[0],
+            "steps": len(times) - 1,
+            "time_s": steady,
+            "step_s": steady / max(1, len(times) - 1),
+            "images_per_s": images_per_step * (len(times) - 1) / steady if steady > 0 else None,
+            **extra,
+        }
+
+    ours = side(ours_times, workers=n, threads_per_worker=threads, device=device, wall_with_startup_s=wall)
+    baseline = side(base_times, workers=1, threads=max(1, cpus) if device == "cpu" else None, device=device)
+    return {
+        "name": "train",
+        "ours": ours,
+        "baseline": baseline,
+        "ratio": baseline["time_s"] / ours["time_s"] if ours["time_s"] > 0 else None,
+        "backbone": cfg.extract.backbone,
+        "max_side": cfg.finetune.max_side,
+        "tuples_per_step": per_step,
+        "images_per_step": images_per_step,
+        "loss": cfg.finetune.loss,
+        "n_images": len(refs),
+        "cluster": {"cpus": cpus, "gpus": gpus},
+    }
