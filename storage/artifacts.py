@@ -38,6 +38,13 @@ def save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
+def save_blob(path: Path, blob: np.ndarray) -> None:
+    """The raw bytes of ``blob`` (a serialised FAISS index, say a codebook's assignment index) through a
+    temporary name and a rename; they read back with ``numpy.fromfile(path, dtype=numpy.uint8)``."""
+    with atomic_path(path) as tmp:
+        blob.tofile(tmp)
+
+
 def load_npz(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     with np.load(path, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files if k != "meta"}

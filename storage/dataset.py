@@ -1,8 +1,9 @@
 """Shard plan and dataset manifest.
 
-The plan puts every listed input (see ``storage.sources``) in a shard. It is stable: given the manifest
-of an earlier ingest of the same run, inputs seen before keep their shard and new inputs fill new shards
-after the last one, so existing shard membership never changes when files are added.
+The plan puts every listed input (listed by ``workers.ingest.sources``; ``workers.ingest.plan`` lists a
+source and plans it) in a shard. It is stable: given the manifest of an earlier ingest of the same run,
+inputs seen before keep their shard and new inputs fill new shards after the last one, so existing shard
+membership never changes when files are added.
 
 The dataset manifest (``dataset.parquet``) has one row per input: its key and where it is read from, its
 label, shard, content-hash id, byte size, image size, status (``ok`` / ``quarantined``) with the reason,
@@ -11,7 +12,6 @@ and ``duplicate_of`` (the first input with the same bytes).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from embedpipe.storage.contracts.layout import RunLayout, atomic_path, write_json_atomic
-from embedpipe.workers.ingest.sources import InputRef, KnownTars, Listing, known_tar_listings, list_inputs
+from embedpipe.storage.contracts.layout import atomic_path, write_json_atomic
+from embedpipe.storage.inputs import InputRef, KnownTars, Listing
 
 
 @dataclass(frozen=True)
@@ -61,11 +61,6 @@ def assign_shards(keys: list[str], shard_size: int, previous: dict[str, int] | N
             out.append(first_new + n_new // shard_size)
             n_new += 1
     return out
-
-
-def plan_shards(source: str | Path, shard_size: int, previous: dict[str, int] | None = None) -> ShardPlan:
-    """List ``source`` and cut it into shards (stable against ``previous``: key -> shard)."""
-    return plan_listing(list_inputs(source), str(source), shard_size, previous)
 
 
 def plan_listing(
@@ -174,7 +169,8 @@ def write_tar_stamps(path: Path, plan: ShardPlan, whole: bool = True) -> None:
 
 def known_tars(dataset: Path, stamps: Path) -> KnownTars:
     """The local tar shards an earlier plan of the run took whole: resolved path -> (stamp then, its
-    samples in member order, rebuilt from the dataset manifest), for ``known_tar_listings``."""
+    samples in member order, rebuilt from the dataset manifest), for ``known_tar_listings``
+    (``workers.ingest.sources``; ``workers.ingest.plan.run_listings``)."""
     try:
         recorded = json.loads(stamps.read_text())
     except (OSError, ValueError):
@@ -194,13 +190,6 @@ def known_tars(dataset: Path, stamps: Path) -> KnownTars:
     return {
         uri: (recorded[uri], tuple(sorted(refs, key=lambda r: r.offset))) for uri, refs in members.items()
     }
-
-
-def run_listings(root: Path) -> contextlib.AbstractContextManager:
-    """``known_tar_listings`` for the run directory ``root``: its earlier plan's unchanged tar shards are
-    not read again."""
-    layout = RunLayout(root)
-    return known_tar_listings(lambda: known_tars(layout.dataset, layout.tar_stamps))
 
 
 def previous_shards(path: Path) -> dict[str, int]:

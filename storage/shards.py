@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from embedpipe.storage.contracts.layout import write_json_atomic
-from embedpipe.workers.ingest.sources import InputRef
+from embedpipe.storage.inputs import InputRef
 
 _RECORD = re.compile(r"^shard-(\d{5,})\.json$")
 

@@ -9,6 +9,7 @@ from embedpipe.storage import index_versions
 from embedpipe.storage.contracts.config import IndexConfig, RayConfig
 from embedpipe.storage.contracts.errors import InputError
 from embedpipe.storage.features import FeatureWriter, part_files
+from embedpipe.storage.index_folder import read_index, save_version
 from embedpipe.workers.engines.dask_jobs import sample_store
 from embedpipe.workers.engines.ray_stages import ray_session
 from embedpipe.workers.index import ann
@@ -17,7 +18,6 @@ from embedpipe.workers.index.build import (
     build_store_index,
     load_current,
     remove_content_ids,
-    save_version,
 )
 
 DIM, PARTS, PER_PART = 32, 4, 300
@@ -153,7 +153,7 @@ def test_incremental_add_remove_and_versions(tmp_path, data, ray_cluster):
     assert all(np.array_equal(u, v) for u, v in zip(ann.codes_of(grown), ann.codes_of(ref), strict=True))
     assert len(trained_on_3[0]) == 3 * PER_PART
     # the first version is untouched
-    assert ann.read_index(v1 / "index.faiss").ntotal == 3 * PER_PART
+    assert read_index(v1 / "index.faiss").ntotal == 3 * PER_PART
 
     gone = [f"id{i}" for i in (5, 400, 1100)]
     v3, removed = remove_content_ids(root, gone)

@@ -22,13 +22,13 @@ from embedpipe.storage.features import (
     sample_quotas,
     write_part_table,
 )
+from embedpipe.storage.index_folder import index_layout
 from embedpipe.workers.engines.dask_jobs import sample_store
 from embedpipe.workers.evaluate.stage import variant_index
 from embedpipe.workers.index import ann
 from embedpipe.workers.index.build import (
     StoreOrderIndex,
     add_part,
-    index_layout,
     load_current,
     publish_store_index,
     remove_content_ids,

@@ -16,6 +16,8 @@ from embedpipe.storage.features import (
     read_features,
     write_part_table,
 )
+from embedpipe.storage.index_folder import save_version
+from embedpipe.storage.inputs import InputRef
 from embedpipe.storage.shards import ShardRecords, input_signature, shard_fingerprint
 from embedpipe.workers.fit.whitening import captured_energy, pca_whitening_from_moments, subspace_drift
 from embedpipe.workers.index import ann
@@ -23,10 +25,8 @@ from embedpipe.workers.index.build import (
     StoreOrderIndex,
     build_store_index,
     new_rows,
-    save_version,
     update_store_index,
 )
-from embedpipe.workers.ingest.sources import InputRef
 
 
 def test_records_round_trip_and_ignore_torn_files(tmp_path):

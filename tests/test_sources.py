@@ -15,11 +15,11 @@ from embedpipe.storage.dataset import (
     known_tars,
     manifest_rows,
     plan_listing,
-    plan_shards,
     previous_shards,
     write_manifest,
     write_tar_stamps,
 )
+from embedpipe.workers.ingest.plan import plan_shards
 from embedpipe.workers.ingest.sources import (
     expand_braces,
     known_tar_listings,

@@ -16,7 +16,7 @@ CHILD = textwrap.dedent(
     from embedpipe.storage.contracts.errors import WriteFailed
     from embedpipe.storage.features import FeatureWriter, feature_schema, feature_table, write_part_table
     from embedpipe.storage.contracts.layout import write_json_atomic
-    from embedpipe.workers.index.build import save_version
+    from embedpipe.storage.index_folder import save_version
     from embedpipe.workers.index import ann
 
     root = Path(sys.argv[1])

@@ -18,11 +18,10 @@ from typing import TYPE_CHECKING, Any
 import dask
 import dask.array as da
 import numpy as np
-import pyarrow.parquet as pq
 
-from embedpipe.storage.artifacts import load_npz, save_npz
+from embedpipe.storage.artifacts import load_npz, save_blob, save_npz
 from embedpipe.storage.contracts.errors import RunFailed
-from embedpipe.storage.contracts.layout import RunLayout, atomic_path
+from embedpipe.storage.contracts.layout import RunLayout
 from embedpipe.storage.features import (
     part_files,
     part_row_counts,
@@ -49,8 +48,7 @@ def descriptor_array(directory: Path) -> da.Array:
     """The store's vectors as an (n, dim) float64 Dask array, one block per non-empty part file."""
     dim = int(read_store_manifest(directory)["dim"])
     blocks = []
-    for path in part_files(directory):
-        rows = pq.ParquetFile(path).metadata.num_rows
+    for path, rows in part_row_counts(directory):
         if rows:
             blocks.append(
                 da.from_delayed(dask.delayed(_read_vectors)(str(path)), shape=(rows, dim), dtype=np.float64)
@@ -112,11 +110,7 @@ def _add_moments(a: Moments, b: Moments) -> Moments:
 def store_moments(directory: Path, scheduler: str, address: str | None = None) -> Moments:
     """Column sums and Gram matrix of the whole store in one pass: one Dask task per part file, partial
     moments summed pairwise in a tree, so memory holds a few parts and D×D partial sums at a time."""
-    level = [
-        dask.delayed(_part_moments)(str(p))
-        for p in part_files(directory)
-        if pq.ParquetFile(p).metadata.num_rows
-    ]
+    level = [dask.delayed(_part_moments)(str(p)) for p, rows in part_row_counts(directory) if rows]
     if not level:
         raise RunFailed(f"feature store {directory} has no rows")
     while len(level) > 1:
@@ -217,8 +211,7 @@ def fit_codebook(layout: RunLayout, cfg: Config, feature: str, k: int) -> dict[s
         "seed": cfg.seed,
     }
     faiss_path = layout.model(codebook_name(feature, k), ".faiss")
-    with atomic_path(faiss_path) as tmp:
-        cb.serialize(index).tofile(tmp)
+    save_blob(faiss_path, cb.serialize(index))
     save_npz(path, meta, centroids=centroids)
     log.info(
         "fit: codebook %s k=%d on %d sampled descriptors (%s)", feature, k, len(sample), meta["assignment"]

@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from embedpipe.storage.artifacts import save_npy
 from embedpipe.storage.contracts.errors import InputError
-from embedpipe.storage.contracts.layout import RunLayout, atomic_path
+from embedpipe.storage.contracts.layout import RunLayout
 from embedpipe.storage.features import read_parts, read_store_manifest
+from embedpipe.storage.index_folder import save_ids
 from embedpipe.storage.local_features import bow_schema, list_values
 from embedpipe.workers.descriptors.bow import (
     InvertedFile,
@@ -199,5 +199,4 @@ def _save_index(layout: RunLayout, name: str, ivf: InvertedFile, idf: np.ndarray
             "path": meta.column("path"),
         }
     )
-    with atomic_path(folder / "ids.parquet") as tmp:
-        pq.write_table(ids, tmp)
+    save_ids(folder, ids)

@@ -1,4 +1,4 @@
-"""FAISS indices from factory strings: build, train once, fill per shard, merge, search, version.
+"""FAISS indices from factory strings: build, train once, fill per shard, merge, search.
 
 Vectors are L2-normalised, so inner product = cosine; LSH (binary codes, Hamming distance) is built
 with the L2 metric, which ranks normalised vectors the same way. Database vectors carry the feature
@@ -11,8 +11,9 @@ order; the result equals a single-process build that adds the rows in the same o
 
 Layouts of a built index: one merged index; the IVF lists of every shard merged into one on-disk file
 (``write_ondisk``, faiss's ``OnDiskInvertedLists``; the ``.ivfdata`` file next to the index file); or
-the shard indices kept apart and searched together (``shards_of``, a ``faiss.IndexShards`` that keeps
-each shard's ids and merges the per-shard top-k).
+the shard indices kept apart and searched together (``storage.index_folder.shards_of``, a
+``faiss.IndexShards`` that keeps each shard's ids and merges the per-shard top-k). Index files and version
+folders are written and read by ``storage.index_folder``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import faiss
 import numpy as np
 
 from embedpipe.storage.contracts.errors import InputError
-from embedpipe.storage.contracts.layout import atomic_path
+from embedpipe.storage.index_folder import write_index
 
 if TYPE_CHECKING:
     from embedpipe.storage.contracts.config import IndexConfig
@@ -210,16 +211,6 @@ def build_index(vectors: np.ndarray, factory: str = "Flat", seed: int = 0) -> fa
         return fill(serialize(train_index(factory, x, seed)), x, np.arange(len(x), dtype=np.int64))
 
 
-def shards_of(parts: list[faiss.Index]) -> faiss.IndexShards:
-    """The shard indices searched as one: queries go to every shard in turn and the top-k lists are
-    merged by score; ids are the shards' own (``successive_ids`` off), and the shards stay owned by
-    Python (the wrapper keeps references to them, ``own_indices`` stays off)."""
-    shards = faiss.IndexShards(int(parts[0].d), False, False)  # not threaded, ids as stored
-    for part in parts:
-        shards.add_shard(part)
-    return shards
-
-
 def members(index: faiss.Index) -> list[faiss.Index]:
     """The shards of an ``IndexShards``, or the index itself."""
     if isinstance(index, faiss.IndexShards):
@@ -283,23 +274,6 @@ def remove_ids(index: faiss.Index, ids: np.ndarray) -> int:
     if not is_mergeable(index):
         raise InputError("HNSW indices do not support removal; rebuild the index instead")
     return int(index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, np.int64))))
-
-
-def write_index(index: faiss.Index, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        try:
-            faiss.write_index(index, str(tmp))
-        except RuntimeError as err:  # FAISS reports a failed write (full disk, ...) as RuntimeError
-            if "write error" not in str(err):
-                raise
-            raise OSError(str(err).rsplit("(", 1)[-1].rstrip(")")) from err
-
-
-def read_index(path: Path, ondisk: bool = False) -> faiss.Index:
-    """Read an index file; ``ondisk``: its on-disk lists are the ``.ivfdata`` file in the same folder
-    (wherever the folder was moved; the file also records its absolute path for other readers). The
-    index file itself is read into memory: mapping it (``IO_FLAG_MMAP``) is not used for these."""
-    return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR if ondisk else 0)
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -5,16 +5,13 @@ Row ids: the store's rows are numbered in store order (part by part); the FAISS 
 row, and ``ids.parquet`` beside the index maps ``row`` -> content ``id`` -> ``path``. Incremental adds
 continue the numbering; removals drop rows from both.
 
-Layouts of a version folder (``index.layout``): ``merged``: ``index.faiss``; ``ondisk`` (IVF only):
-``index.faiss`` whose inverted lists are ``lists.ivfdata`` beside it; ``sharded``: one index file per
-shard under ``shards/`` and ``shards.json`` (file and row range of each), searched together.
+The files of a version folder in each layout (``index.layout``: merged, ondisk, sharded) are written and
+read by ``storage.index_folder``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -25,13 +22,32 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from embedpipe.storage import index_versions
 from embedpipe.storage.contracts.errors import InputError, RunFailed
 from embedpipe.storage.contracts.layout import atomic_dir, write_error
 from embedpipe.storage.features import part_row_counts, read_part, read_parts, read_store_manifest, vectors_of
+from embedpipe.storage.index_folder import (
+    INDEX_FILE,
+    IVFDATA_FILE,
+    SHARDS_DIR,
+    TRAINED_FILE,
+    empty_ids,
+    index_layout,
+    link_file,
+    live_version,
+    read_ids,
+    read_index,
+    read_shards,
+    read_version,
+    save_version,
+    shard_name,
+    write_ids,
+    write_index,
+    write_shards,
+)
 from embedpipe.workers.engines.dask_jobs import sample_store
+from embedpipe.workers.engines.ray_index import map_parts
 from embedpipe.workers.fit.whitening import apply_whitening
 from embedpipe.workers.index import ann
 from embedpipe.workers.progress import Progress
@@ -42,8 +58,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("embedpipe.index")
 
 Transform = tuple[np.ndarray, np.ndarray] | None  # PCA-whitening (mean (D,), proj (d, D)) or none
-IDS_FILE, INDEX_FILE = "ids.parquet", "index.faiss"
-IVFDATA_FILE, SHARDS_DIR, SHARDS_FILE = "lists.ivfdata", "shards", "shards.json"
 
 
 def part_table(path: Path, row0: int, transform: Transform) -> tuple[pa.Table, np.ndarray]:
@@ -154,12 +168,8 @@ def _part_results(
     row0s = np.concatenate([[0], np.cumsum([c for _, c in counts])])[:-1].tolist()
     jobs = [(str(p), int(r)) for (p, _), r in zip(counts, row0s, strict=True)]
     if engine == "ray":
-        import ray
-
-        task = ray.remote(num_cpus=1, max_retries=max_retries)(_ray_fill)
-        ref = ray.put(trained)
-        pending = [task.remote(ref, p, r, transform, merge) for p, r in jobs]
-        return len(jobs), (_recorded(ray.get(x)) for x in pending)  # in part order, each released once used
+        results = map_parts(_ray_fill, [(p, r, transform, merge) for p, r in jobs], trained, max_retries)
+        return len(jobs), (_recorded(x) for x in results)  # in part order, each released once used
     # adds run on FAISS's own threads
     fill = fill_part if merge else gather_part
     args = (trained,) if merge else ()
@@ -194,7 +204,7 @@ def fill_from_store(
     progress.finish()
     if index is None:
         index = ann.deserialize(trained)
-    return index, pa.concat_tables(tables) if tables else _empty_ids()
+    return index, pa.concat_tables(tables) if tables else empty_ids()
 
 
 def fill_parts(
@@ -213,39 +223,6 @@ def fill_parts(
     return parts
 
 
-def _empty_ids() -> pa.Table:
-    return pa.table(
-        {"row": pa.array([], pa.int64()), "id": pa.array([], pa.string()), "path": pa.array([], pa.string())}
-    )
-
-
-def save_version(root: Path, index: faiss.Index, ids: pa.Table) -> Path:
-    """Write ``index`` and its ids as a new version under ``root`` and switch CURRENT to it."""
-    version = index_versions.new_version(root)
-    with atomic_dir(version):  # a version that could not be written whole is removed, never published
-        ann.write_index(index, version / INDEX_FILE)
-        pq.write_table(ids, version / IDS_FILE)
-    index_versions.publish(root, version)
-    return version
-
-
-def _shard_name(number: int) -> str:
-    return f"shard-{number:05d}.faiss"
-
-
-def _write_shards(version: Path, trained: faiss.Index, shards: list[dict], parts: list[faiss.Index]) -> None:
-    """Shard files ``parts`` under ``version/shards`` named as in ``shards`` (entries
-    {"file", "rows": [lo, hi)} for every shard of the version, in search order), the trained empty
-    index beside them (what later shards are filled from) and ``shards.json``."""
-    folder = version / SHARDS_DIR
-    folder.mkdir(exist_ok=True)
-    for part, entry in zip(parts, [s for s in shards if not (folder / s["file"]).exists()], strict=True):
-        ann.write_index(part, folder / entry["file"])
-    if not (version / "trained.faiss").exists():
-        ann.write_index(trained, version / "trained.faiss")
-    (version / SHARDS_FILE).write_text(json.dumps({"shards": shards}, indent=1) + "\n")
-
-
 def save_layout(
     root: Path, parts: list[tuple[faiss.Index, pa.Table]], trained: np.ndarray, layout: str
 ) -> Path:
@@ -257,7 +234,7 @@ def save_layout(
     indices = [p for p, _ in parts]
     if layout == "ondisk" and not sum(p.ntotal for p in indices):
         raise RunFailed("index.layout 'ondisk': no vectors to put on disk (the store is empty)")
-    ids = pa.concat_tables([t for _, t in parts]) if parts else _empty_ids()
+    ids = pa.concat_tables([t for _, t in parts]) if parts else empty_ids()
     if layout == "merged":
         return save_version(root, ann.merge(indices) if indices else empty, ids)
     version = index_versions.new_version(root)
@@ -269,9 +246,9 @@ def save_layout(
                 [int(pc.min(t.column("row")).as_py()), int(pc.max(t.column("row")).as_py()) + 1]
                 for _, t in parts
             ]
-            shards = [{"file": _shard_name(i), "rows": span} for i, span in enumerate(spans or [[0, 0]])]
-            _write_shards(version, empty, shards, indices or [empty])
-        pq.write_table(ids, version / IDS_FILE)
+            shards = [{"file": shard_name(i), "rows": span} for i, span in enumerate(spans or [[0, 0]])]
+            write_shards(version, empty, shards, indices or [empty])
+        write_ids(version, ids)
     index_versions.publish(root, version)
     return version
 
@@ -305,47 +282,13 @@ def publish_store_index(
     return index, ids, version
 
 
-def index_layout(version: Path) -> str:
-    """The layout of a version folder: 'sharded', 'ondisk' or 'merged'."""
-    if (version / SHARDS_FILE).is_file():
-        return "sharded"
-    return "ondisk" if (version / IVFDATA_FILE).is_file() else "merged"
-
-
-def _shards(version: Path) -> list[dict]:
-    return json.loads((version / SHARDS_FILE).read_text())["shards"]
-
-
-def read_version(version: Path) -> faiss.Index:
-    """The index of a version folder as searched: merged, with its on-disk lists, or its shards."""
-    layout = index_layout(version)
-    if layout == "sharded":
-        return ann.shards_of([ann.read_index(version / SHARDS_DIR / s["file"]) for s in _shards(version)])
-    return ann.read_index(version / INDEX_FILE, ondisk=layout == "ondisk")
-
-
-def _current(root: Path) -> Path:
-    version = index_versions.current(root)
-    if version is None or not ((version / INDEX_FILE).is_file() or (version / SHARDS_FILE).is_file()):
-        raise InputError(f"no published index under {root}")
-    return version
-
-
 def load_current(root: Path, cfg: IndexConfig | None = None) -> tuple[faiss.Index, pa.Table, Path]:
     """The live index, its ids table and its version folder."""
-    version = _current(root)
+    version = live_version(root)
     index = read_version(version)
     if cfg is not None:
         ann.set_search_params(index, cfg.nprobe, cfg.efsearch)
-    return index, pq.read_table(version / IDS_FILE), version
-
-
-def _link(src: Path, dst: Path) -> None:
-    """``dst`` as a hard link to the immutable file ``src`` (a copy where links are not possible)."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    return index, read_ids(version), version
 
 
 def _next_sharded(
@@ -355,33 +298,33 @@ def _next_sharded(
     others hard-linked unchanged, and ``x`` (n, d) added under ``rows`` as one new shard filled from
     the trained empty index. The work is the new shard and the touched ones, not the whole index.
     Returns the version (published with ``ids``) and the number of vectors removed."""
-    shards, removed = _shards(version), 0
+    shards, removed = read_shards(version), 0
     out = index_versions.new_version(root)
     try:
         (out / SHARDS_DIR).mkdir()
-        _link(version / "trained.faiss", out / "trained.faiss")
+        link_file(version / TRAINED_FILE, out / TRAINED_FILE)
         kept, parts = [], []
         for entry in shards:
             lo, hi = entry["rows"]
             hit = gone[(gone >= lo) & (gone < hi)]
             src = version / SHARDS_DIR / entry["file"]
             if not hit.size:
-                _link(src, out / SHARDS_DIR / entry["file"])
+                link_file(src, out / SHARDS_DIR / entry["file"])
                 kept.append(entry)
                 continue
-            part = ann.read_index(src)
+            part = read_index(src)
             removed += ann.remove_ids(part, hit)
             if part.ntotal:
-                ann.write_index(part, out / SHARDS_DIR / entry["file"])
+                write_index(part, out / SHARDS_DIR / entry["file"])
                 kept.append(entry)
-        trained = ann.read_index(out / "trained.faiss")
+        trained = read_index(out / TRAINED_FILE)
         if len(x) or not kept:
             number = 1 + max((int(s["file"][6:11]) for s in shards), default=-1)
             parts = [ann.fill(ann.serialize(trained), x, rows)] if len(x) else [trained]
             span = [int(rows.min()), int(rows.max()) + 1] if len(x) else [0, 0]
-            kept.append({"file": _shard_name(number), "rows": span})
-        _write_shards(out, trained, kept, parts)
-        pq.write_table(ids, out / IDS_FILE)
+            kept.append({"file": shard_name(number), "rows": span})
+        write_shards(out, trained, kept, parts)
+        write_ids(out, ids)
     except BaseException as err:
         shutil.rmtree(out, ignore_errors=True)  # never published
         if isinstance(err, OSError):
@@ -405,12 +348,12 @@ def add_part(root: Path, part: Path, transform: Transform = None) -> Path:
     """Incremental add: the live index plus one new part file's vectors, no retraining, as a new
     version. The added work is the part's encoding; rows continue after the largest existing row
     (layout 'sharded': the part becomes a new shard and the other shard files are linked, not read)."""
-    version = _current(root)
-    ids = pq.read_table(version / IDS_FILE)
+    version = live_version(root)
+    ids = read_ids(version)
     row0 = int(pc.max(ids.column("row")).as_py()) + 1 if ids.num_rows else 0
     new_ids, x = part_table(part, row0, transform)
     if _updatable(version) == "sharded":
-        dim = ann.read_index(version / "trained.faiss").d
+        dim = read_index(version / TRAINED_FILE).d
     else:
         index = read_version(version)
         dim = index.d
@@ -427,8 +370,8 @@ def add_part(root: Path, part: Path, transform: Transform = None) -> Path:
 
 def remove_content_ids(root: Path, content_ids: list[str]) -> tuple[Path, int]:
     """Remove the vectors of these content ids from the live index, as a new version."""
-    version = _current(root)
-    ids = pq.read_table(version / IDS_FILE)
+    version = live_version(root)
+    ids = read_ids(version)
     mask = pc.is_in(ids.column("id"), value_set=pa.array(content_ids, pa.string()))
     rows = ids.filter(mask).column("row").to_numpy()
     kept = ids.filter(pc.invert(mask))
@@ -452,7 +395,7 @@ def store_keys(directory: Path) -> pa.Array:
 
 def new_rows(root: Path, directory: Path) -> np.ndarray:
     """Store positions (store order) of the rows the live index of ``root`` does not hold."""
-    ids = pq.read_table(_current(root) / IDS_FILE)
+    ids = read_ids(live_version(root))
     return np.flatnonzero(
         ~pc.is_in(store_keys(directory), value_set=input_keys(ids)).to_numpy(zero_copy_only=False)
     )
@@ -465,9 +408,9 @@ def update_store_index(
     the rows whose input is gone or changed, add the store rows it lacks (rows numbered on after the
     largest; layout 'sharded': as one new shard), and publish the result as a new version. Returns
     (index, ids, added, removed). Layout 'ondisk' cannot be updated (InputError)."""
-    version = _current(root)
+    version = live_version(root)
     layout = _updatable(version)
-    ids = pq.read_table(version / IDS_FILE)
+    ids = read_ids(version)
     current = store_keys(directory)
     gone = ~pc.is_in(input_keys(ids), value_set=current).to_numpy(zero_copy_only=False)
     gone_rows = ids.column("row").to_numpy()[gone]

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 
 from embedpipe.storage.contracts.errors import InputError
 from embedpipe.storage.dataset import ShardPlan, plan_listing
+from embedpipe.storage.inputs import InputRef, Listing
 from embedpipe.workers.evaluate.protocols import BENCHMARK_PROTOCOLS, BenchmarkLayout, benchmark_layout
-from embedpipe.workers.ingest.sources import InputRef, Listing, list_inputs
+from embedpipe.workers.ingest.sources import list_inputs
 
 if TYPE_CHECKING:
     from embedpipe.storage.contracts.config import Config
