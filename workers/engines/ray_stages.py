@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedpipe.storage.contracts.errors import DecodeError, RunFailed
+from embedpipe.storage.inputs import InputRef
 from embedpipe.workers.descriptors.local import HOG_DIM, extract_local, grayscale, hog_descriptor
 from embedpipe.workers.ingest.decode import content_id, decode_image, decode_query_crop
-from embedpipe.workers.ingest.sources import InputRef, read_input, read_rotations, rotation_of
+from embedpipe.workers.ingest.sources import read_input, read_rotations, rotation_of
 
 if TYPE_CHECKING:
     from embedpipe.storage.contracts.config import Config, ExtractConfig, IngestConfig, LocalConfig, RayConfig

@@ -90,10 +90,13 @@ def _photo_path(package: str, name: str) -> Path:
         import matplotlib
 
         return Path(matplotlib.get_data_path()) / "sample_data" / name
-    if package == "distributed":
-        import distributed
+    if package == "distributed":  # found without importing it (and dask with it): an engine package
+        import importlib.util
 
-        return Path(distributed.__file__).parent / "http" / "static" / "images" / name
+        spec = importlib.util.find_spec("distributed")
+        if spec is None or spec.origin is None:
+            raise ModuleNotFoundError("No module named 'distributed'", name="distributed")
+        return Path(spec.origin).parent / "http" / "static" / "images" / name
     if package == "skimage":
         import skimage.data
 

@@ -14,10 +14,9 @@ import io
 import json
 import logging
 import os
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,18 +24,18 @@ from PIL import Image
 
 from embedpipe.storage.contracts.errors import DecodeError
 from embedpipe.storage.contracts.layout import write_json_atomic
-from embedpipe.storage.dataset import ShardPlan, manifest_rows, plan_shards, previous_shards, write_manifest
+from embedpipe.storage.dataset import ShardPlan, manifest_rows, previous_shards, read_manifest, write_manifest
+from embedpipe.storage.tar_shards import ShardTarWriter, shard_name
+from embedpipe.workers.engines.ray_data import map_items
 from embedpipe.workers.engines.ray_stages import (
-    cluster_cpus,
-    configure_data_context,
     input_items,
     input_result,
-    iterate_results,
     ray_session,
     read_row,
     row_rotation,
 )
 from embedpipe.workers.ingest.decode import content_id, decode_pil
+from embedpipe.workers.ingest.plan import plan_shards
 from embedpipe.workers.ingest.sources import read_rotations, rotation_of
 from embedpipe.workers.progress import Progress
 
@@ -59,10 +58,6 @@ class IngestResult:
     shards_written: int
     shards_kept: int
     summary: str
-
-
-def shard_name(shard: int) -> str:
-    return f"shard-{shard:05d}.tar"
 
 
 def _readers() -> ThreadPoolExecutor:
@@ -117,17 +112,6 @@ def _extension(data: bytes) -> str:
     return {"jpeg": "jpg", "tiff": "tif"}.get(fmt, fmt or "bin")
 
 
-def _member_stem(key: str, used: set[str]) -> str:
-    """A WebDataset sample key from the input's name: no dots (they split keys), unique in its shard."""
-    stem = PurePosixPath(key.split("?", 1)[0]).stem.replace(".", "_") or "image"
-    out, n = stem, 1
-    while out in used:
-        n += 1
-        out = f"{stem}_{n}"
-    used.add(out)
-    return out
-
-
 def _shard_fingerprints(plan: ShardPlan, max_side: int, cfg: Config) -> dict[int, str]:
     """shard -> fingerprint of its members and the output settings, in one pass over the plan."""
     rotations = read_rotations(cfg.ingest.rotations) if cfg.ingest.rotations else {}
@@ -140,33 +124,8 @@ def _shard_fingerprints(plan: ShardPlan, max_side: int, cfg: Config) -> dict[int
     return {s: d.hexdigest()[:16] for s, d in sorted(digests.items())}
 
 
-class ShardTarWriter:
-    """Writes one shard's samples (image + ``.json`` metadata + ``.cls`` label) to ``.tmp`` then renames."""
-
-    def __init__(self, path: Path):
-        self.path, self.tmp = path, path.with_name(f".{path.name}.tmp")
-        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
-        self.used: set[str] = set()
-
-    def add(self, key: str, label: str | None, payload: bytes, ext: str, meta: dict[str, Any]) -> None:
-        stem = _member_stem(key, self.used)
-        members = [(f"{stem}.{ext}", payload), (f"{stem}.json", json.dumps(meta, sort_keys=True).encode())]
-        if label is not None:
-            members.append((f"{stem}.cls", label.encode()))
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            self.tar.addfile(info, io.BytesIO(data))
-
-    def close(self) -> None:
-        self.tar.close()
-        os.replace(self.tmp, self.path)
-
-
 def run_ingest(source: str, out: Path, cfg: Config, max_side: int) -> IngestResult:
     """Ingest ``source`` into ``out`` (see the module doc)."""
-    import ray.data
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.parquet"
@@ -197,20 +156,12 @@ def run_ingest(source: str, out: Path, cfg: Config, max_side: int) -> IngestResu
 
     if todo:
         with ray_session(cfg.ray):
-            configure_data_context(cfg.ray)
             items = input_items([plan.refs[i] for i in todo], ingest=cfg.ingest)
             for row, pos in zip(items, todo, strict=True):
                 row["pos"] = pos
             batch_size = max(cfg.extract.batch_size, READ_THREADS)
-            ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), cluster_cpus() * 4)))
-            ds = ds.map_batches(
-                ingest_batch,
-                fn_kwargs={"max_side": max_side, "cfg": cfg},
-                batch_size=batch_size,
-                batch_format="numpy",
-                num_cpus=1,
-            )
-            for batch in iterate_results(ds, "ingest"):
+            kwargs = {"max_side": max_side, "cfg": cfg}
+            for batch in map_items(items, ingest_batch, kwargs, batch_size, cfg.ray, "ingest"):
                 for j, pos in enumerate(batch["pos"]):
                     pos = int(pos)
                     shard, ref = plan.shards[pos], plan.refs[pos]
@@ -249,13 +200,11 @@ def run_ingest(source: str, out: Path, cfg: Config, max_side: int) -> IngestResu
 
 def _previous_results(path: Path, plan: ShardPlan) -> dict[int, dict]:
     """Manifest rows of an earlier ingest, by position in ``plan`` (for the shards it completed)."""
-    import pyarrow.parquet as pq
-
     if not path.exists():
         return {}
     position = {ref.key: i for i, ref in enumerate(plan.refs)}
     out = {}
-    for row in pq.read_table(path).to_pylist():
+    for row in read_manifest(path).to_pylist():
         if row["key"] in position and row["shard"] >= 0:
             out[position[row["key"]]] = {k: row[k] for k in ("id", "bytes", "width", "height", "reason")}
     return out

@@ -1,21 +1,21 @@
-"""Ray Train engine: data-parallel fine-tuning of a retrieval network (``embedpipe finetune``).
+"""Data-parallel fine-tuning of a retrieval network (``embedpipe finetune``) on Ray Train.
 
 ``run_finetune`` lists the training images, starts Ray, and runs ``train_loop`` on a ``TorchTrainer``
-of N workers (gloo on CPU, NCCL on GPUs). Every epoch each worker embeds its share of the images with
-the current model, the shares are gathered, tuples are mined from them (``workers/train/finetune.py``),
-and the tuples of each step are split over the workers; gradients are summed across workers before each Adam
-step, so N workers take the same steps as one worker would on the same tuples. After every epoch rank 0
-writes a checkpoint (model, optimiser, epoch, loss log) that Ray Train stores under ``FT_DIR/ray-train``;
-a re-run with the same ``FT_DIR`` resumes from the newest one. The final model is written as
-``FT_DIR/backbone.pt`` + ``backbone.json`` (an ``extract.backbone`` for ``embedpipe run``), with the
-learned whitening of its GeM vectors from the training pairs (``whitening-gem.npz``).
+of N workers (gloo on CPU, NCCL on GPUs; ``workers/engines/ray_train.py`` binds Ray Train). Every epoch
+each worker embeds its share of the images with the current model, the shares are gathered, tuples are
+mined from them (``workers/train/finetune.py``), and the tuples of each step are split over the workers;
+gradients are summed across workers before each Adam step, so N workers take the same steps as one worker
+would on the same tuples. After every epoch rank 0 writes a checkpoint (model, optimiser, epoch, loss log)
+that Ray Train stores under ``FT_DIR/ray-train``; a re-run with the same ``FT_DIR`` resumes from the
+newest one. The final model is written as ``FT_DIR/backbone.pt`` + ``backbone.json`` (an
+``extract.backbone`` for ``embedpipe run``; files of ``storage/finetune.py``), with the learned whitening
+of its GeM vectors from the training pairs (``whitening-gem.npz``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,9 +26,18 @@ import numpy as np
 import torch
 
 from embedpipe.storage.contracts.errors import InputError, RunFailed
+from embedpipe.storage.finetune import (
+    BACKBONE_JSON,
+    last_tuple_pairs,
+    save_backbone_weights,
+    write_backbone_info,
+    write_train_log,
+    write_tuples,
+)
+from embedpipe.storage.inputs import InputRef
 from embedpipe.workers.descriptors.backbones import load_backbone
 from embedpipe.workers.ingest.decode import decode_image
-from embedpipe.workers.ingest.sources import InputRef, list_inputs, read_input
+from embedpipe.workers.ingest.sources import list_inputs, read_input
 from embedpipe.workers.train.finetune import (
     RetrievalNet,
     components,
@@ -44,6 +53,7 @@ from embedpipe.workers.train.finetune import (
 
 if TYPE_CHECKING:
     from embedpipe.storage.contracts.config import Config
+    from embedpipe.workers.engines.ray_train import TrainContext
 
 log = logging.getLogger("embedpipe.train")
 
@@ -166,12 +176,11 @@ def latest_state(ft_dir: Path) -> Path | None:
     return best
 
 
-def _state_of(checkpoint) -> dict | None:
-    if checkpoint is None:
+def _state_of(folder: Path | None) -> dict | None:
+    if folder is None:
         return None
-    with checkpoint.as_directory() as d:
-        path = Path(d) / STATE_FILE
-        return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    path = folder / STATE_FILE
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
 
 
 # -------------------------------------------------------------------------------- mining without labels
@@ -242,27 +251,25 @@ def verified_groups(
 # ----------------------------------------------------------------------------------------- worker loop
 
 
-def train_loop(config: dict) -> None:
-    """Ray Train worker function (one per worker)."""
-    import ray.train
-    import ray.train.torch
+def train_loop(config: dict, ctx: TrainContext) -> None:
+    """Ray Train worker function (one per worker; ``ctx``: its ``workers/engines/ray_train.py`` context)."""
     import torch.distributed as dist
 
     cfg = config["cfg"]
     torch.set_num_threads(config["threads"])
     torch.use_deterministic_algorithms(True, warn_only=True)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = ctx.rank, ctx.world
     device = "cuda" if torch.cuda.is_available() and config["use_gpu"] else "cpu"
     if device == "cuda":
-        device = str(ray.train.torch.get_device())
+        device = ctx.gpu_device()
     torch.manual_seed(cfg.seed)
     model, spec = build_model(cfg)
     model = model.to(device)
     opt = optimiser(model, cfg)
 
     start, history = 0, []
-    states = [_state_of(ray.train.get_checkpoint())]
+    with ctx.resume_dir() as folder:
+        states = [_state_of(folder)]
     if config["resume_from"]:
         states.append(torch.load(config["resume_from"], map_location="cpu", weights_only=True))
     states = [s for s in states if s is not None]
@@ -308,7 +315,8 @@ def train_loop(config: dict) -> None:
         if not tuples:
             raise RunFailed(f"epoch {epoch + 1}: no verified pair among the images, nothing to train on")
         if rank == 0:
-            _write_tuples(Path(config["ft_dir"]), tuples, keys, epoch, "mined" if mined else "label")
+            source = "mined" if mined else "label"
+            write_tuples(Path(config["ft_dir"]), epoch + 1, tuples_table(tuples, keys, source, epoch + 1))
         torch.manual_seed(cfg.seed * 1000 + epoch)
         losses = []
         for step, span in enumerate(steps_of(len(tuples), cfg.finetune.tuples_per_step * world)):
@@ -327,23 +335,9 @@ def train_loop(config: dict) -> None:
             "gem_p": model.gem_p(),
         }
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
             if rank == 0:
                 save_state(Path(tmp), model, opt, epoch + 1, history)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
-
-
-def _write_tuples(ft_dir: Path, tuples, keys: list[str], epoch: int, source: str) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    folder = ft_dir / "tuples"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"epoch-{epoch + 1:03d}.parquet"
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.table(tuples_table(tuples, keys, source, epoch + 1)), tmp)
-    os.replace(tmp, path)
+            ctx.report(metrics, checkpoint_dir=tmp if rank == 0 else None)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -388,10 +382,8 @@ def worker_plan(cfg: Config, cpus: int, gpus: int) -> tuple[int, bool, int, floa
 
 def run_finetune(cfg: Config, ft_dir: Path) -> FinetuneResult:
     """Fine-tune ``cfg.extract.backbone`` on ``cfg.images`` into ``ft_dir`` (resuming what is there)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from embedpipe.workers.engines.ray_stages import cluster_cpus, cluster_gpus, ray_session
+    from embedpipe.workers.engines.ray_train import fit_torch
 
     ft_dir = Path(ft_dir).resolve()
     ft_dir.mkdir(parents=True, exist_ok=True)
@@ -413,9 +405,9 @@ def run_finetune(cfg: Config, ft_dir: Path) -> FinetuneResult:
             cfg.finetune.epochs,
         )
         if done < cfg.finetune.epochs:
-            trainer = TorchTrainer(
+            fit_torch(
                 train_loop,
-                train_loop_config={
+                {
                     "cfg": cfg,
                     "refs": refs,
                     "keys": [r.key for r in refs],
@@ -426,23 +418,15 @@ def run_finetune(cfg: Config, ft_dir: Path) -> FinetuneResult:
                     "ft_dir": str(ft_dir),
                     "resume_from": str(resume) if resume else None,
                 },
-                torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-                scaling_config=ScalingConfig(
-                    num_workers=n,
-                    use_gpu=use_gpu,
-                    resources_per_worker={"CPU": cpu_each, **({"GPU": 1} if use_gpu else {})},
-                ),
-                run_config=RunConfig(
-                    storage_path=str(ft_dir),
-                    name=RUN_NAME,
-                    checkpoint_config=CheckpointConfig(num_to_keep=2),
-                    failure_config=FailureConfig(max_failures=0),
-                ),
+                workers=n,
+                use_gpu=use_gpu,
+                cpu_each=cpu_each,
+                storage_path=ft_dir,
+                name=RUN_NAME,
+                num_to_keep=2,
+                max_failures=0,
+                failure="finetune failed",
             )
-            try:
-                trainer.fit()
-            except Exception as err:  # Ray wraps worker errors in its own types
-                raise RunFailed(f"finetune failed: {str(err).splitlines()[0]}") from err
     state_path = latest_state(ft_dir)
     if state_path is None:
         raise RunFailed(f"finetune: no checkpoint in {ft_dir / RUN_NAME}")
@@ -457,11 +441,7 @@ def run_finetune(cfg: Config, ft_dir: Path) -> FinetuneResult:
 
 def training_pairs(ft_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """(query, positive) rows of every tuple of the last epoch: the matching pairs for learned whitening."""
-    import pyarrow.parquet as pq
-
-    last = sorted((ft_dir / "tuples").glob("epoch-*.parquet"))[-1]
-    table = pq.read_table(last, columns=["query", "positive"])
-    return table.column("query").to_numpy(), table.column("positive").to_numpy()
+    return last_tuple_pairs(ft_dir)
 
 
 def write_backbone(ft_dir: Path, model_state: dict, cfg: Config, refs, mining: str, history) -> None:
@@ -469,15 +449,12 @@ def write_backbone(ft_dir: Path, model_state: dict, cfg: Config, refs, mining: s
     training config), ``train_log.json`` (loss per step) and the learned whitening of the GeM vectors,
     fitted on the last epoch's (query, positive) pairs."""
     from embedpipe.storage.artifacts import save_npz
-    from embedpipe.storage.contracts.layout import write_json_atomic
     from embedpipe.workers.fit.whitening import learned_whitening, learned_whitening_file
 
     model, spec = build_model(cfg)
     model.load_state_dict(model_state)
-    tmp = ft_dir / ".backbone.pt.tmp"
-    torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, ft_dir / "backbone.pt")
-    write_json_atomic(ft_dir / "train_log.json", history)
+    save_backbone_weights(ft_dir, {k: v.contiguous() for k, v in model.state_dict().items()})
+    write_train_log(ft_dir, history)
 
     whitening = whitening_base = None
     if cfg.finetune.head == "gem":  # Lw of the adapted model, and of the off-the-shelf one it started from
@@ -512,148 +489,5 @@ def write_backbone(ft_dir: Path, model_state: dict, cfg: Config, refs, mining: s
             "config": cfg.finetune.model_dump(mode="json"),
         },
     }
-    write_json_atomic(ft_dir / "backbone.json", info)
-    log.info("finetune: wrote %s (GeM p %s)", ft_dir / "backbone.json", json.dumps(model.gem_p()))
-
-
-# ------------------------------------------------------------------------------------------------- bench
-
-
-def bench_batches(cfg: Config, refs: list[InputRef], groups: np.ndarray, n_steps: int, per_step: int):
-    """The tuples of ``n_steps`` steps of ``per_step`` tuples each, identical for both sides of the bench:
-    labelled anchors/positives, negatives ranked by a seeded random embedding (what matters here is the
-    work per step, not which negatives are hard)."""
-    rng = np.random.default_rng(cfg.seed)
-    vectors = rng.normal(size=(len(refs), 16)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    tuples, epoch = [], 0
-    while len(tuples) < n_steps * per_step:
-        tuples += mine_tuples(vectors, groups, cfg.finetune.negatives, cfg.seed, epoch)
-        epoch += 1
-    return [tuples[s * per_step : (s + 1) * per_step] for s in range(n_steps)]
-
-
-def _timed_steps(
-    model, opt, images, steps, cfg, spec, device, rank=0, world=1, allreduce=None
-) -> list[float]:
-    times = []
-    for step in steps:
-        mine = step[rank::world]
-        batch = [[images[t.query], images[t.positive], *[images[n] for n in t.negatives]] for t in mine]
-        t0 = time.perf_counter()
-        train_step(model, opt, batch, len(step), cfg, spec, device, allreduce)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def bench_loop(config: dict) -> None:
-    """Ray Train worker of ``bench_train``: the same steps as the baseline, split over the workers."""
-    import ray.train
-    import torch.distributed as dist
-
-    cfg = config["cfg"]
-    torch.set_num_threads(config["threads"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = str(ray.train.torch.get_device()) if config["use_gpu"] else "cpu"
-    torch.manual_seed(cfg.seed)
-    model, spec = build_model(cfg)
-    model = model.to(device)
-    opt = optimiser(model, cfg)
-    images = load_images(config["refs"], cfg.finetune.max_side, cfg)
-
-    def allreduce(m, loss):
-        if world > 1:
-            for p in m.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-            dist.all_reduce(loss)
-
-    times = _timed_steps(model, opt, images, config["steps"], cfg, spec, device, rank, world, allreduce)
-    with tempfile.TemporaryDirectory() as tmp:  # rank 0's step times travel as a checkpoint file
-        checkpoint = None
-        if rank == 0:
-            (Path(tmp) / "times.json").write_text(json.dumps(times))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"rank": rank}, checkpoint=checkpoint)
-
-
-def bench_train(cfg: Config, n_steps: int) -> dict:
-    """``embedpipe bench train``: seconds per training step of Ray Train (N workers, as ``finetune`` sizes
-    them) vs a plain single-process PyTorch loop using every CPU thread, on the same model and the same
-    tuples; the first step of each side is a warm-up, reported apart."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from embedpipe.workers.engines.ray_stages import cluster_cpus, cluster_gpus, ray_session
-
-    refs, groups, _ = training_inputs(cfg)
-    with ray_session(cfg.ray):
-        cpus, gpus = cluster_cpus(), cluster_gpus()
-        n, use_gpu, threads, cpu_each = worker_plan(cfg, cpus, gpus)
-        per_step = cfg.finetune.tuples_per_step * n
-        steps = bench_batches(cfg, refs, groups, n_steps + 1, per_step)
-        images_per_step = per_step * (2 + cfg.finetune.negatives)
-
-        # baseline: one process, every core's threads (or the GPU), no Ray
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        old_threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, cpus) if device == "cpu" else old_threads)
-        torch.manual_seed(cfg.seed)
-        model, spec = build_model(cfg)
-        model = model.to(device)
-        base_times = _timed_steps(model, optimiser(model, cfg), load_images(refs, cfg.finetune.max_side, cfg),
-                                  steps, cfg, spec, device)  # fmt: skip
-        torch.set_num_threads(old_threads)
-        del model
-
-        with tempfile.TemporaryDirectory(prefix="embedpipe-bench-train-") as tmp:
-            t0 = time.perf_counter()
-            trainer = TorchTrainer(
-                bench_loop,
-                train_loop_config={
-                    "cfg": cfg,
-                    "refs": refs,
-                    "steps": steps,
-                    "threads": threads,
-                    "use_gpu": use_gpu,
-                },
-                torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-                scaling_config=ScalingConfig(
-                    num_workers=n,
-                    use_gpu=use_gpu,
-                    resources_per_worker={"CPU": cpu_each, **({"GPU": 1} if use_gpu else {})},
-                ),
-                run_config=RunConfig(storage_path=tmp, name="bench"),
-            )
-            result = trainer.fit()
-            wall = time.perf_counter() - t0
-            with result.checkpoint.as_directory() as d:  # rank 0's; every rank waits on each all-reduce
-                ours_times = json.loads((Path(d) / "times.json").read_text())
-
-    def side(times: list[float], **extra) -> dict:
-        steady = float(np.sum(times[1:]))
-        return {
-            "warmup_step_s": times[0],
-            "steps": len(times) - 1,
-            "time_s": steady,
-            "step_s": steady / max(1, len(times) - 1),
-            "images_per_s": images_per_step * (len(times) - 1) / steady if steady > 0 else None,
-            **extra,
-        }
-
-    ours = side(ours_times, workers=n, threads_per_worker=threads, device=device, wall_with_startup_s=wall)
-    baseline = side(base_times, workers=1, threads=max(1, cpus) if device == "cpu" else None, device=device)
-    return {
-        "name": "train",
-        "ours": ours,
-        "baseline": baseline,
-        "ratio": baseline["time_s"] / ours["time_s"] if ours["time_s"] > 0 else None,
-        "backbone": cfg.extract.backbone,
-        "max_side": cfg.finetune.max_side,
-        "tuples_per_step": per_step,
-        "images_per_step": images_per_step,
-        "loss": cfg.finetune.loss,
-        "n_images": len(refs),
-        "cluster": {"cpus": cpus, "gpus": gpus},
-    }
+    write_backbone_info(ft_dir, info)
+    log.info("finetune: wrote %s (GeM p %s)", ft_dir / BACKBONE_JSON, json.dumps(model.gem_p()))
