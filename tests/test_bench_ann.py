@@ -1,6 +1,13 @@
-"""bench pca / bench index on tiny stores: JSON shape and sanity (timings are reported, never asserted)."""
+"""bench pca / bench index (flows/benchmarks/pca.py, index.py, store.py) on tiny stores: JSON shape and
+sanity (timings are reported, never asserted)."""
 
 import json
+
+import numpy as np
+
+from embedpipe.flows.benchmarks.index import recall_at
+from embedpipe.flows.benchmarks.store import synthetic_store
+from embedpipe.storage.features import read_features
 
 from .helpers import embedpipe
 
@@ -20,6 +27,8 @@ def test_bench_pca_tiny(tmp_path):
     assert result["eigvals_max_abs_diff"] < 1e-5
     assert abs(result["ours"]["eigvals_head"][0] - result["baseline"]["eigvals_head"][0]) < 1e-4
     assert result["ratio"] > 0 and result["ratio_in_memory"] > 0
+    assert result["date"] and result["machine"]["cores"] >= 1  # stamped by write_result
+    assert json.loads(out.stdout) == result
 
 
 def test_bench_index_tiny(tmp_path):
@@ -42,3 +51,22 @@ def test_bench_index_tiny(tmp_path):
 def test_bench_bad_sizes():
     out = embedpipe("bench", "pca", "--rows", 100, "--dim", 8, "--components", 9)
     assert out.returncode == 2 and "--components must be in [1, 8]" in out.stderr
+    out = embedpipe("bench", "index", "--rows", 1)
+    assert out.returncode == 2 and "--rows must be at least 2" in out.stderr
+    out = embedpipe("bench", "index", "--rows", 100, "--growth", "1,x")
+    assert out.returncode == 2 and "--growth expects comma-separated sizes" in out.stderr
+
+
+def test_synthetic_store_is_written_once_and_normalised(tmp_path):
+    store = synthetic_store(tmp_path / "s", 50, 8, 3)
+    ids, x = read_features(store)
+    assert len(ids) == 50 and x.shape == (50, 8) and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    parts = sorted(p.name for p in store.iterdir())
+    before = {p: (store / p).stat().st_mtime_ns for p in parts}
+    assert synthetic_store(store, 50, 8, 3) == store  # reused, not rewritten
+    assert {p: (store / p).stat().st_mtime_ns for p in parts} == before
+
+
+def test_recall_at_k():
+    found = np.array([[3, 1, 2], [0, 4, 5]])
+    assert recall_at(found, np.array([1, 5]), 2) == 0.5 and recall_at(found, np.array([1, 5]), 3) == 1.0

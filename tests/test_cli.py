@@ -5,7 +5,7 @@ import pytest
 from .helpers import embedpipe
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["run"], ["bench"], ["presets"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["run"], ["bench"], ["bench", "extract"], ["presets"]])
 def test_help(command):
     out = embedpipe(*command, "--help")
     assert out.returncode == 0 and "usage: embedpipe" in out.stdout
@@ -29,6 +29,7 @@ def test_help(command):
         (["bench", "extract", "--sweep", "1,x"], "--sweep expects comma-separated actor counts"),
         (["bench", "ingest", "--max-side", "8"], "--max-side must be at least 32"),
         (["bench", "ingest", "--images", "/nonexistent/photos"], "--images must be a folder of image files"),
+        (["bench", "train", "--steps", "0"], "--steps must be at least 1"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(args, message):

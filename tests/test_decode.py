@@ -167,7 +167,7 @@ def test_decompression_bomb_is_refused_from_the_header():
 
 
 def test_bench_decode_compares_both_paths_on_the_same_files(tmp_path):
-    from embedpipe.flows.benchmarks.extract import bench_decode, large_photos, naive_decode
+    from embedpipe.flows.benchmarks.decode import bench_decode, large_photos, naive_decode
     from embedpipe.flows.config import load_config
 
     files = large_photos(tmp_path, 3, side=1200)

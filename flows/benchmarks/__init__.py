@@ -1,3 +1,17 @@
 """Side-by-side benchmarks (embedpipe bench <what>): one module per bench, each drives whole flows and
-workers and writes JSON.
+workers and writes JSON. A bench module ``<what>`` has ``add_arguments(parser)`` (its own flags only) and
+``run(args) -> int``; its top level stays cheap to import, since ``embedpipe --help`` builds every bench's
+sub-command.
 """
+
+# name -> one-line help, in the order ``embedpipe bench --help`` lists them
+BENCHES = {
+    "extract": "the extraction stage on Ray vs a plain torch loop on the same images",
+    "decode": "DCT-domain JPEG downscale vs full decode + resize, with the descriptor cosine between them",
+    "codebook": "faiss k-means vs scikit-learn MiniBatchKMeans on one Dask sample of local features",
+    "pca": "the PCA fit: Dask out-of-core vs in-memory numpy vs scikit-learn, time and peak RSS each",
+    "index": "filling a trained index: one-CPU Ray tasks + merge vs one process; QPS at recall",
+    "reindex": "reindex of the files that arrived later vs a full run on the whole collection",
+    "train": "fine-tuning steps: Ray Train workers vs a plain single-process PyTorch loop",
+    "ingest": "the ingest stage vs img2dataset on the same photos served over HTTP from 127.0.0.1",
+}

@@ -11,6 +11,7 @@ ingest re-run, to show that only those are fetched again, to the same bytes."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import json
@@ -20,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +30,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from embedpipe.flows.benchmarks.common import (
+    add_images_argument,
+    add_json_argument,
+    add_n_argument,
+    write_result,
+)
 from embedpipe.flows.benchmarks.http_serve import serve_folder
 from embedpipe.storage.contracts.errors import InputError
 
@@ -326,3 +334,62 @@ def bench_ingest(
         ),
         "resume": resume,
     }
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from embedpipe.flows.config import add_config_arguments
+
+    add_json_argument(parser)
+    add_images_argument(parser)
+    add_n_argument(parser)
+    parser.add_argument(
+        "--max-side", type=int, default=512, help="longer side of the output images (default 512)"
+    )
+    parser.add_argument(
+        "--baseline-python",
+        type=Path,
+        metavar="PY",
+        help="a Python with img2dataset installed (default: a virtual environment created once under "
+        "~/.cache/embedpipe)",
+    )
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Our ingest vs img2dataset on the same photos served from 127.0.0.1 (see the module doc)."""
+    from embedpipe.flows.config import engine_overrides, load_config
+
+    if args.n < 1:
+        raise InputError("--n must be at least 1")
+    if args.max_side < 32:
+        raise InputError("--max-side must be at least 32")
+    overrides = {"images": args.images, "out": args.out, **engine_overrides(args)}
+    cfg = load_config(preset=args.preset or "default", overrides=overrides, sets=args.sets)
+    photos = None
+    if cfg.images is not None:
+        root = Path(cfg.images)
+        if not root.is_dir():
+            raise InputError(f"bench ingest: --images must be a folder of image files, got {cfg.images}")
+        photos = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTS)[: args.n]
+        if len(photos) < args.n:
+            raise InputError(f"bench ingest: {root} has {len(photos)} images, --n asks for {args.n}")
+    if args.baseline_python is not None:
+        python = check_baseline_python(args.baseline_python)
+    else:
+        python = img2dataset_python()
+    with tempfile.TemporaryDirectory(prefix="embedpipe-bench-ingest-") as tmp:
+        if photos is None:
+            cache = Path(tempfile.gettempdir()) / f"embedpipe-bench-ingest-photos-v{PHOTOS_VERSION}"
+            photos = bench_photos(cache / f"seed{cfg.seed}", args.n, cfg.seed)
+        result = bench_ingest(cfg, args.n, args.max_side, Path(tmp), python, photos)
+    write_result(result, args.json)
+    log.info(
+        "bench ingest: ours %.1f img/s, img2dataset %.1f img/s, ratio %.3f",
+        result["ours"]["images_per_s"],
+        result["baseline"]["images_per_s"],
+        result["ratio"],
+    )
+    return 0

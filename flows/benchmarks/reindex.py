@@ -10,21 +10,26 @@ and just after the full run, and the ratio takes their mean: a host whose speed 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prefect import flow
-
-from embedpipe.flows.pipeline import pipeline, reindex
-from embedpipe.storage.contracts.config import Config
+from embedpipe.flows.benchmarks.common import (
+    add_images_argument,
+    add_json_argument,
+    with_demo_images,
+    write_result,
+)
 from embedpipe.storage.contracts.errors import InputError
 from embedpipe.storage.contracts.layout import RunLayout
 from embedpipe.workers.ingest.sources import list_inputs
-from embedpipe.workers.report.html import map_of
+
+if TYPE_CHECKING:
+    from embedpipe.storage.contracts.config import Config
 
 log = logging.getLogger("embedpipe.bench")
 
@@ -60,13 +65,15 @@ def _side(run: Path, images: int) -> dict[str, Any]:
 
 def _settled() -> None:
     """Write the copies just made to disk before a clock starts: the kernel would otherwise flush them
-    (30 s later, by default) in the middle of the timed side. Timed right after copying a 20k run, a
-    reindex's first batch came 18 s after its model actor started, against 6-7 s in the other runs."""
+    (after ``vm.dirty_expire_centisecs``) in the middle of the timed side, where it slowed the first
+    batches of a reindex timed right after copying a large run."""
     os.sync()
 
 
 def _timed_reindex(cfg: Config, n_new: int) -> tuple[dict[str, Any], float, dict[str, Any]]:
     """``reindex`` timed: its metrics, its seconds, and its side of the JSON."""
+    from embedpipe.flows.pipeline import reindex
+
     _settled()
     start = time.perf_counter()
     metrics = reindex(cfg)
@@ -89,18 +96,28 @@ def held_back(files: list[Path], fraction: float, how: str) -> list[bool]:
     return [i in picks for i in range(len(files))]
 
 
-@flow(name="bench-warm-up", log_prints=False)
 def _warm_up() -> None:
-    """Nothing: calling it starts the Prefect server both timed sides then use."""
+    """Start the Prefect server both timed sides then use, by calling a flow that does nothing."""
+    from prefect import flow
+
+    @flow(name="bench-warm-up", log_prints=False)
+    def bench_warm_up() -> None:
+        """Nothing: calling it starts the Prefect server."""
+
+    bench_warm_up()
 
 
 def _best_map(metrics: dict[str, Any]) -> float | None:
+    from embedpipe.workers.report.html import map_of
+
     best = max(metrics["results"], key=map_of)
     return best.get("map")
 
 
 def bench_reindex(cfg: Config, fraction: float, how: str = "spread") -> dict[str, Any]:
     """Ratio = full-run seconds / reindex seconds (the target is about 1 / fraction)."""
+    from embedpipe.flows.pipeline import pipeline
+
     root = Path(str(cfg.images))
     if not root.is_dir():
         raise InputError(f"bench reindex needs a folder of images, got {cfg.images}")
@@ -175,3 +192,33 @@ def bench_reindex(cfg: Config, fraction: float, how: str = "spread") -> dict[str
         result["target_ratio"],
     )
     return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from embedpipe.flows.config import add_config_arguments
+
+    add_json_argument(parser)
+    add_images_argument(parser)
+    parser.add_argument(
+        "--fraction", type=float, default=0.1, help="share of the images that arrive later (0.1)"
+    )
+    parser.add_argument(
+        "--held-back",
+        choices=("spread", "tail"),
+        default="spread",
+        help="which files arrive later: every 1/fraction-th in sorted order (spread, default) or the last "
+        "ones (tail)",
+    )
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """A folder of images (default: the demo dataset) copied and run under --out (default
+    runs/bench-reindex); ``bench_reindex`` logs the summary."""
+    from embedpipe.flows.config import config_from_args
+
+    if args.out is None:
+        args.out = Path("runs/bench-reindex")
+    cfg = with_demo_images(config_from_args(args))
+    write_result(bench_reindex(cfg, args.fraction, args.held_back), args.json)
+    return 0

@@ -1,0 +1,129 @@
+"""``embedpipe bench pca``: Dask out-of-core moments + eigh vs reading the store into numpy + covariance +
+eigh vs scikit-learn PCA on that array. Each way runs in a fresh subprocess
+(``python -m embedpipe.flows.benchmarks.pca pca WAY STORE COMPONENTS``) that reports its own time and peak
+RSS, so the memory numbers are not inflated by the other ways."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedpipe.flows.benchmarks.common import (
+    add_json_argument,
+    add_store_arguments,
+    peak_rss_mb,
+    write_result,
+)
+from embedpipe.flows.benchmarks.store import store_dir, synthetic_store
+from embedpipe.storage.contracts.errors import InputError
+
+log = logging.getLogger("embedpipe.bench")
+
+
+def pca_way(way: str, directory: Path, dim: int) -> dict[str, Any]:
+    """Fit PCA(-whitening) to ``dim`` components one way; time includes reading the store."""
+    from embedpipe.storage.features import read_features
+    from embedpipe.workers.fit.whitening import pca_whitening_from_moments
+
+    start = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if way == "dask":
+        from embedpipe.storage.contracts.config import FitConfig
+        from embedpipe.workers.engines.dask_jobs import fit_pca_whitening
+
+        model, n = fit_pca_whitening(directory, FitConfig(dim=dim, shrinkage=0.0, scheduler="threads"))
+        eigvals = model["eigvals"]
+    elif way == "numpy":
+        _, x = read_features(directory)
+        x64 = x.astype(np.float64)
+        model = pca_whitening_from_moments(x64.sum(0), x64.T @ x64, len(x64), dim, 0.0)
+        eigvals, n = model["eigvals"], len(x)
+    elif way == "sklearn":
+        from sklearn.decomposition import PCA
+
+        _, x = read_features(directory)
+        pca = PCA(n_components=dim, whiten=True, random_state=0).fit(x)
+        eigvals, n = pca.explained_variance_.astype(np.float32), len(x)
+        extra = {"svd_solver": str(getattr(pca, "_fit_svd_solver", pca.svd_solver))}
+    else:
+        raise ValueError(f"unknown way '{way}'")
+    return {
+        "time_s": round(time.perf_counter() - start, 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "n": int(n),
+        "eigvals_head": [float(v) for v in eigvals[:4]],
+        **extra,
+    }
+
+
+def _run_way(*args: str) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "embedpipe.flows.benchmarks.pca", *args], capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"bench way {args[0]} {args[1]} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_pca(directory: Path, rows: int, dim: int, parts: int, components: int) -> dict[str, Any]:
+    synthetic_store(directory, rows, dim, parts)
+    data_mb = rows * dim * 4 / 2**20
+    ways = {w: _run_way("pca", w, str(directory), str(components)) for w in ("dask", "numpy", "sklearn")}
+    ours, in_memory, baseline = ways["dask"], ways["numpy"], ways["sklearn"]
+    agree = float(np.max(np.abs(np.subtract(ours["eigvals_head"], in_memory["eigvals_head"]))))
+    return {
+        "name": "pca",
+        "rows": rows,
+        "dim": dim,
+        "parts": parts,
+        "components": components,
+        "data_mb": round(data_mb, 1),
+        "ours": {**ours, "way": "dask out-of-core sums + Gram (threads scheduler), eigh in numpy"},
+        "in_memory": {**in_memory, "way": "read all into numpy, covariance + eigh"},
+        "baseline": {**baseline, "way": "read all into numpy, scikit-learn PCA(whiten=True)"},
+        "ratio": round(baseline["time_s"] / ours["time_s"], 4),
+        "ratio_in_memory": round(in_memory["time_s"] / ours["time_s"], 4),
+        "ours_peak_rss_vs_data": round(ours["peak_rss_mb"] / data_mb, 3),
+        "eigvals_max_abs_diff": agree,
+        "ratio_note": "ratio = scikit-learn time / ours; ratio_in_memory = numpy in-memory time / ours; "
+        "reading the store counted in every way; peak RSS of each way's own process",
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_json_argument(parser)
+    add_store_arguments(parser, dim=256)
+    parser.add_argument("--components", type=int, default=128, help="components kept (default 128)")
+
+
+def run(args: argparse.Namespace) -> int:
+    store = store_dir(args.store, "pca", args.rows, args.dim, args.parts)
+    if not 0 < args.components <= args.dim:
+        raise InputError(f"--components must be in [1, {args.dim}]")
+    result = bench_pca(store, args.rows, args.dim, args.parts, args.components)
+    write_result(result, args.json)
+    log.info("bench pca: ratio %.3f", result["ratio"])
+    return 0
+
+
+if __name__ == "__main__":  # one way in its own process (see ``_run_way``)
+    # The way's process loads what it loaded when this module imported them at its top (FAISS, the
+    # feature store, the whitening maths): each way's peak RSS stays comparable with earlier results.
+    import faiss  # noqa: F401
+
+    import embedpipe.storage.features  # noqa: F401
+    import embedpipe.workers.fit.whitening  # noqa: F401
+    import embedpipe.workers.index.ann  # noqa: F401
+
+    if sys.argv[1] == "pca":
+        sys.stdout.write(json.dumps(pca_way(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]))) + "\n")
+    else:
+        raise SystemExit(f"unknown bench way {sys.argv[1]}")

@@ -1,0 +1,202 @@
+"""``embedpipe bench train``: seconds per fine-tuning step of Ray Train (N workers, as ``finetune`` sizes
+them) vs a plain single-process PyTorch loop, on the same model and the same tuples. Cheap to import:
+torch, Ray and the workers are imported where they are used."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from embedpipe.flows.benchmarks.common import (
+    add_images_argument,
+    add_json_argument,
+    with_demo_images,
+    write_result,
+)
+from embedpipe.storage.contracts.errors import InputError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from embedpipe.storage.contracts.config import Config
+    from embedpipe.storage.inputs import InputRef
+    from embedpipe.workers.engines.ray_train import TrainContext
+
+log = logging.getLogger("embedpipe.bench")
+
+
+def bench_batches(cfg: Config, refs: list[InputRef], groups: np.ndarray, n_steps: int, per_step: int):
+    """The tuples of ``n_steps`` steps of ``per_step`` tuples each, identical for both sides of the bench:
+    labelled anchors/positives, negatives ranked by a seeded random embedding (what matters here is the
+    work per step, not which negatives are hard)."""
+    import numpy as np
+
+    from embedpipe.workers.train.finetune import mine_tuples
+
+    rng = np.random.default_rng(cfg.seed)
+    vectors = rng.normal(size=(len(refs), 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    tuples, epoch = [], 0
+    while len(tuples) < n_steps * per_step:
+        tuples += mine_tuples(vectors, groups, cfg.finetune.negatives, cfg.seed, epoch)
+        epoch += 1
+    return [tuples[s * per_step : (s + 1) * per_step] for s in range(n_steps)]
+
+
+def _timed_steps(
+    model, opt, images, steps, cfg, spec, device, rank=0, world=1, allreduce=None
+) -> list[float]:
+    from embedpipe.workers.train.loop import train_step
+
+    times = []
+    for step in steps:
+        mine = step[rank::world]
+        batch = [[images[t.query], images[t.positive], *[images[n] for n in t.negatives]] for t in mine]
+        t0 = time.perf_counter()
+        train_step(model, opt, batch, len(step), cfg, spec, device, allreduce)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_loop(config: dict, ctx: TrainContext) -> None:
+    """Ray Train worker of ``bench_train``: the same steps as the baseline, split over the workers."""
+    import torch
+    import torch.distributed as dist
+
+    from embedpipe.workers.train.loop import build_model, load_images, optimiser
+
+    cfg = config["cfg"]
+    torch.set_num_threads(config["threads"])
+    rank, world = ctx.rank, ctx.world
+    device = ctx.gpu_device() if config["use_gpu"] else "cpu"
+    torch.manual_seed(cfg.seed)
+    model, spec = build_model(cfg)
+    model = model.to(device)
+    opt = optimiser(model, cfg)
+    images = load_images(config["refs"], cfg.finetune.max_side, cfg)
+
+    def allreduce(m, loss):
+        if world > 1:
+            for p in m.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+            dist.all_reduce(loss)
+
+    times = _timed_steps(model, opt, images, config["steps"], cfg, spec, device, rank, world, allreduce)
+    with tempfile.TemporaryDirectory() as tmp:  # rank 0's step times travel as a checkpoint file
+        if rank == 0:
+            (Path(tmp) / "times.json").write_text(json.dumps(times))
+        ctx.report({"rank": rank}, checkpoint_dir=tmp if rank == 0 else None)
+
+
+def bench_train(cfg: Config, n_steps: int) -> dict:
+    """``embedpipe bench train``: seconds per training step of Ray Train (N workers, as ``finetune`` sizes
+    them) vs a plain single-process PyTorch loop using every CPU thread, on the same model and the same
+    tuples; the first step of each side is a warm-up, reported apart."""
+    import numpy as np
+    import torch
+
+    from embedpipe.workers.engines.ray_stages import cluster_cpus, cluster_gpus, ray_session
+    from embedpipe.workers.engines.ray_train import fit_torch
+    from embedpipe.workers.train.loop import build_model, load_images, optimiser, training_inputs, worker_plan
+
+    refs, groups, _ = training_inputs(cfg)
+    with ray_session(cfg.ray):
+        cpus, gpus = cluster_cpus(), cluster_gpus()
+        n, use_gpu, threads, cpu_each = worker_plan(cfg, cpus, gpus)
+        per_step = cfg.finetune.tuples_per_step * n
+        steps = bench_batches(cfg, refs, groups, n_steps + 1, per_step)
+        images_per_step = per_step * (2 + cfg.finetune.negatives)
+
+        # baseline: one process, every core's threads (or the GPU), no Ray
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        old_threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, cpus) if device == "cpu" else old_threads)
+        torch.manual_seed(cfg.seed)
+        model, spec = build_model(cfg)
+        model = model.to(device)
+        base_times = _timed_steps(model, optimiser(model, cfg), load_images(refs, cfg.finetune.max_side, cfg),
+                                  steps, cfg, spec, device)  # fmt: skip
+        torch.set_num_threads(old_threads)
+        del model
+
+        with tempfile.TemporaryDirectory(prefix="embedpipe-bench-train-") as tmp:
+            t0 = time.perf_counter()
+            run = fit_torch(
+                bench_loop,
+                {
+                    "cfg": cfg,
+                    "refs": refs,
+                    "steps": steps,
+                    "threads": threads,
+                    "use_gpu": use_gpu,
+                },
+                workers=n,
+                use_gpu=use_gpu,
+                cpu_each=cpu_each,
+                storage_path=tmp,
+                name="bench",
+            )
+            wall = time.perf_counter() - t0
+            with run.checkpoint_dir() as d:  # rank 0's; every rank waits on each all-reduce
+                ours_times = json.loads((d / "times.json").read_text())
+
+    def side(times: list[float], **extra) -> dict:
+        steady = float(np.sum(times[1:]))
+        return {
+            "warmup_step_s": times[0],
+            "steps": len(times) - 1,
+            "time_s": steady,
+            "step_s": steady / max(1, len(times) - 1),
+            "images_per_s": images_per_step * (len(times) - 1) / steady if steady > 0 else None,
+            **extra,
+        }
+
+    ours = side(ours_times, workers=n, threads_per_worker=threads, device=device, wall_with_startup_s=wall)
+    baseline = side(base_times, workers=1, threads=max(1, cpus) if device == "cpu" else None, device=device)
+    return {
+        "name": "train",
+        "ours": ours,
+        "baseline": baseline,
+        "ratio": baseline["time_s"] / ours["time_s"] if ours["time_s"] > 0 else None,
+        "backbone": cfg.extract.backbone,
+        "max_side": cfg.finetune.max_side,
+        "tuples_per_step": per_step,
+        "images_per_step": images_per_step,
+        "loss": cfg.finetune.loss,
+        "n_images": len(refs),
+        "cluster": {"cpus": cpus, "gpus": gpus},
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from embedpipe.flows.config import add_config_arguments
+
+    add_json_argument(parser)
+    add_images_argument(parser)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps after a warm-up (default 10)")
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Ray Train vs a plain PyTorch loop on the same model and tuples of --images (default: the demo)."""
+    from embedpipe.flows.config import config_from_args
+
+    if args.steps < 1:
+        raise InputError("--steps must be at least 1")
+    cfg = with_demo_images(config_from_args(args))
+    result = bench_train(cfg, args.steps)
+    write_result(result, args.json)
+    log.info(
+        "bench train: ours %.2f s/step (%d workers), baseline %.2f s/step, ratio %.2f",
+        result["ours"]["step_s"],
+        result["ours"]["workers"],
+        result["baseline"]["step_s"],
+        result["ratio"],
+    )
+    return 0
