@@ -13,7 +13,7 @@ export DO_NOT_TRACK ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint docs bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,9 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check flows workers storage tests
+
+docs: setup
+	$(VENV)/bin/embedpipe config docs --out docs/configuration.md
 
 bench: setup
 	$(VENV)/bin/embedpipe bench extract --json runs/bench/extract.json

