@@ -19,41 +19,26 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from embedpipe.storage.artifacts import save_npz
 from embedpipe.storage.contracts.config import Config
-from embedpipe.storage.contracts.errors import EmbedpipeError, InputError, RunFailed, WriteFailed
+from embedpipe.storage.contracts.errors import EmbedpipeError, InputError, WriteFailed
 from embedpipe.storage.contracts.layout import STAGES, RunLayout, write_json_atomic
-from embedpipe.storage.dataset import (
-    manifest_rows,
-    previous_shards,
-    run_listings,
-    write_manifest,
-    write_tar_stamps,
-)
-from embedpipe.storage.features import kept_store_reads, read_store_manifest
-from embedpipe.storage.quarantine import read_quarantine, write_quarantine
-from embedpipe.workers.classical.encode import descriptor_info
-from embedpipe.workers.descriptors.local import encoding_of
-from embedpipe.workers.engines.dask_jobs import encode_descriptor, fit_codebook, fit_pca_whitening
+from embedpipe.storage.dataset import previous_shards
+from embedpipe.storage.features import kept_store_reads
+from embedpipe.storage.inputs import InputRef
 from embedpipe.workers.engines.ray_stages import NodeWork, SharedModels, cluster_nodes, ray_session
-from embedpipe.workers.evaluate.bow import evaluate_bow
-from embedpipe.workers.evaluate.protocols import BENCHMARK_PROTOCOLS
-from embedpipe.workers.evaluate.stage import (
-    borrowed_whitening,
-    index_and_evaluate,
-    whitening_drift,
-    whitening_name,
-)
+from embedpipe.workers.evaluate.run import evaluate_run
 from embedpipe.workers.extract.stage import (
     config_fingerprint,
     extract_queries,
     extract_shard,
     finish_extract,
     pending_shards,
+    record_extract,
     stage_models,
 )
+from embedpipe.workers.fit.stage import drift_summary, fit_models, needs_fit, should_refit, whitening_drifts
 from embedpipe.workers.ingest.inputs import RunInputs, run_inputs
-from embedpipe.workers.ingest.sources import InputRef
+from embedpipe.workers.ingest.plan import run_listings
 from embedpipe.workers.progress import Progress
 from embedpipe.workers.report.html import fmt_metric, map_of, row_label, write_report
 
@@ -178,12 +163,7 @@ def extract_stage(cfg: Config, inputs: RunInputs, layout: RunLayout, ray: LazyRa
         finally:
             models.close()
     result = finish_extract(plan, cfg, layout, progress)
-    write_manifest(layout.dataset, manifest_rows(plan, result.inputs))
-    write_tar_stamps(layout.tar_stamps, plan, whole=cfg.protocol not in BENCHMARK_PROTOCOLS)
-    listed = [{"path": k, "id": None, "stage": "ingest", "reason": r} for k, r in plan.problems]
-    write_quarantine(layout.quarantine, result.quarantined + listed)
-    if result.n_ok == 0:
-        raise RunFailed(f"no usable image among {result.n_inputs} inputs (reasons in {layout.quarantine})")
+    record_extract(plan, cfg, layout, result)
     if inputs.query_refs:
         ray.ensure()
         extract_queries_task(cfg, inputs, layout)
@@ -203,34 +183,9 @@ def extract_queries_task(cfg: Config, inputs: RunInputs, layout: RunLayout) -> s
 
 @task(name="fit", cache_policy=NO_CACHE)
 def fit_task(cfg: Config, layout: RunLayout, ray: LazyRay) -> dict[str, Any]:
-    logger = get_run_logger()
     if cfg.fit.scheduler == "ray":
         ray.ensure()
-    fitted: dict[str, Any] = {}
-    encoded = [d for d in cfg.extract.descriptors if encoding_of(d)[0] in ("bow", "vlad")]
-    for name in encoded:  # codebooks, then the descriptor's store (bow-*: words; vlad-*: dense vectors)
-        _, feature, k = descriptor_info(name, cfg)
-        fit_codebook(layout, cfg, feature, k)
-        fitted[name] = encode_descriptor(layout, cfg, name)["dim"]
-    dense = [d for d in cfg.extract.descriptors if encoding_of(d)[0] != "bow"]
-    for name in dense if cfg.fit.whiten else ():
-        if cfg.fit.from_run is not None:  # learnt on another dataset
-            dim = int(read_store_manifest(layout.feature_dir(name))["dim"])
-            model, n = borrowed_whitening(cfg.fit.from_run, name, dim, cfg.extract.backbone)
-        else:
-            model, n = fit_pca_whitening(layout.feature_dir(name), cfg.fit)
-        meta = {
-            "kind": "pca-whitening",
-            "descriptor": name,
-            "n_train": n,
-            "fit": cfg.fit.model_dump(mode="json"),
-        }
-        save_npz(layout.model(whitening_name(name)), meta, **model)
-        fitted[name] = int(model["proj"].shape[0])
-        logger.info(
-            "fit: PCA-whitening %s %d -> %d dims on %d vectors", name, model["mean"].shape[0], fitted[name], n
-        )
-    return fitted
+    return fit_models(cfg, layout, get_run_logger())
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -240,24 +195,7 @@ def evaluate_task(
     """Index and evaluate every descriptor (``incremental``: update the live indices, no retraining)."""
     if cfg.index.engine == "ray":
         ray.ensure()
-    results, n_queries = [], 0
-    for name in cfg.extract.descriptors:
-        if encoding_of(name)[0] == "bow":
-            rows, n_queries = evaluate_bow(layout, cfg, name)
-        else:
-            rows, n_queries = index_and_evaluate(layout, cfg, name, incremental)
-        results.extend(rows)
-    n_quarantined = read_quarantine(layout.quarantine).num_rows
-    return {
-        "protocol": cfg.protocol,
-        "dataset": {
-            "path": str(cfg.images),
-            "n_images": n_images,
-            "n_queries": n_queries,
-            "n_quarantined": n_quarantined,
-        },
-        "results": results,
-    }
+    return evaluate_run(cfg, layout, n_images, incremental)
 
 
 def metrics_markdown(metrics: dict[str, Any]) -> str:
@@ -332,12 +270,8 @@ def _extract(
     return _run_stage(layout, "extract", fp, lambda: extract_stage(cfg, inputs, layout, ray), logger)
 
 
-def _encoded(cfg: Config) -> bool:
-    return any(encoding_of(d)[0] in ("bow", "vlad") for d in cfg.extract.descriptors)
-
-
 def _fit(layout: RunLayout, cfg: Config, fp: str, ray: LazyRay, logger) -> None:
-    if cfg.fit.whiten or _encoded(cfg):
+    if needs_fit(cfg):
         _run_stage(layout, "fit", fp, lambda: fit_task(cfg, layout, ray), logger)
     else:
         layout.mark_stage("fit", fp, "done", seconds=0.0, result={})
@@ -416,18 +350,9 @@ def reindex(cfg: Config) -> dict[str, Any]:
             ray = LazyRay(cfg, stack, timings)
             extracted = _extract(layout, cfg, inputs, fps["extract"], ray, logger)
             with timings("drift"):
-                drift = {
-                    d: v
-                    for d in cfg.extract.descriptors
-                    if encoding_of(d)[0] != "bow" and (v := whitening_drift(layout, cfg, d)) is not None
-                }
-            refit = _encoded(cfg) or any(v > cfg.reindex.drift_threshold for v in drift.values())
-            logger.info(
-                "reindex: drift %s (threshold %g): %s",
-                ", ".join(f"{d} {v:.4f}" for d, v in drift.items()) or "none",
-                cfg.reindex.drift_threshold,
-                "refit and retrain" if refit else "models kept, indices updated in place",
-            )
+                drift = whitening_drifts(layout, cfg)
+            refit = should_refit(cfg, drift)
+            logger.info("%s", drift_summary(cfg, drift, refit))
             if refit:
                 _fit(layout, cfg, fps["fit"], ray, logger)
             else:

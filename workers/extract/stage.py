@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from embedpipe.storage.contracts.errors import RunFailed
 from embedpipe.storage.contracts.layout import RunLayout
-from embedpipe.storage.dataset import ShardPlan
+from embedpipe.storage.dataset import ShardPlan, manifest_rows, write_manifest, write_tar_stamps
 from embedpipe.storage.features import (
     FeatureWriter,
     feature_schema,
@@ -28,7 +28,9 @@ from embedpipe.storage.features import (
     read_part,
     write_part_table,
 )
+from embedpipe.storage.inputs import InputRef
 from embedpipe.storage.local_features import local_schema, local_table
+from embedpipe.storage.quarantine import write_quarantine
 from embedpipe.storage.shards import ShardRecords, input_signature, shard_fingerprint
 from embedpipe.workers.descriptors.backbones import check_backbone, weights_digest
 from embedpipe.workers.descriptors.local import (
@@ -39,7 +41,8 @@ from embedpipe.workers.descriptors.local import (
     stored_features,
 )
 from embedpipe.workers.engines.ray_stages import SharedModels, input_result, stream_descriptors, stream_local
-from embedpipe.workers.ingest.sources import InputRef, read_rotations
+from embedpipe.workers.evaluate.protocols import BENCHMARK_PROTOCOLS
+from embedpipe.workers.ingest.sources import read_rotations
 from embedpipe.workers.progress import Progress
 
 if TYPE_CHECKING:
@@ -343,6 +346,18 @@ def finish_extract(plan: ShardPlan, cfg: Config, layout: RunLayout, progress: Pr
         + (f" ({kept} kept from changed shards)" if kept else "")
     )
     return ExtractResult(len(plan.refs), n_ok, quarantined, progress.elapsed, summary, inputs)
+
+
+def record_extract(plan: ShardPlan, cfg: Config, layout: RunLayout, result: ExtractResult) -> None:
+    """The run's records of a finished extraction: the dataset manifest, the tar shards' stamps (not for
+    benchmark layouts, whose listing is always read), and the quarantine (inputs rejected at listing
+    included). No usable image at all fails the run."""
+    write_manifest(layout.dataset, manifest_rows(plan, result.inputs))
+    write_tar_stamps(layout.tar_stamps, plan, whole=cfg.protocol not in BENCHMARK_PROTOCOLS)
+    listed = [{"path": k, "id": None, "stage": "ingest", "reason": r} for k, r in plan.problems]
+    write_quarantine(layout.quarantine, result.quarantined + listed)
+    if result.n_ok == 0:
+        raise RunFailed(f"no usable image among {result.n_inputs} inputs (reasons in {layout.quarantine})")
 
 
 def extract_all(plan: ShardPlan, cfg: Config, layout: RunLayout) -> ExtractResult:
