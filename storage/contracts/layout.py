@@ -65,7 +65,7 @@ STAGES = ("extract", "fit", "evaluate")  # the resumable stages, in pipeline ord
 
 @dataclass(frozen=True)
 class RunLayout:
-    """Every path of a run directory; see the run-directory contract in the README."""
+    """Every path of a run directory; see the run-directory contract in docs/runs.md."""
 
     root: Path
 

@@ -32,8 +32,7 @@ def resolve_device(requested: str) -> str:
 
 def forward_batch(cfg: ExtractConfig, device: str) -> int:
     """Images per forward pass: ``extract.forward_batch``, or when 0 the batch size on a GPU and 1 on a
-    CPU, where stacking large images slows a forward down (measured: 1.9x per image at 1024x768 for
-    4 stacked EfficientNet-Lite0 inputs, 2 threads)."""
+    CPU, where stacking large images slows a forward down (see docs/benchmarks.md)."""
     if cfg.forward_batch:
         return cfg.forward_batch
     return cfg.batch_size if device == "cuda" else 1
@@ -86,8 +85,7 @@ class Embedder:
             raise BackboneError(
                 f"{cfg.backbone} has no fc6/fc7 layers (use a VGG-style torchvision backbone)"
             )
-        # channels-last on CPUs too: measured 1.3x images/s for EfficientNet-Lite0 on real photos at
-        # <= 1024 px, 2 threads (oneDNN's NHWC convolutions)
+        # channels-last on CPUs too: faster there as well (oneDNN's NHWC convolutions; docs/benchmarks.md)
         self.model = self.model.to(self.device, memory_format=torch.channels_last)
         if self.spec.fc_codes is not None:
             self.spec.fc_codes.to(self.device)

@@ -34,8 +34,8 @@ log = logging.getLogger("embedpipe.report")
 RECALLS = np.linspace(0.0, 1.0, 21)
 GRID_QUERIES, GRID_RESULTS, THUMB = 8, 10, 112
 MAX_TSNE_POINTS = 2000
-# 250 early-exaggeration + 250 plain iterations: half scikit-learn's default and half its time (2.9 s, not
-# 6.0 s, for 2,000 points on 2 cores); the map is drawn in every run and reindex
+# 250 early-exaggeration + 250 plain iterations: half scikit-learn's default and about half its time;
+# the map is drawn in every run and reindex
 TSNE_ITERATIONS = 500
 MAX_DENSE_BOW = 20_000_000  # BoW rows x vocabulary: above this the report draws no t-SNE map
 COLUMNS = [
