@@ -195,7 +195,7 @@ def test_ingest_turns_listed_images_and_keeps_the_others(tmp_path, photo):
         list_inputs(tmp_path / "a.jpg").refs + list_inputs(tmp_path / "b.jpg").refs, ingest=cfg.ingest
     )
     assert [it["rotate"] for it in items] == [0, 90]
-    out = ingest_batch(_columns(items), 4096, cfg)
+    out = ingest_batch(_columns(items), 4096, cfg.ingest)
     assert out["payload"][0] == photo  # small enough and not turned: the original bytes
     with Image.open(io.BytesIO(photo)) as img, Image.open(io.BytesIO(out["payload"][1])) as turned:
         assert turned.size == (img.height, img.width) and (out["width"][1], out["height"][1]) == turned.size

@@ -137,12 +137,12 @@ def test_training_steps_lower_the_loss_and_pull_a_matching_pair_together(train_i
     refs = list_inputs(str(train_images)).refs
     images = load_images(refs, 96, cfg)
     model, spec = build_model(cfg)
-    opt = optimiser(model, cfg)
+    opt = optimiser(model, cfg.finetune)
     q, p = names.index("100300.jpg"), names.index("100305.jpg")  # a photo and its colour-jittered copy
     negs = [names.index(n) for n in ("100400.jpg", "100500.jpg", "200001.jpg")]
     batch = [[images[q], images[p], *[images[n] for n in negs]]]
     before = embed_images(model, [images[q], images[p]], spec, "cpu")
-    losses = [train_step(model, opt, batch, 1, cfg, spec, "cpu") for _ in range(4)]
+    losses = [train_step(model, opt, batch, 1, cfg.finetune, spec, "cpu") for _ in range(4)]
     after = embed_images(model, [images[q], images[p]], spec, "cpu")
     assert losses[-1] < losses[0] and all(b < a for a, b in zip(losses, losses[1:], strict=False))
     assert float(after[0] @ after[1]) > float(before[0] @ before[1])

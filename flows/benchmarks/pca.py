@@ -115,14 +115,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # one way in its own process (see ``_run_way``)
-    # The way's process loads what it loaded when this module imported them at its top (FAISS, the
-    # feature store, the whitening maths): each way's peak RSS stays comparable with earlier results.
-    import faiss  # noqa: F401
-
-    import embedpipe.storage.features  # noqa: F401
-    import embedpipe.workers.fit.whitening  # noqa: F401
-    import embedpipe.workers.index.ann  # noqa: F401
-
     if sys.argv[1] == "pca":
         sys.stdout.write(json.dumps(pca_way(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]))) + "\n")
     else:

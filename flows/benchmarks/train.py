@@ -58,7 +58,7 @@ def _timed_steps(
         mine = step[rank::world]
         batch = [[images[t.query], images[t.positive], *[images[n] for n in t.negatives]] for t in mine]
         t0 = time.perf_counter()
-        train_step(model, opt, batch, len(step), cfg, spec, device, allreduce)
+        train_step(model, opt, batch, len(step), cfg.finetune, spec, device, allreduce)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -77,7 +77,7 @@ def bench_loop(config: dict, ctx: TrainContext) -> None:
     torch.manual_seed(cfg.seed)
     model, spec = build_model(cfg)
     model = model.to(device)
-    opt = optimiser(model, cfg)
+    opt = optimiser(model, cfg.finetune)
     images = load_images(config["refs"], cfg.finetune.max_side, cfg)
 
     def allreduce(m, loss):
@@ -108,7 +108,7 @@ def bench_train(cfg: Config, n_steps: int) -> dict:
     refs, groups, _ = training_inputs(cfg)
     with ray_session(cfg.ray):
         cpus, gpus = cluster_cpus(), cluster_gpus()
-        n, use_gpu, threads, cpu_each = worker_plan(cfg, cpus, gpus)
+        n, use_gpu, threads, cpu_each = worker_plan(cfg.finetune, cpus, gpus)
         per_step = cfg.finetune.tuples_per_step * n
         steps = bench_batches(cfg, refs, groups, n_steps + 1, per_step)
         images_per_step = per_step * (2 + cfg.finetune.negatives)
@@ -120,8 +120,8 @@ def bench_train(cfg: Config, n_steps: int) -> dict:
         torch.manual_seed(cfg.seed)
         model, spec = build_model(cfg)
         model = model.to(device)
-        base_times = _timed_steps(model, optimiser(model, cfg), load_images(refs, cfg.finetune.max_side, cfg),
-                                  steps, cfg, spec, device)  # fmt: skip
+        images = load_images(refs, cfg.finetune.max_side, cfg)
+        base_times = _timed_steps(model, optimiser(model, cfg.finetune), images, steps, cfg, spec, device)
         torch.set_num_threads(old_threads)
         del model
 

@@ -31,7 +31,7 @@ from embedpipe.workers.evaluate.rerank import ransac_inliers, verified_order, wo
 from embedpipe.workers.evaluate.stage import run_ground_truth
 
 if TYPE_CHECKING:
-    from embedpipe.storage.contracts.config import Config
+    from embedpipe.storage.contracts.config import Config, VerifyConfig
 
 log = logging.getLogger("embedpipe.evaluate")
 KAPPAS = (1, 5, 10)
@@ -81,12 +81,11 @@ def spatial_verification(
     words: list[np.ndarray],
     points: list[np.ndarray],
     m: int,
-    cfg: Config,
+    v: VerifyConfig,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Verify each query's top ``verify.shortlist`` results. ranks: (nq, N); queries: (nq,) database rows
     of the queries; words: per image, m words per keypoint (the first is the nearest); points: per image
     (n_i, 2). -> (re-ranked (nq, N), inliers (nq, S) of the original shortlist)."""
-    v = cfg.verify
     s = min(v.shortlist, ranks.shape[1])
     out = np.empty_like(ranks)
     inliers = np.zeros((len(queries), s), np.int32)
@@ -145,7 +144,7 @@ def evaluate_bow(layout: RunLayout, cfg: Config, descriptor: str) -> tuple[list[
         points = read_points(layout.feature_dir(local_store(STORED_FEATURE[feature])))
         if len(points) != len(words):
             raise ValueError(f"{descriptor}: {len(words)} BoW rows but {len(points)} local-feature rows")
-        sv_ranks, inliers = spatial_verification(ranks, gt.queries, words, points, m, cfg)
+        sv_ranks, inliers = spatial_verification(ranks, gt.queries, words, points, m, cfg.verify)
         save_npy(layout.report_dir / f"sv-inliers-{name}.npy", inliers)
         row = _row(layout, base, "sv", sv_ranks, gt, name, start)
         row.update(

@@ -49,7 +49,7 @@ from embedpipe.workers.index.choose import choose_index
 from embedpipe.workers.ingest.inputs import ground_truth_path
 
 if TYPE_CHECKING:
-    from embedpipe.storage.contracts.config import Config
+    from embedpipe.storage.contracts.config import Config, RerankConfig
 
 log = logging.getLogger("embedpipe.evaluate")
 KAPPAS = (1, 5, 10)
@@ -283,7 +283,7 @@ def augment_database(
 
 def rerank_ranks(
     method: str,
-    cfg: Config,
+    r: RerankConfig,
     x: np.ndarray,
     index: faiss.Index,
     gt: GroundTruth,
@@ -296,7 +296,6 @@ def rerank_ranks(
     per variant by the caller).
     Queries keep their original vectors under DBA; neighbours used for αQE never include the query's
     own junk (the query itself when it is in the database)."""
-    r = cfg.rerank
     db, db_index = augmented() if method.startswith("dba") else (x, index)
     if method.endswith("aqe"):
         sims, idx = neighbours(db_index, queries, db, r.aqe_k + max((len(j) for j in gt.junk), default=0))
@@ -406,7 +405,7 @@ def index_and_evaluate(
             ranks = (
                 search(index, queries, index.ntotal)[1]
                 if method == "none"
-                else rerank_ranks(method, cfg, x, index, gt, augmented, queries)
+                else rerank_ranks(method, cfg.rerank, x, index, gt, augmented, queries)
             )
             suffix = "" if method == "none" else f"-{method.replace('+', '-')}"
             save_npy(layout.report_dir / f"ranks-{name}{suffix}.npy", ranks)

@@ -40,7 +40,7 @@ from embedpipe.workers.ingest.sources import read_rotations, rotation_of
 from embedpipe.workers.progress import Progress
 
 if TYPE_CHECKING:
-    from embedpipe.storage.contracts.config import Config
+    from embedpipe.storage.contracts.config import Config, IngestConfig
 
 log = logging.getLogger("embedpipe.ingest")
 SHARDS_FILE = "_shards.json"
@@ -68,7 +68,7 @@ def _readers() -> ThreadPoolExecutor:
     return _READERS[pid]
 
 
-def ingest_batch(batch: dict[str, np.ndarray], max_side: int, cfg: Config) -> dict[str, np.ndarray]:
+def ingest_batch(batch: dict[str, np.ndarray], max_side: int, ingest: IngestConfig) -> dict[str, np.ndarray]:
     """Read, hash, check and (when larger than ``max_side``, or turned by ``ingest.rotations`` or with
     ``ingest.exif_orientation`` off) re-encode each input to a JPEG; other inputs keep their original
     bytes. Bad inputs keep their row with ``error`` set.
@@ -78,13 +78,13 @@ def ingest_batch(batch: dict[str, np.ndarray], max_side: int, cfg: Config) -> di
     n = len(batch["path"])
     ids, errors, payloads, exts = [""] * n, [""] * n, [b""] * n, [""] * n
     sizes, width, height = np.full(n, -1, np.int64), np.zeros(n, np.int32), np.zeros(n, np.int32)
-    reads = [_readers().submit(read_row, batch, i, cfg.ingest) for i in range(n)]
+    reads = [_readers().submit(read_row, batch, i, ingest) for i in range(n)]
     for i in range(n):
         try:
             data = reads[i].result()
             sizes[i], ids[i] = len(data), content_id(data)
-            rotate, exif = row_rotation(batch, i), cfg.ingest.exif_orientation
-            image, (width[i], height[i]) = decode_pil(data, max_side, cfg.ingest.max_pixels, exif, rotate)
+            rotate, exif = row_rotation(batch, i), ingest.exif_orientation
+            image, (width[i], height[i]) = decode_pil(data, max_side, ingest.max_pixels, exif, rotate)
             if max(width[i], height[i]) <= max_side and exif and not rotate:
                 payloads[i], exts[i] = data, _extension(data)
             else:
@@ -160,7 +160,7 @@ def run_ingest(source: str, out: Path, cfg: Config, max_side: int) -> IngestResu
             for row, pos in zip(items, todo, strict=True):
                 row["pos"] = pos
             batch_size = max(cfg.extract.batch_size, READ_THREADS)
-            kwargs = {"max_side": max_side, "cfg": cfg}
+            kwargs = {"max_side": max_side, "ingest": cfg.ingest}
             for batch in map_items(items, ingest_batch, kwargs, batch_size, cfg.ray, "ingest"):
                 for j, pos in enumerate(batch["pos"]):
                     pos = int(pos)

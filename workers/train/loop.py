@@ -52,7 +52,7 @@ from embedpipe.workers.train.finetune import (
 )
 
 if TYPE_CHECKING:
-    from embedpipe.storage.contracts.config import Config
+    from embedpipe.storage.contracts.config import Config, FinetuneConfig
     from embedpipe.workers.engines.ray_train import TrainContext
 
 log = logging.getLogger("embedpipe.train")
@@ -92,9 +92,8 @@ def build_model(cfg: Config) -> tuple[RetrievalNet, Any]:
     return RetrievalNet(trunk, cfg.finetune.head, cfg.finetune.gem_p), spec
 
 
-def optimiser(model: RetrievalNet, cfg: Config) -> torch.optim.Optimizer:
+def optimiser(model: RetrievalNet, f: FinetuneConfig) -> torch.optim.Optimizer:
     """Adam; the pooling exponent learns 10x faster, without weight decay (as the reference code)."""
-    f = cfg.finetune
     groups = [{"params": list(model.trunk.parameters()), "lr": f.lr, "weight_decay": f.weight_decay}]
     pool = list(model.pool.parameters())
     if pool:
@@ -124,7 +123,7 @@ def train_step(
     opt: torch.optim.Optimizer,
     batch: list[list[np.ndarray]],
     n_total: int,
-    cfg: Config,
+    f: FinetuneConfig,
     spec,
     device: str,
     allreduce=None,
@@ -137,9 +136,9 @@ def train_step(
     opt.zero_grad(set_to_none=False)
     total = torch.zeros(1, dtype=torch.float64)
     for images in batch:
-        with _autocast(device, cfg.finetune.precision):
+        with _autocast(device, f.precision):
             vecs = torch.cat([model(to_input(im, spec.mean, spec.std).to(device)) for im in images])
-        loss = tuple_loss(cfg.finetune.loss, vecs.float(), cfg.finetune.margin) / n_total
+        loss = tuple_loss(f.loss, vecs.float(), f.margin) / n_total
         loss.backward()
         total += loss.detach().double().cpu()
     if allreduce is not None:
@@ -265,7 +264,7 @@ def train_loop(config: dict, ctx: TrainContext) -> None:
     torch.manual_seed(cfg.seed)
     model, spec = build_model(cfg)
     model = model.to(device)
-    opt = optimiser(model, cfg)
+    opt = optimiser(model, cfg.finetune)
 
     start, history = 0, []
     with ctx.resume_dir() as folder:
@@ -324,7 +323,7 @@ def train_loop(config: dict, ctx: TrainContext) -> None:
                 [images[t.query], images[t.positive], *[images[n] for n in t.negatives]]
                 for t in (tuples[i] for i in span[rank::world])
             ]
-            loss = train_step(model, opt, batch, len(span), cfg, spec, device, allreduce)
+            loss = train_step(model, opt, batch, len(span), cfg.finetune, spec, device, allreduce)
             losses.append(loss)
             history.append({"epoch": epoch + 1, "step": step + 1, "loss": loss})
         metrics = {
@@ -364,13 +363,12 @@ def training_inputs(cfg: Config) -> tuple[list[InputRef], np.ndarray, str]:
     return refs, groups, mining
 
 
-def worker_plan(cfg: Config, cpus: int, gpus: int) -> tuple[int, bool, int, float]:
+def worker_plan(f: FinetuneConfig, cpus: int, gpus: int) -> tuple[int, bool, int, float]:
     """(workers, use_gpu, torch threads per worker, CPUs per worker) for a cluster. One worker per GPU;
     on CPUs one single-threaded worker per CPU (on a busy host, multi-threaded torch loses far more to
     its threads waiting on each other than data parallelism loses to the all-reduce); ``finetune.workers``
     and ``finetune.torch_threads`` override. Ray Train's controller reserves no CPU, so the workers may
     take every CPU without waiting on it."""
-    f = cfg.finetune
     use_gpu = gpus > 0 and f.device != "cpu"
     if f.device == "cuda" and gpus == 0:
         raise InputError("finetune.device is cuda but the Ray cluster has no GPU")
@@ -392,7 +390,7 @@ def run_finetune(cfg: Config, ft_dir: Path) -> FinetuneResult:
     done = int(torch.load(resume, map_location="cpu", weights_only=True)["epoch"]) if resume else 0
     t0 = time.perf_counter()
     with ray_session(cfg.ray):
-        n, use_gpu, threads, cpu_each = worker_plan(cfg, cluster_cpus(), cluster_gpus())
+        n, use_gpu, threads, cpu_each = worker_plan(cfg.finetune, cluster_cpus(), cluster_gpus())
         log.info(
             "finetune: %d images (positives: %s), %d worker(s) x %d thread(s)%s, %s loss, epochs %d..%d",
             len(refs),
