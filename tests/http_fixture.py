@@ -1,9 +1,14 @@
-"""A real HTTP server on 127.0.0.1 serving a folder, with a few misbehaving paths for error tests."""
+"""A real HTTP server on 127.0.0.1 serving a folder, with misbehaving paths for error tests.
+
+``/hostile/<kind>/<name>`` answers as a hostile server does (``HOSTILE``: what each kind does); the
+others serve the folder (``/slow/``, ``/flaky/`` and ``/norange/`` prefixes: delayed, 503, no ranges)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import socket
+import struct
 import sys
 import threading
 import time
@@ -17,6 +22,9 @@ class _Handler(SimpleHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802 - http.server's naming
         type(self).hits[self.path] = type(self).hits.get(self.path, 0) + 1
+        if self.path.startswith("/hostile/"):
+            self._hostile(self.path.split("/")[2])
+            return
         if self.path.startswith("/slow/"):
             time.sleep(3.0)
         if self.path.startswith("/flaky/"):
@@ -30,6 +38,55 @@ class _Handler(SimpleHTTPRequestHandler):
         if self.path.startswith("/norange/"):
             self.path = self.path[len("/norange") :]
         super().do_GET()
+
+    def _headers(self, status: int, length: int, content_type: str = "image/jpeg", **extra: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(length))
+        for key, value in extra.items():
+            self.send_header(key.replace("_", "-"), value)
+        self.end_headers()
+
+    def _hostile(self, kind: str) -> None:
+        """Answer as the hostile server ``kind`` of ``HOSTILE`` does."""
+        if kind == "reset":  # half the announced body, then a TCP reset
+            self._headers(200, 20_000)
+            self.wfile.write(b"\xff\xd8" + b"x" * 9_998)
+            self.wfile.flush()
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+        elif kind == "truncated":  # fewer bytes than Content-Length, then a clean close
+            self._headers(200, 20_000)
+            self.wfile.write(b"\xff\xd8" + b"x" * 998)
+            self.close_connection = True
+        elif kind == "html":  # 200 with an error page
+            page = b"<html><body>Sorry, this image is not available</body></html>"
+            self._headers(200, len(page), "text/html")
+            self.wfile.write(page)
+        elif kind in ("busy", "ratelimit"):  # 503 / 429 forever, asking for a 1 s pause
+            self._headers(503 if kind == "busy" else 429, 0, Retry_After="1")
+        elif kind == "tarpit":  # announces 10 MB, then drips one byte every 0.1 s
+            self._headers(200, 10_000_000)
+            with contextlib.suppress(OSError):
+                for _ in range(10_000):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+        elif kind == "loop":  # a redirect to itself
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif kind == "stall":  # no answer at all
+            time.sleep(30)
+        elif kind == "empty":  # 200 and no body
+            self._headers(200, 0)
+        elif kind == "huge":  # announces 10 GB
+            self._headers(200, 10_000_000_000)
+            with contextlib.suppress(OSError):
+                self.wfile.write(b"\xff\xd8" + b"x" * 1000)
+        else:
+            self.send_error(404)
 
     def _partial(self, start: int, end: int | None) -> None:
         """Range requests: ``bytes=N-`` (what resuming downloaders send) and ``bytes=N-M``."""
@@ -53,6 +110,21 @@ class _Handler(SimpleHTTPRequestHandler):
 
     def log_message(self, *args):  # keep test output quiet
         pass
+
+
+# what each hostile kind does, and the reason a read of it fails with
+HOSTILE = {
+    "reset": "connection reset mid-body",
+    "truncated": "body shorter than Content-Length",
+    "html": "200 with an HTML page (read, then not an image)",
+    "busy": "503 forever, Retry-After 1",
+    "ratelimit": "429 forever, Retry-After 1",
+    "tarpit": "10 MB announced, one byte every 0.1 s",
+    "loop": "redirect to itself",
+    "stall": "no answer",
+    "empty": "200 with an empty body (read, then an empty file)",
+    "huge": "10 GB announced",
+}
 
 
 class _Server(ThreadingHTTPServer):

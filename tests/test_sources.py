@@ -260,3 +260,47 @@ def test_manifest_marks_duplicates_and_quarantine(tmp_path, small_holidays):
     assert [r["status"] for r in rows] == ["ok", "ok", "quarantined"]
     assert rows[1]["duplicate_of"] == rows[0]["key"] and rows[0]["duplicate_of"] is None
     assert rows[2]["reason"] == "empty file" and rows[2]["width"] is None
+
+
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("reset", r"unreadable URL: (RemoteProtocolError|ReadError).* \(2 tries\)"),
+        ("truncated", r"unreadable URL: RemoteProtocolError.* \(2 tries\)"),
+        ("busy", r"unreadable URL: HTTP 503 .* \(2 tries\)"),
+        ("ratelimit", r"unreadable URL: HTTP 429 .* \(2 tries\)"),
+        ("tarpit", r"unreadable URL: body larger than ingest.max_bytes \(65536 bytes\): announces 10000000"),
+        ("loop", r"unreadable URL: too many redirects$"),
+        ("stall", r"unreadable URL: timed out after 1 s \(2 tries\)"),
+        ("huge", r"unreadable URL: body larger than ingest.max_bytes \(65536 bytes\): announces 10000000000"),
+    ],
+)
+def test_hostile_servers_cost_a_bounded_time(kind, reason):
+    """Each try of a remote read has ``timeout`` seconds for the whole request and a body cap: a hostile
+    server costs at most (retries + 1) x timeout plus the back-off (or its Retry-After), then one line."""
+    with serve(Path("/nonexistent")) as (base, hits):
+        start = time.perf_counter()
+        with pytest.raises(DecodeError, match=reason):
+            read_input(f"{base}/hostile/{kind}/a.jpg", timeout=1.0, retries=1, max_bytes=65536)
+        took = time.perf_counter() - start
+        assert took < 2 * 1.0 + 1.0 + 1.0, took  # two tries, the 1 s pause between them, slack
+        if kind in ("busy", "ratelimit"):
+            assert hits[f"/hostile/{kind}/a.jpg"] == 2 and took >= 1.0  # Retry-After honoured
+        if kind in ("loop", "huge", "tarpit"):
+            assert hits.get(f"/hostile/{kind}/a.jpg", 0) <= 21  # not retried (a loop: one chain)
+
+
+def test_a_body_dripping_past_the_deadline_times_out(tmp_path):
+    """A body below the cap that keeps dripping is cut at the deadline, not at the gap between bytes."""
+    with serve(tmp_path) as (base, _):
+        start = time.perf_counter()
+        with pytest.raises(DecodeError, match=r"timed out after 1 s \(2 tries\)"):
+            read_input(f"{base}/hostile/tarpit/a.jpg", timeout=1.0, retries=1, max_bytes=64 << 20)
+        assert time.perf_counter() - start < 2 * 1.0 + 0.5 + 1.0
+
+
+def test_hostile_bodies_that_arrive_are_returned_for_decoding():
+    """An HTML page or an empty body is read as it is; the decode step quarantines it."""
+    with serve(Path("/nonexistent")) as (base, _):
+        assert read_input(f"{base}/hostile/html/a.jpg", timeout=1.0, retries=0).startswith(b"<html>")
+        assert read_input(f"{base}/hostile/empty/a.jpg", timeout=1.0, retries=0) == b""

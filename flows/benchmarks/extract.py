@@ -41,12 +41,12 @@ def plain_loop(paths: list[InputRef], embedder: Embedder, cfg: Config, label: st
     start = time.perf_counter()
     progress = Progress(label, len(paths), log)
     failed = forwards = 0
-    size = cfg.extract.batch_size
+    size, ing = cfg.extract.batch_size, cfg.ingest
     for k in range(0, len(paths), size):
         images = []
         for ref in paths[k : k + size]:
             try:
-                data = read_input(ref.uri, ref.offset, ref.length, cfg.ingest.timeout_s, cfg.ingest.retries)
+                data = read_input(ref.uri, ref.offset, ref.length, ing.timeout_s, ing.retries, ing.max_bytes)
                 images.append(decode_image(data, cfg.extract.max_side, cfg.ingest.max_pixels)[0])
             except DecodeError:
                 failed += 1

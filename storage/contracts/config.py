@@ -107,8 +107,24 @@ class IngestConfig(_Frozen):
         le=178_956_970,
         description="decompression-bomb guard: images with more pixels are quarantined",
     )
-    timeout_s: float = Field(30.0, gt=0, description="timeout of one remote read (http, fsspec)")
-    retries: int = Field(2, ge=0, le=10, description="retries of a failed remote read, with back-off")
+    timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="seconds one try of a remote read may take in all: connection, headers and body for "
+        "HTTP (a body still dripping in at the end is a timeout); each operation for other fsspec schemes",
+    )
+    retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="retries of a failed remote read (timeouts, connection errors, 5xx, 429), with back-off "
+        "or the server's Retry-After (up to 60 s)",
+    )
+    max_bytes: int = Field(
+        64 << 20,
+        ge=1,
+        description="largest remote body read, whatever Content-Length says; a larger one is quarantined",
+    )
     exif_orientation: bool = Field(
         True,
         description="turn each image as its EXIF Orientation tag says (as photo viewers show it); false "

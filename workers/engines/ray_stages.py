@@ -207,6 +207,7 @@ def read_row(batch: dict[str, np.ndarray], i: int, ingest: IngestConfig) -> byte
         int(batch["length"][i]),
         timeout=ingest.timeout_s,
         retries=ingest.retries,
+        max_bytes=ingest.max_bytes,
     )
 
 

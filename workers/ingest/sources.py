@@ -32,6 +32,7 @@ import re
 import tarfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urljoin
@@ -42,6 +43,7 @@ from embedpipe.storage.inputs import InputRef, KnownTars, Listing
 IMAGE_EXTS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".jfif"}
 )
+MAX_BYTES = 64 << 20  # default cap on one remote body (ingest.max_bytes)
 LIST_EXTS = frozenset({".txt", ".csv", ".tsv", ".parquet"})
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
@@ -141,7 +143,8 @@ def _list_one(spec: str) -> Listing:
         spec, scheme = spec[len("file://") :], ""
     if scheme in ("http", "https"):
         if _suffix(spec) in LIST_EXTS:
-            return _list_rows(spec, fetch_bytes(spec, timeout=30.0, retries=2), base=spec.rsplit("/", 1)[0])
+            data = fetch_bytes(spec, timeout=30.0, retries=2, max_bytes=None)  # a list: no image's cap
+            return _list_rows(spec, data, base=spec.rsplit("/", 1)[0])
         if _suffix(spec) == ".tar":
             return list_http_tar(spec)
         return Listing([InputRef(spec, spec)])
@@ -310,7 +313,7 @@ class HttpRangeFile(io.RawIOBase):
     def _get(self, start: int, end: int):
         """Bytes ``start..end`` (inclusive), retried like ``fetch_bytes``."""
         headers = {"Range": f"bytes={start}-{end}"}
-        return _http_get(self.client, self.url, self.retries, headers, InputError, self.timeout)
+        return _http_get(self.client, self.url, self.retries, headers, InputError, self.timeout, None)
 
     def readable(self) -> bool:
         return True
@@ -488,20 +491,26 @@ def rotation_of(key: str, rotations: dict[str, int]) -> int:
 
 
 def read_input(
-    uri: str, offset: int = -1, length: int = -1, timeout: float = 30.0, retries: int = 2
+    uri: str,
+    offset: int = -1,
+    length: int = -1,
+    timeout: float = 30.0,
+    retries: int = 2,
+    max_bytes: int = MAX_BYTES,
 ) -> bytes:
-    """The bytes of one input. Raises ``DecodeError`` with a one-line reason; never hangs (timeouts on
-    remote reads, at most ``retries`` retries with back-off for transient failures)."""
+    """The bytes of one input. Raises ``DecodeError`` with a one-line reason; never hangs: an HTTP read
+    has ``timeout`` seconds a try for the whole request and a body cap of ``max_bytes``, with at most
+    ``retries`` retries with back-off for transient failures."""
     scheme = _scheme(uri)
     if scheme == "file":
         uri, scheme = uri[len("file://") :], ""
     if scheme in ("http", "https"):
         if offset >= 0:  # a member of a remote container
-            data = fetch_bytes(uri, timeout, retries, DecodeError, byte_range=(offset, length))
+            data = fetch_bytes(uri, timeout, retries, DecodeError, (offset, length), max_bytes)
             if len(data) != length:
                 raise DecodeError(f"container truncated: {length - len(data)} bytes of the member missing")
             return data
-        return fetch_bytes(uri, timeout, retries, error=DecodeError)
+        return fetch_bytes(uri, timeout, retries, DecodeError, max_bytes=max_bytes)
     if scheme:
         return _read_fsspec(uri, offset, length)
     try:
@@ -538,49 +547,123 @@ def _http_client() -> Any:
     return _HTTP_CLIENTS[pid]
 
 
+RETRY_AFTER_MAX = 60.0  # a server's Retry-After is honoured up to this many seconds
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A successful GET: status (200 or 206), headers and the whole body."""
+
+    status_code: int
+    headers: Any
+    content: bytes
+
+
+class _TooLarge(Exception):
+    pass
+
+
 def fetch_bytes(
     url: str,
     timeout: float,
     retries: int,
     error: type[Exception] = InputError,
     byte_range: tuple[int, int] | None = None,
+    max_bytes: int | None = MAX_BYTES,
 ) -> bytes:
     """GET ``url`` (``byte_range``: (offset, length) of it, by a range request); retried on timeouts,
-    connection errors and 5xx/429, not on other 4xx. Connections are kept open and reused by later reads
-    of the same process (and its threads)."""
+    connection errors and 5xx/429, not on other 4xx. Each try has ``timeout`` seconds for the whole
+    request (connection, headers and body) and a body cap of ``max_bytes``; with None (a listing's reads:
+    list files, tar headers) no cap and ``timeout`` per operation. Connections are kept open and reused by
+    later reads of the same process (and its threads)."""
     headers = {}
     if byte_range is not None:
         headers["Range"] = f"bytes={byte_range[0]}-{byte_range[0] + byte_range[1] - 1}"
-    response = _http_get(_http_client(), url, retries, headers, error, timeout)
+    response = _http_get(_http_client(), url, retries, headers, error, timeout, max_bytes)
     if byte_range is not None and response.status_code == 200:  # the server sent the whole file
         return response.content[byte_range[0] : byte_range[0] + byte_range[1]]
     return response.content
 
 
-def _http_get(
-    client, url: str, retries: int, headers: dict[str, str], error: type[Exception], timeout: float
-):
-    """One GET with ``client`` (an ``httpx.Client``): the 200/206 response, or ``error`` with one line."""
+def _retry_after(response) -> float | None:
+    """Seconds a 429/503 asks the client to wait (``Retry-After`` in seconds), if it says."""
+    value = response.headers.get("retry-after", "").strip()
+    return float(value) if value.replace(".", "", 1).isdigit() else None
+
+
+def _read_body(response, deadline: float | None, max_bytes: int | None) -> bytes:
+    """The body of a streamed ``response``, by ``deadline`` (time.monotonic()) and at most ``max_bytes``
+    (``_TooLarge`` beyond it, whatever Content-Length announced); a body still arriving at the deadline
+    is a timeout however steadily it drips. None: no cap, no deadline."""
     import httpx
 
-    last = ""
+    cap = max_bytes if max_bytes is not None else float("inf")
+    announced = response.headers.get("content-length", "")
+    if announced.isdigit() and int(announced) > cap:
+        raise _TooLarge(f"announces {int(announced)} bytes")
+    # the body's reads wait at most until the deadline (httpcore reads the request's read timeout when the
+    # body starts)
+    if deadline is not None:
+        timeouts = dict(response.request.extensions.get("timeout", {}))
+        timeouts["read"] = max(0.001, deadline - time.monotonic())
+        response.request.extensions["timeout"] = timeouts
+    chunks, size = [], 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > cap:
+            raise _TooLarge(f"sent more than {max_bytes} bytes")
+        chunks.append(chunk)
+        if deadline is not None and time.monotonic() > deadline:
+            raise httpx.ReadTimeout("body not complete by the deadline")
+    return b"".join(chunks)
+
+
+def _http_get(
+    client,
+    url: str,
+    retries: int,
+    headers: dict[str, str],
+    error: type[Exception],
+    timeout: float,
+    max_bytes: int | None = MAX_BYTES,
+) -> Fetched:
+    """One GET with ``client`` (an ``httpx.Client``): the 200/206 response with its body, or ``error``
+    with one line. A try costs at most ``timeout`` seconds (with ``max_bytes`` None: ``timeout`` per
+    operation, no cap); the waits between tries back off (a 429/503's ``Retry-After`` is honoured, up to
+    ``RETRY_AFTER_MAX``)."""
+    import httpx
+
+    last, wait, tried = "", 0.0, 0
     for attempt in range(retries + 1):
+        tried = attempt + 1
         if attempt:
-            time.sleep(min(8.0, 0.5 * 2 ** (attempt - 1)))
+            time.sleep(wait if wait else min(8.0, 0.5 * 2 ** (attempt - 1)))
+        wait = 0.0
+        deadline = time.monotonic() + timeout if max_bytes is not None else None
         try:
-            response = client.get(url, headers=headers, timeout=timeout)
+            with client.stream("GET", url, headers=headers, timeout=timeout) as response:
+                if response.status_code in (200, 206):
+                    body = _read_body(response, deadline, max_bytes)
+                    return Fetched(response.status_code, response.headers, body)
+                status = response.status_code
+                last = f"HTTP {status} {response.reason_phrase}".strip()
+                if status in (429, 503):
+                    wait = min(RETRY_AFTER_MAX, _retry_after(response) or 0.0)
+        except _TooLarge as err:
+            last = f"body larger than ingest.max_bytes ({max_bytes} bytes): {err}"
+            break
+        except httpx.TooManyRedirects:
+            last = "too many redirects"
+            break
         except httpx.TimeoutException:
             last = f"timed out after {timeout:g} s"
             continue
         except httpx.HTTPError as err:
             last = f"{type(err).__name__}: {err}"
             continue
-        if response.status_code in (200, 206):
-            return response
-        last = f"HTTP {response.status_code} {response.reason_phrase}".strip()
-        if response.status_code < 500 and response.status_code != 429:
+        if status < 500 and status != 429:
             break
-    tries = f" ({retries + 1} tries)" if retries and not last.startswith("HTTP 4") else ""
+    tries = f" ({tried} tries)" if tried > 1 else ""
     raise error(
         f"unreadable URL {url}: {last}{tries}" if error is InputError else f"unreadable URL: {last}{tries}"
     )

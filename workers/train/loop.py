@@ -81,7 +81,7 @@ def load_images(refs: list[InputRef], max_side: int, cfg: Config) -> list[np.nda
     images = []
     for ref in refs:
         data = read_input(
-            ref.uri, ref.offset, ref.length, timeout=cfg.ingest.timeout_s, retries=cfg.ingest.retries
+            ref.uri, ref.offset, ref.length, cfg.ingest.timeout_s, cfg.ingest.retries, cfg.ingest.max_bytes
         )
         images.append(decode_image(data, max_side, cfg.ingest.max_pixels)[0])
     return images
