@@ -7,13 +7,12 @@ own checkpoints lie under ``FT_DIR/ray-train``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from embedpipe.storage.contracts.layout import write_json_atomic
+from embedpipe.storage.contracts.layout import atomic_path, write_json_atomic
 
 TUPLES_DIR = "tuples"
 BACKBONE_JSON = "backbone.json"
@@ -32,12 +31,9 @@ def write_tuples(ft_dir: Path, epoch: int, columns: dict[str, list]) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    folder = ft_dir / TUPLES_DIR
-    folder.mkdir(parents=True, exist_ok=True)
     path = tuples_path(ft_dir, epoch)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.table(columns), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(columns), tmp)
     return path
 
 
@@ -54,9 +50,8 @@ def save_backbone_weights(ft_dir: Path, state: dict[str, Any]) -> None:
     """``backbone.pt``: a torch state dict, written to a temporary name and renamed."""
     import torch
 
-    tmp = ft_dir / f".{BACKBONE_PT}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, ft_dir / BACKBONE_PT)
+    with atomic_path(ft_dir / BACKBONE_PT) as tmp:
+        torch.save(state, tmp)
 
 
 def write_train_log(ft_dir: Path, history: list[dict]) -> None:

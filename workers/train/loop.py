@@ -437,11 +437,6 @@ def run_finetune(cfg: Config, ft_dir: Path) -> FinetuneResult:
     return FinetuneResult(ft_dir, int(state["epoch"]), done, losses, n, time.perf_counter() - t0)
 
 
-def training_pairs(ft_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(query, positive) rows of every tuple of the last epoch: the matching pairs for learned whitening."""
-    return last_tuple_pairs(ft_dir)
-
-
 def write_backbone(ft_dir: Path, model_state: dict, cfg: Config, refs, mining: str, history) -> None:
     """``backbone.pt`` (trunk and pooling state), ``backbone.json`` (architecture, pooling, preprocessing,
     training config), ``train_log.json`` (loss per step) and the learned whitening of the GeM vectors,
@@ -458,7 +453,7 @@ def write_backbone(ft_dir: Path, model_state: dict, cfg: Config, refs, mining: s
     if cfg.finetune.head == "gem":  # Lw of the adapted model, and of the off-the-shelf one it started from
         torch.set_num_threads(1)  # see worker_plan: one thread is fastest on a shared host
         images = load_images(refs, cfg.finetune.max_side, cfg)
-        q, p = training_pairs(ft_dir)
+        q, p = last_tuple_pairs(ft_dir)  # the matching pairs for learned whitening
         whitening, whitening_base = learned_whitening_file("gem"), learned_whitening_file("gem", base=True)
         for net, name in ((model, whitening), (build_model(cfg)[0], whitening_base)):
             vectors = embed_images(net, images, spec, "cpu")
