@@ -1,9 +1,11 @@
-"""`embedpipe datasets`: fetch from a real HTTP server on 127.0.0.1 serving archives in a benchmark's
+"""`embedpipe datasets`: fetch from a real HTTP or FTP server on 127.0.0.1 serving archives in a benchmark's
 layout; checksums, resume, unsafe archives refused, nothing partial left behind."""
 
+import contextlib
 import hashlib
 import io
 import tarfile
+import threading
 
 import pytest
 import yaml
@@ -117,4 +119,75 @@ def test_download_resumes_with_a_range_request(tmp_path, archives):
     with serve(www) as (base, hits):
         benchmarks.download(f"{base}/jpg1.tar.gz", dest)
     assert hits["range:/jpg1.tar.gz"] == 1000 and dest.read_bytes() == data
+    assert not (tmp_path / "jpg1.tar.gz.part").exists()
+
+
+@contextlib.contextmanager
+def ftp_server(root):
+    """A real FTP server (pyftpdlib) on 127.0.0.1 serving ``root`` read-only to anonymous users; yields
+    its base URL and the REST offsets it was asked for."""
+    from pyftpdlib.authorizers import DummyAuthorizer
+    from pyftpdlib.handlers import FTPHandler
+    from pyftpdlib.servers import FTPServer
+
+    rests: list[int] = []
+
+    class Handler(FTPHandler):
+        def ftp_REST(self, line):  # noqa: N802 - pyftpdlib's naming
+            rests.append(int(line))
+            return super().ftp_REST(line)
+
+    authorizer = DummyAuthorizer()
+    authorizer.add_anonymous(str(root))
+    Handler.authorizer = authorizer
+    server = FTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"timeout": 0.1}, daemon=True)
+    thread.start()
+    try:
+        yield f"ftp://127.0.0.1:{server.address[1]}", rests
+    finally:
+        server.close_all()
+        thread.join(10)
+
+
+def test_fetch_over_ftp(tmp_path, archives):
+    """Holidays' official archives are ftp:// URLs: fetched, checked and extracted like http ones."""
+    www, sums, n = archives
+    root = tmp_path / "data"
+    with ftp_server(www) as (base, _):
+        reg = _registry(tmp_path / "reg.yaml", base, sums, n)
+        out = embedpipe("datasets", "fetch", "mini", "--root", root, "--registry", reg)
+        assert out.returncode == 0, out.stderr
+        assert len(list((root / "mini" / "jpg").glob("*.jpg"))) == n
+        missing = embedpipe(
+            "datasets",
+            "fetch",
+            "mini",
+            "--root",
+            tmp_path / "other",
+            "--registry",
+            _registry(
+                tmp_path / "bad.yaml",
+                base,
+                sums,
+                n,
+                archives=[{"url": f"{base}/nothere.tar.gz"}],
+            ),
+        )
+    assert missing.returncode == 2
+    lines = missing.stderr.strip().splitlines()
+    assert lines[-1].startswith("embedpipe: error: cannot download") and "FTP 550" in lines[-1], lines
+    assert not (tmp_path / "other" / "mini").exists()
+
+
+def test_ftp_download_resumes_with_rest(tmp_path, archives):
+    www, _, _ = archives
+    data = (www / "jpg1.tar.gz").read_bytes()
+    dest = tmp_path / "jpg1.tar.gz"
+    (tmp_path / "jpg1.tar.gz.part").write_bytes(data[:1000])
+    seen = []
+    with ftp_server(www) as (base, rests):
+        benchmarks.download(f"{base}/jpg1.tar.gz", dest, progress=lambda total, n: seen.append((total, n)))
+    assert rests == [1000] and dest.read_bytes() == data
+    assert seen[0] == (len(data), 1000) and sum(n for _, n in seen[1:]) == len(data) - 1000
     assert not (tmp_path / "jpg1.tar.gz.part").exists()

@@ -1,10 +1,10 @@
 """Benchmark datasets: where their archives are, how to fetch them safely, how to check what was fetched.
 
-``fetch`` downloads each archive to ``ROOT/.downloads`` (resuming a partial download with an HTTP range
-request when the server allows it), checks its sha256 when the registry pins one, extracts it into a
-temporary folder while refusing members that would land outside it (absolute names, ``..``, links
-pointing out, devices), checks the file counts, and only then renames the folder to ``ROOT/<name>``: a
-failed fetch never leaves a partial dataset behind.
+``fetch`` downloads each archive (http, https, ftp or file URL) to ``ROOT/.downloads`` (resuming a partial
+download with an HTTP range request when the server allows it, or with FTP's REST), checks its sha256 when
+the registry pins one, extracts it into a temporary folder while refusing members that would land outside
+it (absolute names, ``..``, links pointing out, devices), checks the file counts, and only then renames
+the folder to ``ROOT/<name>``: a failed fetch never leaves a partial dataset behind.
 
 The built-in registry has the archives' official URLs and the file counts of each layout. Their sha256 are
 not pinned (the registry was written without access to the archives): the first fetch records them in
@@ -162,28 +162,41 @@ def sha256_of(path: Path) -> str:
 
 
 def download(url: str, dest: Path, timeout: float = 60.0, progress=None) -> Path:
-    """Download ``url`` to ``dest``, resuming ``dest.part`` with a range request when the server supports
-    it (a server that answers 200 instead restarts the download). Returns ``dest``."""
-    import httpx
-
+    """Download ``url`` (http, https, ftp or file) to ``dest``, resuming ``dest.part``: with an HTTP range
+    request when the server supports it (a server that answers 200 instead restarts the download), with
+    FTP's REST otherwise. Returns ``dest``."""
     if url.startswith("file://"):
         shutil.copyfile(url[len("file://") :], dest)
         return dest
-    if not url.startswith(("http://", "https://")):
-        raise InputError(f"{url}: only http(s) and file URLs can be fetched here; download it yourself")
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
+    if url.startswith(("http://", "https://")):
+        done = _download_http(url, part, have, timeout, progress)
+    elif url.startswith("ftp://"):
+        done = _download_ftp(url, part, have, timeout, progress)
+    else:
+        raise InputError(f"{url}: only http(s), ftp and file URLs can be fetched; download it yourself")
+    if not done:
+        raise InputError(f"cannot download {url}: the transfer ended early (re-run to resume)")
+    os.replace(part, dest)
+    return dest
+
+
+def _download_http(url: str, part: Path, have: int, timeout: float, progress) -> bool:
+    """``url`` into ``part`` (appending from ``have`` when the server honours the range)."""
+    import httpx
+
     headers = {"Range": f"bytes={have}-"} if have else {}
     try:
         with httpx.stream("GET", url, headers=headers, timeout=timeout, follow_redirects=True) as response:
             if response.status_code == 416:  # the part is already complete
-                os.replace(part, dest)
-                return dest
+                return True
             if response.status_code not in (200, 206):
                 raise InputError(f"cannot download {url}: HTTP {response.status_code}")
             mode = "ab" if response.status_code == 206 else "wb"
+            total = int(response.headers.get("content-length", 0)) + (have if mode == "ab" else 0)
             if progress is not None:
-                progress(int(response.headers.get("content-length", 0)) + (have if mode == "ab" else 0), have)
+                progress(total, have if mode == "ab" else 0)
             with open(part, mode) as f:
                 for block in response.iter_bytes(CHUNK):
                     f.write(block)
@@ -191,8 +204,43 @@ def download(url: str, dest: Path, timeout: float = 60.0, progress=None) -> Path
                         progress(None, len(block))
     except httpx.HTTPError as err:
         raise InputError(f"cannot download {url}: {err} (re-run to resume)") from None
-    os.replace(part, dest)
-    return dest
+    return not total or part.stat().st_size == total
+
+
+def _download_ftp(url: str, part: Path, have: int, timeout: float, progress) -> bool:
+    """``url`` into ``part`` over FTP (anonymous unless the URL has user:password), passive mode, binary;
+    a partial ``part`` is resumed with REST. True when the size the server announces was received."""
+    import ftplib
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    user, password = unquote(parts.username or "anonymous"), unquote(parts.password or "anonymous@")
+    try:
+        with ftplib.FTP(timeout=timeout) as ftp:
+            ftp.connect(parts.hostname or "", parts.port or 21)
+            ftp.login(user, password)
+            ftp.voidcmd("TYPE I")
+            try:
+                total = ftp.size(unquote(parts.path))
+            except ftplib.error_perm:  # SIZE not supported: no check of the length, no progress total
+                total = None
+            if total is not None and have >= total:
+                return have == total
+            if progress is not None:
+                progress(total or 0, have)
+            with open(part, "ab" if have else "wb") as f:
+
+                def write(block: bytes) -> None:
+                    f.write(block)
+                    if progress is not None:
+                        progress(None, len(block))
+
+                ftp.retrbinary(f"RETR {unquote(parts.path)}", write, CHUNK, rest=have or None)
+    except ftplib.error_perm as err:
+        raise InputError(f"cannot download {url}: FTP {str(err).strip()}") from None
+    except ftplib.all_errors as err:
+        raise InputError(f"cannot download {url}: {err or type(err).__name__} (re-run to resume)") from None
+    return total is None or part.stat().st_size == total
 
 
 # ------------------------------------------------------------------------------------------ extraction
