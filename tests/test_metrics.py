@@ -78,7 +78,12 @@ def test_ukbench_and_labels_ground_truth():
 
 
 def test_precision_recall_and_few_shot():
-    from embedpipe.workers.evaluate.metrics import few_shot_accuracy, precision_at_k, recall_at_k
+    from embedpipe.workers.evaluate.metrics import (
+        few_shot_accuracy,
+        few_shot_classes,
+        precision_at_k,
+        recall_at_k,
+    )
 
     ranks = np.array([[0, 3, 1, 5, 2, 4]])
     p = precision_at_k(ranks, [np.array([3, 5])], [np.array([0])], (1, 2, 5))
@@ -93,6 +98,14 @@ def test_precision_recall_and_few_shot():
     noise = rng.standard_normal((36, 16))
     assert few_shot_accuracy(noise / np.linalg.norm(noise, axis=1, keepdims=True), classes, 5) < 0.7
     assert np.isnan(few_shot_accuracy(x, classes, 12))
+    # a class of three images takes no part at five shots (counted by few_shot_classes), and the score is
+    # the one of the collection without it; with fewer than two classes left there is no score
+    small = rng.standard_normal((3, 16))
+    with_small = np.vstack([x, small / np.linalg.norm(small, axis=1, keepdims=True)])
+    classes_small = np.concatenate([classes, [3, 3, 3]])
+    assert few_shot_classes(classes_small, 5) == 3 and few_shot_classes(classes_small, 2) == 4
+    assert few_shot_accuracy(with_small, classes_small, 5) == few_shot_accuracy(x, classes, 5)
+    assert few_shot_classes(classes, 12) == 0
 
 
 def test_pr_curve_by_hand():

@@ -108,6 +108,17 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
     return float(np.mean([np.isin(e, a).sum() / k for a, e in zip(approx, exact, strict=True)]))
 
 
+def _shot_classes(classes: np.ndarray, shots: int) -> list:
+    names, counts = np.unique(classes, return_counts=True)
+    return [c for c, n in zip(names, counts, strict=True) if n > shots]
+
+
+def few_shot_classes(classes: np.ndarray, shots: int) -> int:
+    """How many classes ``few_shot_accuracy`` at ``shots`` scores: those with more than ``shots`` images
+    (one left to classify besides the support)."""
+    return len(_shot_classes(np.asarray(classes), shots))
+
+
 def few_shot_accuracy(
     vectors: np.ndarray, classes: np.ndarray, shots: int, episodes: int = 5, seed: int = 0
 ) -> float:
@@ -115,9 +126,10 @@ def few_shot_accuracy(
 
     Each episode draws ``shots`` support images per class (classes with more than ``shots`` images),
     classifies every other image of those classes by its nearest support image; the accuracy is the
-    mean over seeded episodes. NaN when no class has enough images."""
+    mean over seeded episodes. Classes with ``shots`` images or fewer take no part (``few_shot_classes``
+    counts those that do); NaN when fewer than two classes have enough images."""
     classes = np.asarray(classes)
-    eligible = [c for c in np.unique(classes) if (classes == c).sum() > shots]
+    eligible = _shot_classes(classes, shots)
     if len(eligible) < 2:
         return float("nan")
     accuracies = []

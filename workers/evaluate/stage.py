@@ -21,7 +21,13 @@ from embedpipe.storage.contracts.layout import RunLayout, write_json_atomic
 from embedpipe.storage.dataset import labels_by_key
 from embedpipe.storage.features import read_features, read_store_manifest
 from embedpipe.storage.index_folder import index_layout
-from embedpipe.workers.evaluate.metrics import compute_map, few_shot_accuracy, ns_score, precision_at_k
+from embedpipe.workers.evaluate.metrics import (
+    compute_map,
+    few_shot_accuracy,
+    few_shot_classes,
+    ns_score,
+    precision_at_k,
+)
 from embedpipe.workers.evaluate.protocols import (
     BENCHMARK_PROTOCOLS,
     GroundTruth,
@@ -180,7 +186,9 @@ def protocol_extras(
     if cfg.protocol == "labels":
         out = precision_at_k(ranks, gt.positives, gt.junk, KAPPAS)
         if x is not None:
-            out.update({f"fewshot@{s}": few_shot_accuracy(x, gt.groups, s, seed=cfg.seed) for s in SHOTS})
+            for s in SHOTS:
+                out[f"fewshot@{s}"] = few_shot_accuracy(x, gt.groups, s, seed=cfg.seed)
+                out[f"fewshot@{s}_classes"] = few_shot_classes(gt.groups, s)
         return out
     return {}
 
