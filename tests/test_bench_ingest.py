@@ -1,8 +1,9 @@
 """`embedpipe bench ingest`: the photos it makes, its HTTP server on 127.0.0.1, and a tiny run against the
 real img2dataset (installed once per machine into the cache folder the bench uses), with the resume check;
-an img2dataset that cannot be installed is one error line."""
+an img2dataset that cannot be installed is one error line; img2dataset's own output read as an input."""
 
 import hashlib
+import io
 import json
 import socket
 
@@ -11,9 +12,16 @@ import pytest
 from PIL import Image
 
 from embedpipe.flows.benchmarks.http_serve import serve_folder
-from embedpipe.flows.benchmarks.ingest import bench_ingest, bench_photos, img2dataset_python, write_url_list
+from embedpipe.flows.benchmarks.ingest import (
+    bench_ingest,
+    bench_photos,
+    img2dataset_python,
+    run_img2dataset,
+    write_url_list,
+)
 from embedpipe.flows.config import load_config
 from embedpipe.workers.engines.ray_stages import ray_session
+from embedpipe.workers.ingest.sources import list_inputs, read_input
 
 from .helpers import embedpipe
 
@@ -86,3 +94,22 @@ def test_bench_ingest_without_img2dataset_is_one_error_line(tmp_path, monkeypatc
     assert lines[-1].startswith("embedpipe: error: cannot install img2dataset==1.47.0 for the baseline")
     assert [line for line in lines if "error" in line.lower()] == lines[-1:]
     assert not (tmp_path / "cache" / "embedpipe" / "img2dataset-venv" / ".embedpipe-ready").exists()
+
+
+def test_output_of_img2dataset_itself_is_an_input(tmp_path, img2dataset_py):
+    """A folder written by img2dataset (its WebDataset shards and the per-shard Parquet with every URL's
+    status), one URL of which failed: each downloaded sample is listed and reads back as the photo at
+    img2dataset's size; the failed URL is reported with img2dataset's reason."""
+    photos = bench_photos(tmp_path / "photos", 4, sides=(400, 600))
+    with serve_folder(photos[0].parent) as base:
+        urls = write_url_list(tmp_path / "urls.txt", base, photos)
+        urls.write_text(urls.read_text() + f"{base}/missing.jpg\n")
+        made = run_img2dataset(img2dataset_py, urls, tmp_path / "i2d", 256, 1, 2, 10)
+    assert made["ok"] == 4 and made["failed"] == 1
+    listing = list_inputs(tmp_path / "i2d")
+    assert len(listing.refs) == 4 and all(ref.uri.endswith(".tar") for ref in listing.refs)
+    for ref in listing.refs:
+        with Image.open(io.BytesIO(read_input(ref.uri, ref.offset, ref.length))) as img:
+            assert img.format == "JPEG" and max(img.size) == 256
+    [(url, reason)] = listing.problems
+    assert url == f"{base}/missing.jpg" and reason.startswith("download failed upstream"), reason
