@@ -116,3 +116,14 @@ def test_write_result_stamps_date_and_machine(tmp_path, capsys):
     assert "numpy" in machine["versions"]
     echoed = write_result({"name": "y"}, None)
     assert json.loads(capsys.readouterr().out) == echoed and echoed["name"] == "y"
+
+
+def test_bench_train_refuses_sides_that_took_different_steps():
+    from embedpipe.flows.benchmarks.train import same_steps
+    from embedpipe.storage.contracts.errors import RunFailed
+
+    assert same_steps([0.5, 0.25], [0.5, 0.25 * (1 + 5e-5)]) < 1e-4
+    with pytest.raises(RunFailed, match="did not take the same steps"):
+        same_steps([0.5, 0.25], [0.5, 0.26])
+    with pytest.raises(RunFailed):
+        same_steps([0.5], [0.5, 0.25])

@@ -18,7 +18,7 @@ from embedpipe.flows.benchmarks.common import (
     with_demo_images,
     write_result,
 )
-from embedpipe.storage.contracts.errors import InputError
+from embedpipe.storage.contracts.errors import InputError, RunFailed
 
 if TYPE_CHECKING:
     import numpy as np
@@ -50,17 +50,38 @@ def bench_batches(cfg: Config, refs: list[InputRef], groups: np.ndarray, n_steps
 
 def _timed_steps(
     model, opt, images, steps, cfg, spec, device, rank=0, world=1, allreduce=None
-) -> list[float]:
+) -> tuple[list[float], list[float]]:
+    """Each step's seconds and loss (the mean over all the step's tuples, summed across workers)."""
     from embedpipe.workers.train.loop import train_step
 
-    times = []
+    times, losses = [], []
     for step in steps:
         mine = step[rank::world]
         batch = [[images[t.query], images[t.positive], *[images[n] for n in t.negatives]] for t in mine]
         t0 = time.perf_counter()
-        train_step(model, opt, batch, len(step), cfg.finetune, spec, device, allreduce)
+        losses.append(train_step(model, opt, batch, len(step), cfg.finetune, spec, device, allreduce))
         times.append(time.perf_counter() - t0)
-    return times
+    return times, losses
+
+
+# the two sides take the same steps when their losses agree this closely (the workers' gradients are
+# summed in another order than one process accumulates them)
+SAME_LOSS_RTOL = 1e-4
+
+
+def same_steps(ours: list[float], baseline: list[float]) -> float:
+    """The largest relative difference between the two sides' step losses; ``RunFailed`` when it is
+    above ``SAME_LOSS_RTOL`` (the sides did not do the same work, so their times cannot be compared)."""
+    import numpy as np
+
+    a, b = np.asarray(ours, np.float64), np.asarray(baseline, np.float64)
+    diff = float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12))) if len(a) == len(b) else float("inf")
+    if diff > SAME_LOSS_RTOL:
+        raise RunFailed(
+            f"bench train: the two sides' step losses differ (largest relative difference {diff:.2e}): "
+            "they did not take the same steps, so their times are not compared"
+        )
+    return diff
 
 
 def bench_loop(config: dict, ctx: TrainContext) -> None:
@@ -87,10 +108,12 @@ def bench_loop(config: dict, ctx: TrainContext) -> None:
                     dist.all_reduce(p.grad)
             dist.all_reduce(loss)
 
-    times = _timed_steps(model, opt, images, config["steps"], cfg, spec, device, rank, world, allreduce)
-    with tempfile.TemporaryDirectory() as tmp:  # rank 0's step times travel as a checkpoint file
+    times, losses = _timed_steps(
+        model, opt, images, config["steps"], cfg, spec, device, rank, world, allreduce
+    )
+    with tempfile.TemporaryDirectory() as tmp:  # rank 0's step times and losses travel as a checkpoint file
         if rank == 0:
-            (Path(tmp) / "times.json").write_text(json.dumps(times))
+            (Path(tmp) / "steps.json").write_text(json.dumps({"times": times, "losses": losses}))
         ctx.report({"rank": rank}, checkpoint_dir=tmp if rank == 0 else None)
 
 
@@ -121,7 +144,9 @@ def bench_train(cfg: Config, n_steps: int) -> dict:
         model, spec = build_model(cfg)
         model = model.to(device)
         images = load_images(refs, cfg.finetune.max_side, cfg)
-        base_times = _timed_steps(model, optimiser(model, cfg.finetune), images, steps, cfg, spec, device)
+        base_times, base_losses = _timed_steps(
+            model, optimiser(model, cfg.finetune), images, steps, cfg, spec, device
+        )
         torch.set_num_threads(old_threads)
         del model
 
@@ -144,7 +169,9 @@ def bench_train(cfg: Config, n_steps: int) -> dict:
             )
             wall = time.perf_counter() - t0
             with run.checkpoint_dir() as d:  # rank 0's; every rank waits on each all-reduce
-                ours_times = json.loads((d / "times.json").read_text())
+                ours_steps = json.loads((d / "steps.json").read_text())
+    ours_times = ours_steps["times"]
+    loss_diff = same_steps(ours_steps["losses"], base_losses)
 
     def side(times: list[float], **extra) -> dict:
         steady = float(np.sum(times[1:]))
@@ -169,6 +196,9 @@ def bench_train(cfg: Config, n_steps: int) -> dict:
         "tuples_per_step": per_step,
         "images_per_step": images_per_step,
         "loss": cfg.finetune.loss,
+        # both sides' loss at each step (warm-up first): the same steps, checked by ``same_steps``
+        "losses": {"ours": ours_steps["losses"], "baseline": base_losses},
+        "loss_max_rel_diff": loss_diff,
         "n_images": len(refs),
         "cluster": {"cpus": cpus, "gpus": gpus},
     }
