@@ -167,16 +167,23 @@ def test_decompression_bomb_is_refused_from_the_header():
 
 
 def test_bench_decode_compares_both_paths_on_the_same_files(tmp_path):
-    from embedpipe.flows.benchmarks.decode import bench_decode, large_photos, naive_decode
+    from embedpipe.flows.benchmarks.decode import bench_decode, naive_decode
     from embedpipe.flows.config import load_config
+    from embedpipe.workers.ingest.demo_data import MOSAIC_WIDTH, native_mosaics
 
-    files = large_photos(tmp_path, 3, side=1200)
-    assert all(max(Image.open(f).size) == 1200 for f in files)
+    files = native_mosaics(tmp_path, 3, seed=1)
+    assert [f.read_bytes() for f in files] == [
+        f.read_bytes() for f in native_mosaics(tmp_path / "b", 3, seed=1)
+    ]
+    for f in files:  # real photos at their stored size: at least 1.5 megapixels, nothing upscaled
+        assert Image.open(f).width == MOSAIC_WIDTH and Image.open(f).height * MOSAIC_WIDTH >= 1_500_000
     cfg = load_config(sets=["extract.max_side=256", "extract.descriptors=[gem]"])
     data = files[0].read_bytes()
     assert naive_decode(data, 256).shape == decode_image(data, 256)[0].shape
     result = bench_decode(files, cfg, repeats=1, n_cosine=2)
-    assert result["name"] == "decode" and result["n_images"] == 3
+    assert (
+        result["name"] == "decode" and result["n_images"] == 3 and result["source_megapixels"]["min"] >= 1.5
+    )
     assert result["ratio"] == pytest.approx(result["baseline"]["time_s"] / result["ours"]["time_s"], rel=1e-3)
     assert 0.9 < result["cosine"]["min"] <= result["cosine"]["mean"] <= 1.0 + 1e-6
 

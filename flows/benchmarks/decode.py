@@ -40,27 +40,6 @@ def naive_decode(data: bytes, max_side: int) -> np.ndarray:
         return np.asarray(img)
 
 
-def large_photos(root: Path, n: int, side: int = 3000) -> list[Path]:
-    """JPEGs with a longer side of ``side`` made from the demo dataset's real photos (upscaled, quality
-    92), for a decode benchmark whose outputs are several times smaller than its inputs."""
-    from embedpipe.workers.ingest.demo_data import generate_demo
-
-    info = generate_demo(root / "demo")
-    sources = sorted(info.root.glob("*.jpg"))[:n]
-    out = []
-    for i, src in enumerate(sources):
-        path = root / f"large-{i:04d}.jpg"
-        if not path.exists():
-            with Image.open(src) as img:
-                scale = side / max(img.width, img.height)
-                big = img.convert("RGB").resize(
-                    (round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC
-                )
-                big.save(path, format="JPEG", quality=92)
-        out.append(path)
-    return out
-
-
 def _time_decodes(blobs: list[bytes], fn, max_side: int) -> float:
     start = time.perf_counter()
     for data in blobs:
@@ -88,6 +67,10 @@ def bench_decode(files: list[Path], cfg: Config, repeats: int = 3, n_cosine: int
         a = embedder(decode_image(data, max_side)[0])[name]
         b = embedder(naive_decode(data, max_side))[name]
         cosines.append(float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))))
+    megapixels = []
+    for data in blobs:
+        with Image.open(io.BytesIO(data)) as img:
+            megapixels.append(img.width * img.height / 1e6)
     with Image.open(io.BytesIO(blobs[0])) as img:
         source = img.size
     ours, base = min(ours_s), min(base_s)
@@ -96,6 +79,7 @@ def bench_decode(files: list[Path], cfg: Config, repeats: int = 3, n_cosine: int
         "n_images": len(blobs),
         "max_side": max_side,
         "source_size_first": list(source),
+        "source_megapixels": {"mean": round(float(np.mean(megapixels)), 3), "min": round(min(megapixels), 3)},
         "ours": {
             "time_s": round(ours, 6),
             "images_per_s": round(len(blobs) / ours, 3),
@@ -126,13 +110,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Local image files of --images (default: up to 64 demo photos upscaled to 3000 px)."""
+    """Local image files of --images (default: up to 64 mosaics of bundled real photographs at their stored
+    resolution, 1.5 megapixels or more, never upscaled)."""
     from embedpipe.flows.config import config_from_args
 
     cfg = config_from_args(args)
     if cfg.images is None:
-        root = Path(tempfile.gettempdir()) / "embedpipe-bench-decode"
-        files = large_photos(root, min(args.n, 64))
+        from embedpipe.workers.ingest.demo_data import native_mosaics
+
+        files = native_mosaics(Path(tempfile.gettempdir()) / "embedpipe-bench-decode", min(args.n, 64))
     else:
         from embedpipe.workers.ingest.sources import list_inputs
 

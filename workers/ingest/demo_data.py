@@ -256,3 +256,55 @@ def _generate(
         json.dumps({"key": key, "n_images": len(files), "n_queries": n_queries}, indent=2) + "\n"
     )
     return DemoInfo(root, len(files), n_queries)
+
+
+# colour photographs bundled with the packages, used at the resolution they are stored at
+NATIVE_PHOTOS = (*QUERY_PHOTOS, ("skimage", "motorcycle_right.png"))
+MOSAIC_WIDTH = 2000
+
+
+def native_mosaics(root: Path, n: int, seed: int = 0, min_pixels: int = 1_500_000) -> list[Path]:
+    """``n`` JPEGs (quality 92) of at least ``min_pixels`` pixels for benches that need real photos larger
+    than the bundled ones, none of them upscaled: each is a mosaic ``MOSAIC_WIDTH`` wide of bundled colour
+    photographs at their stored resolution, in rows of seeded random picks (mirrored at random), every
+    photo of a row cropped to the row's lowest height and the last one at the right edge. The same ``seed``
+    gives the same files; existing files are reused."""
+    root.mkdir(parents=True, exist_ok=True)
+    photos = []
+    for package, name in NATIVE_PHOTOS:
+        with Image.open(_photo_path(package, name)) as img:
+            photos.append(img.convert("RGB"))
+    out = []
+    for i in range(n):
+        path = root / f"mosaic-{seed}-{min_pixels}-{i:04d}.jpg"
+        out.append(path)
+        if path.exists():
+            continue
+        rng = np.random.default_rng([seed, i])
+        rows, height = [], 0
+        while MOSAIC_WIDTH * height < min_pixels:
+            row, width = [], 0
+            while width < MOSAIC_WIDTH:
+                photo = photos[int(rng.integers(len(photos)))]
+                if rng.random() < 0.5:
+                    photo = photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                row.append(photo)
+                width += photo.width
+            low = min(p.height for p in row)
+            canvas = Image.new("RGB", (MOSAIC_WIDTH, low))
+            x = 0
+            for photo in row:
+                top = int(rng.integers(photo.height - low + 1))
+                canvas.paste(photo.crop((0, top, min(photo.width, MOSAIC_WIDTH - x), top + low)), (x, 0))
+                x += photo.width
+            rows.append(canvas)
+            height += low
+        mosaic = Image.new("RGB", (MOSAIC_WIDTH, height))
+        y = 0
+        for row in rows:
+            mosaic.paste(row, (0, y))
+            y += row.height
+        tmp = path.with_suffix(".tmp")
+        mosaic.save(tmp, format="JPEG", quality=92)
+        tmp.replace(path)
+    return out
