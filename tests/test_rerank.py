@@ -13,7 +13,7 @@ from embedpipe.workers.evaluate.rerank import (
     pair_similarities,
     weighted_expansion,
 )
-from embedpipe.workers.evaluate.stage import dba_neighbours
+from embedpipe.workers.evaluate.stage import dba_neighbours, provenance
 from embedpipe.workers.index.ann import build_index, search
 
 
@@ -141,3 +141,19 @@ def test_saved_dba_neighbours_give_what_a_full_search_gives(tmp_path):
         saved.write_bytes(damaged)
         _, idx = _graph_run(tmp_path, x[now], keys[now], reuse=True)
         assert (idx == ref_i).all() and (np.load(saved)["ids"] == ref_i).all()
+
+
+def test_provenance_says_where_each_learned_model_was_fitted(tmp_path):
+    cfg = Config()
+    assert provenance(cfg, "gem", "l2", "Flat", 64) == {"fitted_on": None, "models": {}}
+    assert provenance(cfg, "gem", "pcaw64", "Flat", 64)["fitted_on"] == "this collection"
+    assert provenance(cfg, "gem", "l2", "IVF16,PQ8", 64)["models"] == {"index": "this collection"}
+    assert provenance(cfg, "gem", "l2", "HNSW32", 64)["fitted_on"] is None  # a graph, nothing trained
+    assert provenance(cfg, "bow-rootsift", "tfidf", "inverted-file", 500)["models"] == {
+        "codebook": "this collection"
+    }
+    other = Config(fit={"from_run": tmp_path / "learn"}, bow={"codebook_from": tmp_path / "learn"})
+    row = provenance(other, "vlad-rootsift", "pcaw64", "Flat", 1024)
+    assert row["fitted_on"] == str(tmp_path / "learn") and set(row["models"]) == {"codebook", "whitening"}
+    # one model learnt here is enough to make the row transductive
+    assert provenance(other, "vlad-rootsift", "pcaw64", "IVF16,Flat", 1024)["fitted_on"] == "this collection"

@@ -28,7 +28,7 @@ from embedpipe.workers.descriptors.local import STORED_FEATURE, encoding_of, loc
 from embedpipe.workers.evaluate.metrics import compute_map
 from embedpipe.workers.evaluate.protocols import GroundTruth
 from embedpipe.workers.evaluate.rerank import ransac_inliers, verified_order, word_matches
-from embedpipe.workers.evaluate.stage import run_ground_truth
+from embedpipe.workers.evaluate.stage import provenance, run_ground_truth
 
 if TYPE_CHECKING:
     from embedpipe.storage.contracts.config import Config, VerifyConfig
@@ -132,6 +132,7 @@ def evaluate_bow(layout: RunLayout, cfg: Config, descriptor: str) -> tuple[list[
         "dim": k,
         "index": "inverted-file",
         "bytes_per_vector": int(round(ivf.bytes_per_vector())),
+        **provenance(cfg, descriptor, "tfidf", "inverted-file", k),
     }
     if gt is None:
         return [{**base, "rerank": "none", "time_s": round(time.perf_counter() - start, 4)}], 0

@@ -21,6 +21,7 @@ from embedpipe.storage.contracts.layout import RunLayout, write_json_atomic
 from embedpipe.storage.dataset import labels_by_key
 from embedpipe.storage.features import read_features, read_store_manifest
 from embedpipe.storage.index_folder import index_layout
+from embedpipe.workers.descriptors.local import is_classical
 from embedpipe.workers.evaluate.metrics import (
     compute_map,
     few_shot_accuracy,
@@ -42,7 +43,7 @@ from embedpipe.workers.evaluate.rerank import (
     pair_similarities,
 )
 from embedpipe.workers.fit.whitening import apply_whitening, learned_whitening_file, subspace_drift
-from embedpipe.workers.index.ann import build_index, bytes_per_vector, search, set_search_params
+from embedpipe.workers.index.ann import build_index, bytes_per_vector, make_index, search, set_search_params
 from embedpipe.workers.index.build import (
     StoreOrderIndex,
     Transform,
@@ -81,6 +82,30 @@ def query_vectors(layout: RunLayout, cfg: Config, descriptor: str, gt: GroundTru
     if len(vectors) != len(gt.queries):
         raise RunFailed(f"{descriptor}: {len(vectors)} query descriptors for {len(gt.queries)} queries")
     return dict(variants(layout, cfg, descriptor, vectors))
+
+
+THIS_COLLECTION = "this collection"
+
+
+def provenance(cfg: Config, descriptor: str, post: str, factory: str, dim: int) -> dict[str, Any]:
+    """Where a result row's learned models were fitted: ``models`` maps each (``whitening``, ``index``: a
+    trained quantiser such as IVF or PQ, ``codebook``) to ``"this collection"`` or the run or folder it was
+    learnt on (``fit.from_run``, ``bow.codebook_from``); ``fitted_on`` is ``"this collection"`` when any
+    of them was fitted on the evaluated collection (transductive: its queries included), else their
+    sources, and null when the row uses no learned model. The document frequencies of BoW rows are
+    statistics of the indexed database, as in any inverted file, and not counted."""
+    models: dict[str, str] = {}
+    if is_classical(descriptor) and descriptor != "hog":
+        models["codebook"] = str(cfg.bow.codebook_from) if cfg.bow.codebook_from else THIS_COLLECTION
+    if post.startswith(("pcaw", "lw")):
+        models["whitening"] = str(cfg.fit.from_run) if cfg.fit.from_run else THIS_COLLECTION
+    if factory != "inverted-file" and not make_index(factory, dim).is_trained:
+        models["index"] = THIS_COLLECTION
+    sources = sorted(set(models.values()))
+    if not sources:
+        return {"fitted_on": None, "models": models}
+    fitted_on = THIS_COLLECTION if THIS_COLLECTION in sources else ", ".join(sources)
+    return {"fitted_on": fitted_on, "models": models}
 
 
 def whitening_name(descriptor: str) -> str:
@@ -396,6 +421,7 @@ def index_and_evaluate(
             "dim": int(x.shape[1]),
             "index": factory,
             "bytes_per_vector": bytes_per_vector(built),
+            **provenance(cfg, descriptor, post, factory, int(x.shape[1])),
         }
         if gt is None:
             rows.append({**base, "rerank": "none", "time_s": round(time.perf_counter() - start, 4)})

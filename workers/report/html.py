@@ -46,6 +46,7 @@ COLUMNS = [
     ("dim", "dim"),
     ("index", "index"),
     ("bytes_per_vector", "bytes/vector"),
+    ("fitted_on", "models fitted on"),
     ("map", "mAP"),
     ("mp@1", "mP@1"),
     ("mp@5", "mP@5"),
@@ -262,6 +263,19 @@ def _adapted_backbone(config: Any) -> list[str]:
     ]
 
 
+def _transductive_note(results: list[dict[str, Any]]) -> list[str]:
+    """A warning under the results when a row's learned models were fitted on the evaluated collection."""
+    if not any(r.get("fitted_on") == "this collection" for r in results):
+        return []
+    return [
+        "<p class='muted' id='transductive'><b>Models fitted on this collection:</b> rows marked "
+        "'this collection' use a whitening, index quantiser or codebook learnt on the evaluated images, "
+        "queries included (transductive), which flatters them. For figures to compare with the "
+        "literature, learn them on another collection (<code>fit.from_run</code>, "
+        "<code>bow.codebook_from</code>).</p>"
+    ]
+
+
 def build_report(layout: RunLayout, config: Any) -> str:
     """Render ``report/index.html`` from the run directory (metrics.json, ranks, features, manifest)."""
     metrics = json.loads(layout.metrics.read_text())
@@ -292,6 +306,7 @@ def build_report(layout: RunLayout, config: Any) -> str:
         _table([h for _, h in used], [[r.get(k) for k, _ in used] for r in results], best),
         "<p class='muted'>mAP: trapezoidal AP as in revisitop's compute_map; junk (for Holidays the query "
         "itself) removed before counting. mP@k caps k at the rank of the last positive.</p>",
+        *_transductive_note(results),
     ]
     if best is not None:
         parts += _evaluation_sections(layout, config, metrics, results, best)
