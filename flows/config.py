@@ -143,7 +143,7 @@ def config_from_args(args: argparse.Namespace, check_inputs: bool = True) -> Con
     no engine: the inputs list, the rotations file, the backbone, not the fine-tuning collection."""
     from embedpipe.workers.descriptors.backbones import check_backbone
     from embedpipe.workers.ingest.plan import run_listings
-    from embedpipe.workers.ingest.sources import list_inputs, read_rotations
+    from embedpipe.workers.ingest.sources import list_inputs, read_rotations, remote_shard_limits
 
     overrides = {
         "images": getattr(args, "images", None),
@@ -161,7 +161,7 @@ def config_from_args(args: argparse.Namespace, check_inputs: bool = True) -> Con
         sets=args.sets,
     )
     if cfg.images is not None and check_inputs:
-        with run_listings(cfg.out):
+        with run_listings(cfg.out), remote_shard_limits(cfg.ingest.timeout_s, cfg.ingest.retries):
             list_inputs(cfg.images)  # fail fast, before any engine starts
     if cfg.ingest.rotations:
         read_rotations(cfg.ingest.rotations)

@@ -1,15 +1,21 @@
 """A real HTTP server on 127.0.0.1 serving a folder, with misbehaving paths for error tests.
 
-``/hostile/<kind>/<name>`` answers as a hostile server does (``HOSTILE``: what each kind does); the
-others serve the folder (``/slow/``, ``/flaky/`` and ``/norange/`` prefixes: delayed, 503, no ranges)."""
+``/hostile/<kind>/<name>`` answers as a hostile server does (``HOSTILE``: what each kind does);
+``/hostile-tar/<kind>/<name>.tar`` serves the tar ``<name>.tar`` of the folder with range requests but
+answers as ``kind`` does to every request when the name starts with ``hostile``, and otherwise to the range
+requests that start inside the data of an image member whose name starts with ``hostile`` (a member's read:
+the listing's reads start at headers). The others serve the folder (``/slow/``, ``/flaky/`` and ``/norange/``
+prefixes: delayed, 503, no ranges)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import socket
 import struct
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +30,9 @@ class _Handler(SimpleHTTPRequestHandler):
         type(self).hits[self.path] = type(self).hits.get(self.path, 0) + 1
         if self.path.startswith("/hostile/"):
             self._hostile(self.path.split("/")[2])
+            return
+        if self.path.startswith("/hostile-tar/"):
+            self._hostile_tar(self.path.split("/")[2])
             return
         if self.path.startswith("/slow/"):
             time.sleep(3.0)
@@ -47,17 +56,23 @@ class _Handler(SimpleHTTPRequestHandler):
             self.send_header(key.replace("_", "-"), value)
         self.end_headers()
 
-    def _hostile(self, kind: str) -> None:
-        """Answer as the hostile server ``kind`` of ``HOSTILE`` does."""
+    def _hostile(self, kind: str, part: tuple[int, int, int] | None = None) -> None:
+        """Answer as the hostile server ``kind`` of ``HOSTILE`` does; ``part``: (first, last, size) of a
+        range request, answered with a 206 by the kinds that send a body they mean as the file's."""
+        status, extra = 200, {}
+        if part is not None:
+            status, extra = 206, {"Content_Range": f"bytes {part[0]}-{part[1]}/{part[2]}"}
         if kind == "reset":  # half the announced body, then a TCP reset
-            self._headers(200, 20_000)
-            self.wfile.write(b"\xff\xd8" + b"x" * 9_998)
+            n = 20_000 if part is None else part[1] - part[0] + 1
+            self._headers(status, n, **extra)
+            self.wfile.write((b"\xff\xd8" + b"x" * n)[: n // 2])
             self.wfile.flush()
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.connection.close()
         elif kind == "truncated":  # fewer bytes than Content-Length, then a clean close
-            self._headers(200, 20_000)
-            self.wfile.write(b"\xff\xd8" + b"x" * 998)
+            n = 20_000 if part is None else part[1] - part[0] + 1
+            self._headers(status, n, **extra)
+            self.wfile.write((b"\xff\xd8" + b"x" * 998)[: n // 2])
             self.close_connection = True
         elif kind == "html":  # 200 with an error page
             page = b"<html><body>Sorry, this image is not available</body></html>"
@@ -65,10 +80,11 @@ class _Handler(SimpleHTTPRequestHandler):
             self.wfile.write(page)
         elif kind in ("busy", "ratelimit"):  # 503 / 429 forever, asking for a 1 s pause
             self._headers(503 if kind == "busy" else 429, 0, Retry_After="1")
-        elif kind == "tarpit":  # announces 10 MB, then drips one byte every 0.1 s
-            self._headers(200, 10_000_000)
+        elif kind == "tarpit":  # announces 10 MB (a range: its length), then drips one byte every 0.1 s
+            n = 10_000_000 if part is None else part[1] - part[0] + 1
+            self._headers(status, n, **extra)
             with contextlib.suppress(OSError):
-                for _ in range(10_000):
+                for _ in range(min(n, 10_000)):
                     self.wfile.write(b"x")
                     self.wfile.flush()
                     time.sleep(0.1)
@@ -79,14 +95,41 @@ class _Handler(SimpleHTTPRequestHandler):
             self.end_headers()
         elif kind == "stall":  # no answer at all
             time.sleep(30)
-        elif kind == "empty":  # 200 and no body
-            self._headers(200, 0)
+        elif kind == "empty":  # 200 (a range: 206) and no body
+            self._headers(status, 0, **extra)
         elif kind == "huge":  # announces 10 GB
-            self._headers(200, 10_000_000_000)
+            self._headers(status, 10_000_000_000, **extra)
             with contextlib.suppress(OSError):
                 self.wfile.write(b"\xff\xd8" + b"x" * 1000)
-        else:
+        elif kind == "notfound":
             self.send_error(404)
+        else:
+            raise ValueError(f"no hostile kind {kind!r}")
+
+    def _hostile_tar(self, kind: str) -> None:
+        """``/hostile-tar/<kind>/<name>.tar`` (see the module doc; a hostile member is an image member,
+        ``.jpg``, whose name starts with ``hostile``)."""
+        name = self.path.split("/", 3)[3]
+        path = Path(self.translate_path("/" + name))
+        asked = self.headers.get("Range", "")
+        if not asked.startswith("bytes=") or not path.is_file():
+            self._hostile(kind)
+            return
+        first, _, last = asked[len("bytes=") :].partition("-")
+        start, size = int(first), path.stat().st_size
+        end = min(int(last) if last else size - 1, size - 1)
+        if not name.startswith("hostile"):
+            with tarfile.open(path) as tar:
+                members = [
+                    m
+                    for m in tar.getmembers()
+                    if m.name.rpartition("/")[2].startswith("hostile") and m.name.endswith(".jpg")
+                ]
+            if not any(m.offset_data <= start < m.offset_data + m.size for m in members):
+                self.path = "/" + name
+                self._partial(start, end)
+                return
+        self._hostile(kind, (start, end, size))
 
     def _partial(self, start: int, end: int | None) -> None:
         """Range requests: ``bytes=N-`` (what resuming downloaders send) and ``bytes=N-M``."""
@@ -124,7 +167,18 @@ HOSTILE = {
     "stall": "no answer",
     "empty": "200 with an empty body (read, then an empty file)",
     "huge": "10 GB announced",
+    "notfound": "404",
 }
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar of ``members`` ((name, bytes) each, in order) at ``path``, for the ``/hostile-tar/`` paths."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 0
+            tar.addfile(info, io.BytesIO(data))
+    return path
 
 
 class _Server(ThreadingHTTPServer):

@@ -1,8 +1,10 @@
 import io
 import json
 import os
+import re
 import tarfile
 import time
+from concurrent.futures import wait
 from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
@@ -26,10 +28,12 @@ from embedpipe.workers.ingest.sources import (
     list_inputs,
     listing_once,
     read_input,
+    read_inputs,
+    remote_shard_limits,
     sample_key,
 )
 from tests.helpers import write_webdataset
-from tests.http_fixture import serve
+from tests.http_fixture import HOSTILE, serve, write_tar
 
 
 def test_brace_expansion():
@@ -187,10 +191,14 @@ def test_webdataset_shards_over_http_are_read_in_place(tmp_path, small_holidays)
         # listing jumps over image data: a few range requests per shard, no whole-shard GET
         assert all(hits.get(f"/{s.name}", 0) == hits.get(f"ranges:/{s.name}") for s in shards)
         assert sum(hits[f"ranges:/{s.name}"] for s in shards) <= 3 * len(files) + 2 * len(shards)
-        with pytest.raises(InputError, match="does not honour HTTP range requests"):
-            list_inputs(f"{base}/norange/{shards[0].name}")
-        with pytest.raises(InputError, match="HTTP 404"):
-            list_inputs(f"{base}/missing.tar")
+        # a shard that cannot be read in place is a problem of that shard, not of the run
+        norange, missing = f"{base}/norange/{shards[0].name}", f"{base}/missing.tar"
+        mixed = list_inputs(f"{base}/{{norange/{shards[0].name},{shards[1].name},missing.tar}}")
+        assert [r.key for r in mixed.refs] == [r.key for r in remote.refs if f"/{shards[1].name}/" in r.key]
+        (n1, why1), (n2, why2) = mixed.problems
+        assert (n1, n2) == (norange, missing)
+        assert why1.startswith("unreadable tar shard: the server does not honour HTTP range requests")
+        assert why2 == "unreadable tar shard: HTTP 404 Not Found"
 
 
 def test_read_errors_are_one_line(tmp_path):
@@ -304,3 +312,108 @@ def test_hostile_bodies_that_arrive_are_returned_for_decoding():
     with serve(Path("/nonexistent")) as (base, _):
         assert read_input(f"{base}/hostile/html/a.jpg", timeout=1.0, retries=0).startswith(b"<html>")
         assert read_input(f"{base}/hostile/empty/a.jpg", timeout=1.0, retries=0) == b""
+
+
+def test_a_hostile_url_holds_only_its_own_read(tmp_path, small_holidays):
+    """The remote reads of a batch are in flight at once: the good rows' bytes are all in long before the
+    hostile rows' deadline, the batch costs about one deadline (not one per hostile row), and decoding
+    gives the same rows, in the same order, with the same errors, as reading one after the other did."""
+    from embedpipe.flows.config import load_config
+    from embedpipe.workers.engines.ray_stages import _columns, decode_batch, input_items
+
+    photos = sorted(small_holidays.glob("*.jpg"))[:5]
+    for p in photos:
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    with serve(tmp_path) as (base, _):
+        good = [f"{base}/{p.name}" for p in photos]
+        hostile = [f"{base}/hostile/{kind}/{kind}.jpg" for kind in ("stall", "tarpit", "stall")]
+        urls = [hostile[0], *good[:2], hostile[1], *good[2:], hostile[2]]
+        rows = [(u, -1, -1) for u in urls] + [(str(photos[0]), -1, -1)]  # a local file: read in turn
+        start = time.monotonic()
+        reads = read_inputs(rows, timeout=1.5, retries=0, threads=16)
+        done, _ = wait([reads[urls.index(u)] for u in good], timeout=1.0)
+        assert len(done) == len(good) and time.monotonic() - start < 1.0
+        assert not any(reads[urls.index(u)].done() for u in hostile)
+        assert [r.result() for r in reads[1:3]] == [p.read_bytes() for p in photos[:2]]
+        with pytest.raises(DecodeError, match="timed out after 1.5 s"):
+            reads[0].result()
+        assert reads[-1].result() == photos[0].read_bytes()
+        assert time.monotonic() - start < 1.5 + 1.0
+
+        cfg = load_config(preset="default", sets=["ingest.timeout_s=1.5", "ingest.retries=0"])
+        start = time.monotonic()
+        out = decode_batch(_columns(input_items(urls)), 64, cfg.ingest)
+        took = time.monotonic() - start
+    assert took < 1.5 + 1.0, took  # one after the other: three deadlines
+    assert list(out["path"]) == urls
+    assert [bool(e) for e in out["error"]] == [u in hostile for u in urls]
+    assert all("timed out after 1.5 s" in e for e in out["error"] if e)
+
+
+HOSTILE_SHARDS = {  # what listing a shard served wholly by each kind of hostile server reports
+    "reset": r"unreadable tar shard: (RemoteProtocolError|ReadError): .* \(2 tries\)$",
+    "truncated": r"unreadable tar shard: RemoteProtocolError: .* \(2 tries\)$",
+    "html": r"unreadable tar shard: the server does not honour HTTP range requests",
+    "busy": r"unreadable tar shard: HTTP 503 .*\(2 tries\)$",
+    "ratelimit": r"unreadable tar shard: HTTP 429 .*\(2 tries\)$",
+    "tarpit": r"unreadable tar shard: timed out after 0.5 s \(2 tries\)$",
+    "loop": r"unreadable tar shard: too many redirects$",
+    "stall": r"unreadable tar shard: timed out after 0.5 s \(2 tries\)$",
+    "empty": r"unreadable tar shard: no bytes in the answer to a range request at byte 0$",
+    "huge": r"unreadable tar shard: body larger than the range asked for \(\d+ bytes\): announces 10{10}",
+    "notfound": r"unreadable tar shard: HTTP 404 Not Found$",
+}
+HOSTILE_MEMBERS = {  # what reading an image member whose range requests meet each kind reports
+    "reset": r"unreadable URL: (RemoteProtocolError|ReadError): .* \(2 tries\)$",
+    "truncated": r"unreadable URL: RemoteProtocolError: .* \(2 tries\)$",
+    "html": r"container truncated",
+    "busy": r"unreadable URL: HTTP 503 .*\(2 tries\)$",
+    "ratelimit": r"unreadable URL: HTTP 429 .*\(2 tries\)$",
+    "tarpit": r"unreadable URL: timed out after 0.5 s \(2 tries\)$",
+    "loop": r"unreadable URL: too many redirects$",
+    "stall": r"unreadable URL: timed out after 0.5 s \(2 tries\)$",
+    "empty": r"container truncated",
+    "huge": r"unreadable URL: body larger than ingest.max_bytes",
+    "notfound": r"unreadable URL: HTTP 404 Not Found$",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_SHARDS))
+def test_hostile_tar_shards_and_members_cost_a_bounded_time(tmp_path, small_holidays, kind):
+    """A remote shard whose server misbehaves is a listing problem with a one-line reason, found within
+    (retries + 1) x timeout plus back-off (the header reads have a total deadline and a cap too), beside
+    the good shards listed in full; a shard whose headers come fine but whose image member's range
+    requests meet a hostile server lists every sample, and only that member's read fails."""
+    assert set(HOSTILE_SHARDS) == set(HOSTILE) == set(HOSTILE_MEMBERS)
+    photos = sorted(small_holidays.glob("*.jpg"))[:3]
+    members = [(p.name, p.read_bytes()) for p in photos]
+    write_tar(tmp_path / "good.tar", members)
+    write_tar(tmp_path / "hostile.tar", members)
+    write_tar(
+        tmp_path / "mixed.tar",
+        [members[0], ("hostile.jpg", members[1][1]), ("hostile.cls", b"1"), members[2]],
+    )
+    with serve(tmp_path) as (base, _), remote_shard_limits(0.5, 1):
+        start = time.perf_counter()
+        listing = list_inputs(
+            f"{base}/{{good.tar,hostile-tar/{kind}/hostile.tar,hostile-tar/{kind}/mixed.tar}}"
+        )
+        took = time.perf_counter() - start
+        assert took < 2 * 0.5 + 1.0 + 1.0, took
+        ((shard, reason),) = listing.problems
+        assert shard == f"{base}/hostile-tar/{kind}/hostile.tar"
+        assert re.search(HOSTILE_SHARDS[kind], reason) and "\n" not in reason, reason
+        mixed = f"{base}/hostile-tar/{kind}/mixed.tar"
+        assert [r.key for r in listing.refs] == [f"{base}/good.tar/{p.name}" for p in photos] + [
+            f"{mixed}/{name}" for name in (photos[0].name, "hostile.jpg", photos[2].name)
+        ]
+        assert listing.refs[4].label == "1"
+        start = time.perf_counter()
+        reads = read_inputs([(r.uri, r.offset, r.length) for r in listing.refs], 0.5, 1, 1 << 20)
+        for ref, read in zip(listing.refs, reads, strict=True):
+            if ref.key.endswith("/hostile.jpg"):
+                with pytest.raises(DecodeError, match=HOSTILE_MEMBERS[kind]):
+                    read.result()
+            else:
+                assert read.result() == dict(members)[ref.key.rpartition("/")[2]]
+        assert time.perf_counter() - start < 2 * 0.5 + 1.0 + 1.0

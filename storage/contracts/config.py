@@ -13,6 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# (section, key) of settings that change how much runs at once, never what a stage writes: left out of
+# the stages' fingerprints (``Config.fingerprint``)
+NOT_IN_OUTPUT = (("ingest", "read_threads"),)
+
 Descriptor = Literal[
     "gem",
     "spoc",
@@ -124,6 +128,13 @@ class IngestConfig(_Frozen):
         64 << 20,
         ge=1,
         description="largest remote body read, whatever Content-Length says; a larger one is quarantined",
+    )
+    read_threads: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="remote reads of one batch in flight at once; a slow or hostile URL holds only its own "
+        "read",
     )
     exif_orientation: bool = Field(
         True,
@@ -378,7 +389,10 @@ class Config(_Frozen):
         return str(v) if isinstance(v, Path) else v
 
     def fingerprint(self, *sections: str) -> str:
-        """Hash of the named sections (all when none): what a stage's output depends on."""
+        """Hash of the named sections (all when none): what a stage's output depends on. Keys of
+        ``NOT_IN_OUTPUT`` (how much runs at once) are left out: changing them never redoes a stage."""
         data = self.model_dump(mode="json")
+        for section, key in NOT_IN_OUTPUT:
+            data.get(section, {}).pop(key, None)
         picked = {k: data[k] for k in (sections or data.keys())}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,7 @@ from embedpipe.storage.contracts.errors import DecodeError, RunFailed
 from embedpipe.storage.inputs import InputRef
 from embedpipe.workers.descriptors.local import HOG_DIM, extract_local, grayscale, hog_descriptor
 from embedpipe.workers.ingest.decode import content_id, decode_image, decode_query_crop
-from embedpipe.workers.ingest.sources import read_input, read_rotations, rotation_of
+from embedpipe.workers.ingest.sources import PendingRead, read_inputs, read_rotations, rotation_of
 
 if TYPE_CHECKING:
     from embedpipe.storage.contracts.config import Config, ExtractConfig, IngestConfig, LocalConfig, RayConfig
@@ -199,16 +200,16 @@ def node_resources() -> list[tuple[float, float]]:
     return [(n["cpus"], n["gpus"]) for n in cluster_nodes() if n["alive"] and n["cpus"] > 0]
 
 
-def read_row(batch: dict[str, np.ndarray], i: int, ingest: IngestConfig) -> bytes:
-    """The bytes of row ``i`` of a batch of ``input_items`` (raises ``DecodeError``)."""
-    return read_input(
-        str(batch["uri"][i]),
-        int(batch["offset"][i]),
-        int(batch["length"][i]),
-        timeout=ingest.timeout_s,
-        retries=ingest.retries,
-        max_bytes=ingest.max_bytes,
-    )
+def read_rows(batch: dict[str, np.ndarray], ingest: IngestConfig) -> list[Future | PendingRead]:
+    """The reads of the rows of a batch of ``input_items``, in row order: each ``result()`` is the row's
+    bytes or raises ``DecodeError``. The remote reads are all started at once on ``ingest.read_threads``
+    threads (a slow or hostile URL holds only its own read); local files are read in turn, when their
+    ``result()`` is asked for (``read_inputs``)."""
+    rows = [
+        (str(uri), int(offset), int(length))
+        for uri, offset, length in zip(batch["uri"], batch["offset"], batch["length"], strict=True)
+    ]
+    return read_inputs(rows, ingest.timeout_s, ingest.retries, ingest.max_bytes, ingest.read_threads)
 
 
 def row_rotation(batch: dict[str, np.ndarray], i: int) -> int:
@@ -217,14 +218,16 @@ def row_rotation(batch: dict[str, np.ndarray], i: int) -> int:
 
 
 def decode_batch(batch: dict[str, np.ndarray], max_side: int, ingest: IngestConfig) -> dict[str, np.ndarray]:
-    """Read, hash and decode each input. Bad inputs keep their row with ``error`` set, never raise."""
+    """Read, hash and decode each input (the remote reads of the batch at once, see ``read_rows``; decoded
+    in row order). Bad inputs keep their row with ``error`` set, never raise."""
     n = len(batch["path"])
     ids, errors, pixels = [""] * n, [""] * n, [b""] * n
     h, w, width, height = (np.zeros(n, np.int32) for _ in range(4))
     sizes = np.full(n, -1, np.int64)
+    reads = read_rows(batch, ingest)
     for i in range(n):
         try:
-            data = read_row(batch, i, ingest)
+            data = reads[i].result()
             sizes[i] = len(data)
             ids[i] = content_id(data)
             exif = ingest.exif_orientation

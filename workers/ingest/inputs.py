@@ -17,7 +17,7 @@ from embedpipe.storage.contracts.errors import InputError
 from embedpipe.storage.dataset import ShardPlan, plan_listing
 from embedpipe.storage.inputs import InputRef, Listing
 from embedpipe.workers.evaluate.protocols import BENCHMARK_PROTOCOLS, BenchmarkLayout, benchmark_layout
-from embedpipe.workers.ingest.sources import list_inputs
+from embedpipe.workers.ingest.sources import list_inputs, remote_shard_limits
 
 if TYPE_CHECKING:
     from embedpipe.storage.contracts.config import Config
@@ -58,7 +58,13 @@ def _digest(path: Path) -> str:
 
 
 def run_inputs(cfg: Config, previous: dict[str, int] | None = None) -> RunInputs:
-    """The run's inputs for ``cfg`` (``previous``: key -> shard of an earlier plan of the same run)."""
+    """The run's inputs for ``cfg`` (``previous``: key -> shard of an earlier plan of the same run); remote
+    tar shards are listed with the reads' limits (``ingest.timeout_s``, ``ingest.retries``)."""
+    with remote_shard_limits(cfg.ingest.timeout_s, cfg.ingest.retries):
+        return _run_inputs(cfg, previous)
+
+
+def _run_inputs(cfg: Config, previous: dict[str, int] | None) -> RunInputs:
     if cfg.images is None:
         raise InputError("no images given (--images PATH or 'images:' in the config)")
     shard_size = cfg.extract.shard_size

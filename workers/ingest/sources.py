@@ -15,8 +15,10 @@ Accepted, alone or as a brace pattern (``data-{00000..00031}.tar``) or a glob (`
   range requests), and any other scheme whose
   fsspec implementation is installed (``s3://``, ``gs://``, ...) a file, folder or glob.
 
-Listing never reads images; reading happens on the workers through ``read_input`` with timeouts and
-bounded retries for remote sources. Nothing downstream knows which form an input came from.
+Listing never reads images; reading happens on the workers through ``read_input`` (``read_inputs`` for
+a batch: its remote reads at once on threads) with timeouts and bounded retries for remote sources. A
+remote tar shard that cannot be listed (unreachable, hostile, no ``Range`` support) is an unusable entry of
+the listing, not an error: the other inputs go on. Nothing downstream knows which form an input came from.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ import json
 import os
 import re
 import tarfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -87,6 +91,21 @@ def _stamp(path: Path | os.DirEntry) -> str:
 
 _shared_listings: dict[str, Listing] | None = None
 _known_tars: Callable[[], KnownTars] = dict
+_shard_limits: tuple[float, int] = (30.0, 2)  # (timeout, retries) of the reads listing a remote tar shard
+
+
+@contextlib.contextmanager
+def remote_shard_limits(timeout: float, retries: int) -> Iterator[None]:
+    """Inside this scope each read listing a remote tar shard (a range request for its headers) has
+    ``timeout`` seconds a try in all and ``retries`` retries, as ``ingest.timeout_s`` and ``ingest.retries``
+    give image reads; outside, 30 s and 2 retries."""
+    global _shard_limits
+    outer = _shard_limits
+    _shard_limits = (timeout, retries)
+    try:
+        yield
+    finally:
+        _shard_limits = outer
 
 
 @contextlib.contextmanager
@@ -146,7 +165,7 @@ def _list_one(spec: str) -> Listing:
             data = fetch_bytes(spec, timeout=30.0, retries=2, max_bytes=None)  # a list: no image's cap
             return _list_rows(spec, data, base=spec.rsplit("/", 1)[0])
         if _suffix(spec) == ".tar":
-            return list_http_tar(spec)
+            return list_http_tar(spec, *_shard_limits)
         return Listing([InputRef(spec, spec)])
     if scheme:
         return _list_fsspec(spec)
@@ -240,15 +259,17 @@ def list_tar(path: Path) -> Listing:
 def list_http_tar(url: str, timeout: float = 30.0, retries: int = 2) -> Listing:
     """The samples of a tar shard served over http(s), listed in place: tar headers are walked with
     range requests (jumping over image data, so about one request per sample), and workers later read each
-    image member with a range request of its own. The server must honour ``Range`` headers."""
+    image member with a range request of its own. The server must honour ``Range`` headers. Each read has
+    ``timeout`` seconds a try in all and ``retries`` retries; a shard that cannot be listed (unreachable,
+    hostile, no ``Range``, not a tar) is the listing's problem, with its one-line reason."""
     import httpx
 
     with httpx.Client(timeout=timeout, follow_redirects=True) as client:
-        remote = HttpRangeFile(url, client, retries, timeout)
         try:
+            remote = HttpRangeFile(url, client, retries, timeout)
             with tarfile.open(fileobj=io.BufferedReader(remote, buffer_size=1 << 16), mode="r:") as tar:
                 groups, extras = _tar_samples(tar)
-        except tarfile.TarError as err:
+        except (tarfile.TarError, InputError) as err:
             return Listing(problems=[(url, f"unreadable tar shard: {err}")])
     return _tar_listing(url, groups, extras, remote.stamp)
 
@@ -294,7 +315,11 @@ def _tar_listing(
 class HttpRangeFile(io.RawIOBase):
     """A seekable, read-only view of a remote file through HTTP range requests. Wrapped in an
     ``io.BufferedReader``, each read fetches one buffer's worth, so small reads near each other (tar
-    headers and the metadata members after them) cost one request, and seeks past data cost nothing."""
+    headers and the metadata members after them) cost one request, and seeks past data cost nothing.
+    Each request has ``timeout`` seconds a try in all and a body cap of the range asked for (plus
+    ``RANGE_SLACK``); a failed one raises ``InputError`` with one line (without the URL)."""
+
+    RANGE_SLACK = 1 << 16
 
     def __init__(self, url: str, client, retries: int = 2, timeout: float = 30.0):  # client: httpx.Client
         super().__init__()
@@ -303,17 +328,24 @@ class HttpRangeFile(io.RawIOBase):
         total = first.headers.get("content-range", "").rpartition("/")[2]
         if first.status_code != 206 or not total.isdigit():
             raise InputError(
-                f"{url}: the server does not honour HTTP range requests, needed to read a tar shard in "
+                "the server does not honour HTTP range requests, needed to read a tar shard in "
                 "place (download the shard, or serve it from a server that supports Range)"
             )
         self.size = int(total)
         version = first.headers.get("etag") or first.headers.get("last-modified") or ""
         self.stamp = f"{self.size}:{version}"
 
-    def _get(self, start: int, end: int):
-        """Bytes ``start..end`` (inclusive), retried like ``fetch_bytes``."""
+    def _get(self, start: int, end: int) -> Fetched:
+        """Bytes ``start..end`` (inclusive), retried like ``fetch_bytes``; a 200 (the server ignored the
+        range) comes back without its body."""
         headers = {"Range": f"bytes={start}-{end}"}
-        return _http_get(self.client, self.url, self.retries, headers, InputError, self.timeout, None)
+        cap = end - start + 1 + self.RANGE_SLACK
+        try:
+            return _http_get(
+                self.client, self.url, self.retries, headers, DecodeError, self.timeout, cap, whole_ok=False
+            )
+        except DecodeError as err:
+            raise InputError(str(err).removeprefix("unreadable URL: ")) from None
 
     def readable(self) -> bool:
         return True
@@ -333,7 +365,12 @@ class HttpRangeFile(io.RawIOBase):
         n = min(len(buffer), self.size - self.pos)
         if n <= 0:
             return 0
-        data = self._get(self.pos, self.pos + n - 1).content[:n]
+        answer = self._get(self.pos, self.pos + n - 1)
+        if answer.status_code != 206:
+            raise InputError(f"the server stopped honouring HTTP range requests (at byte {self.pos})")
+        data = answer.content[:n]
+        if not data:  # not an end of file: tarfile would take it for one and stop listing early
+            raise InputError(f"no bytes in the answer to a range request at byte {self.pos}")
         buffer[: len(data)] = data
         self.pos += len(data)
         return len(data)
@@ -419,11 +456,12 @@ def _entry(entry: str, base: str, label: str | None) -> Listing:
     scheme = _scheme(entry)
     if scheme == "file":
         entry, scheme = entry[len("file://") :], ""
+    if not scheme and _scheme(base):  # a relative entry of a remote list
+        entry, scheme = urljoin(base + "/", entry), _scheme(base)
+    if scheme in ("http", "https") and _suffix(entry) == ".tar":  # a shard, listed like a local one
+        return list_http_tar(entry, *_shard_limits)
     if scheme:
         return Listing([InputRef(entry, entry, label=label)])
-    if _scheme(base):  # a relative entry of a remote list
-        url = urljoin(base + "/", entry)
-        return Listing([InputRef(url, url, label=label)])
     path = Path(entry) if Path(entry).is_absolute() else Path(base) / entry
     if path.suffix.lower() == ".tar" and path.is_file():
         return list_tar(path)
@@ -532,7 +570,51 @@ def read_input(
         raise DecodeError(f"cannot read file: {err.strerror or err}") from None
 
 
+class PendingRead:
+    """A local input's read, done on the caller's thread when its ``result()`` is asked for (as a remote
+    read's ``Future`` from ``read_inputs``)."""
+
+    def __init__(self, uri: str, offset: int, length: int):
+        self.uri, self.offset, self.length = uri, offset, length
+
+    def result(self) -> bytes:
+        return read_input(self.uri, self.offset, self.length)
+
+
+def read_inputs(
+    rows: Sequence[tuple[str, int, int]],
+    timeout: float = 30.0,
+    retries: int = 2,
+    max_bytes: int = MAX_BYTES,
+    threads: int = 16,
+) -> list[Future | PendingRead]:
+    """The reads of a batch of inputs ((uri, offset, length) each, as ``read_input`` takes them), in row
+    order: each ``result()`` is the input's bytes or raises ``DecodeError``. The remote reads (http(s),
+    fsspec) are all started at once on this process's ``threads`` reader threads, so a slow or hostile URL
+    holds only its own read; the local ones are read in turn when their ``result()`` is asked for."""
+    readers = None
+    out: list[Future | PendingRead] = []
+    for uri, offset, length in rows:
+        if _scheme(uri) in ("", "file"):
+            out.append(PendingRead(uri, offset, length))
+            continue
+        readers = readers or _readers(threads)
+        out.append(readers.submit(read_input, uri, offset, length, timeout, retries, max_bytes))
+    return out
+
+
+_LOCK = threading.Lock()  # creating the per-process client and reader threads
 _HTTP_CLIENTS: dict[int, Any] = {}  # process id -> httpx.Client
+_READERS: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (process id, threads) -> reader threads
+
+
+def _readers(threads: int) -> ThreadPoolExecutor:
+    """This process's reader threads (created on first use; Ray reuses worker processes)."""
+    key = (os.getpid(), threads)
+    with _LOCK:
+        if key not in _READERS:
+            _READERS[key] = ThreadPoolExecutor(threads, thread_name_prefix="embedpipe-read")
+        return _READERS[key]
 
 
 def _http_client() -> Any:
@@ -540,11 +622,12 @@ def _http_client() -> Any:
     import httpx
 
     pid = os.getpid()
-    if pid not in _HTTP_CLIENTS:
-        _HTTP_CLIENTS[pid] = httpx.Client(
-            follow_redirects=True, limits=httpx.Limits(max_connections=64, max_keepalive_connections=32)
-        )
-    return _HTTP_CLIENTS[pid]
+    with _LOCK:
+        if pid not in _HTTP_CLIENTS:
+            _HTTP_CLIENTS[pid] = httpx.Client(
+                follow_redirects=True, limits=httpx.Limits(max_connections=64, max_keepalive_connections=32)
+            )
+        return _HTTP_CLIENTS[pid]
 
 
 RETRY_AFTER_MAX = 60.0  # a server's Retry-After is honoured up to this many seconds
@@ -573,9 +656,9 @@ def fetch_bytes(
 ) -> bytes:
     """GET ``url`` (``byte_range``: (offset, length) of it, by a range request); retried on timeouts,
     connection errors and 5xx/429, not on other 4xx. Each try has ``timeout`` seconds for the whole
-    request (connection, headers and body) and a body cap of ``max_bytes``; with None (a listing's reads:
-    list files, tar headers) no cap and ``timeout`` per operation. Connections are kept open and reused by
-    later reads of the same process (and its threads)."""
+    request (connection, headers and body) and a body cap of ``max_bytes``; with None (the list files that
+    listing fetches, which may be large) no cap and ``timeout`` per operation. Connections are kept open
+    and reused by later reads of the same process (and its threads)."""
     headers = {}
     if byte_range is not None:
         headers["Range"] = f"bytes={byte_range[0]}-{byte_range[0] + byte_range[1] - 1}"
@@ -626,11 +709,13 @@ def _http_get(
     error: type[Exception],
     timeout: float,
     max_bytes: int | None = MAX_BYTES,
+    whole_ok: bool = True,
 ) -> Fetched:
     """One GET with ``client`` (an ``httpx.Client``): the 200/206 response with its body, or ``error``
     with one line. A try costs at most ``timeout`` seconds (with ``max_bytes`` None: ``timeout`` per
     operation, no cap); the waits between tries back off (a 429/503's ``Retry-After`` is honoured, up to
-    ``RETRY_AFTER_MAX``)."""
+    ``RETRY_AFTER_MAX``). ``whole_ok`` False (a range request that needs a 206): a 200 comes back at once,
+    without its body."""
     import httpx
 
     last, wait, tried = "", 0.0, 0
@@ -642,6 +727,8 @@ def _http_get(
         deadline = time.monotonic() + timeout if max_bytes is not None else None
         try:
             with client.stream("GET", url, headers=headers, timeout=timeout) as response:
+                if response.status_code == 200 and not whole_ok:
+                    return Fetched(200, response.headers, b"")
                 if response.status_code in (200, 206):
                     body = _read_body(response, deadline, max_bytes)
                     return Fetched(response.status_code, response.headers, body)
@@ -650,7 +737,8 @@ def _http_get(
                 if status in (429, 503):
                     wait = min(RETRY_AFTER_MAX, _retry_after(response) or 0.0)
         except _TooLarge as err:
-            last = f"body larger than ingest.max_bytes ({max_bytes} bytes): {err}"
+            cap = "ingest.max_bytes" if whole_ok else "the range asked for"
+            last = f"body larger than {cap} ({max_bytes} bytes): {err}"
             break
         except httpx.TooManyRedirects:
             last = "too many redirects"

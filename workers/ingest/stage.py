@@ -13,8 +13,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,12 +29,12 @@ from embedpipe.workers.engines.ray_stages import (
     input_items,
     input_result,
     ray_session,
-    read_row,
+    read_rows,
     row_rotation,
 )
 from embedpipe.workers.ingest.decode import content_id, decode_pil
 from embedpipe.workers.ingest.plan import plan_shards
-from embedpipe.workers.ingest.sources import read_rotations, rotation_of
+from embedpipe.workers.ingest.sources import read_rotations, remote_shard_limits, rotation_of
 from embedpipe.workers.progress import Progress
 
 if TYPE_CHECKING:
@@ -45,8 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("embedpipe.ingest")
 SHARDS_FILE = "_shards.json"
 JPEG_QUALITY = 95
-READ_THREADS = 16  # concurrent reads per ingest task (inputs per batch: at least this many)
-_READERS: dict[int, ThreadPoolExecutor] = {}  # process id -> reader threads
 
 
 @dataclass(frozen=True)
@@ -60,25 +56,18 @@ class IngestResult:
     summary: str
 
 
-def _readers() -> ThreadPoolExecutor:
-    """This process's reader threads (created on first use; Ray reuses worker processes)."""
-    pid = os.getpid()
-    if pid not in _READERS:
-        _READERS[pid] = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="ingest-read")
-    return _READERS[pid]
-
-
 def ingest_batch(batch: dict[str, np.ndarray], max_side: int, ingest: IngestConfig) -> dict[str, np.ndarray]:
     """Read, hash, check and (when larger than ``max_side``, or turned by ``ingest.rotations`` or with
     ``ingest.exif_orientation`` off) re-encode each input to a JPEG; other inputs keep their original
     bytes. Bad inputs keep their row with ``error`` set.
 
-    Every read of the batch is started at once on reader threads (network and disk waits overlap each
-    other and the decoding); the rows are then decoded in order as their bytes arrive."""
+    The remote reads of the batch are all started at once on reader threads (``read_rows``: network waits
+    overlap each other and the decoding, and a hostile URL holds only its own row); the rows are then
+    decoded in order as their bytes arrive."""
     n = len(batch["path"])
     ids, errors, payloads, exts = [""] * n, [""] * n, [b""] * n, [""] * n
     sizes, width, height = np.full(n, -1, np.int64), np.zeros(n, np.int32), np.zeros(n, np.int32)
-    reads = [_readers().submit(read_row, batch, i, ingest) for i in range(n)]
+    reads = read_rows(batch, ingest)
     for i in range(n):
         try:
             data = reads[i].result()
@@ -129,7 +118,8 @@ def run_ingest(source: str, out: Path, cfg: Config, max_side: int) -> IngestResu
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.parquet"
-    plan = plan_shards(source, cfg.extract.shard_size, previous_shards(manifest_path))
+    with remote_shard_limits(cfg.ingest.timeout_s, cfg.ingest.retries):
+        plan = plan_shards(source, cfg.extract.shard_size, previous_shards(manifest_path))
     done_file = out / SHARDS_FILE
     done = json.loads(done_file.read_text()) if done_file.exists() else {}
     fps = _shard_fingerprints(plan, max_side, cfg)
@@ -159,7 +149,7 @@ def run_ingest(source: str, out: Path, cfg: Config, max_side: int) -> IngestResu
             items = input_items([plan.refs[i] for i in todo], ingest=cfg.ingest)
             for row, pos in zip(items, todo, strict=True):
                 row["pos"] = pos
-            batch_size = max(cfg.extract.batch_size, READ_THREADS)
+            batch_size = max(cfg.extract.batch_size, cfg.ingest.read_threads)  # a read per thread at least
             kwargs = {"max_side": max_side, "ingest": cfg.ingest}
             for batch in map_items(items, ingest_batch, kwargs, batch_size, cfg.ray, "ingest"):
                 for j, pos in enumerate(batch["pos"]):
