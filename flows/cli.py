@@ -37,6 +37,14 @@ ENV_DEFAULTS = {
 }
 
 
+def add_wait_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another writer holds the run directory, wait for it instead of exiting",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embedpipe", description=__doc__.splitlines()[0].strip("`"))
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -46,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="whole pipeline on the bundled demo dataset (no network)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default runs/demo)")
     add_set_argument(demo)
+    add_wait_argument(demo)
 
     run = sub.add_parser("run", help="whole pipeline on your images")
     run.add_argument("config", nargs="?", type=Path, help="YAML config file")
@@ -64,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--backbone",
         help="backbone name, or a folder written by 'embedpipe finetune' (its image size comes along)",
     )
+    add_wait_argument(run)
 
     reindex = sub.add_parser(
         "reindex", help="bring a finished run up to date with a changed collection, without a full rebuild"
@@ -71,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     reindex.add_argument("run", type=Path, help="the run directory")
     reindex.add_argument("--images", required=True, help="the collection now (any form `run` takes)")
     add_set_arguments(reindex)
+    add_wait_argument(reindex)
 
     deploy = sub.add_parser(
         "deploy", help="serve a Prefect deployment that keeps a run up to date with its images on a schedule"
@@ -102,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--epochs", type=int, help="epochs (default 5)")
     ft.add_argument("--preset", help="named preset (see 'embedpipe presets')")
     add_set_arguments(ft)
+    add_wait_argument(ft)
 
     ingest = sub.add_parser("ingest", help="the ingest stage alone: manifest, shard plan, resized shards")
     ingest.add_argument("images", help="any input form, as for 'run --images'")
@@ -113,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="downscale larger images to this longer side (default 1024)",
     )
     add_set_arguments(ingest)
+    add_wait_argument(ingest)
 
     ds = sub.add_parser("datasets", help="list, fetch or verify benchmark datasets")
     ds.add_argument("action", choices=("list", "fetch", "verify"))
@@ -158,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="with an FT_DIR: finished runs (off-the-shelf, adapted, ...) to show side by side",
     )
+    add_wait_argument(rep)
 
     cmp_ = sub.add_parser("compare", help="side-by-side metrics of two runs")
     cmp_.add_argument("run_a", type=Path)
@@ -167,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     study = sub.add_parser("study", help="studies over a finished run's feature store")
     study.add_argument("what", choices=("compression",), help="mAP vs bytes/vector for PCA dims and PQ")
     study.add_argument("--run", required=True, type=Path, help="finished run directory")
+    add_wait_argument(study)
 
     sub.add_parser("presets", help="list the named presets")
 
@@ -204,6 +219,17 @@ def _quiet_typed_tracebacks() -> None:
         logging.getLogger(name).addFilter(_TypedErrorsInOneLine())
 
 
+def _lease(root: Path, command: str, args: argparse.Namespace, orchestration=None):
+    """The lease of the directory ``root`` a command writes (see ``storage.lease``), taken before any
+    engine or Prefect starts, so a second writer is refused at once (exit 2, one line) or, with --wait,
+    waits; the flows' own acquisition inside it is a no-op."""
+    from embedpipe.storage.contracts.config import OrchestrationConfig
+    from embedpipe.storage.lease import run_lease
+
+    orch = orchestration or OrchestrationConfig()
+    return run_lease(root, command, args.wait, orch.lease_heartbeat_s, orch.lease_stale_s)
+
+
 def _run_flow(cfg) -> dict:
     from embedpipe.flows.pipeline import pipeline
 
@@ -215,16 +241,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from embedpipe.workers.ingest.demo_data import generate_demo
 
     cfg = load_config(preset="demo", overrides={"out": args.out}, sets=args.sets)
-    info = generate_demo(cfg.out / "demo-images", seed=cfg.seed)
-    log.info("demo dataset: %d images, %d queries in %s", info.n_images, info.n_queries, info.root)
-    cfg = cfg.model_copy(update={"images": str(info.root)})
-    metrics = _run_flow(cfg)
+    with _lease(cfg.out, "demo", args, cfg.orchestration):
+        info = generate_demo(cfg.out / "demo-images", seed=cfg.seed)
+        log.info("demo dataset: %d images, %d queries in %s", info.n_images, info.n_queries, info.root)
+        cfg = cfg.model_copy(update={"images": str(info.root)})
+        metrics = _run_flow(cfg)
     _print_table(metrics, cfg.out)
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from embedpipe.workers.ingest.sources import list_inputs, listing_once
+    from embedpipe.workers.ingest.sources import list_inputs, listing_once, remote_shard_limits
 
     overrides: dict = {"images": args.images}
     ft = {k: v for k, v in (("loss", args.loss), ("epochs", args.epochs)) if v is not None}
@@ -248,8 +275,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     check_backbone(cfg.extract.backbone, cfg.extract.weights)
     from embedpipe.flows.finetune import finetune
 
-    with listing_once():
-        list_inputs(cfg.images)  # fail fast, before any engine starts
+    with _lease(args.out, "finetune", args, cfg.orchestration), listing_once():
+        with remote_shard_limits(cfg.ingest.timeout_s, cfg.ingest.retries):
+            list_inputs(cfg.images)  # fail fast, before any engine starts
         r = finetune(cfg, args.out)
     losses = ", ".join(f"{v:.4f}" for v in r["losses"])
     sys.stdout.write(
@@ -262,12 +290,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from embedpipe.workers.ingest.sources import listing_once
+    from embedpipe.workers.ingest.plan import run_listings
+    from embedpipe.workers.ingest.sources import list_inputs, listing_once, remote_shard_limits
 
-    with listing_once():  # the check before the engines start and the run share one listing
-        cfg = config_from_args(args)
-        if cfg.images is None:
-            raise InputError("no images given (--images PATH or 'images:' in the config)")
+    cfg = config_from_args(args, check_inputs=False)
+    if cfg.images is None:
+        raise InputError("no images given (--images PATH or 'images:' in the config)")
+    # the inputs are listed under the lease (a writer waited for may have changed the run's plan); the
+    # check before the engines start and the run share one listing
+    with _lease(cfg.out, "run", args, cfg.orchestration), listing_once():
+        with run_listings(cfg.out), remote_shard_limits(cfg.ingest.timeout_s, cfg.ingest.retries):
+            list_inputs(cfg.images)  # fail fast, before any engine starts
         metrics = _run_flow(cfg)
     _print_table(metrics, cfg.out)
     return 0
@@ -278,19 +311,24 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     from embedpipe.flows.pipeline import reindex
     from embedpipe.storage.contracts.layout import RunLayout
     from embedpipe.workers.ingest.plan import run_listings
-    from embedpipe.workers.ingest.sources import list_inputs, listing_once
+    from embedpipe.workers.ingest.sources import list_inputs, listing_once, remote_shard_limits
 
-    saved = RunLayout(args.run).read_manifest().get("config")
-    if saved is None:
-        raise InputError(f"{args.run} is not a run directory (no manifest.json with a config)")
-    saved = {**saved, "images": args.images, "out": str(args.run)}
-    for section, values in engine_overrides(args).items():
-        saved[section] = {**saved.get(section, {}), **values}
-    cfg = load_config(overrides=saved, sets=args.sets)
-    with listing_once():
-        with run_listings(cfg.out):
-            list_inputs(cfg.images)  # fail fast, before any engine starts
-        metrics = reindex(cfg)
+    def run_config():
+        saved = RunLayout(args.run).read_manifest().get("config")
+        if saved is None:
+            raise InputError(f"{args.run} is not a run directory (no manifest.json with a config)")
+        saved = {**saved, "images": args.images, "out": str(args.run)}
+        for section, values in engine_overrides(args).items():
+            saved[section] = {**saved.get(section, {}), **values}
+        return load_config(overrides=saved, sets=args.sets)
+
+    cfg = run_config()
+    with _lease(cfg.out, "reindex", args, cfg.orchestration):
+        cfg = run_config()  # again, under the lease: a writer waited for may have changed the run
+        with listing_once():
+            with run_listings(cfg.out), remote_shard_limits(cfg.ingest.timeout_s, cfg.ingest.retries):
+                list_inputs(cfg.images)  # fail fast, before any engine starts
+            metrics = reindex(cfg, wait=args.wait)
     _print_table(metrics, cfg.out)
     return 0
 
@@ -326,7 +364,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         raise InputError("--max-side must be at least 32")
     overrides = {"images": args.images, "out": args.out, **engine_overrides(args)}
     cfg = load_config(preset="default", overrides=overrides, sets=args.sets)
-    result = run_ingest(args.images, args.out, cfg, args.max_side)
+    with _lease(args.out, "ingest", args, cfg.orchestration):
+        result = run_ingest(args.images, args.out, cfg, args.max_side)
     sys.stdout.write(result.summary + "\n")
     return 0 if result.n_ok else 1
 
@@ -390,17 +429,27 @@ def _finished_run(path: Path):
     return layout, Config.model_validate(layout.read_manifest()["config"])
 
 
+def _existing_dir(path: Path) -> Path:
+    """``path``, checked before its lease is taken (which would make a missing folder)."""
+    if not path.is_dir():
+        raise InputError(f"{path} is not a finished run (no report/metrics.json)")
+    return path
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from embedpipe.workers.report.html import write_report
 
-    if (args.run / "backbone.json").is_file():
-        from embedpipe.workers.train.report import write_finetune_report
+    # the lease first, then the checks: a run being written is waited for (--wait) or named as busy,
+    # rather than reported as unfinished
+    with _lease(_existing_dir(args.run), "report", args):
+        if (args.run / "backbone.json").is_file():
+            from embedpipe.workers.train.report import write_finetune_report
 
-        runs = {str(r): _finished_run(r)[0].root for r in args.runs}
-        sys.stdout.write(f"{write_finetune_report(args.run, runs)}\n")
-        return 0
-    layout, cfg = _finished_run(args.run)
-    sys.stdout.write(f"{write_report(layout, cfg)}\n")
+            runs = {str(r): _finished_run(r)[0].root for r in args.runs}
+            sys.stdout.write(f"{write_finetune_report(args.run, runs)}\n")
+            return 0
+        layout, cfg = _finished_run(args.run)
+        sys.stdout.write(f"{write_report(layout, cfg)}\n")
     return 0
 
 
@@ -449,6 +498,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
+    with _lease(_existing_dir(args.run), "study", args):
+        return _study(args)
+
+
+def _study(args: argparse.Namespace) -> int:
     from embedpipe.storage.contracts.layout import write_json_atomic
     from embedpipe.workers.evaluate.protocols import BENCHMARK_PROTOCOLS
     from embedpipe.workers.evaluate.stage import run_ground_truth

@@ -25,7 +25,7 @@ from embedpipe.storage.contracts.errors import InputError
 
 log = logging.getLogger("embedpipe.deploy")
 
-UPDATE = "embedpipe.flows.pipeline:update"  # what a scheduled run executes: Config -> metrics
+UPDATE = "embedpipe.flows.pipeline:update"  # what a scheduled run executes: (Config, wait) -> metrics
 ENTRYPOINT = "embedpipe.flows.deploy.update_run"  # module-path entrypoint of the deployed flow
 # One run of a deployment at a time: a run directory is updated by one process, and a run that is due
 # while the previous one still works is cancelled (the next one picks up whatever it would have done).
@@ -37,7 +37,8 @@ def update_run(config: dict[str, Any]) -> dict[str, Any]:
     """Bring the run at ``config['out']`` up to date with the images at ``config['images']``."""
     module, name = UPDATE.split(":")
     update = getattr(importlib.import_module(module), name)  # imported here: the CLI starts faster
-    return update(Config.model_validate(config))
+    # a scheduled run exists to bring the run up to date: it waits for a writer holding the run directory
+    return update(Config.model_validate(config), wait=True)
 
 
 def check_cron(cron: str) -> str:

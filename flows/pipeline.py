@@ -25,6 +25,7 @@ from embedpipe.storage.contracts.layout import STAGES, RunLayout, write_json_ato
 from embedpipe.storage.dataset import previous_shards
 from embedpipe.storage.features import kept_store_reads
 from embedpipe.storage.inputs import InputRef
+from embedpipe.storage.lease import run_lease
 from embedpipe.workers.engines.ray_stages import NodeWork, SharedModels, cluster_nodes, ray_session
 from embedpipe.workers.evaluate.run import evaluate_run
 from embedpipe.workers.extract.stage import (
@@ -298,9 +299,23 @@ def _finish(
     )
 
 
+def run_dir_lease(cfg: Config, command: str, wait: bool) -> contextlib.AbstractContextManager:
+    """The lease of the run directory ``cfg.out`` (see ``storage.lease``): one writer at a time; a no-op
+    when this process holds it already."""
+    orch = cfg.orchestration
+    return run_lease(cfg.out, command, wait, orch.lease_heartbeat_s, orch.lease_stale_s)
+
+
 @flow(name="pipeline", log_prints=False, validate_parameters=False)
-def pipeline(cfg: Config) -> dict[str, Any]:
-    """Run every stage for ``cfg`` into ``cfg.out``; returns the metrics.json content."""
+def pipeline(cfg: Config, wait: bool = False) -> dict[str, Any]:
+    """Run every stage for ``cfg`` into ``cfg.out``; returns the metrics.json content. The run directory's
+    lease is held throughout: another writer holding it raises ``RunBusy``, or with ``wait`` is waited
+    for."""
+    with run_dir_lease(cfg, "run", wait):
+        return _pipeline(cfg)
+
+
+def _pipeline(cfg: Config) -> dict[str, Any]:
     logger = get_run_logger()
     layout, timings = RunLayout(cfg.out), Timings()
     with timings("list"):
@@ -327,16 +342,27 @@ def pipeline(cfg: Config) -> dict[str, Any]:
     return metrics
 
 
+def _check_finished(layout: RunLayout) -> None:
+    if not layout.metrics.exists():
+        raise InputError(f"{layout.root} is not a finished run (no report/metrics.json): run it first")
+
+
 @flow(name="reindex", log_prints=False, validate_parameters=False)
-def reindex(cfg: Config) -> dict[str, Any]:
+def reindex(cfg: Config, wait: bool = False) -> dict[str, Any]:
     """Bring the finished run at ``cfg.out`` up to date with ``cfg.images``: extract only new and changed
     inputs (shards of unchanged inputs are kept), keep the fitted whitening unless the new vectors drift
     past ``reindex.drift_threshold``, add the new vectors to the live indices and remove the gone ones
-    without retraining, publish each as a new version, and evaluate again."""
+    without retraining, publish each as a new version, and evaluate again. Holds the run directory's
+    lease throughout (``wait``: as for ``pipeline``)."""
+    _check_finished(RunLayout(cfg.out))  # before the lease, which would make a missing folder
+    with run_dir_lease(cfg, "reindex", wait):
+        return _reindex(cfg)
+
+
+def _reindex(cfg: Config) -> dict[str, Any]:
     logger = get_run_logger()
     layout = RunLayout(cfg.out)
-    if not layout.metrics.exists():
-        raise InputError(f"{layout.root} is not a finished run (no report/metrics.json): run it first")
+    _check_finished(layout)  # again: a writer waited for may have changed it
     timings = Timings()
     with timings("list"):
         inputs = _listed_inputs(cfg, layout)
@@ -376,14 +402,27 @@ def reindex(cfg: Config) -> dict[str, Any]:
     return metrics
 
 
-def update(cfg: Config) -> dict[str, Any]:
-    """Bring the run at ``cfg.out`` up to date with ``cfg.images`` (what scheduled runs execute): a
-    finished run made with the same config apart from its images is reindexed; anything else (a new,
-    unfinished or reconfigured run) goes through the pipeline, which resumes what it can."""
-    layout = RunLayout(cfg.out)
+def _saved_config(layout: RunLayout) -> dict[str, Any] | None:
+    """The run's saved config as JSON, with the defaults of keys added since it was written."""
     saved = layout.read_manifest().get("config")
-    now = cfg.model_dump(mode="json")
-    same = saved is not None and {k: v for k, v in saved.items() if k not in ("images", "out")} == {
-        k: v for k, v in now.items() if k not in ("images", "out")
-    }
-    return reindex(cfg) if same and layout.metrics.exists() else pipeline(cfg)
+    if saved is None:
+        return None
+    try:
+        return Config.model_validate(saved).model_dump(mode="json")
+    except ValueError:  # a config of another version of the schema: compared as it is
+        return saved
+
+
+def update(cfg: Config, wait: bool = False) -> dict[str, Any]:
+    """Bring the run at ``cfg.out`` up to date with ``cfg.images`` (what scheduled runs execute, with
+    ``wait``: a scheduled run waits for a writer holding the run directory): a finished run made with
+    the same config apart from its images is reindexed; anything else (a new, unfinished or reconfigured
+    run) goes through the pipeline, which resumes what it can. The decision is made under the lease."""
+    with run_dir_lease(cfg, "update", wait):
+        layout = RunLayout(cfg.out)
+        saved = _saved_config(layout)
+        now = cfg.model_dump(mode="json")
+        same = saved is not None and {k: v for k, v in saved.items() if k not in ("images", "out")} == {
+            k: v for k, v in now.items() if k not in ("images", "out")
+        }
+        return reindex(cfg, wait=wait) if same and layout.metrics.exists() else pipeline(cfg, wait=wait)

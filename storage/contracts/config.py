@@ -296,10 +296,29 @@ class RayConfig(_Frozen):
 
 
 class OrchestrationConfig(_Frozen):
-    """How the flow runs its per-shard tasks (does not change any output)."""
+    """How the flow runs its per-shard tasks and guards its run directory (does not change any output)."""
 
     retries: int = Field(2, ge=0, description="retries of a failed shard task, with exponential back-off")
     retry_delay_s: float = Field(2.0, ge=0, description="first back-off delay; doubles at each retry")
+    lease_heartbeat_s: float = Field(
+        10.0,
+        gt=0,
+        description="a writer holding a run directory's lease (RUN/.lease) renews its heartbeat this often",
+    )
+    lease_stale_s: float = Field(
+        60.0,
+        gt=0,
+        description="a lease whose heartbeat is older than this is taken over (its writer is gone); a "
+        "writer on the same machine whose process has died is taken over at once",
+    )
+
+    @model_validator(mode="after")
+    def _lease_times(self) -> OrchestrationConfig:
+        if self.lease_stale_s <= 2 * self.lease_heartbeat_s:
+            raise ValueError(
+                "orchestration.lease_stale_s must be more than twice orchestration.lease_heartbeat_s"
+            )
+        return self
 
 
 class ReindexConfig(_Frozen):

@@ -30,3 +30,13 @@ class RunFailed(EmbedpipeError):
 class WriteFailed(RunFailed):
     """An output could not be written (disk full, file too large, read-only or failing disk). The file
     it was replacing is untouched, so the same command resumes once the cause is fixed."""
+
+
+class RunBusy(EmbedpipeError):
+    """Another writer holds the run directory's lease (see ``storage.lease``). Exit code 2."""
+
+    exit_code = 2
+
+
+class LeaseLost(EmbedpipeError):
+    """This writer stalled past the lease's stale time and another one took the run directory over."""
