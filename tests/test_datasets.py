@@ -1,11 +1,9 @@
 """`embedpipe datasets`: fetch from a real HTTP or FTP server on 127.0.0.1 serving archives in a benchmark's
 layout; checksums, resume, unsafe archives refused, nothing partial left behind."""
 
-import contextlib
 import hashlib
 import io
 import tarfile
-import threading
 
 import pytest
 import yaml
@@ -13,6 +11,7 @@ import yaml
 from embedpipe.storage.contracts.errors import InputError
 from embedpipe.workers.ingest import datasets as benchmarks
 
+from .ftp_fixture import ftp_server
 from .helpers import embedpipe
 from .http_fixture import serve
 
@@ -120,34 +119,6 @@ def test_download_resumes_with_a_range_request(tmp_path, archives):
         benchmarks.download(f"{base}/jpg1.tar.gz", dest)
     assert hits["range:/jpg1.tar.gz"] == 1000 and dest.read_bytes() == data
     assert not (tmp_path / "jpg1.tar.gz.part").exists()
-
-
-@contextlib.contextmanager
-def ftp_server(root):
-    """A real FTP server (pyftpdlib) on 127.0.0.1 serving ``root`` read-only to anonymous users; yields
-    its base URL and the REST offsets it was asked for."""
-    from pyftpdlib.authorizers import DummyAuthorizer
-    from pyftpdlib.handlers import FTPHandler
-    from pyftpdlib.servers import FTPServer
-
-    rests: list[int] = []
-
-    class Handler(FTPHandler):
-        def ftp_REST(self, line):  # noqa: N802 - pyftpdlib's naming
-            rests.append(int(line))
-            return super().ftp_REST(line)
-
-    authorizer = DummyAuthorizer()
-    authorizer.add_anonymous(str(root))
-    Handler.authorizer = authorizer
-    server = FTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"timeout": 0.1}, daemon=True)
-    thread.start()
-    try:
-        yield f"ftp://127.0.0.1:{server.address[1]}", rests
-    finally:
-        server.close_all()
-        thread.join(10)
 
 
 def test_fetch_over_ftp(tmp_path, archives):

@@ -32,6 +32,7 @@ from embedpipe.workers.ingest.sources import (
     remote_shard_limits,
     sample_key,
 )
+from tests.ftp_fixture import ftp_server
 from tests.helpers import write_webdataset
 from tests.http_fixture import HOSTILE, serve, write_tar
 
@@ -417,3 +418,24 @@ def test_hostile_tar_shards_and_members_cost_a_bounded_time(tmp_path, small_holi
             else:
                 assert read.result() == dict(members)[ref.key.rpartition("/")[2]]
         assert time.perf_counter() - start < 2 * 0.5 + 1.0 + 1.0
+
+
+def test_inputs_on_an_fsspec_filesystem(tmp_path, small_holidays):
+    """An fsspec URL (here fsspec's FTP filesystem against a real FTP server): a folder, a glob and a list
+    file in it are listed with URLs that name the server, and the workers' reads fetch the files' bytes."""
+    served = tmp_path / "served" / "photos"
+    served.mkdir(parents=True)
+    photos = sorted(small_holidays.glob("*.jpg"))[:4]
+    for p in photos:
+        (served / p.name).write_bytes(p.read_bytes())
+    (served / "list.txt").write_text("".join(f"{p.name}\n" for p in photos[:2]))
+    with ftp_server(tmp_path / "served") as (base, _):
+        want = [f"{base}/photos/{p.name}" for p in photos]
+        # a folder lists every file in it, as a local folder does (the list file is one more input)
+        assert [r.uri for r in list_inputs(f"{base}/photos/").refs] == [*want, f"{base}/photos/list.txt"]
+        assert [r.uri for r in list_inputs(f"{base}/photos/*.jpg").refs] == want
+        assert [r.uri for r in list_inputs(f"{base}/photos/list.txt").refs] == want[:2]
+        reads = read_inputs([(u, -1, -1) for u in want], timeout=10, retries=0)
+        assert [r.result() for r in reads] == [p.read_bytes() for p in photos]
+        with pytest.raises(DecodeError, match="missing file"):
+            read_input(f"{base}/photos/nothere.jpg")

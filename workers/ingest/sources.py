@@ -477,21 +477,25 @@ def _list_fsspec(spec: str) -> Listing:
         fs, root = fsspec.core.url_to_fs(spec)
     except (ImportError, ValueError) as err:
         raise InputError(f"{spec}: no filesystem for this URL ({err})") from None
-    protocol = spec.split("://", 1)[0]
+    protocol, one = spec.split("://", 1)[0], False
     if any(c in root for c in _GLOB_CHARS):
         names = sorted(fs.glob(root))
     elif fs.isdir(root):
         names = sorted(fs.find(root))
     elif fs.exists(root):
-        names = [root]
+        names, one = [root], True
     else:
         raise InputError(f"images path not found: {spec}")
+    # what the filesystem's paths leave out of a URL (ftp's or sftp's host and port; nothing for s3's or
+    # gs's, whose paths start with the bucket): the part of ``spec`` before ``root``
+    rest = spec.split("://", 1)[1].rstrip("/")
+    prefix = rest[: len(rest) - len(root.rstrip("/"))] if root and rest.endswith(root.rstrip("/")) else ""
     refs = []
     for name in names:
         if not _visible(PurePosixPath(name)):
             continue
-        url = f"{protocol}://{name.split('://', 1)[-1]}"
-        if _suffix(name) in LIST_EXTS:
+        url = f"{protocol}://{prefix}{name.split('://', 1)[-1]}"
+        if one and _suffix(name) in LIST_EXTS:  # a list named itself (in a folder it is one more file)
             return _list_rows(url, fs.cat_file(name), base=url.rsplit("/", 1)[0])
         refs.append(InputRef(url, url))
     return Listing(refs)
