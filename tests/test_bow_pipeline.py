@@ -1,5 +1,5 @@
-"""Bag of words, VLAD and HOG through the whole pipeline with real engines (Prefect, Ray, Dask, Parquet,
-FAISS) on the demo dataset's real photos, and the codebook bench."""
+"""Bag of words, VLAD, Fisher vectors, triangulation embedding and HOG through the whole pipeline with real
+engines (Prefect, Ray, Dask, Parquet, FAISS) on the demo dataset's real photos, and the codebook bench."""
 
 import json
 import shutil
@@ -14,6 +14,7 @@ from embedpipe.storage.artifacts import load_npz
 from embedpipe.storage.contracts.errors import InputError
 from embedpipe.storage.contracts.layout import RunLayout
 from embedpipe.workers.engines.dask_jobs import encode_descriptor, fit_codebook
+from embedpipe.workers.fit.stage import fit_encoding
 
 from .helpers import embedpipe
 from .http_fixture import serve
@@ -21,10 +22,12 @@ from .http_fixture import serve
 pytestmark = pytest.mark.slow
 
 SETS = [
-    "extract.descriptors=[bow-rootsift, vlad-rootsift, hog]",
+    "extract.descriptors=[bow-rootsift, vlad-rootsift, fv-rootsift, temb-rootsift, hog]",
     "local.max_keypoints=500",
     "bow.k=500",
     "bow.vlad_k=8",
+    "bow.fv_k=8",  # small models keep the test short: FV 2048 dims, T-emb 512
+    "bow.temb_k=4",
 ]
 GEM_PCAW_DEMO_MAP = 0.96  # GeM + PCA-whitening on the demo dataset (the default CNN descriptor)
 
@@ -59,8 +62,15 @@ def test_bow_vlad_hog_rows(bow_run):
     assert vlad[1]["dim"] == 105 and vlad[1]["map"] >= 0.7
     hog = [r for k, r in rows.items() if k[0] == "hog"]
     assert hog[0]["dim"] == 1764 and hog[0]["backbone"] == "skimage-hog" and hog[0]["map"] > 0.5
+    fv = [r for k, r in rows.items() if k[0] == "fv-rootsift" and k[2] == "none"]
+    assert [r["post"] for r in fv] == ["l2", "pcaw105"] and fv[0]["dim"] == 2 * 8 * 128
+    assert fv[0]["map"] >= 0.75 and fv[1]["map"] >= 0.8  # seen: 0.807, 0.843
+    temb = [r for k, r in rows.items() if k[0] == "temb-rootsift" and k[2] == "none"]
+    assert [r["post"] for r in temb] == ["l2", "pcaw105"] and temb[0]["dim"] == 4 * 128
+    assert temb[0]["map"] >= 0.85 and temb[1]["map"] >= 0.83  # seen: 0.906, 0.880
     html = (bow_run / "report" / "index.html").read_text()
     assert "SV inliers" in html and "bow-rootsift" in html
+    assert "fv-rootsift" in html and "temb-rootsift" in html
 
 
 def test_bow_stores_and_models(bow_run):
@@ -84,12 +94,12 @@ def test_codebook_and_encodings_are_byte_identical_across_schedulers(bow_run, tm
     shutil.copytree(bow_run / "features" / "local-sift", copy / "features" / "local-sift")
     cfg = load_config(preset="bow", sets=[*SETS, "fit.scheduler=threads"]).model_copy(update={"out": copy})
     layout = RunLayout(copy)
-    for descriptor, k in (("bow-rootsift", 500), ("vlad-rootsift", 8)):
-        fit_codebook(layout, cfg, "rootsift", k)
+    for descriptor in ("bow-rootsift", "vlad-rootsift", "fv-rootsift"):
+        fit_encoding(cfg, layout, descriptor)
         encode_descriptor(layout, cfg, descriptor)
         assert _bytes(copy / "features" / descriptor) == _bytes(bow_run / "features" / descriptor)
-    codebooks = {k: v for k, v in _bytes(bow_run / "models").items() if k.startswith("codebook-")}
-    assert len(codebooks) == 4 and _bytes(copy / "models") == codebooks  # .npz (meta included) and .faiss
+    models = {k: v for k, v in _bytes(bow_run / "models").items() if k.startswith(("codebook-", "gmm-"))}
+    assert len(models) == 5 and _bytes(copy / "models") == models  # .npz (meta included) and .faiss
     assert load_npz(copy / "models" / "codebook-rootsift-k8.npz")[1]["source"] == "features/local-sift"
 
 

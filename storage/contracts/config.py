@@ -33,6 +33,12 @@ Descriptor = Literal[
     "vlad-sift",
     "vlad-rootsift",
     "vlad-orb",
+    "fv-sift",
+    "fv-rootsift",
+    "fv-orb",
+    "temb-sift",
+    "temb-rootsift",
+    "temb-orb",
 ]
 Protocol = Literal["holidays", "oxford5k", "paris6k", "roxford5k", "rparis6k", "ukbench", "labels", "none"]
 
@@ -57,8 +63,8 @@ class ExtractConfig(_Frozen):
     descriptors: tuple[Descriptor, ...] = Field(
         ("gem", "spoc"),
         description="descriptors to extract, each its own feature store: CNN poolings (spoc, spoc-cp, mac, "
-        "gem, rmac, crow, fc6, fc7: one forward pass) and the classical hog, bow-<f>, vlad-<f> (f: sift, "
-        "rootsift, orb)",
+        "gem, rmac, crow, fc6, fc7: one forward pass) and the classical hog, bow-<f>, vlad-<f>, fv-<f> "
+        "(Fisher vector), temb-<f> (triangulation embedding) (f: sift, rootsift, orb)",
     )
     gem_p: float = Field(
         3.0, gt=0, description="GeM exponent p (1: average pooling; large: towards max pooling)"
@@ -229,7 +235,7 @@ class RerankConfig(_Frozen):
 
 
 class LocalConfig(_Frozen):
-    """Classical descriptors: local features (for the bow-*/vlad-* descriptors) and HOG."""
+    """Classical descriptors: local features (for the bow-*/vlad-*/fv-*/temb-* descriptors) and HOG."""
 
     max_side: int = Field(
         640, ge=32, description="images are downscaled to this longer side before local features / HOG"
@@ -238,11 +244,30 @@ class LocalConfig(_Frozen):
         1000, ge=1, description="keypoints kept per image: strongest response first, ties by position"
     )
     hog_size: int = Field(128, ge=16, multiple_of=8, description="HOG: the image is resized to this square")
+    hog_layout: Literal["grid", "dalal-triggs"] = Field(
+        "grid",
+        description="HOG layout: grid (the image squashed to hog_size², an 8x8 grid of cells, 1764 dims) or "
+        "dalal-triggs (aspect kept: longer side hog_size, cells of hog_cell px, blocks of hog_block cells, "
+        "hog_bins orientations, L2-Hys; the blocks centred on a fixed hog_size² canvas, zeros outside)",
+    )
+    hog_cell: int = Field(8, ge=2, description="HOG dalal-triggs: cell side in pixels")
+    hog_block: int = Field(2, ge=1, description="HOG dalal-triggs: block side in cells (one-cell stride)")
+    hog_bins: int = Field(9, ge=2, description="HOG dalal-triggs: unsigned orientation bins")
+
+    @model_validator(mode="after")
+    def _hog_cells(self) -> LocalConfig:
+        if self.hog_layout == "dalal-triggs" and (
+            self.hog_size % self.hog_cell or self.hog_size // self.hog_cell < self.hog_block
+        ):
+            raise ValueError(
+                "local.hog_size must be a multiple of local.hog_cell holding at least local.hog_block cells"
+            )
+        return self
 
 
 class BowConfig(_Frozen):
     """Visual-word codebooks (seeded faiss k-means on a Dask sample of the local-feature store) and the
-    BoW / VLAD encodings."""
+    BoW / VLAD / Fisher vector / triangulation embedding encodings."""
 
     k: int = Field(1000, ge=2, description="BoW vocabulary size")
     vlad_k: int = Field(32, ge=2, description="VLAD codebook size (VLAD dim = vlad_k x descriptor dim)")
@@ -260,6 +285,30 @@ class BowConfig(_Frozen):
     )
     codebook_from: Path | None = Field(
         None, description="train codebooks on this run directory's local-feature store instead of this run's"
+    )
+    vlad_adapt: bool = Field(
+        False,
+        description="VLAD vocabulary adaptation: each word's centroid is replaced by the mean of the indexed "
+        "collection's descriptors assigned to it (a word with none keeps its centroid)",
+    )
+    fv_k: int = Field(
+        64, ge=2, description="Fisher vector: GMM components (FV dim = 2 x fv_k x descriptor dim)"
+    )
+    fv_iterations: int = Field(
+        20, ge=1, description="Fisher vector: EM iterations of the GMM (initialised by the k-means)"
+    )
+    temb_k: int = Field(
+        16,
+        ge=2,
+        description="triangulation embedding: codebook size (embedding dim = temb_k x descriptor dim)",
+    )
+    temb_drop: int = Field(
+        0, ge=0, description="triangulation embedding: leading whitened components dropped (the paper: 128)"
+    )
+    temb_aggregate: Literal["sum", "democratic"] = Field(
+        "democratic",
+        description="triangulation embedding: sum of the embedded descriptors, or democratic weights "
+        "(each descriptor contributes equally to the image's self-similarity)",
     )
 
 

@@ -4,7 +4,8 @@ BoW (Sivic & Zisserman, ICCV 2003): term frequencies per visual word, hard (near
 (m nearest words, Gaussian weights; Philbin et al., CVPR 2008), square-rooted against burstiness
 (Jégou et al., CVPR 2009), tf-idf weighted and L2-normalised; searched exactly by cosine through an
 inverted file (one postings list per word). VLAD (Jégou et al., CVPR 2010): per-word sums of residuals,
-intra-normalised (Arandjelović & Zisserman, CVPR 2013), power-normalised and L2-normalised.
+intra-normalised (Arandjelović & Zisserman, CVPR 2013), power-normalised and L2-normalised; with vocabulary
+adaptation (same paper) the residuals are taken to each word's mean over the indexed collection.
 """
 
 from __future__ import annotations
@@ -112,3 +113,20 @@ def vlad(x: np.ndarray, centroids: np.ndarray, assign: np.ndarray, power: float 
     v = np.sign(v) * np.abs(v) ** power
     total = np.linalg.norm(v)
     return (v.reshape(-1) / (total if total > 0 else 1.0)).astype(np.float32)
+
+
+def word_sums(x: np.ndarray, words: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-word sums and counts of the descriptors assigned to each word (words < 0: unassigned, left
+    out), and the number counted. x: (n, D); words: (n,) -> (k, D) float64, (k,) float64, int."""
+    keep = words >= 0
+    x, words = np.asarray(x, np.float64)[keep], words[keep]
+    sums = np.zeros((k, x.shape[1]), np.float64)
+    np.add.at(sums, words, x)
+    return sums, np.bincount(words, minlength=k).astype(np.float64), int(keep.sum())
+
+
+def adapt_centroids(centroids: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Vocabulary adaptation: each word's centroid becomes the mean of the descriptors assigned to it;
+    a word with none keeps its centroid. (k, D), (k, D), (k,) -> (k, D) float32."""
+    means = sums / np.maximum(counts, 1.0)[:, None]
+    return np.where(counts[:, None] > 0, means, centroids).astype(np.float32)

@@ -5,21 +5,27 @@ image, keypoints sorted deterministically (response, then position, size, angle)
 descriptors are stored as the uint8 values OpenCV computes; RootSIFT is derived from them when read, so
 one SIFT store serves both. ORB descriptors are 32 bytes (256 bits).
 
-Global: HOG (Dalal & Triggs; scikit-image, OpenCV 5 dropped its HOG) of the whole image resized to a
-fixed square.
+Global: HOG (Dalal & Triggs; scikit-image, OpenCV 5 dropped its HOG) of the whole image: resized to a
+fixed square (``grid``), or aspect kept with fixed-size cells whose blocks sit centred on a fixed canvas
+(``dalal-triggs``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    from embedpipe.storage.contracts.config import LocalConfig
 
 LOCAL_FEATURES = ("sift", "rootsift", "orb")
 STORED_FEATURE = {"sift": "sift", "rootsift": "sift", "orb": "orb"}  # feature -> store it is read from
 STORED_DIM = {"sift": 128, "orb": 32}  # bytes per stored descriptor
 HOG_DIM = 7 * 7 * 4 * 9  # 7x7 blocks of 2x2 cells over an 8x8 cell grid, 9 bins
+ENCODINGS = ("bow", "vlad", "fv", "temb")  # descriptors encoded from a local-feature store: <encoding>-<f>
 
 
 @dataclass(frozen=True)
@@ -104,9 +110,60 @@ def hog_descriptor(rgb: np.ndarray, size: int) -> np.ndarray:
     return v / max(float(np.linalg.norm(v)), 1e-12)
 
 
+def hog_dalal_triggs_dim(size: int, cell: int, block: int, bins: int) -> int:
+    """Length of ``hog_dalal_triggs``: the blocks of a ``size``² canvas of ``cell``-pixel cells."""
+    blocks = size // cell - block + 1
+    return blocks * blocks * block * block * bins
+
+
+def hog_dalal_triggs(rgb: np.ndarray, size: int, cell: int = 8, block: int = 2, bins: int = 9) -> np.ndarray:
+    """Dalal-Triggs HOG with the aspect ratio kept (grayscale; scikit-image): the longer side resized to
+    ``size`` and each side rounded to whole ``cell``-pixel cells (at least one block), blocks of
+    ``block``² cells with a one-cell stride, ``bins`` unsigned orientations, L2-Hys per block.
+
+    A retrieval descriptor needs one length whatever the aspect, so the blocks are placed centred on the
+    block grid of a fixed ``size`` x ``size`` canvas and the rest of the canvas is zeros: padding that
+    adds no gradient and contributes nothing to a dot product (a square image fills the canvas). The
+    result is L2-normalised. (H, W, 3) uint8 -> (``hog_dalal_triggs_dim``,) float32."""
+    from skimage.feature import hog
+
+    h, w = rgb.shape[:2]
+    scale = size / max(h, w)
+    cells = [min(size // cell, max(block, round(side * scale / cell))) for side in (h, w)]
+    small = cv2.resize(grayscale(rgb), (cells[1] * cell, cells[0] * cell), interpolation=cv2.INTER_AREA)
+    blocks = hog(
+        small,
+        orientations=bins,
+        pixels_per_cell=(cell, cell),
+        cells_per_block=(block, block),
+        block_norm="L2-Hys",
+        feature_vector=False,
+    )  # (rows, cols, block, block, bins)
+    n = size // cell - block + 1
+    canvas = np.zeros((n, n, block, block, bins), np.float32)
+    top, left = (n - blocks.shape[0]) // 2, (n - blocks.shape[1]) // 2
+    canvas[top : top + blocks.shape[0], left : left + blocks.shape[1]] = blocks
+    v = canvas.reshape(-1)
+    return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+def hog_dim(cfg: LocalConfig) -> int:
+    """Length of the HOG vector ``cfg`` asks for: HOG_DIM (grid) or ``hog_dalal_triggs_dim``."""
+    if cfg.hog_layout == "grid":
+        return HOG_DIM
+    return hog_dalal_triggs_dim(cfg.hog_size, cfg.hog_cell, cfg.hog_block, cfg.hog_bins)
+
+
+def hog_of(rgb: np.ndarray, cfg: LocalConfig) -> np.ndarray:
+    """The HOG vector of ``cfg.hog_layout``: ``hog_descriptor`` (grid) or ``hog_dalal_triggs``."""
+    if cfg.hog_layout == "grid":
+        return hog_descriptor(rgb, cfg.hog_size)
+    return hog_dalal_triggs(rgb, cfg.hog_size, cfg.hog_cell, cfg.hog_block, cfg.hog_bins)
+
+
 def is_classical(descriptor: str) -> bool:
-    """Descriptors computed here rather than by a CNN: hog, bow-<feature>, vlad-<feature>."""
-    return descriptor == "hog" or descriptor.startswith(("bow-", "vlad-"))
+    """Descriptors computed here rather than by a CNN: hog and <encoding>-<feature> (bow, vlad, fv, temb)."""
+    return descriptor == "hog" or descriptor.startswith(tuple(f"{e}-" for e in ENCODINGS))
 
 
 def encoding_of(descriptor: str) -> tuple[str, str]:
@@ -116,8 +173,8 @@ def encoding_of(descriptor: str) -> tuple[str, str]:
 
 
 def stored_features(descriptors: tuple[str, ...]) -> tuple[str, ...]:
-    """The local-feature stores the bow-/vlad- descriptors need, in a fixed order."""
-    needed = {STORED_FEATURE[encoding_of(d)[1]] for d in descriptors if d.startswith(("bow-", "vlad-"))}
+    """The local-feature stores the bow-/vlad-/fv-/temb- descriptors need, in a fixed order."""
+    needed = {STORED_FEATURE[encoding_of(d)[1]] for d in descriptors if is_classical(d) and d != "hog"}
     return tuple(f for f in ("sift", "orb") if f in needed)
 
 

@@ -1,5 +1,6 @@
 """Dask jobs over the Parquet feature store: out-of-core moments for PCA/whitening, the seeded training
-sample of the FAISS index (PQ/OPQ/IVF), codebook samples and encodings.
+sample of the FAISS index (PQ/OPQ/IVF), codebook samples (codebooks, Fisher vector GMMs, triangulation
+embeddings), VLAD vocabulary adaptation and encodings.
 
 The store is read as a Dask array with one block per part file (one delayed Parquet read each), so the
 fit never holds more than a few parts in memory. The scheduler is Dask-on-Ray (the run's Ray cluster),
@@ -188,7 +189,12 @@ def fit_codebook(layout: RunLayout, cfg: Config, feature: str, k: int) -> dict[s
     """Sample (Dask), seeded faiss k-means, assignment index; saved as models/codebook-<feature>-k<k>.npz
     (+ .faiss). An existing codebook with the same fingerprint is reused."""
     from embedpipe.workers.classical import codebook as cb
-    from embedpipe.workers.classical.encode import codebook_fingerprint, codebook_name, codebook_source
+    from embedpipe.workers.classical.encode import (
+        NOT_CODEBOOK,
+        codebook_fingerprint,
+        codebook_name,
+        codebook_source,
+    )
 
     source = codebook_source(layout, cfg, feature)
     fingerprint = codebook_fingerprint(cfg, feature, k, source)
@@ -207,7 +213,7 @@ def fit_codebook(layout: RunLayout, cfg: Config, feature: str, k: int) -> dict[s
         "source": str(source.relative_to(layout.root) if source.is_relative_to(layout.root) else source),
         "assignment": type(index).__name__,
         "fingerprint": fingerprint,
-        "bow": cfg.bow.model_dump(mode="json"),
+        "bow": cfg.bow.model_dump(mode="json", exclude=set(NOT_CODEBOOK)),
         "seed": cfg.seed,
     }
     faiss_path = layout.model(codebook_name(feature, k), ".faiss")
@@ -219,29 +225,107 @@ def fit_codebook(layout: RunLayout, cfg: Config, feature: str, k: int) -> dict[s
     return meta
 
 
+def fit_sampled_model(layout: RunLayout, cfg: Config, kind: str, feature: str, k: int) -> dict[str, Any]:
+    """Sample (Dask, the codebooks' sample), then fit the model of ``kind``: ``fv`` the GMM
+    (models/gmm-<feature>-k<k>.npz), ``temb`` the T-emb codebook and whitening
+    (models/temb-<feature>-k<k>.npz). An existing model with the same fingerprint is reused."""
+    from embedpipe.workers.classical.encode import codebook_source, model_name
+    from embedpipe.workers.classical.models import TRAIN, sampled_fingerprint
+
+    source = codebook_source(layout, cfg, feature)
+    fingerprint = sampled_fingerprint(cfg, kind, feature, k, source)
+    name = model_name(f"{kind}-{feature}", cfg)
+    path = layout.model(name)
+    if path.exists() and load_npz(path)[1].get("fingerprint") == fingerprint:
+        return load_npz(path)[1]
+    sample = sample_local(source, feature, cfg)
+    arrays = TRAIN[kind](sample, k, cfg)
+    meta = {
+        "kind": {"fv": "gmm", "temb": "temb"}[kind],
+        "feature": feature,
+        "k": k,
+        "n_train": int(len(sample)),
+        "source": str(source.relative_to(layout.root) if source.is_relative_to(layout.root) else source),
+        "fingerprint": fingerprint,
+        "bow": cfg.bow.model_dump(mode="json"),
+        "seed": cfg.seed,
+    }
+    save_npz(path, meta, **arrays)
+    log.info("fit: %s on %d sampled descriptors", name, len(sample))
+    return meta
+
+
+def adapt_codebook(layout: RunLayout, cfg: Config, feature: str, k: int) -> dict[str, Any]:
+    """Dask job: VLAD vocabulary adaptation of models/codebook-<feature>-k<k> to the indexed collection
+    (this run's local-feature store): one task per part sums the descriptors assigned to each word and
+    counts them, partial sums added pairwise in a tree; each word's centroid becomes the mean of its
+    descriptors (a word with none keeps its centroid). Saved as models/codebook-<feature>-k<k>-adapted.npz
+    (centroids, counts; ``adapted`` in its meta), reused while its fingerprint holds."""
+    from embedpipe.workers.classical.encode import adapted_name, load_codebook, word_sums_part
+    from embedpipe.workers.classical.models import adaptation_fingerprint
+    from embedpipe.workers.descriptors.bow import adapt_centroids
+    from embedpipe.workers.descriptors.local import STORED_FEATURE, local_store
+
+    centroids, blob, codebook = load_codebook(layout, feature, k)
+    source = layout.feature_dir(local_store(STORED_FEATURE[feature]))
+    fingerprint = adaptation_fingerprint(codebook, source)
+    path = layout.model(adapted_name(feature, k))
+    if path.exists() and load_npz(path)[1].get("fingerprint") == fingerprint:
+        return load_npz(path)[1]
+    shared = dask.delayed(blob)
+    level = [dask.delayed(word_sums_part)(str(p), feature, shared, k) for p in part_files(source)]
+    if not level:
+        raise RunFailed(f"local-feature store {source} has no parts to adapt the codebook to")
+    while len(level) > 1:  # same reduction as the moments: (sums, counts, n) added pairwise
+        pairs = [dask.delayed(_add_moments)(a, b) for a, b in zip(level[::2], level[1::2], strict=False)]
+        level = pairs + ([level[-1]] if len(level) % 2 else [])
+    with dask_scheduler(cfg.fit.scheduler, cfg.fit.dask_address) as kwargs:
+        ((sums, counts, n),) = dask.compute(level[0], **kwargs)
+    meta = {
+        "kind": "codebook",
+        "adapted": True,
+        "codebook": codebook.get("fingerprint"),
+        "feature": feature,
+        "k": k,
+        "n_descriptors": int(n),
+        "empty_words": int((counts == 0).sum()),
+        "source": str(source.relative_to(layout.root)),
+        "fingerprint": fingerprint,
+    }
+    save_npz(path, meta, centroids=adapt_centroids(centroids, sums, counts), counts=counts)
+    log.info(
+        "fit: codebook %s k=%d adapted to %d descriptors (%d empty words)", feature, k, n, meta["empty_words"]
+    )
+    return meta
+
+
 def encode_descriptor(layout: RunLayout, cfg: Config, descriptor: str) -> dict[str, Any]:
     """Dask job: encode every part of the local-feature store into ``features/<descriptor>``."""
-    from embedpipe.workers.classical.encode import descriptor_info, encode_part, load_codebook, store_meta
+    from embedpipe.workers.classical.encode import (
+        dense_dim,
+        descriptor_info,
+        encode_part,
+        load_encoding,
+        store_meta,
+    )
     from embedpipe.workers.descriptors.local import STORED_DIM, STORED_FEATURE, local_store
 
     kind, feature, k = descriptor_info(descriptor, cfg)
     stored = STORED_FEATURE[feature]
-    centroids, blob, _ = load_codebook(layout, feature, k)
+    blob, centroids, model = load_encoding(layout, cfg, descriptor)
     source = layout.feature_dir(local_store(stored))
     out = layout.feature_dir(descriptor)
     shutil.rmtree(out, ignore_errors=True)
     meta = store_meta(descriptor, cfg, STORED_DIM[stored])
     parts = part_files(source)
-    shared_blob, shared_centroids = dask.delayed(blob), dask.delayed(centroids)
+    shared = (dask.delayed(blob), dask.delayed(centroids), cfg.bow, meta, dask.delayed(model))  # once each
     tasks = [
-        dask.delayed(encode_part)(
-            kind, feature, str(p), str(out), i, len(parts), shared_blob, shared_centroids, cfg.bow, meta
-        )
+        dask.delayed(encode_part)(kind, feature, str(p), str(out), i, len(parts), *shared)
         for i, p in enumerate(parts)
     ]
     with dask_scheduler(cfg.fit.scheduler, cfg.fit.dask_address) as kwargs:
         rows = int(sum(dask.compute(*tasks, **kwargs)))
-    dim = k if kind == "bow" else int(centroids.size)
+    dim = k if kind == "bow" else dense_dim(kind, centroids, model)
     write_manifest(out, {"dim": dim, "rows": rows, "n_parts": len(parts), **meta})
     log.info("fit: encoded %d images as %s (%d dims)", rows, descriptor, dim)
     return {"descriptor": descriptor, "rows": rows, "dim": dim}

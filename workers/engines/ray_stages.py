@@ -25,7 +25,7 @@ import numpy as np
 
 from embedpipe.storage.contracts.errors import DecodeError, RunFailed
 from embedpipe.storage.inputs import InputRef
-from embedpipe.workers.descriptors.local import HOG_DIM, extract_local, grayscale, hog_descriptor
+from embedpipe.workers.descriptors.local import extract_local, grayscale, hog_dim, hog_of
 from embedpipe.workers.ingest.decode import content_id, decode_image, decode_query_crop
 from embedpipe.workers.ingest.sources import PendingRead, read_inputs, read_rotations, rotation_of
 
@@ -478,7 +478,8 @@ def local_batch(
 ) -> dict[str, np.ndarray]:
     """Ray Data CPU stage: decode (through ``decode_batch``, longer side ``cfg.max_side``), then each
     stored local feature (``kp_<f>``: (n, 4) float32 bytes, ``desc_<f>``: (n, dim) uint8 bytes) and,
-    with ``hog``, the HOG vector ``d_hog`` (rows, HOG_DIM). One OpenCV thread: Ray runs one task per CPU."""
+    with ``hog``, the HOG vector ``d_hog`` (rows, ``hog_dim(cfg)``). One OpenCV thread: Ray runs one task
+    per CPU."""
     import cv2
 
     cv2.setNumThreads(1)
@@ -490,7 +491,7 @@ def local_batch(
         out[f"kp_{f}"] = np.array([b""] * n, dtype=object)
         out[f"desc_{f}"] = np.array([b""] * n, dtype=object)
     if hog:
-        out["d_hog"] = np.zeros((n, HOG_DIM), np.float32)
+        out["d_hog"] = np.zeros((n, hog_dim(cfg)), np.float32)
     for i in range(n):
         if batch["error"][i]:
             continue
@@ -501,7 +502,7 @@ def local_batch(
             out[f"kp_{f}"][i] = feats.keypoints.tobytes()
             out[f"desc_{f}"][i] = feats.descriptors.tobytes()
         if hog:
-            out["d_hog"][i] = hog_descriptor(image, cfg.hog_size)
+            out["d_hog"][i] = hog_of(image, cfg)
     return out
 
 

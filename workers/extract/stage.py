@@ -34,8 +34,8 @@ from embedpipe.storage.quarantine import write_quarantine
 from embedpipe.storage.shards import ShardRecords, input_signature, shard_fingerprint
 from embedpipe.workers.descriptors.backbones import check_backbone, weights_digest
 from embedpipe.workers.descriptors.local import (
-    HOG_DIM,
     STORED_DIM,
+    hog_dim,
     is_classical,
     local_store,
     stored_features,
@@ -110,7 +110,14 @@ def store_specs(cfg: Config) -> list[StoreSpec]:
             "max_side": lcfg.max_side,
             "hog_size": lcfg.hog_size,
         }
-        specs.append(StoreSpec("hog", "vector", meta, HOG_DIM))
+        if lcfg.hog_layout != "grid":  # the grid layout's stores stay as they were
+            meta.update(
+                hog_layout=lcfg.hog_layout,
+                hog_cell=lcfg.hog_cell,
+                hog_block=lcfg.hog_block,
+                hog_bins=lcfg.hog_bins,
+            )
+        specs.append(StoreSpec("hog", "vector", meta, hog_dim(lcfg)))
     return specs
 
 

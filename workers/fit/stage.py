@@ -1,9 +1,11 @@
 """The fit stage as plain functions: what a run fits, fitting it, and whether a reindex refits.
 
-``fit_models`` learns the codebooks of the bow-*/vlad-* descriptors (then encodes their stores) and the
-PCA-whitening of every dense descriptor, on the engines the config names (``workers/engines/dask_jobs.py``),
-and saves each model with the config that made it. A reindex keeps the fitted models unless the new
-vectors drift (``whitening_drifts``, ``should_refit``). The Prefect flow only calls these.
+``fit_models`` learns the codebooks of the bow-*/vlad-* descriptors (with ``bow.vlad_adapt``, VLAD's
+adapted to the indexed collection), the GMMs of the fv-* and the embeddings of the temb-* descriptors (then
+encodes their stores) and the PCA-whitening of every dense descriptor, on the engines the config names
+(``workers/engines/dask_jobs.py``), and saves each model with the config that made it. A reindex keeps
+the fitted models unless the new vectors drift (``whitening_drifts``, ``should_refit``). The Prefect flow
+only calls these.
 """
 
 from __future__ import annotations
@@ -15,8 +17,14 @@ from embedpipe.storage.artifacts import save_npz
 from embedpipe.storage.contracts.layout import RunLayout
 from embedpipe.storage.features import read_store_manifest
 from embedpipe.workers.classical.encode import descriptor_info
-from embedpipe.workers.descriptors.local import encoding_of
-from embedpipe.workers.engines.dask_jobs import encode_descriptor, fit_codebook, fit_pca_whitening
+from embedpipe.workers.descriptors.local import ENCODINGS, encoding_of
+from embedpipe.workers.engines.dask_jobs import (
+    adapt_codebook,
+    encode_descriptor,
+    fit_codebook,
+    fit_pca_whitening,
+    fit_sampled_model,
+)
 from embedpipe.workers.evaluate.stage import borrowed_whitening, whitening_drift, whitening_name
 
 if TYPE_CHECKING:
@@ -26,8 +34,20 @@ log = logging.getLogger("embedpipe.fit")
 
 
 def encoded_descriptors(cfg: Config) -> list[str]:
-    """The descriptors encoded through a codebook (bow-*: words; vlad-*: dense vectors)."""
-    return [d for d in cfg.extract.descriptors if encoding_of(d)[0] in ("bow", "vlad")]
+    """The descriptors encoded from a local-feature store (bow-*: words; vlad-*, fv-*, temb-*: dense)."""
+    return [d for d in cfg.extract.descriptors if encoding_of(d)[0] in ENCODINGS]
+
+
+def fit_encoding(cfg: Config, layout: RunLayout, descriptor: str) -> None:
+    """The model ``descriptor`` is encoded with: a codebook (bow, vlad; adapted with ``bow.vlad_adapt``),
+    a GMM (fv) or a triangulation embedding (temb)."""
+    kind, feature, k = descriptor_info(descriptor, cfg)
+    if kind in ("fv", "temb"):
+        fit_sampled_model(layout, cfg, kind, feature, k)
+        return
+    fit_codebook(layout, cfg, feature, k)
+    if kind == "vlad" and cfg.bow.vlad_adapt:
+        adapt_codebook(layout, cfg, feature, k)
 
 
 def needs_fit(cfg: Config) -> bool:
@@ -41,8 +61,7 @@ def fit_models(cfg: Config, layout: RunLayout, logger: logging.Logger | logging.
     output dimension per descriptor."""
     fitted: dict[str, Any] = {}
     for name in encoded_descriptors(cfg):
-        _, feature, k = descriptor_info(name, cfg)
-        fit_codebook(layout, cfg, feature, k)
+        fit_encoding(cfg, layout, name)
         fitted[name] = encode_descriptor(layout, cfg, name)["dim"]
     dense = [d for d in cfg.extract.descriptors if encoding_of(d)[0] != "bow"]
     for name in dense if cfg.fit.whiten else ():
