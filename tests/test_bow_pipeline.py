@@ -114,11 +114,12 @@ def test_bench_codebook(small_holidays, tmp_path):
     assert result["name"] == "codebook" and result["k"] == 16 and result["iterations"] == 5
     assert result["n_images"] == 23 and result["n_quarantined"] == 1
     assert result["n_sample"] > 16 and result["dim"] == 128
-    for side in ("ours", "baseline"):
+    for side in ("ours", "baseline", "minibatch"):
         assert result[side]["time_s"] > 0 and np.isfinite(result[side]["inertia"])
     assert result["ratio"] == pytest.approx(result["baseline"]["time_s"] / result["ours"]["time_s"], rel=0.1)
-    # same k and iterations on the same sample: the two codebooks fit it comparably well
-    assert result["ours"]["inertia"] <= 1.5 * result["baseline"]["inertia"]
+    # the same algorithm from the same initial centroids: the same codebook quality (checked by the bench)
+    assert result["inertia_rel_diff"] <= 1e-3 and result["baseline"]["iterations_run"] <= 5
+    assert result["ours"]["inertia"] == pytest.approx(result["baseline"]["inertia"], rel=1e-3)
 
 
 def test_codebook_from_another_run(bow_run, tmp_path):
