@@ -257,6 +257,14 @@ def test_bench_train_writes_side_by_side_json(train_images, tmp_path):
     assert result["ours"]["workers"] == 2 and result["tuples_per_step"] == 2
     assert result["ratio"] == pytest.approx(result["baseline"]["time_s"] / result["ours"]["time_s"])
     assert result["ours"]["images_per_s"] > 0 and result["baseline"]["images_per_s"] > 0
+    # the baseline was tuned on this machine (threads x batched or not, each tried on the first step)
+    # and its steps ran before and after ours
+    base = result["baseline"]
+    assert len(base["tuning"]) == 4 and {t["threads"] for t in base["tuning"]} == {1, 2}
+    assert base["step_s"] > 0 and (base["threads"], base["batched"]) in {
+        (t["threads"], t["batched"]) for t in base["tuning"]
+    }
+    assert result["order"][1] == "ours"
     # two Ray Train workers took the same steps as the single process: the same loss at every step
     losses = result["losses"]
     assert len(losses["ours"]) == len(losses["baseline"]) == 3 and result["loss_max_rel_diff"] <= 1e-4

@@ -1,6 +1,6 @@
 """``embedpipe bench train``: seconds per fine-tuning step of Ray Train (N workers, as ``finetune`` sizes
-them) vs a plain single-process PyTorch loop, on the same model and the same tuples. Cheap to import:
-torch, Ray and the workers are imported where they are used."""
+them) vs a plain single-process PyTorch loop tuned for the machine, on the same model and the same
+tuples. Cheap to import: torch, Ray and the workers are imported where they are used."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from embedpipe.flows.benchmarks.common import (
     add_images_argument,
@@ -49,9 +49,10 @@ def bench_batches(cfg: Config, refs: list[InputRef], groups: np.ndarray, n_steps
 
 
 def _timed_steps(
-    model, opt, images, steps, cfg, spec, device, rank=0, world=1, allreduce=None
+    model, opt, images, steps, cfg, spec, device, rank=0, world=1, allreduce=None, step_fn=None
 ) -> tuple[list[float], list[float]]:
-    """Each step's seconds and loss (the mean over all the step's tuples, summed across workers)."""
+    """Each step's seconds and loss (the mean over all the step's tuples, summed across workers), with
+    the pipeline's ``train_step`` or ``step_fn`` (same arguments, no all-reduce)."""
     from embedpipe.workers.train.loop import train_step
 
     times, losses = [], []
@@ -59,9 +60,75 @@ def _timed_steps(
         mine = step[rank::world]
         batch = [[images[t.query], images[t.positive], *[images[n] for n in t.negatives]] for t in mine]
         t0 = time.perf_counter()
-        losses.append(train_step(model, opt, batch, len(step), cfg.finetune, spec, device, allreduce))
+        if step_fn is None:
+            losses.append(train_step(model, opt, batch, len(step), cfg.finetune, spec, device, allreduce))
+        else:
+            losses.append(step_fn(model, opt, batch, len(step), cfg.finetune, spec, device))
         times.append(time.perf_counter() - t0)
     return times, losses
+
+
+def batched_step(model, opt, batch, n_total: int, f, spec, device: str) -> float:
+    """One optimiser step as a plain PyTorch loop would take it: every image of the step's tuples embedded
+    in as few forward passes as their shapes allow (one per shape: BatchNorm is frozen, so an image's
+    vector does not depend on its batch), then one backward over the mean tuple loss. Same loss as
+    ``train_step`` up to float rounding."""
+    import torch
+
+    from embedpipe.workers.extract.embed import shape_buckets
+    from embedpipe.workers.train.finetune import freeze_batchnorm, to_input, tuple_loss
+    from embedpipe.workers.train.loop import train_autocast
+
+    model.train()
+    freeze_batchnorm(model)
+    opt.zero_grad(set_to_none=False)
+    images = [image for tuple_ in batch for image in tuple_]
+    vectors: list = [None] * len(images)
+    for group in shape_buckets([image.shape for image in images], len(images)):
+        x = torch.cat([to_input(images[i], spec.mean, spec.std) for i in group]).to(device)
+        with train_autocast(device, f.precision):
+            out = model(x)
+        for row, i in enumerate(group):
+            vectors[i] = out[row]
+    loss, start = torch.zeros((), dtype=torch.float32, device=device), 0
+    for tuple_ in batch:
+        rows = torch.stack(vectors[start : start + len(tuple_)]).float()
+        loss = loss + tuple_loss(f.loss, rows, f.margin) / n_total
+        start += len(tuple_)
+    loss.backward()
+    opt.step()
+    return float(loss.detach().double().cpu())
+
+
+def tune_baseline(cfg: Config, images, step, cpus: int, device: str) -> dict[str, Any]:
+    """The baseline's set-up, as a user would tune it on this machine: every (torch threads, batched or
+    one image per forward) pair takes the first step on a copy of the fresh model; the fastest wins.
+    The copies are thrown away, so the baseline then starts from the same weights as ours."""
+    import copy
+
+    import torch
+
+    from embedpipe.workers.train.loop import build_model, optimiser
+
+    torch.manual_seed(cfg.seed)
+    model, spec = build_model(cfg)
+    model = model.to(device)
+    warm = copy.deepcopy(model)  # one untimed step first: the first pass of a process pays for set-up
+    _timed_steps(warm, optimiser(warm, cfg.finetune), images, [step], cfg, spec, device)
+    del warm
+    tried = []
+    for threads in (
+        sorted({1, max(1, cpus // 2), max(1, cpus)}) if device == "cpu" else [torch.get_num_threads()]
+    ):
+        for batched in (False, True):
+            torch.set_num_threads(threads)
+            trial = copy.deepcopy(model)
+            opt = optimiser(trial, cfg.finetune)
+            fn = batched_step if batched else None
+            seconds = _timed_steps(trial, opt, images, [step], cfg, spec, device, step_fn=fn)[0][0]
+            tried.append({"threads": threads, "batched": batched, "step_s": round(seconds, 4)})
+    best = min(tried, key=lambda t: t["step_s"])
+    return {**best, "tried": tried}
 
 
 # the two sides take the same steps when their losses agree this closely (the workers' gradients are
@@ -119,8 +186,10 @@ def bench_loop(config: dict, ctx: TrainContext) -> None:
 
 def bench_train(cfg: Config, n_steps: int) -> dict:
     """``embedpipe bench train``: seconds per training step of Ray Train (N workers, as ``finetune`` sizes
-    them) vs a plain single-process PyTorch loop using every CPU thread, on the same model and the same
-    tuples; the first step of each side is a warm-up, reported apart."""
+    them) vs a plain single-process PyTorch loop tuned for this machine (threads, and batched forwards or
+    one image per forward, whichever is faster), on the same model and the same tuples, the baseline's
+    steps before and after ours; the first step of each side is a warm-up, reported apart, and both
+    sides must compute the same losses."""
     import numpy as np
     import torch
 
@@ -136,19 +205,23 @@ def bench_train(cfg: Config, n_steps: int) -> dict:
         steps = bench_batches(cfg, refs, groups, n_steps + 1, per_step)
         images_per_step = per_step * (2 + cfg.finetune.negatives)
 
-        # baseline: one process, every core's threads (or the GPU), no Ray
+        # baseline: one process, no Ray, its threads and batching tuned on this machine; its steps are
+        # alternated with ours: the first half before Ray Train runs, the second half after
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         old_threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, cpus) if device == "cpu" else old_threads)
+        images = load_images(refs, cfg.finetune.max_side, cfg)
+        tuned = tune_baseline(cfg, images, steps[0], cpus, device)
+        torch.set_num_threads(tuned["threads"])
         torch.manual_seed(cfg.seed)
         model, spec = build_model(cfg)
         model = model.to(device)
-        images = load_images(refs, cfg.finetune.max_side, cfg)
+        base_opt = optimiser(model, cfg.finetune)
+        step_fn = batched_step if tuned["batched"] else None
+        half = 1 + (len(steps) - 1) // 2  # the warm-up step and the first half of the timed ones
         base_times, base_losses = _timed_steps(
-            model, optimiser(model, cfg.finetune), images, steps, cfg, spec, device
+            model, base_opt, images, steps[:half], cfg, spec, device, step_fn=step_fn
         )
         torch.set_num_threads(old_threads)
-        del model
 
         with tempfile.TemporaryDirectory(prefix="embedpipe-bench-train-") as tmp:
             t0 = time.perf_counter()
@@ -170,6 +243,13 @@ def bench_train(cfg: Config, n_steps: int) -> dict:
             wall = time.perf_counter() - t0
             with run.checkpoint_dir() as d:  # rank 0's; every rank waits on each all-reduce
                 ours_steps = json.loads((d / "steps.json").read_text())
+        torch.set_num_threads(tuned["threads"])
+        more_times, more_losses = _timed_steps(
+            model, base_opt, images, steps[half:], cfg, spec, device, step_fn=step_fn
+        )
+        torch.set_num_threads(old_threads)
+        del model
+    base_times, base_losses = base_times + more_times, base_losses + more_losses
     ours_times = ours_steps["times"]
     loss_diff = same_steps(ours_steps["losses"], base_losses)
 
@@ -185,7 +265,14 @@ def bench_train(cfg: Config, n_steps: int) -> dict:
         }
 
     ours = side(ours_times, workers=n, threads_per_worker=threads, device=device, wall_with_startup_s=wall)
-    baseline = side(base_times, workers=1, threads=max(1, cpus) if device == "cpu" else None, device=device)
+    baseline = side(
+        base_times,
+        workers=1,
+        threads=tuned["threads"],
+        batched=tuned["batched"],
+        tuning=tuned["tried"],
+        device=device,
+    )
     return {
         "name": "train",
         "ours": ours,
@@ -195,6 +282,7 @@ def bench_train(cfg: Config, n_steps: int) -> dict:
         "max_side": cfg.finetune.max_side,
         "tuples_per_step": per_step,
         "images_per_step": images_per_step,
+        "order": ["baseline (warm-up and first half)", "ours", "baseline (second half)"],
         "loss": cfg.finetune.loss,
         # both sides' loss at each step (warm-up first): the same steps, checked by ``same_steps``
         "losses": {"ours": ours_steps["losses"], "baseline": base_losses},

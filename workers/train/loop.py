@@ -109,7 +109,7 @@ def embed_images(model: RetrievalNet, images: list[np.ndarray], spec, device: st
     return np.stack(out).astype(np.float32)
 
 
-def _autocast(device: str, precision: str):
+def train_autocast(device: str, precision: str):
     import contextlib
 
     if device != "cuda":
@@ -136,7 +136,7 @@ def train_step(
     opt.zero_grad(set_to_none=False)
     total = torch.zeros(1, dtype=torch.float64)
     for images in batch:
-        with _autocast(device, f.precision):
+        with train_autocast(device, f.precision):
             vecs = torch.cat([model(to_input(im, spec.mean, spec.std).to(device)) for im in images])
         loss = tuple_loss(f.loss, vecs.float(), f.margin) / n_total
         loss.backward()
