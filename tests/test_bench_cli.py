@@ -32,7 +32,11 @@ OWN = {
     "--steps": {"train"},
     "--max-side": {"ingest"},
     "--baseline-python": {"ingest"},
-    "--n": {"extract", "decode", "ingest"},
+    "--n": {"extract", "decode", "ingest", "gpu"},
+    "--batch": {"gpu"},
+    "--side": {"gpu"},
+    "--precision": {"gpu"},
+    "--arch": {"gpu"},
     "--images": {"extract", "decode", "codebook", "reindex", "train", "ingest"},
     **{flag: {"extract", "decode", "codebook", "reindex", "train", "ingest"} for flag in CONFIG_FLAGS},
 }
@@ -52,7 +56,17 @@ def _flags(parser: argparse.ArgumentParser) -> set[str]:
 
 
 def test_one_sub_command_per_bench_in_order():
-    assert list(BENCHES) == ["extract", "decode", "codebook", "pca", "index", "reindex", "train", "ingest"]
+    assert list(BENCHES) == [
+        "extract",
+        "decode",
+        "codebook",
+        "pca",
+        "index",
+        "reindex",
+        "train",
+        "ingest",
+        "gpu",
+    ]
     assert list(_bench_parsers()) == list(BENCHES)
     for name in BENCHES:
         module = importlib.import_module(f"embedpipe.flows.benchmarks.{name}")

@@ -8,10 +8,11 @@ sub-command.
 BENCHES = {
     "extract": "the extraction stage on Ray vs a plain torch loop on the same images",
     "decode": "DCT-domain JPEG downscale vs full decode + resize, with the descriptor cosine between them",
-    "codebook": "faiss k-means vs scikit-learn MiniBatchKMeans on one Dask sample of local features",
+    "codebook": "faiss k-means vs scikit-learn's Lloyd k-means from the same start, on one Dask sample",
     "pca": "the PCA fit: Dask out-of-core vs in-memory numpy vs scikit-learn, time and peak RSS each",
     "index": "filling a trained index: one-CPU Ray tasks + merge vs one process; QPS at recall",
     "reindex": "reindex of the files that arrived later vs a full run on the whole collection",
     "train": "fine-tuning steps: Ray Train workers vs a plain single-process PyTorch loop",
     "ingest": "the ingest stage vs img2dataset on the same photos served over HTTP from 127.0.0.1",
+    "gpu": "one GPU: nvJPEG decode and the model apart and together, images/s and what limits them",
 }

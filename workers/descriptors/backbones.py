@@ -203,7 +203,7 @@ def _timm(arch: str, weights: Path | str | None) -> tuple[nn.Module, BackboneSpe
     return _TimmTrunk(model), BackboneSpec(f"timm:{arch}", mean, std, model.num_features)
 
 
-def _torchvision_trunk(model: nn.Module) -> nn.Module:
+def torchvision_trunk(model: nn.Module) -> nn.Module:
     """Conv trunk of a torchvision classifier: ``.features`` (VGG, MobileNet, EfficientNet, DenseNet) or
     every child before the global pool (ResNet, ResNeXt, RegNet)."""
     if isinstance(getattr(model, "features", None), nn.Module):
@@ -221,7 +221,7 @@ def _torchvision(arch: str, weights: Path | str | None) -> tuple[nn.Module, Back
     model = _with_local_weights(
         f"torchvision:{arch}", lambda: torchvision.models.get_model(arch, weights=None), weights
     )
-    trunk = _torchvision_trunk(model).eval()
+    trunk = torchvision_trunk(model).eval()
     with torch.no_grad():
         channels = trunk(torch.zeros(1, 3, 64, 64)).shape[1]
     fc = None
@@ -274,7 +274,7 @@ def architecture(base: str) -> nn.Module:
     if base.startswith("torchvision:"):
         import torchvision
 
-        return _torchvision_trunk(
+        return torchvision_trunk(
             torchvision.models.get_model(base.removeprefix("torchvision:"), weights=None)
         )
     raise BackboneError(f"unknown base backbone '{base}'")
