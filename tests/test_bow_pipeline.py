@@ -61,7 +61,7 @@ def test_bow_vlad_hog_rows(bow_run):
     assert vlad[0]["dim"] == 8 * 128 and vlad[0]["bytes_per_vector"] == 4 * 8 * 128
     assert vlad[1]["dim"] == 105 and vlad[1]["map"] >= 0.7
     hog = [r for k, r in rows.items() if k[0] == "hog"]
-    assert hog[0]["dim"] == 1764 and hog[0]["backbone"] == "skimage-hog" and hog[0]["map"] > 0.5
+    assert hog[0]["dim"] == 1764 and hog[0]["backbone"] == "skimage-hog" and hog[0]["map"] >= 0.7
     fv = [r for k, r in rows.items() if k[0] == "fv-rootsift" and k[2] == "none"]
     assert [r["post"] for r in fv] == ["l2", "pcaw105"] and fv[0]["dim"] == 2 * 8 * 128
     assert fv[0]["map"] >= 0.75 and fv[1]["map"] >= 0.8  # seen: 0.807, 0.843
@@ -155,7 +155,9 @@ def test_cnn_and_classical_descriptors_in_one_run(small_holidays, tmp_path):
     assert all(hits[f"/{n}"] >= 1 for n in names)
     metrics = json.loads((run / "report" / "metrics.json").read_text())
     assert {r["descriptor"] for r in metrics["results"]} == {"gem", "hog"}
-    assert all(r["map"] > 0.5 for r in metrics["results"]), metrics["results"]
+    # floors a little below what this data gives (GeM 1.0; HOG 0.87 plain, 0.93 whitened)
+    floors = {"gem": 0.95, "hog": 0.8}
+    assert all(r["map"] >= floors[r["descriptor"]] for r in metrics["results"]), metrics["results"]
     quarantine = pd.read_parquet(run / "quarantine.parquet")
     assert list(quarantine["path"].str.rsplit("/", n=1).str[-1]) == ["broken.jpg"]  # once, not per pass
     manifest = pd.read_parquet(run / "dataset.parquet")

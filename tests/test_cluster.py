@@ -99,7 +99,7 @@ def test_run_on_two_ray_nodes_and_a_dask_scheduler(clusters, reference):
     assert manifest["config"]["fit"]["dask_address"] == dask.address
     metrics = json.loads((run / "report" / "metrics.json").read_text())
     assert metrics["dataset"]["n_images"] == 23
-    assert min(r["map"] for r in metrics["results"]) > 0.5
+    assert min(r["map"] for r in metrics["results"]) >= 0.95  # every row finds every copy here (1.0)
 
 
 def _kill_actor_when_busy(pgids: list[int], killed: list[int], stop: threading.Event, every: bool) -> None:

@@ -113,7 +113,8 @@ def test_whitening_learnt_on_another_run(flat_run, small_holidays, tmp_path):
     assert all(np.array_equal(mine[k], theirs[k]) for k in ("mean", "proj", "eigvals"))
     assert meta["n_train"] == their_meta["n_train"] == 106  # fitted on the source's 106 images
     rows = json.loads((run / "report" / "metrics.json").read_text())["results"]
-    assert [r["post"] for r in rows] == ["l2", "pcaw64"] and all(r["map"] > 0.5 for r in rows)
+    # GeM 0.97 plain, 0.99 with the borrowed whitening on this data
+    assert [r["post"] for r in rows] == ["l2", "pcaw64"] and all(r["map"] >= 0.93 for r in rows)
     # provenance: the whitened row's model came from the source run, the plain row has none
     assert rows[1]["fitted_on"] == str(source) and rows[1]["models"] == {"whitening": str(source)}
     assert rows[0]["fitted_on"] is None
