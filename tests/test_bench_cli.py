@@ -31,7 +31,11 @@ OWN = {
     "--held-back": {"reindex"},
     "--steps": {"train"},
     "--max-side": {"ingest"},
-    "--baseline-python": {"ingest"},
+    "--baseline-python": {"ingest", "index"},
+    "--baseline": {"index"},
+    "--budget-mb": {"index"},
+    "--vectors": {"index"},
+    "--queries": {"index"},
     "--n": {"extract", "decode", "ingest", "gpu"},
     "--batch": {"gpu"},
     "--side": {"gpu"},
@@ -89,7 +93,8 @@ def test_bench_defaults_are_per_bench():
     parse = build_parser().parse_args
     pca, index = parse(["bench", "pca"]), parse(["bench", "index"])
     assert (pca.rows, pca.dim, pca.parts, pca.components) == (1_000_000, 256, 16, 128)
-    assert (index.rows, index.dim, index.factory, index.growth) == (1_000_000, 128, "IVF1024,PQ32", "")
+    # index: --rows/--dim default per mode (1,000,000 x 128 for the fill, 200,000 x 256 with --baseline)
+    assert (index.rows, index.dim, index.factory, index.growth) == (None, None, "IVF1024,PQ32", "")
     reindex = parse(["bench", "reindex"])
     assert (reindex.fraction, reindex.held_back, reindex.sets) == (0.1, "spread", [])
     assert parse(["bench", "ingest"]).max_side == 512 and parse(["bench", "extract"]).n == 2000

@@ -1,11 +1,21 @@
-"""Index choice under a memory budget and a target recall, on seeded clustered data."""
+"""Index choice under a memory budget and a target recall, on seeded clustered data: held-out sample
+queries (never the protocol's), honest bytes, a deterministic pick."""
 
+import inspect
+
+import faiss
 import numpy as np
 import pytest
 
 from embedpipe.storage.contracts.errors import InputError
-from embedpipe.workers.evaluate.protocols import GroundTruth
-from embedpipe.workers.index.choose import auto_candidates, choose_index, nlist_for, recall_at_k
+from embedpipe.workers.index import ann
+from embedpipe.workers.index.choose import (
+    auto_candidates,
+    choose_index,
+    nlist_for,
+    recall_at_k,
+    split_sample,
+)
 
 
 @pytest.fixture(scope="module")
@@ -14,11 +24,7 @@ def clustered():
     labels = np.repeat(np.arange(100), 20)
     centres = rng.standard_normal((100, 32))
     x = centres[labels] + 0.5 * rng.standard_normal((2000, 32))
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-    queries = np.arange(0, 2000, 20)
-    positives = [np.setdiff1d(np.flatnonzero(labels == labels[q]), [q]) for q in queries]
-    gt = GroundTruth(queries=queries, positives=positives, junk=[np.array([q]) for q in queries])
-    return x, gt
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def test_recall_at_k_brute_force():
@@ -27,29 +33,77 @@ def test_recall_at_k_brute_force():
     assert recall_at_k(found, truth, 3) == pytest.approx((2 / 3 + 0) / 2)
 
 
-def test_candidates_cover_the_families():
-    names = auto_candidates(32, 2000)
-    assert nlist_for(2000) == 32 and "Flat" in names and "HNSW32" in names and "LSH" in names
-    assert "IVF32,Flat" in names and any(n.startswith("IVF32,PQ") for n in names)
+def test_candidates_cover_the_families_and_build():
+    assert nlist_for(1600) == 32 and nlist_for(49_000) == 1024 and nlist_for(10) == 4
+    names = auto_candidates(32, 1600)
+    for family in ("Flat", "SQfp16", "SQ8", "SQ4", "IVF32,Flat", "IVF32,SQ8", "IVF32,SQfp16", "HNSW32"):
+        assert family in names
+    assert "IVF32,PQ4x4" in names and "OPQ4,IVF32,PQ4x4" in names and "HNSW32,SQ8" in names
+    # at 256 dims and 335 bytes a vector: full-size SQ8 fits, fp16 only after PCA; HNSW over PQ codes
+    big = auto_candidates(256, 49_000, 335)
+    assert {"IVF1024,SQ8", "IVF1024,PQ32", "OPQ32,IVF1024,PQ32", "PCA160,SQfp16", "HNSW32,PQ32"} <= set(big)
+    for factory in big:  # every string is one FAISS 1.15 builds
+        assert ann.make_index(factory, 256).d == 256
 
 
-def test_pick_fits_budget_and_reaches_target(clustered):
-    x, gt = clustered
-    pick, rows = choose_index(x, gt, budget=16, target=0.5)
+def test_sample_holds_out_queries_never_the_protocols():
+    protocol = np.arange(0, 2000, 20)
+    db, queries = split_sample(2000, 1500, seed=3, exclude=protocol)
+    assert len(db) + len(queries) == 1500 and len(queries) == 300
+    assert not np.intersect1d(db, queries).size and not np.intersect1d(queries, protocol).size
+    again = split_sample(2000, 1500, seed=3, exclude=protocol)
+    assert np.array_equal(again[0], db) and np.array_equal(again[1], queries)
+    # the chooser takes no ground truth at all
+    assert "gt" not in inspect.signature(choose_index).parameters
+
+
+def test_pick_within_budget_reaches_target_and_is_deterministic(clustered):
+    x = clustered
+    protocol = np.arange(0, 2000, 20)
+    pick, table = choose_index(x, budget=48, target=0.9, exclude=protocol)
+    assert pick["bytes_per_vector"] <= 48 and pick["recall"] >= 0.9 and pick["reaches_target"]
+    assert "SQ" in pick["index"] or "IVF" in pick["index"]
+    rows = table["rows"]
     assert sum(r["picked"] for r in rows) == 1 and pick["picked"]
-    assert pick["bytes_per_vector"] <= 16 and pick["recall"] >= 0.5
-    exact = next(r for r in rows if r["index"] == "Flat")
-    assert exact["recall"] == 1.0 and exact["bytes_per_vector"] == 128
-    feasible = [r for r in rows if r["bytes_per_vector"] <= 16 and r["recall"] >= 0.5]
-    assert pick["map"] == max(r["map"] for r in feasible)  # mAP-aware
-    for r in rows:
-        assert {"index", "bytes_per_vector", "recall", "qps", "build_s", "map"} <= set(r)
-    # IVF candidates swept nprobe until the target or all lists
-    ivf = next(r for r in rows if r["index"] == "IVF32,Flat")
-    assert ivf["param"] == "nprobe" and (ivf["recall"] >= 0.5 or ivf["value"] == 32)
+    assert table["chosen_on"].startswith("a seeded sample of 1600 database vectors, 400 held-out")
+    assert table["sample"] == {"database": 1600, "queries": 400, "of": 2000, "seed": 0, "dim": 32}
+    built = [r for r in rows if "recall" in r]
+    for r in built:
+        assert {
+            "index",
+            "param",
+            "value",
+            "recall",
+            "qps",
+            "bytes_per_vector",
+            "build_s",
+            "fits_budget",
+        } <= set(r)
+        assert "map" not in r
+    # over-budget candidates are listed, not built; IVF lists keep an 8-byte id beside each code
+    assert next(r for r in rows if r["index"] == "Flat") == {
+        "index": "Flat", "bytes_per_vector": 136, "fits_budget": False, "note": "not built", "picked": False
+    }  # fmt: skip
+    sq8 = [r for r in rows if r["index"] == "IVF32,SQ8"]
+    assert sq8[0]["bytes_per_vector"] == pytest.approx(40, abs=0.5) and sq8[0]["code_bytes"] == 32
+    assert [r["value"] for r in sq8] == [2**i for i in range(len(sq8))]
+    again, _ = choose_index(x, budget=48, target=0.9, exclude=protocol)
+    assert (again["index"], again["value"]) == (pick["index"], pick["value"])
+
+
+def test_hnsw_bytes_count_its_links(clustered):
+    _, table = choose_index(clustered[:600], budget=2**31, target=0.99)
+    hnsw = next(r for r in table["rows"] if r["index"] == "HNSW32")
+    assert hnsw["code_bytes"] == 128 and hnsw["bytes_per_vector"] >= 128 + 8 + 4 * 64
+    assert next(r for r in table["rows"] if r["index"] == "Flat")["recall"] == 1.0
 
 
 def test_no_candidate_fits(clustered):
-    x, _ = clustered
     with pytest.raises(InputError, match="no index candidate fits"):
-        choose_index(x, None, budget=1, target=0.9)
+        choose_index(clustered, budget=1, target=0.9)
+
+
+def test_threads_restored(clustered):
+    before = faiss.omp_get_max_threads()
+    choose_index(clustered[:300], budget=48, target=0.5)
+    assert faiss.omp_get_max_threads() == before

@@ -10,7 +10,7 @@ BENCHES = {
     "decode": "DCT-domain JPEG downscale vs full decode + resize, with the descriptor cosine between them",
     "codebook": "faiss k-means vs scikit-learn's Lloyd k-means from the same start, on one Dask sample",
     "pca": "the PCA fit: Dask out-of-core vs in-memory numpy vs scikit-learn, time and peak RSS each",
-    "index": "filling a trained index: one-CPU Ray tasks + merge vs one process; QPS at recall",
+    "index": "filling a trained index: Ray tasks vs one process; --baseline autofaiss: the index choice",
     "reindex": "reindex of the files that arrived later vs a full run on the whole collection",
     "train": "fine-tuning steps: Ray Train workers vs a plain single-process PyTorch loop",
     "ingest": "the ingest stage vs img2dataset on the same photos served over HTTP from 127.0.0.1",

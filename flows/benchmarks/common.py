@@ -1,23 +1,31 @@
 """What every bench shares: the flags several benches take, its result JSON, stamped with the date and
-the machine it ran on, the default images (the demo dataset) when none are given, and the peak RSS its
-process reached. Cheap to import: ``embedpipe --help`` builds every bench's sub-command."""
+the machine it ran on, the default images (the demo dataset) when none are given, the peak RSS its
+process reached, and the virtual environment of a baseline tool installed apart from ours. Cheap to
+import: ``embedpipe --help`` builds every bench's sub-command."""
 
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import logging
 import os
 import platform
 import resource
+import shutil
+import subprocess
 import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from embedpipe.storage.contracts.errors import InputError
+
 if TYPE_CHECKING:
     from embedpipe.storage.contracts.config import Config
+
+log = logging.getLogger("embedpipe.bench")
 
 PACKAGES = ("torch", "ray", "faiss-cpu", "numpy", "pyarrow", "dask", "prefect")
 
@@ -113,3 +121,61 @@ def with_demo_images(cfg: Config) -> Config:
 
     root = Path(tempfile.gettempdir()) / "embedpipe-bench-demo"
     return cfg.model_copy(update={"images": str(generate_demo(root, seed=cfg.seed).root)})
+
+
+def cache_dir() -> Path:
+    """embedpipe's folder in the user's cache (``$XDG_CACHE_HOME/embedpipe``, or ``~/.cache/embedpipe``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "embedpipe"
+
+
+def side_python(
+    requirement: str,
+    module: str,
+    venv: Path,
+    system_site_packages: bool = False,
+    pins: tuple[str, ...] = (),
+) -> Path:
+    """The Python of a virtual environment at ``venv`` with ``requirement`` (a pip requirement, e.g.
+    ``tool==1.0``) installed from the package index, with ``pins`` (more requirements, e.g. an older
+    version of one of its dependencies) installed alongside; created on first use and reused after (a
+    marker file names what was installed); ``module`` is imported to check it. ``system_site_packages``
+    lets it reuse this environment's packages where they satisfy the tool's requirements (faster to
+    create). Never installs into ours. Raises ``InputError`` with one line when it cannot be installed."""
+    wanted = " ".join((requirement, *pins))
+    python, ready = venv / "bin" / "python", venv / ".embedpipe-ready"
+    if ready.exists() and ready.read_text().strip() == wanted and python.exists():
+        return python
+    shutil.rmtree(venv, ignore_errors=True)
+    log.info("installing %s into %s (once)", wanted, venv)
+    make = [sys.executable, "-m", "venv", *(["--system-site-packages"] if system_site_packages else []), venv]
+    steps = [
+        make,
+        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", requirement, *pins],
+        [python, "-c", f"import {module}"],
+    ]
+    for step in steps:
+        try:
+            done = subprocess.run(list(map(str, step)), capture_output=True, text=True, timeout=1800)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise InputError(f"cannot install {requirement} for the baseline: {err}") from None
+        if done.returncode != 0:
+            lines = [s for s in (done.stderr + done.stdout).splitlines() if s.strip()]
+            raise InputError(
+                f"cannot install {requirement} for the baseline into {venv}: "
+                f"{lines[-1].strip() if lines else f'exit {done.returncode}'}"
+            )
+    ready.write_text(wanted + "\n")
+    return python
+
+
+def check_side_python(python: Path, module: str) -> Path:
+    """``python`` (a ``--baseline-python``) must exist and import ``module`` (``InputError`` otherwise)."""
+    try:
+        done = subprocess.run(
+            [str(python), "-c", f"import {module}"], capture_output=True, text=True, timeout=300
+        )
+    except OSError as err:
+        raise InputError(f"--baseline-python {python}: {err.strerror or err}") from None
+    if done.returncode != 0:
+        raise InputError(f"--baseline-python {python} cannot import {module}")
+    return python

@@ -19,7 +19,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -34,6 +33,9 @@ from embedpipe.flows.benchmarks.common import (
     add_images_argument,
     add_json_argument,
     add_n_argument,
+    cache_dir,
+    check_side_python,
+    side_python,
     write_result,
 )
 from embedpipe.flows.benchmarks.http_serve import serve_folder
@@ -100,53 +102,19 @@ def write_url_list(path: Path, base: str, files: list[Path]) -> Path:
 # ------------------------------------------------------------------------------------- the baseline env
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "embedpipe"
-
-
 def img2dataset_python(venv: Path | None = None, system_site_packages: bool = False) -> Path:
     """The Python of a virtual environment with img2dataset, created at ``venv`` (default: the user's
     cache folder) on first use and reused after; ``system_site_packages`` lets it reuse this
     environment's packages where they satisfy img2dataset's requirements (faster to create).
     Raises ``InputError`` with one line when it cannot be installed."""
-    venv = venv or cache_dir() / "img2dataset-venv"
-    python, ready = venv / "bin" / "python", venv / ".embedpipe-ready"
-    if ready.exists() and ready.read_text().strip() == IMG2DATASET and python.exists():
-        return python
-    shutil.rmtree(venv, ignore_errors=True)
-    log.info("installing %s into %s (once)", IMG2DATASET, venv)
-    make = [sys.executable, "-m", "venv", *(["--system-site-packages"] if system_site_packages else []), venv]
-    steps = [
-        make,
-        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", IMG2DATASET],
-        [python, "-c", "import img2dataset"],
-    ]
-    for step in steps:
-        try:
-            done = subprocess.run(list(map(str, step)), capture_output=True, text=True, timeout=1800)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            raise InputError(f"cannot install {IMG2DATASET} for the baseline: {err}") from None
-        if done.returncode != 0:
-            lines = [s for s in (done.stderr + done.stdout).splitlines() if s.strip()]
-            raise InputError(
-                f"cannot install {IMG2DATASET} for the baseline into {venv}: "
-                f"{lines[-1].strip() if lines else f'exit {done.returncode}'}"
-            )
-    ready.write_text(IMG2DATASET + "\n")
-    return python
+    return side_python(
+        IMG2DATASET, "img2dataset", venv or cache_dir() / "img2dataset-venv", system_site_packages
+    )
 
 
 def check_baseline_python(python: Path) -> Path:
     """``python`` must exist and import img2dataset (``InputError`` otherwise)."""
-    try:
-        done = subprocess.run(
-            [str(python), "-c", "import img2dataset"], capture_output=True, text=True, timeout=300
-        )
-    except OSError as err:
-        raise InputError(f"--baseline-python {python}: {err.strerror or err}") from None
-    if done.returncode != 0:
-        raise InputError(f"--baseline-python {python} cannot import img2dataset")
-    return python
+    return check_side_python(python, "img2dataset")
 
 
 # ------------------------------------------------------------------------------------------- the sides

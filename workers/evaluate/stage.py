@@ -338,17 +338,16 @@ def rerank_ranks(
 
 
 def auto_index(layout: RunLayout, cfg: Config, name: str, x: np.ndarray, gt: GroundTruth | None) -> Config:
-    """``index.factory: auto``: pick a factory and search parameter for this variant under the budget
-    (mAP-aware when the protocol has ground truth; on a seeded sample without it when the store is
-    larger than ``index.train_size``); the candidates' table goes to report/index-choice-<name>.json."""
+    """``index.factory: auto``: pick a factory and search parameter for this variant under the budget, on
+    a seeded sample of at most ``index.train_size`` rows with held-out sample queries (never the
+    protocol's queries, whose rows are kept out of them, nor its ground truth); the candidates' table
+    goes to report/index-choice-<name>.json."""
     icfg = cfg.index
-    if gt is not None and gt.query_keys:  # box-cropped queries are not rows of x: choose on recall alone
-        gt = None
-    if len(x) > icfg.train_size:
-        rows = np.sort(np.random.default_rng(cfg.seed).choice(len(x), icfg.train_size, replace=False))
-        x, gt = x[rows], None
+    exclude = gt.queries if gt is not None and not gt.query_keys else None  # box crops are not rows of x
     budget = icfg.budget_bytes_per_vector or np.iinfo(np.int32).max
-    pick, table = choose_index(x, gt, budget, icfg.target_recall, seed=cfg.seed)
+    pick, table = choose_index(
+        x, budget, icfg.target_recall, seed=cfg.seed, max_rows=icfg.train_size, exclude=exclude
+    )
     write_json_atomic(layout.report_dir / f"index-choice-{name}.json", table)
     update: dict[str, Any] = {"factory": pick["index"]}
     if pick.get("param"):
