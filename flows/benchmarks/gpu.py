@@ -87,6 +87,7 @@ def bench_gpu(n: int, batch: int, side: int, precision: str, arch: str, seed: in
     from embedpipe.workers.descriptors.backbones import IMAGENET_MEAN, IMAGENET_STD, torchvision_trunk
     from embedpipe.workers.extract.gpu import BatchEmbedder, decode_jpegs, square_batch
     from embedpipe.workers.ingest.decode import decode_image
+
     blobs = bench_jpegs(n + batch, seed)
     warm, blobs = blobs[:batch], blobs[batch:]
     batches = [blobs[i : i + batch] for i in range(0, n, batch)]
