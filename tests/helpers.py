@@ -11,6 +11,18 @@ import urllib.request
 _SERVER: dict[str, str] = {}
 
 
+# the smallest pipeline run that still does every stage: one descriptor, small images, no whitening or
+# re-ranking, a local Ray of two CPUs
+SMALL_RUN = [
+    "extract.max_side=256",
+    "extract.descriptors=[gem]",
+    "extract.shard_size=8",
+    "fit.whiten=false",
+    "rerank.methods=[]",
+    "ray.num_cpus=2",
+]
+
+
 def prefect_api() -> str:
     """The URL of one Prefect server on 127.0.0.1 shared by the CLI runs of this test session (started at
     the first call, stopped at exit), so each run skips starting a temporary server of its own."""

@@ -18,17 +18,13 @@ from embedpipe.flows.pipeline import pipeline
 from embedpipe.storage.quarantine import read_quarantine
 from embedpipe.workers.ingest.stage import run_ingest
 
+from .helpers import SMALL_RUN
 from .http_fixture import HOSTILE, serve, write_tar
 
 pytestmark = pytest.mark.slow
 
 SETS = [
-    "extract.max_side=256",
-    "extract.descriptors=[gem]",
-    "extract.shard_size=8",
-    "fit.whiten=false",
-    "rerank.methods=[]",
-    "ray.num_cpus=2",
+    *SMALL_RUN,
     "ingest.timeout_s=2",
     "ingest.retries=1",
     "ingest.max_bytes=4000000",

@@ -22,7 +22,7 @@ from embedpipe.storage.contracts.config import OrchestrationConfig
 from embedpipe.storage.contracts.errors import EmbedpipeError, LeaseLost, RunBusy
 from embedpipe.storage.lease import LEASE_DIR, OWNER_FILE, _acquire, holder, run_lease
 
-from .helpers import cli_env, embedpipe
+from .helpers import SMALL_RUN, cli_env, embedpipe
 
 # Holds the lease on argv[1] as command argv[2] until a line on stdin, then prints when it let go.
 HOLDER = """
@@ -209,14 +209,7 @@ def test_config_bounds():
         OrchestrationConfig(lease_heartbeat_s=40)
 
 
-SETS = [
-    "extract.max_side=256",
-    "extract.descriptors=[gem]",
-    "extract.shard_size=8",
-    "fit.whiten=false",
-    "rerank.methods=[]",
-    "ray.num_cpus=2",
-]
+SETS = SMALL_RUN
 
 
 def _one_error(result: subprocess.CompletedProcess) -> str:
