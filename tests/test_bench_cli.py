@@ -141,7 +141,7 @@ def test_bench_train_refuses_sides_that_took_different_steps():
     from embedpipe.flows.benchmarks.train import same_steps
     from embedpipe.storage.contracts.errors import RunFailed
 
-    assert same_steps([0.5, 0.25], [0.5, 0.25 * (1 + 5e-5)]) < 1e-4
+    assert same_steps([0.5, 0.25], [0.5, 0.25 * (1 + 5e-4)]) < 1e-3
     with pytest.raises(RunFailed, match="did not take the same steps"):
         same_steps([0.5, 0.25], [0.5, 0.26])
     with pytest.raises(RunFailed):

@@ -131,9 +131,10 @@ def tune_baseline(cfg: Config, images, step, cpus: int, device: str) -> dict[str
     return {**best, "tried": tried}
 
 
-# the two sides take the same steps when their losses agree this closely (the workers' gradients are
-# summed in another order than one process accumulates them)
-SAME_LOSS_RTOL = 1e-4
+# the two sides take the same steps when their losses agree this closely: the workers' gradients are
+# summed in another order than one process accumulates them, batched forwards round differently, and Adam
+# carries those differences from step to step (other tuples would change a loss by percents)
+SAME_LOSS_RTOL = 1e-3
 
 
 def same_steps(ours: list[float], baseline: list[float]) -> float:
