@@ -185,6 +185,21 @@ def sample_local(source: Path, feature: str, cfg: Config) -> np.ndarray:
     return cap_sample(blocks, cfg.bow.max_sample, cfg.seed)
 
 
+def _kept_model(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The meta of the model saved at ``path`` when it was made from what ``fingerprint`` hashes (so it is
+    reused), else None."""
+    if not path.exists():
+        return None
+    meta = load_npz(path)[1]
+    return meta if meta.get("fingerprint") == fingerprint else None
+
+
+def _source_label(layout: RunLayout, source: Path) -> str:
+    """A model's ``source`` store: this run's own by its relative path, so the file does not depend on
+    where the run lives; another run's in full."""
+    return str(source.relative_to(layout.root) if source.is_relative_to(layout.root) else source)
+
+
 def fit_codebook(layout: RunLayout, cfg: Config, feature: str, k: int) -> dict[str, Any]:
     """Sample (Dask), seeded faiss k-means, assignment index; saved as models/codebook-<feature>-k<k>.npz
     (+ .faiss). An existing codebook with the same fingerprint is reused."""
@@ -199,8 +214,9 @@ def fit_codebook(layout: RunLayout, cfg: Config, feature: str, k: int) -> dict[s
     source = codebook_source(layout, cfg, feature)
     fingerprint = codebook_fingerprint(cfg, feature, k, source)
     path = layout.model(codebook_name(feature, k))
-    if path.exists() and load_npz(path)[1].get("fingerprint") == fingerprint:
-        return load_npz(path)[1]
+    kept = _kept_model(path, fingerprint)
+    if kept is not None:
+        return kept
     sample = sample_local(source, feature, cfg)
     centroids = cb.train_kmeans(sample, k, cfg.bow.iterations, cfg.seed)
     index = cb.assignment_index(centroids, cfg.bow.assign_flat_max, cfg.seed)
@@ -209,8 +225,7 @@ def fit_codebook(layout: RunLayout, cfg: Config, feature: str, k: int) -> dict[s
         "feature": feature,
         "k": k,
         "n_train": int(len(sample)),
-        # this run's own store by its relative path, so the file does not depend on where the run lives
-        "source": str(source.relative_to(layout.root) if source.is_relative_to(layout.root) else source),
+        "source": _source_label(layout, source),
         "assignment": type(index).__name__,
         "fingerprint": fingerprint,
         "bow": cfg.bow.model_dump(mode="json", exclude=set(NOT_CODEBOOK)),
@@ -236,8 +251,9 @@ def fit_sampled_model(layout: RunLayout, cfg: Config, kind: str, feature: str, k
     fingerprint = sampled_fingerprint(cfg, kind, feature, k, source)
     name = model_name(f"{kind}-{feature}", cfg)
     path = layout.model(name)
-    if path.exists() and load_npz(path)[1].get("fingerprint") == fingerprint:
-        return load_npz(path)[1]
+    kept = _kept_model(path, fingerprint)
+    if kept is not None:
+        return kept
     sample = sample_local(source, feature, cfg)
     arrays = TRAIN[kind](sample, k, cfg)
     meta = {
@@ -245,7 +261,7 @@ def fit_sampled_model(layout: RunLayout, cfg: Config, kind: str, feature: str, k
         "feature": feature,
         "k": k,
         "n_train": int(len(sample)),
-        "source": str(source.relative_to(layout.root) if source.is_relative_to(layout.root) else source),
+        "source": _source_label(layout, source),
         "fingerprint": fingerprint,
         "bow": cfg.bow.model_dump(mode="json"),
         "seed": cfg.seed,
@@ -270,8 +286,9 @@ def adapt_codebook(layout: RunLayout, cfg: Config, feature: str, k: int) -> dict
     source = layout.feature_dir(local_store(STORED_FEATURE[feature]))
     fingerprint = adaptation_fingerprint(codebook, source)
     path = layout.model(adapted_name(feature, k))
-    if path.exists() and load_npz(path)[1].get("fingerprint") == fingerprint:
-        return load_npz(path)[1]
+    kept = _kept_model(path, fingerprint)
+    if kept is not None:
+        return kept
     shared = dask.delayed(blob)
     level = [dask.delayed(word_sums_part)(str(p), feature, shared, k) for p in part_files(source)]
     if not level:
@@ -289,7 +306,7 @@ def adapt_codebook(layout: RunLayout, cfg: Config, feature: str, k: int) -> dict
         "k": k,
         "n_descriptors": int(n),
         "empty_words": int((counts == 0).sum()),
-        "source": str(source.relative_to(layout.root)),
+        "source": _source_label(layout, source),
         "fingerprint": fingerprint,
     }
     save_npz(path, meta, centroids=adapt_centroids(centroids, sums, counts), counts=counts)

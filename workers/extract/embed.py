@@ -24,6 +24,13 @@ FC_CODES = ("fc6", "fc7")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def precision_autocast(device: str, precision: str):
+    """Autocast to ``precision`` (fp16 / bf16) on ``device`` ('cuda:0' counts as cuda); none for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=DTYPES[precision])
+
+
 def resolve_device(requested: str) -> str:
     if requested == "cuda" and not torch.cuda.is_available():
         raise BackboneError("extract.device is cuda but no CUDA device is visible")
@@ -106,11 +113,6 @@ class Embedder:
         x = (x - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last)
 
-    def _autocast(self):
-        if self.cfg.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device, dtype=DTYPES[self.cfg.precision])
-
     def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """One image's descriptors."""
         return self.embed_many([image])[0]
@@ -134,7 +136,7 @@ class Embedder:
         total: dict[str, torch.Tensor] = {}
         for scale in self.cfg.scales:
             x = torch.cat([self.preprocess(rescale(image, scale)) for image in images])
-            with self._autocast():
+            with precision_autocast(self.device, self.cfg.precision):
                 fmap = self.model(x)  # (B, C, h, w)
                 codes = self.spec.fc_codes(fmap) if self.fc else {}
             pooled = pool_all(fmap, self.pools, self.gem_p)

@@ -5,15 +5,13 @@ runs on the CPU, where it is the reference the GPU path is checked against."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's usual name
 
 from embedpipe.workers.descriptors.pooling import pool_all
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
+from embedpipe.workers.extract.embed import precision_autocast
 
 
 def decode_jpegs(blobs: Sequence[bytes], device: str) -> list[torch.Tensor]:
@@ -47,14 +45,8 @@ class BatchEmbedder:
         self.device, self.precision, self.descriptors = device, precision, descriptors
         self.model = trunk.eval().to(device, memory_format=torch.channels_last)
 
-    def _autocast(self):
-        dtype = DTYPES[self.precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.split(":")[0], dtype=dtype)
-
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        with self._autocast():
+        with precision_autocast(self.device, self.precision):
             fmap = self.model(x)
         return pool_all(fmap, self.descriptors)
