@@ -176,6 +176,11 @@ class FitConfig(_Frozen):
         description="address of a running Dask scheduler (e.g. tcp://10.0.0.5:8786) for "
         "scheduler 'distributed'",
     )
+    include_distractors: bool = Field(
+        False,
+        description="fit whitening, index quantisers and codebooks on the distractors too (default: on "
+        "the collection alone, so a run with distractors shares its models with one without)",
+    )
     from_run: Path | None = Field(
         None,
         description="apply the PCA-whitening learnt by this finished run (e.g. learn on Paris, test on "
@@ -313,15 +318,49 @@ class BowConfig(_Frozen):
 
 
 class VerifyConfig(_Frozen):
-    """Spatial verification of the BoW shortlist: RANSAC on keypoints sharing a visual word."""
+    """Spatial verification of the BoW shortlist on keypoints sharing a visual word: fast spatial matching
+    (a similarity hypothesis from each correspondence's keypoint position, scale and orientation, then the
+    model fitted to the best one's inliers)."""
 
     enabled: bool = Field(True, description="spatially verify the BoW shortlist (an 'sv' row in the metrics)")
     shortlist: int = Field(100, ge=1, description="top BoW results verified per query")
-    model: Literal["affine", "homography"] = Field("affine", description="geometric model RANSAC fits")
-    threshold: float = Field(8.0, gt=0, description="RANSAC reprojection threshold in pixels")
-    min_inliers: int = Field(6, ge=3, description="fewer inliers than this do not count as verified")
+    model: Literal["affine", "homography"] = Field(
+        "affine",
+        description="geometric model: fitted by least squares to the best hypothesis' inliers (BoW "
+        "verification), by RANSAC (fine-tuning's mined pairs)",
+    )
+    threshold: float = Field(
+        8.0,
+        gt=0,
+        description="inlier reprojection threshold in pixels of the images local features are extracted "
+        "from (longer side at most local.max_side)",
+    )
+    min_inliers: int = Field(
+        6,
+        ge=3,
+        description="results with fewer inliers (one-to-one) are not verified and keep their BoW order "
+        "below the verified ones",
+    )
     max_word_matches: int = Field(
         3, ge=1, description="words occurring more often than this in either image give no matches"
+    )
+    scale_tolerance: float = Field(
+        2.0,
+        gt=1,
+        description="an inlier's keypoint scale ratio differs from its hypothesis' by at most this factor",
+    )
+    angle_tolerance: float = Field(
+        30.0,
+        gt=0,
+        le=180,
+        description="an inlier's keypoint orientation change differs from its hypothesis' by at most this "
+        "many degrees",
+    )
+    hypotheses: int = Field(
+        256,
+        ge=1,
+        description="correspondences tried as hypotheses per verified pair (evenly spread over the "
+        "tentative matches when there are more): bounds the cost",
     )
 
 
@@ -368,6 +407,31 @@ class OrchestrationConfig(_Frozen):
                 "orchestration.lease_stale_s must be more than twice orchestration.lease_heartbeat_s"
             )
         return self
+
+
+class EvalConfig(_Frozen):
+    """Evaluation: how deep each query's ranking goes, and the distractor curve."""
+
+    top_k: int = Field(
+        0,
+        ge=0,
+        description="results ranked per query; 0 (auto): the whole database when it holds at most "
+        "100,000 images, else 1,000. Positives ranked below it count as missed (as revisitop scores a "
+        "truncated ranking)",
+    )
+    distractor_steps: tuple[int, ...] = Field(
+        (),
+        description="distractor counts at which mAP is also measured (e.g. [0, 10000, 100000]); the "
+        "full set is always measured. Distractors past a step are ranked out by id, nothing is "
+        "extracted or indexed twice",
+    )
+
+    @field_validator("distractor_steps")
+    @classmethod
+    def _steps(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(s < 0 for s in v):
+            raise ValueError("eval.distractor_steps must be counts >= 0")
+        return tuple(sorted(set(v)))
 
 
 class ReindexConfig(_Frozen):
@@ -417,11 +481,58 @@ class FinetuneConfig(_Frozen):
     whiten_shrinkage: float = Field(
         0.1, ge=0, description="learned whitening: regularisation of the pair-difference covariance"
     )
+    validation: str | None = Field(
+        None,
+        description="validation collection (any input form; its protocol finetune.validation_protocol): mAP "
+        "of the base model as 'run' uses it by default (epoch 0, also at finetune.max_side) and of the "
+        "adapted one after every epoch; the best epoch that beats both is kept, else the base. Never the "
+        "training images",
+    )
+    validation_protocol: Literal["holidays", "ukbench", "labels"] = Field(
+        "holidays",
+        description="protocol of the validation collection (every query a database image: the Holidays "
+        "layout, UKBench numbering, or labels)",
+    )
+    validation_post: Literal["auto", "l2", "pcaw"] = Field(
+        "auto",
+        description="validation mAP that picks the epoch: GeM L2-normalised, or PCA-whitened as 'run' "
+        "fits it on the collection (fit.dim, fit.shrinkage); auto: pcaw when fit.whiten and the collection "
+        "has more than twice the whitening's dims, else l2",
+    )
+    patience: int = Field(
+        2, ge=1, description="with validation: stop after this many epochs without a better validation mAP"
+    )
+    l2sp: float = Field(
+        0.0,
+        ge=0,
+        description="L2-SP (Li et al. 2018): adds alpha/2 * ||w - w0||^2 over the trainable trunk weights, "
+        "w0 the base's; 0: off",
+    )
+    freeze: int = Field(
+        0,
+        ge=0,
+        description="leading trunk stages kept frozen (the stem counts as one, then each block stage; "
+        "efficientnet_lite: stem, blocks.0 ... blocks.6, head)",
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="learning rate ramps linearly from lr/warmup_steps to lr over these steps"
+    )
+    schedule: Literal["constant", "exp", "cosine"] = Field(
+        "constant",
+        description="learning rate per epoch after warm-up: constant, exp: lr * exp(-lr_decay * epoch) "
+        "(as cnnimageretrieval-pytorch), cosine: lr * (1 + cos(pi * epoch / epochs)) / 2",
+    )
+    lr_decay: float = Field(0.01, ge=0, description="exp schedule: decay rate per epoch")
 
 
 class Config(_Frozen):
     images: str | None = Field(
         None, description="folder, glob, list file, tar/WebDataset shards or URL (see docs/inputs.md)"
+    )
+    distractors: str | None = Field(
+        None,
+        description="extra database images, any input form: ranked by every query, never a query or a "
+        "positive (e.g. Oxford105K's Flickr100k, revisitop's R1M); see docs/distractors.md",
     )
     protocol: Protocol = Field(
         "holidays",
@@ -448,10 +559,11 @@ class Config(_Frozen):
     verify: VerifyConfig = VerifyConfig()
     ray: RayConfig = RayConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    eval: EvalConfig = EvalConfig()
     reindex: ReindexConfig = ReindexConfig()
     finetune: FinetuneConfig = FinetuneConfig()
 
-    @field_validator("images", mode="before")
+    @field_validator("images", "distractors", mode="before")
     @classmethod
     def _images_text(cls, v: Any) -> Any:
         return str(v) if isinstance(v, Path) else v
