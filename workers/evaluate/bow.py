@@ -27,7 +27,7 @@ from embedpipe.workers.descriptors.bow import (
 from embedpipe.workers.descriptors.local import STORED_FEATURE, encoding_of, local_store
 from embedpipe.workers.evaluate.metrics import compute_map
 from embedpipe.workers.evaluate.protocols import GroundTruth
-from embedpipe.workers.evaluate.rerank import ransac_inliers, verified_order, word_matches
+from embedpipe.workers.evaluate.rerank import verified_inliers, verified_order, word_matches
 from embedpipe.workers.evaluate.stage import provenance, run_ground_truth
 
 if TYPE_CHECKING:
@@ -55,15 +55,17 @@ def read_bow(directory: Path) -> tuple[pa.Table, list[np.ndarray], list[np.ndarr
     )
 
 
-def read_points(directory: Path) -> list[np.ndarray]:
-    """Keypoint positions per image of a local-feature store: (n_i, 2) float32 x, y."""
-    table = read_parts(directory, ["x", "y"])
+KEYPOINT_COLUMNS = ["x", "y", "size", "angle"]
+
+
+def read_keypoints(directory: Path) -> list[np.ndarray]:
+    """Keypoints per image of a local-feature store: (n_i, 4) float32 x, y, size, angle."""
+    table = read_parts(directory, KEYPOINT_COLUMNS)
     if table is None:
         return []
-    offsets, xs = list_values(table, "x")
-    _, ys = list_values(table, "y")
-    xy = np.stack([xs, ys], axis=1).astype(np.float32)
-    return [xy[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    offsets, _ = list_values(table, "x")
+    kp = np.stack([list_values(table, c)[1] for c in KEYPOINT_COLUMNS], axis=1).astype(np.float32)
+    return [kp[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
 
 
 def bow_vectors(
@@ -79,21 +81,24 @@ def spatial_verification(
     ranks: np.ndarray,
     queries: np.ndarray,
     words: list[np.ndarray],
-    points: list[np.ndarray],
+    keypoints: list[np.ndarray],
     m: int,
     v: VerifyConfig,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Verify each query's top ``verify.shortlist`` results. ranks: (nq, N); queries: (nq,) database rows
-    of the queries; words: per image, m words per keypoint (the first is the nearest); points: per image
-    (n_i, 2). -> (re-ranked (nq, N), inliers (nq, S) of the original shortlist)."""
+    """Verify each query's top ``verify.shortlist`` results: one-to-one inliers of fast spatial matching
+    on the keypoints sharing their nearest word (``verified_inliers``), then the verified results first
+    (``verified_order``). ranks: (nq, N); queries: (nq,) database rows of the queries; words: per image,
+    m words per keypoint (the first is the nearest); keypoints: per image (n_i, 4) x, y, size, angle.
+    -> (re-ranked (nq, N), inliers (nq, S) of the original shortlist)."""
     s = min(v.shortlist, ranks.shape[1])
     out = np.empty_like(ranks)
     inliers = np.zeros((len(queries), s), np.int32)
+    tolerances = (v.scale_tolerance, v.angle_tolerance, v.hypotheses)
     for qi, q in enumerate(queries):
-        wq, pq_ = words[q][::m], points[q]
+        wq, kq = words[q][::m], keypoints[q]
         for j, c in enumerate(ranks[qi, :s]):
             ia, ib = word_matches(wq, words[c][::m], v.max_word_matches)
-            inliers[qi, j] = ransac_inliers(pq_[ia], points[c][ib], v.model, v.threshold)
+            inliers[qi, j] = verified_inliers(kq, keypoints[c], ia, ib, v.model, v.threshold, *tolerances)
         out[qi] = verified_order(ranks[qi], inliers[qi], v.min_inliers)
     return out, inliers
 
@@ -142,10 +147,10 @@ def evaluate_bow(layout: RunLayout, cfg: Config, descriptor: str) -> tuple[list[
     if cfg.verify.enabled:
         start = time.perf_counter()
         _, feature = encoding_of(descriptor)
-        points = read_points(layout.feature_dir(local_store(STORED_FEATURE[feature])))
-        if len(points) != len(words):
-            raise ValueError(f"{descriptor}: {len(words)} BoW rows but {len(points)} local-feature rows")
-        sv_ranks, inliers = spatial_verification(ranks, gt.queries, words, points, m, cfg.verify)
+        keypoints = read_keypoints(layout.feature_dir(local_store(STORED_FEATURE[feature])))
+        if len(keypoints) != len(words):
+            raise ValueError(f"{descriptor}: {len(words)} BoW rows but {len(keypoints)} local-feature rows")
+        sv_ranks, inliers = spatial_verification(ranks, gt.queries, words, keypoints, m, cfg.verify)
         save_npy(layout.report_dir / f"sv-inliers-{name}.npy", inliers)
         row = _row(layout, base, "sv", sv_ranks, gt, name, start)
         row.update(

@@ -136,12 +136,142 @@ def ransac_inliers(pts_a: np.ndarray, pts_b: np.ndarray, model: str, threshold: 
     return 0 if matrix is None or mask is None else int(mask.sum())
 
 
+# hypotheses scored at a time: (rows, n) float32 temporaries stay small whatever the number of matches
+HYPOTHESIS_ROWS = 256
+
+
+def similarity_hypotheses(kp_a: np.ndarray, kp_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The similarity transform each correspondence kp_a[i] -> kp_b[i] implies on its own, from the two
+    keypoints' positions, scales and orientations (OpenCV's angles, degrees, image axes): x_b = s·R(θ)·x_a + t
+    with s = size_b / size_a, θ = angle_b - angle_a. kp_a, kp_b: (n, 4) x, y, size, angle ->
+    (rows_x (n, 3), rows_y (n, 3)): x_b = rows_x[i] · (x_a, y_a, 1), y_b = rows_y[i] · (x_a, y_a, 1)."""
+    s = kp_b[:, 2] / np.maximum(kp_a[:, 2], 1e-6)
+    theta = np.deg2rad(kp_b[:, 3] - kp_a[:, 3])
+    c, si = s * np.cos(theta), s * np.sin(theta)
+    tx = kp_b[:, 0] - (c * kp_a[:, 0] - si * kp_a[:, 1])
+    ty = kp_b[:, 1] - (si * kp_a[:, 0] + c * kp_a[:, 1])
+    return np.stack([c, -si, tx], 1), np.stack([si, c, ty], 1)
+
+
+def spatial_inliers(
+    kp_a: np.ndarray,
+    kp_b: np.ndarray,
+    model: str,
+    threshold: float,
+    scale_tolerance: float,
+    angle_tolerance: float,
+    hypotheses: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fast spatial matching (Philbin et al., CVPR 2007) of tentative correspondences kp_a[i] -> kp_b[i],
+    (n, 4) x, y, size, angle each.
+
+    Every correspondence (at most ``hypotheses``, evenly spread, when there are more) proposes the
+    similarity of ``similarity_hypotheses``; the others agree with it when they land within ``threshold``
+    pixels and their own scale ratio and orientation change are within ``scale_tolerance`` (a factor) and
+    ``angle_tolerance`` (degrees) of it. The hypothesis most agree with wins (the first on ties); then
+    ``model`` (affine or homography) is fitted by least squares to its inliers and the inliers are counted
+    again by position alone, twice at most, unless they shrink (local optimisation). No sampling: each
+    hypothesis is tried, so a true transform is found even when most tentative matches are wrong (with a
+    small vocabulary, most are), and the result is deterministic.
+
+    -> (inlier indices into the correspondences, ascending; their squared reprojection errors)."""
+    need = 3 if model == "affine" else 4
+    n = len(kp_a)
+    none = np.zeros(0, np.int64), np.zeros(0, np.float32)
+    if n < need:
+        return none
+    kp_a, kp_b = np.asarray(kp_a, np.float32), np.asarray(kp_b, np.float32)
+    rows_x, rows_y = similarity_hypotheses(kp_a, kp_b)
+    log_scale = np.log(np.maximum(kp_b[:, 2], 1e-6) / np.maximum(kp_a[:, 2], 1e-6))
+    theta = np.deg2rad(kp_b[:, 3] - kp_a[:, 3])
+    turn = np.stack([np.cos(theta), np.sin(theta)], 1)  # cos of a difference of angles by one product
+    src = np.stack([kp_a[:, 0], kp_a[:, 1], np.ones(n, np.float32)])  # (3, n)
+    t2 = np.float32(threshold) ** 2
+    max_ds, min_cos = np.float32(np.log(scale_tolerance)), np.float32(np.cos(np.deg2rad(angle_tolerance)))
+
+    def agree(h: np.ndarray) -> np.ndarray:  # (len(h), n): correspondences agreeing with hypotheses h
+        ex, ey = rows_x[h] @ src - kp_b[:, 0], rows_y[h] @ src - kp_b[:, 1]
+        ok = ex * ex + ey * ey <= t2
+        ok &= np.abs(log_scale[None] - log_scale[h, None]) <= max_ds
+        ok &= turn[h] @ turn.T >= min_cos
+        return ok
+
+    tried = np.arange(n) if n <= hypotheses else np.linspace(0, n - 1, hypotheses).round().astype(np.int64)
+    best, best_count = 0, -1
+    for a in range(0, len(tried), HYPOTHESIS_ROWS):
+        h = tried[a : a + HYPOTHESIS_ROWS]
+        counts = agree(h).sum(axis=1)
+        i = int(np.argmax(counts))
+        if counts[i] > best_count:
+            best, best_count = int(h[i]), int(counts[i])
+    mask = agree(np.array([best]))[0]
+    ex, ey = rows_x[best] @ src - kp_b[:, 0], rows_y[best] @ src - kp_b[:, 1]
+    err = ex * ex + ey * ey
+    for _ in range(2):
+        if mask.sum() < need:
+            break
+        e = _refit_errors(kp_a[:, :2], kp_b[:, :2], mask, model)
+        grown = e <= t2
+        if grown.sum() < mask.sum():
+            break
+        mask, err = grown, e
+    inliers = np.flatnonzero(mask)
+    return inliers, err[inliers]
+
+
+def _refit_errors(src: np.ndarray, dst: np.ndarray, mask: np.ndarray, model: str) -> np.ndarray:
+    """Squared reprojection errors of every correspondence under ``model`` fitted by least squares to the
+    ``mask``-ed ones. src, dst: (n, 2) -> (n,) float32."""
+    import cv2
+
+    if model == "affine":
+        ones = np.ones((len(src), 1), np.float64)
+        x = np.concatenate([src.astype(np.float64), ones], 1)
+        matrix = np.linalg.lstsq(x[mask], dst[mask].astype(np.float64), rcond=None)[0]  # (3, 2)
+        proj = x @ matrix
+    else:
+        matrix, _ = cv2.findHomography(src[mask], dst[mask], 0)
+        if matrix is None:
+            return np.full(len(src), np.inf, np.float32)
+        proj = cv2.perspectiveTransform(src.reshape(-1, 1, 2).astype(np.float64), matrix).reshape(-1, 2)
+    return ((proj - dst) ** 2).sum(axis=1).astype(np.float32)
+
+
+def one_to_one(ia: np.ndarray, ib: np.ndarray, inliers: np.ndarray, err: np.ndarray) -> int:
+    """Inliers left when each keypoint of either image counts once: correspondences ``inliers`` (indices
+    into ia, ib: keypoints of image a and b) taken by increasing error, one sharing a keypoint with an
+    earlier one dropped."""
+    order = inliers[np.argsort(err, kind="stable")]
+    _, first_a = np.unique(ia[order], return_index=True)
+    order = order[np.sort(first_a)]
+    return len(np.unique(ib[order]))
+
+
+def verified_inliers(
+    kp_a: np.ndarray,
+    kp_b: np.ndarray,
+    ia: np.ndarray,
+    ib: np.ndarray,
+    model: str,
+    threshold: float,
+    scale_tolerance: float,
+    angle_tolerance: float,
+    hypotheses: int,
+) -> int:
+    """One-to-one inliers of ``spatial_inliers`` on the word matches (ia, ib) between keypoints kp_a
+    (n_a, 4) and kp_b (n_b, 4) (x, y, size, angle)."""
+    inliers, err = spatial_inliers(
+        kp_a[ia], kp_b[ib], model, threshold, scale_tolerance, angle_tolerance, hypotheses
+    )
+    return one_to_one(ia, ib, inliers, err)
+
+
 def verified_order(ranks: np.ndarray, inliers: np.ndarray, min_inliers: int) -> np.ndarray:
     """Re-rank one query's results after spatial verification of its shortlist.
 
     ranks: (N,) database rows, best first; inliers: (S,) for ranks[:S]. Shortlisted results with at
-    least ``min_inliers`` come first by inlier count (ties keep their order), then the rest of the
-    shortlist and the tail in their original order -> (N,)."""
+    least ``min_inliers`` come first by inlier count (ties keep their order: the score is inliers plus
+    the BoW similarity), then the rest of the shortlist and the tail in their original order -> (N,)."""
     s = len(inliers)
     verified = inliers >= min_inliers
     head = np.argsort(-np.where(verified, inliers, -1), kind="stable")

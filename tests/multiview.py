@@ -1,0 +1,101 @@
+"""Real photographs of the same scenes from different viewpoints, for tests that need true multi-view
+pairs (not edited copies of one photo): the example images of OpenCV's documentation package for
+Debian (``opencv-doc``), fetched once with ``apt-get download`` and unpacked under the user's cache.
+
+Tests that use them skip, with the reason, where the package cannot be fetched (no apt, no network).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from PIL import Image
+
+PACKAGE = "opencv-doc"
+DATA = Path("usr/share/doc/opencv-doc/examples/data")
+
+# two photographs of one scene each, taken from different places (or times): aerial views, a street in
+# Leuven, books on a floor, the Graffiti wall, a plant, a box in a cluttered scene, moving people,
+# a toy scene
+GROUPS: dict[str, tuple[str, ...]] = {
+    "aero": ("aero1.jpg", "aero3.jpg"),
+    "leuven": ("leuvenA.jpg", "leuvenB.jpg"),
+    "books": ("left.jpg", "right.jpg"),
+    "graffiti": ("graf1.png", "graf3.png"),
+    "aloe": ("aloeL.jpg", "aloeR.jpg"),
+    "box": ("box.png", "box_in_scene.png"),
+    "basketball": ("basketball1.png", "basketball2.png"),
+    "rubberwhale": ("rubberwhale1.png", "rubberwhale2.png"),
+}
+# single photographs of other scenes
+DISTRACTORS = (
+    "baboon.jpg",
+    "fruits.jpg",
+    "messi5.jpg",
+    "home.jpg",
+    "butterfly.jpg",
+    "apple.jpg",
+    "orange.jpg",
+    "starry_night.jpg",
+    "squirrel_cls.jpg",
+    "building.jpg",
+    "HappyFish.jpg",
+    "board.jpg",
+    "stuff.jpg",
+    "smarties.png",
+)
+
+
+def cache_root() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "embedpipe-tests" / PACKAGE
+
+
+def opencv_examples() -> Path | None:
+    """The unpacked example-data folder, fetched on first use; None when it cannot be fetched."""
+    root = cache_root()
+    data = root / DATA
+    if (data / "graf3.png").is_file():
+        return data
+    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
+        return None
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
+        try:
+            subprocess.run(
+                ["apt-get", "download", "-qq", PACKAGE], cwd=tmp, check=True, capture_output=True, timeout=600
+            )
+            (deb,) = Path(tmp).glob(f"{PACKAGE}_*.deb")
+            subprocess.run(["dpkg", "-x", str(deb), str(Path(tmp) / "x")], check=True, timeout=600)
+        except (subprocess.SubprocessError, OSError, ValueError):
+            return None
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(Path(tmp) / "x", root)
+    return data if (data / "graf3.png").is_file() else None
+
+
+def holidays_collection(
+    dest: Path, groups: list[str], distractors: tuple[str, ...] = (), source: Path | None = None
+) -> Path:
+    """Write ``groups`` (names of ``GROUPS``) and ``distractors`` in the INRIA Holidays layout as JPEGs:
+    group g's first photo is query ``1{g:03d}00.jpg``, its other views follow; distractors are numbered
+    so that none is a query (imno % 100 == 1)."""
+    source = source or opencv_examples()
+    if source is None:
+        raise FileNotFoundError(f"the {PACKAGE} example photos could not be fetched")
+    dest.mkdir(parents=True, exist_ok=True)
+    for g, name in enumerate(groups):
+        for v, fname in enumerate(GROUPS[name]):
+            _save(source / fname, dest / f"{100000 + 100 * g + v:06d}.jpg")
+    for d, fname in enumerate(distractors):
+        _save(source / fname, dest / f"{200001 + 100 * d:06d}.jpg")
+    return dest
+
+
+def _save(src: Path, dst: Path) -> None:
+    with Image.open(src) as img:
+        img.convert("RGB").save(dst, quality=95)
