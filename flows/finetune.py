@@ -25,6 +25,8 @@ def train_task(cfg: Config, ft_dir: Path) -> dict[str, Any]:
         "losses": r.losses,
         "workers": r.workers,
         "seconds": r.seconds,
+        "validation": r.validation,
+        "best_epoch": r.best_epoch,
     }
 
 
@@ -35,6 +37,18 @@ def finetune(cfg: Config, ft_dir: Path) -> dict[str, Any]:
     result["report"] = str(write_finetune_report(Path(result["ft_dir"])))
     losses = ", ".join(f"{v:.4f}" for v in result["losses"])
     get_run_logger().info("finetune: %d epochs, loss per epoch %s", result["epochs"], losses)
+    if result["validation"]:
+        curve = ", ".join(
+            f"{c['epoch']}: {c['map']:.4f}"
+            + (f" (base at the fine-tuning size: {c['map_at_size']:.4f})" if "map_at_size" in c else "")
+            for c in result["validation"]
+        )
+        kept = result["best_epoch"]
+        get_run_logger().info(
+            "finetune: validation mAP per epoch (0: base) %s; kept %s",
+            curve,
+            f"epoch {kept}" if kept else "the base model (no epoch beat it)",
+        )
     create_markdown_artifact(
         key="finetune-summary",
         markdown=f"Fine-tuned `{cfg.extract.backbone}` on `{cfg.images}`: {result['epochs']} epochs, "

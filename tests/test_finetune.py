@@ -279,6 +279,7 @@ def test_mining_without_labels_keeps_geometrically_verified_pairs(train_images, 
         load_images,
         local_features,
         mining_features,
+        pair_kinds,
         training_inputs,
         verified_groups,
     )
@@ -304,8 +305,13 @@ def test_mining_without_labels_keeps_geometrically_verified_pairs(train_images, 
     assert mining == "verified" and groups.tolist() == list(range(len(refs)))
     model, spec = build_model(cfg)
     vectors = embed_images(model, load_images(refs, 128, cfg), spec, "cpu")
-    found, pairs = verified_groups(vectors, local_features(refs, cfg), {}, cfg)
+    cache: dict = {}
+    found, pairs = verified_groups(vectors, local_features(refs, cfg), cache, cfg)
     assert len(pairs) >= 5
+    # edited copies of one photo: mostly near-copies, and every verified pair counted once
+    kinds = pair_kinds(pairs, cache)
+    assert kinds["verified_pairs"] == len(pairs) == kinds["near_copies"] + kinds["views"]
+    assert kinds["near_copies"] > kinds["views"], kinds
     assert all(truth[i] == truth[j] and n >= cfg.finetune.min_inliers for i, j, n in pairs)
     assert len(set(found.tolist())) < len(refs)
     # the same through BoW spatial verification: keypoints sharing a visual word

@@ -5,7 +5,8 @@
 * ``timm:<architecture>``: any timm model, weights from a local file (``extract.weights``).
 * ``torchvision:<architecture>``: any torchvision classification model, weights from a local file.
 * a folder written by ``embedpipe finetune`` (``backbone.json`` + ``backbone.pt``): the fine-tuned trunk
-  of one of the above, with its preprocessing and learnt GeM exponent from ``backbone.json``.
+  of one of the above, with its preprocessing and learnt GeM exponent from ``backbone.json``; when it
+  says ``"adapted": false`` (no fine-tuned epoch beat the base on validation), the base backbone itself.
 
 ``load_backbone`` returns a module mapping a normalised (B, 3, H, W) batch to the last conv map
 (B, C, h, w), and its spec (mean/std for preprocessing, channel count).
@@ -282,6 +283,8 @@ def architecture(base: str) -> nn.Module:
 
 def _finetuned(folder: Path) -> tuple[nn.Module, BackboneSpec]:
     info = read_finetuned(folder)
+    if info.get("adapted") is False:  # no fine-tuned epoch beat the base model on validation: the base
+        return load_backbone(info["base"], info.get("base_weights"))
     trunk = architecture(info["base"])
     state = _read_weights(folder / "backbone.pt")
     trunk_state = {k.removeprefix("trunk."): v for k, v in state.items() if k.startswith("trunk.")}

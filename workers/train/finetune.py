@@ -240,3 +240,79 @@ def components(n: int, pairs: list[tuple[int, int]]) -> np.ndarray:
             parent[max(ra, rb)] = min(ra, rb)
     ids: dict[int, int] = {}
     return np.array([ids.setdefault(root(i), len(ids)) for i in range(n)], np.int64)
+
+
+# ----------------------------------------------------------------- keeping what the base model knew
+
+
+def l2sp_penalty(params: dict[str, Tensor], start: dict[str, Tensor], alpha: float) -> Tensor:
+    """L2-SP (Li, Grandvalet and Davoine, "Explicit inductive bias for transfer learning with
+    convolutional networks", ICML 2018): α/2 · Σ ||w − w0||² over ``params`` (name -> trainable weight),
+    w0 = ``start[name]``, the base model's weights. -> scalar (0 when ``alpha`` is 0)."""
+    total = torch.zeros((), dtype=torch.float32)
+    if alpha == 0 or not params:
+        return total
+    for name, w in params.items():
+        total = total.to(w.device) + (w - start[name].to(w.device)).pow(2).sum()
+    return 0.5 * alpha * total
+
+
+def trunk_stages(trunk: nn.Module) -> list[tuple[str, list[str]]]:
+    """The trunk's stages in forward order, each (name, its parameter names): parameters are grouped by
+    their name up to the first numeric part (``model.blocks.3`` of timm EfficientNets, ``4`` of a
+    torchvision ResNet's layer1 in its trunk, ``features.2``); the named modules before the first numbered
+    one form a single stem stage, those after the last one a head stage."""
+    units: list[tuple[str, list[str]]] = []
+    for name, _ in trunk.named_parameters():
+        parts = name.split(".")
+        numbered = next((k for k, part in enumerate(parts[:-1]) if part.isdigit()), None)
+        key = ".".join(parts[: numbered + 1]) if numbered is not None else None
+        if key is None:
+            key = "head" if any(u[0] not in ("stem", "head") for u in units) else "stem"
+        if units and units[-1][0] == key:
+            units[-1][1].append(name)
+        else:
+            units.append((key, [name]))
+    return units
+
+
+def freeze_stages(trunk: nn.Module, n: int) -> list[str]:
+    """Keep the first ``n`` stages of ``trunk_stages`` fixed (``requires_grad`` off); returns their names.
+    Their BatchNorm statistics stay fixed with every other's (``freeze_batchnorm``)."""
+    stages = trunk_stages(trunk)[:n]
+    frozen = {p for _, names in stages for p in names}
+    for name, param in trunk.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+    return [s for s, _ in stages]
+
+
+def lr_factor(step: int, epoch: int, epochs: int, warmup_steps: int, schedule: str, decay: float) -> float:
+    """Learning rate multiplier of optimiser step ``step`` (0-based, counted over the whole training) in
+    ``epoch`` (0-based): linear warm-up from 1/warmup_steps to 1 over the first ``warmup_steps`` steps,
+    times the epoch's decay: 1 (constant), exp(−decay·epoch) (exp, as cnnimageretrieval-pytorch's
+    ExponentialLR), or (1 + cos(π·epoch/epochs))/2 (cosine)."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    if schedule == "constant":
+        return warm
+    if schedule == "exp":
+        return warm * float(np.exp(-decay * epoch))
+    if schedule == "cosine":
+        return warm * 0.5 * (1.0 + float(np.cos(np.pi * epoch / epochs)))
+    raise ValueError(f"unknown schedule '{schedule}'")
+
+
+# --------------------------------------------------------------------------- near-copies among pairs
+
+NEAR_COPY_SHARE = 0.75  # of the verification model's inliers that a tight similarity must also explain
+NEAR_COPY_PX = 2.0  # reprojection threshold of that similarity, in pixels at local.max_side
+
+
+def is_near_copy(inliers: int, similarity_inliers: int) -> bool:
+    """A verified pair is a near-copy (a crop, rotation, rescaling, recolouring or recompression of one
+    photo) when a similarity transform (rotation, uniform scale, translation) fitted with a tight
+    ``NEAR_COPY_PX`` threshold explains at least ``NEAR_COPY_SHARE`` of the inliers the verification model
+    (affine or homography, ``verify.threshold``) finds: the points of one picture moved rigidly. Otherwise
+    it is a verified view: the scene from another viewpoint, where perspective and parallax move points
+    apart by more than a similarity allows."""
+    return inliers > 0 and similarity_inliers >= NEAR_COPY_SHARE * inliers

@@ -1,5 +1,6 @@
 """The fine-tuning folder's own report: ``FT_DIR/report.html`` (loss curve, training collection and
-config, and, when runs evaluated with and without the adapted backbone are given, their mAP side by side)."""
+config, the validation curve and the epoch kept, the mined pairs as verified views versus near-copies,
+and, when runs evaluated with and without the adapted backbone are given, their mAP side by side)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import html
 import io
 import json
 from pathlib import Path
+
+from embedpipe.workers.train.finetune import NEAR_COPY_PX, NEAR_COPY_SHARE
 
 
 def loss_curve_png(history: list[dict]) -> bytes | None:
@@ -81,11 +84,14 @@ def write_finetune_report(ft_dir: Path, runs: dict[str, Path] | None = None) -> 
         ("head", f"{info['head']}" + (f" (learnt p = {info['gem_p']:.3f})" if info.get("gem_p") else "")),
         ("loss", f"{training['config']['loss']} (margin {training['config']['margin']})"),
         ("epochs", training["epochs"]),
+        ("weights kept", kept_text(info)),
         ("image size", info["max_side"]),
         ("learned whitening", info.get("whitening") or "none"),
     ]
     parts += [f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts]
     parts.append("</table>")
+    parts += validation_section(info)
+    parts += mining_section(training.get("mining", []))
     png = loss_curve_png(history)
     if png:
         parts.append(
@@ -99,7 +105,9 @@ def write_finetune_report(ft_dir: Path, runs: dict[str, Path] | None = None) -> 
             "<th>mAP</th><th>mP@10</th></tr>"
         )
         for r in rows:
-            adapted = "adapted" if r["backbone"] == str(ft_dir.resolve()) else "off-the-shelf"
+            adapted = "off-the-shelf"
+            if r["backbone"] == str(ft_dir.resolve()):
+                adapted = "adapted" if info.get("adapted", True) else "base model kept by validation"
             cells = [r["run"], r["images"], f"{r['backbone']} ({adapted})", r["descriptor"], r["post"]]
             cells += [_fmt(r["map"]), _fmt(r["mp@10"])]
             parts.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
@@ -110,6 +118,66 @@ def write_finetune_report(ft_dir: Path, runs: dict[str, Path] | None = None) -> 
     tmp.write_text("\n".join(parts) + "\n")
     tmp.replace(out)
     return out
+
+
+def kept_text(info: dict) -> str:
+    """What the folder holds after validation, in a few words (also in a run's report)."""
+    val = info.get("validation")
+    if not val:
+        return "last epoch (no validation)"
+    if info.get("adapted") is False:
+        return f"base model kept: no epoch beat it on validation (mAP {val['base_map']:.4f})"
+    return f"epoch {val['best_epoch']}: validation mAP {val['kept_map']:.4f} (base {val['base_map']:.4f})"
+
+
+def validation_section(info: dict) -> list[str]:
+    """The validation curve: mAP per epoch (0: the base model as a default run uses it)."""
+    val = info.get("validation")
+    if not val:
+        return []
+    posts = [k for k in ("l2", "pcaw") if any(k in c for c in val["curve"])]
+    parts = [
+        "<h2 id='validation'>Validation</h2>",
+        f"<p>Collection <code>{html.escape(str(val['images']))}</code> ({html.escape(val['protocol'])}); "
+        f"the epoch is picked by the {html.escape(val['post'] or 'l2')} mAP; an epoch is kept only when it "
+        "beats the base model both as a default run uses it and at the fine-tuning image size. "
+        f"Kept: {html.escape(kept_text(info))}.</p>",
+        "<table><tr><th>epoch</th>" + "".join(f"<th>GeM {p} mAP</th>" for p in posts) + "<th></th></tr>",
+    ]
+    for c in val["curve"]:
+        mark = "kept" if c["epoch"] == val["best_epoch"] else ""
+        name = "0 (base, as a default run)" if c["epoch"] == 0 else str(c["epoch"])
+        cells = [name, *[_fmt(c.get(p)) for p in posts], mark]
+        parts.append("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in cells) + "</tr>")
+        if c["epoch"] == 0 and "map_at_size" in c:
+            size = info["training"]["config"]["max_side"]
+            cells = [
+                f"0 (base at {size} px, the fine-tuning size)",
+                *[_fmt(c.get(f"{p}_at_size")) for p in posts],
+                "",
+            ]
+            parts.append("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in cells) + "</tr>")
+    parts.append("</table>")
+    return parts
+
+
+def mining_section(mining: list[dict]) -> list[str]:
+    """Mined pairs per epoch (mining without labels): verified views versus near-copies."""
+    if not mining:
+        return []
+    parts = [
+        "<h2 id='mining'>Mined pairs</h2><p>A verified pair is a <b>near-copy</b> when a similarity "
+        f"transform (rotation, uniform scale, translation) within {NEAR_COPY_PX:g} pixels explains at "
+        f"least {NEAR_COPY_SHARE:.0%} of the inliers of the verification model: a crop, rotation, "
+        "rescaling or recompression of one photo. "
+        "Otherwise it is a <b>view</b>: the scene from another viewpoint.</p>",
+        "<table><tr><th>epoch</th><th>verified pairs</th><th>views</th><th>near-copies</th></tr>",
+    ]
+    for m in mining:
+        cells = [m["epoch"], m["verified_pairs"], m["views"], m["near_copies"]]
+        parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    parts.append("</table>")
+    return parts
 
 
 def _fmt(v) -> str:
