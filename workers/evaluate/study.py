@@ -2,18 +2,23 @@
 
 For each descriptor of a finished run, every candidate index (``PCA<d>,Flat`` for d = 32, 64, …, the
 full descriptor ``Flat``, and ``[PCA<d>,]PQ<M>x<nbits>`` at 8, 16, 32 and 64 bytes) is trained on the
-run's vectors, searched exhaustively with the run's queries and scored with the run's protocol.
+run's vectors, searched exhaustively with the run's queries and scored with the run's protocol. Queries
+are database rows (Holidays, UKBench, labels) or, for Oxford/Paris, the box-cropped query images' own
+descriptors from the run's query store (``queries_of``), passed through the same PCA and codes as the
+database. The revisited protocols also get their Easy/Medium/Hard mAP (``map`` is Medium).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from embedpipe.storage.contracts.errors import InputError
 from embedpipe.storage.features import read_features
 from embedpipe.workers.evaluate.metrics import compute_map
 from embedpipe.workers.evaluate.protocols import GroundTruth
@@ -65,30 +70,56 @@ def _dim_of(factory: str, dim: int) -> int:
     return int(head[3:]) if head.startswith("PCA") else dim
 
 
-def evaluate_factory(x: np.ndarray, gt: GroundTruth, factory: str, seed: int) -> dict[str, Any]:
-    """Train, fill and search one candidate; mAP of the exhaustive ranking of every query."""
+def evaluate_factory(
+    x: np.ndarray, gt: GroundTruth, factory: str, seed: int, queries: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Train, fill and search one candidate; mAP of the exhaustive ranking of every query (``queries``:
+    the query vectors when they are not rows of ``x``, e.g. box crops)."""
     start = time.perf_counter()
     index = build_index(x, factory, seed)
-    ranks = search(index, x[gt.queries], index.ntotal)[1]
+    ranks = search(index, x[gt.queries] if queries is None else queries, index.ntotal)[1]
     result = compute_map(ranks, gt.positives, gt.junk)
+    setups = {
+        f"map_{name}": float(compute_map(ranks, setup.positives, setup.junk)["map"])
+        for name, setup in (gt.setups or {}).items()
+    }
     return {
         "index": factory,
         "dim": _dim_of(factory, x.shape[1]),
         "bytes_per_vector": bytes_per_vector(index),
         "map": float(result["map"]),
+        **setups,
         "time_s": round(time.perf_counter() - start, 4),
     }
 
 
-def compression_study(feature_dirs: dict[str, Path], gt_of: Any, seed: int = 0) -> list[dict[str, Any]]:
-    """Rows {"descriptor", "dim", "index", "bytes_per_vector", "map", "time_s"} for every descriptor and
-    candidate, sorted by descriptor then bytes per vector. ``gt_of(paths)`` gives the ground truth."""
+QueriesOf = Callable[[str, GroundTruth], np.ndarray]
+
+
+def compression_study(
+    feature_dirs: dict[str, Path], gt_of: Any, seed: int = 0, queries_of: QueriesOf | None = None
+) -> list[dict[str, Any]]:
+    """Rows {"descriptor", "dim", "index", "bytes_per_vector", "map", "time_s"} (and ``map_easy``,
+    ``map_medium``, ``map_hard`` for the revisited protocols) for every descriptor and candidate, sorted by
+    descriptor then bytes per vector. ``gt_of(paths)`` gives the ground truth; ``queries_of(descriptor,
+    gt)`` the descriptors of external (box-cropped) queries, in query order, when the ground truth has
+    them."""
     rows = []
     for descriptor, directory in feature_dirs.items():
         meta, x = read_features(directory)
         gt = gt_of(meta.column("path").to_pylist())
+        queries = None
+        if gt.query_keys:
+            if queries_of is None:
+                raise InputError(f"study compression: {descriptor}'s box-cropped queries were not given")
+            queries = np.ascontiguousarray(queries_of(descriptor, gt), dtype=np.float32)
+            if queries.shape != (len(gt.queries), x.shape[1]):
+                raise InputError(
+                    f"study compression: {descriptor}: query descriptors of shape {queries.shape}, "
+                    f"expected ({len(gt.queries)}, {x.shape[1]})"
+                )
         for factory in candidates(x.shape[1], len(x)):
-            row = {"descriptor": descriptor, **evaluate_factory(x, gt, factory, seed)}
+            row = {"descriptor": descriptor, **evaluate_factory(x, gt, factory, seed, queries)}
             log.info(
                 "study: %s %-22s %6d B/vector  mAP %.4f",
                 descriptor,
