@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--ground-truth",
         help="Oxford/Paris ground truth: gt/ folder or revisitop gnd_*.pkl (default: in the images folder)",
     )
+    run.add_argument(
+        "--distractors",
+        help="extra database images, any input form (never queries or positives): e.g. Flickr100k, R1M",
+    )
     add_config_arguments(run)
 
     run.add_argument(
@@ -111,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ft.add_argument("--loss", choices=("contrastive", "triplet"), help="tuple loss (default contrastive)")
     ft.add_argument("--epochs", type=int, help="epochs (default 5)")
+    ft.add_argument(
+        "--validate",
+        help="validation collection (finetune.validation_protocol, default holidays), never training "
+        "images: the best epoch is kept, the base model when none beats it",
+    )
     ft.add_argument("--preset", help="named preset (see 'embedpipe presets')")
     add_set_arguments(ft)
     add_wait_argument(ft)
@@ -177,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("run_a", type=Path)
     cmp_.add_argument("run_b", type=Path)
     cmp_.add_argument("--json", type=Path, help="write the comparison here")
+
+    table = sub.add_parser("table", help="one comparison table across finished runs (datasets as columns)")
+    table.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="finished run directories")
+    table.add_argument("--dim", type=int, help="keep the rows of this dimension (after post-processing)")
+    table.add_argument("--metric", choices=("map", "mp@10"), default="map", help="cell values (default map)")
+    table.add_argument("--format", choices=("md", "csv", "html", "json"), default="md", help="default md")
+    table.add_argument("--out", type=Path, help="write the table here instead of printing it")
 
     study = sub.add_parser("study", help="studies over a finished run's feature store")
     study.add_argument("what", choices=("compression",), help="mAP vs bytes/vector for PCA dims and PQ")
@@ -254,7 +270,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from embedpipe.workers.ingest.sources import list_inputs, listing_once, remote_shard_limits
 
     overrides: dict = {"images": args.images}
-    ft = {k: v for k, v in (("loss", args.loss), ("epochs", args.epochs)) if v is not None}
+    ft = {
+        k: v
+        for k, v in (("loss", args.loss), ("epochs", args.epochs), ("validation", args.validate))
+        if v is not None
+    }
     if ft:
         overrides["finetune"] = ft
     if args.ray_address:
@@ -278,6 +298,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     with _lease(args.out, "finetune", args, cfg.orchestration), listing_once():
         with remote_shard_limits(cfg.ingest.timeout_s, cfg.ingest.retries):
             list_inputs(cfg.images)  # fail fast, before any engine starts
+            if cfg.finetune.validation:
+                from embedpipe.workers.train.validate import check_validation
+
+                check_validation(cfg)
         r = finetune(cfg, args.out)
     losses = ", ".join(f"{v:.4f}" for v in r["losses"])
     sys.stdout.write(
@@ -286,6 +310,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         f"backbone: {r['ft_dir']} (use: embedpipe run --backbone {r['ft_dir']} ...)\n"
         f"report: {r['report']}\n"
     )
+    if r.get("validation"):
+        curve = ", ".join(
+            f"{c['epoch']}: {c['map']:.4f}"
+            + (f" (base at the fine-tuning size: {c['map_at_size']:.4f})" if "map_at_size" in c else "")
+            for c in r["validation"]
+        )
+        kept = f"epoch {r['best_epoch']}" if r["best_epoch"] else "the base model (no epoch beat it)"
+        sys.stdout.write(f"validation mAP per epoch (0: base): {curve}; kept {kept}\n")
     return 0
 
 
@@ -301,6 +333,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     with _lease(cfg.out, "run", args, cfg.orchestration), listing_once():
         with run_listings(cfg.out), remote_shard_limits(cfg.ingest.timeout_s, cfg.ingest.retries):
             list_inputs(cfg.images)  # fail fast, before any engine starts
+            if cfg.distractors:
+                list_inputs(cfg.distractors)
         metrics = _run_flow(cfg)
     _print_table(metrics, cfg.out)
     return 0
@@ -378,7 +412,8 @@ def cmd_datasets(args: argparse.Namespace) -> int:
         lines = []
         for b in benchmarks.registry(args.registry).values():
             sizes = ", ".join(f"{n} {pattern}" for pattern, n in b.counts.items())
-            lines.append(f"{b.name:<11} --protocol {b.protocol:<10} {b.description} [{sizes}]")
+            use = "--distractors" if b.protocol == benchmarks.DISTRACTORS else f"--protocol {b.protocol:<10}"
+            lines.append(f"{b.name:<11} {use:<21} {b.description} [{sizes}]")
         sys.stdout.write("\n".join(lines) + "\n")
         return 0
     if not args.name or args.root is None:
@@ -399,7 +434,12 @@ def cmd_datasets(args: argparse.Namespace) -> int:
         bar["p"].update(n // 1024)
 
     folder = benchmarks.fetch(bench, args.root, args.mirror, progress)
-    sys.stdout.write(f"{bench.name}: ready in {folder} (use --images {folder} --protocol {bench.protocol})\n")
+    use = (
+        f"--distractors {folder}"
+        if bench.protocol == benchmarks.DISTRACTORS
+        else f"--images {folder} --protocol {bench.protocol}"
+    )
+    sys.stdout.write(f"{bench.name}: ready in {folder} (use {use})\n")
     return 0
 
 
@@ -497,6 +537,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_table(args: argparse.Namespace) -> int:
+    from embedpipe.storage.contracts.layout import atomic_path
+    from embedpipe.workers.report.table import build_table, render
+
+    text = render(build_table(args.runs, args.metric, args.dim), args.format)
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(text)
+    sys.stdout.write(f"written: {args.out}\n")
+    return 0
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     with _lease(_existing_dir(args.run), "study", args):
         return _study(args)
@@ -504,18 +558,20 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def _study(args: argparse.Namespace) -> int:
     from embedpipe.storage.contracts.layout import write_json_atomic
-    from embedpipe.workers.evaluate.protocols import BENCHMARK_PROTOCOLS
-    from embedpipe.workers.evaluate.stage import run_ground_truth
+    from embedpipe.workers.evaluate.stage import query_vectors, run_ground_truth
     from embedpipe.workers.evaluate.study import compression_study, plot_compression
     from embedpipe.workers.report.html import fmt_metric
 
     layout, cfg = _finished_run(args.run)
     if cfg.protocol == "none":
         raise InputError(f"{args.run} was run with protocol 'none': no ground truth to score compression")
-    if cfg.protocol in BENCHMARK_PROTOCOLS:
-        raise InputError(f"study compression: {cfg.protocol}'s box-cropped queries are not supported yet")
     dirs = {d: layout.feature_dir(d) for d in cfg.extract.descriptors if layout.feature_dir(d).is_dir()}
-    rows = compression_study(dirs, lambda paths: run_ground_truth(layout, cfg, paths), cfg.seed)
+    rows = compression_study(
+        dirs,
+        lambda paths: run_ground_truth(layout, cfg, paths),
+        cfg.seed,
+        lambda descriptor, gt: query_vectors(layout, cfg, descriptor, gt)["l2"],  # box-cropped queries
+    )
     write_json_atomic(layout.report_dir / "compression.json", rows)
     plot = plot_compression(rows, layout.report_dir / "compression.png")
     lines = [f"{'descriptor':<12}{'index':<22}{'dim':>6}{'bytes/vector':>14}{'mAP':>9}"]
@@ -574,6 +630,7 @@ COMMANDS = {
     "eval-ranks": cmd_eval_ranks,
     "report": cmd_report,
     "compare": cmd_compare,
+    "table": cmd_table,
     "study": cmd_study,
     "presets": cmd_presets,
     "config": cmd_config,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import types
 from importlib import resources
 from pathlib import Path
@@ -149,6 +150,7 @@ def config_from_args(args: argparse.Namespace, check_inputs: bool = True) -> Con
         "images": getattr(args, "images", None),
         "protocol": getattr(args, "protocol", None),
         "ground_truth": getattr(args, "ground_truth", None),
+        "distractors": getattr(args, "distractors", None),
         "out": args.out,
     }
     overrides.update(engine_overrides(args))
@@ -163,6 +165,8 @@ def config_from_args(args: argparse.Namespace, check_inputs: bool = True) -> Con
     if cfg.images is not None and check_inputs:
         with run_listings(cfg.out), remote_shard_limits(cfg.ingest.timeout_s, cfg.ingest.retries):
             list_inputs(cfg.images)  # fail fast, before any engine starts
+            if cfg.distractors:
+                list_inputs(cfg.distractors)
     if cfg.ingest.rotations:
         read_rotations(cfg.ingest.rotations)
     check_backbone(cfg.extract.backbone, cfg.extract.weights, cfg.extract.descriptors)
@@ -180,6 +184,20 @@ def check_not_training_set(cfg) -> None:
     if str(Path(trained).resolve()) == str(Path(cfg.images).resolve()):
         raise InputError(
             f"{cfg.images} is the training collection of {cfg.extract.backbone}: evaluate on other images"
+        )
+    info = read_finetuned(cfg.extract.backbone)
+    if info.get("adapted") is False:
+        logging.getLogger("embedpipe").info(
+            "%s: fine-tuning did not beat the base model on validation; using the base model %s",
+            cfg.extract.backbone,
+            info["base"],
+        )
+    validated = (info.get("validation") or {}).get("images")
+    if validated and str(Path(validated).resolve()) == str(Path(cfg.images).resolve()):
+        logging.getLogger("embedpipe").warning(
+            "%s is the validation collection of %s (it chose the epoch kept): its mAP here is optimistic",
+            cfg.images,
+            cfg.extract.backbone,
         )
 
 

@@ -62,7 +62,7 @@ def fingerprints(cfg: Config, inputs: RunInputs) -> dict[str, str]:
     return {
         "extract": extract,
         "fit": fit,
-        "evaluate": _chain(fit, cfg.fingerprint("index", "rerank", "protocol", "verify")),
+        "evaluate": _chain(fit, cfg.fingerprint("index", "rerank", "protocol", "verify", "eval")),
     }
 
 

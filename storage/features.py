@@ -20,6 +20,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from embedpipe.storage.contracts.layout import atomic_path, write_error, write_json_atomic
+from embedpipe.storage.inputs import is_distractor
 
 MANIFEST = "_manifest.json"
 
@@ -265,6 +266,24 @@ def read_features(directory: Path) -> tuple[pa.Table, np.ndarray]:
 def part_row_counts(directory: Path) -> list[tuple[Path, int]]:
     """(part file, rows) in store order, from the Parquet footers only."""
     return [(p, pq.ParquetFile(p).metadata.num_rows) for p in part_files(directory)]
+
+
+def distractor_part(path: Path) -> bool:
+    """Whether a part file holds distractors (their parts hold nothing else: see the shard plan)."""
+    parquet = pq.ParquetFile(path)
+    if not parquet.metadata.num_rows:
+        return False
+    first = parquet.read_row_group(0, columns=["path"]).column(0)[0].as_py()
+    return is_distractor(first)
+
+
+def fit_part_rows(directory: Path, include_distractors: bool = False) -> list[tuple[Path, int]]:
+    """(part file, rows) of the parts models are fitted on, in store order: every part, or
+    (``include_distractors`` off) those of the collection alone."""
+    counts = part_row_counts(directory)
+    if include_distractors:
+        return counts
+    return [(p, n) for p, n in counts if not (n and distractor_part(p))]
 
 
 def sample_quotas(counts: list[int], n: int) -> list[int]:

@@ -7,7 +7,7 @@ Listing itself (every form ``--images`` accepts) and reading inputs are in ``wor
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,21 @@ class Listing:
         for key, reason in self.problems:
             digest.update(f"!{key}\0{reason}\n".encode())
         return digest.hexdigest()[:16]
+
+
+# the key of a distractor input (``distractors:``) is its own key under this prefix: in the dataset
+# manifest and the feature store's ``path`` column it stays apart from the collection's inputs
+DISTRACTOR_PREFIX = "distractor:"
+
+
+def is_distractor(key: str) -> bool:
+    return key.startswith(DISTRACTOR_PREFIX)
+
+
+def as_distractors(listing: Listing) -> Listing:
+    """``listing``'s inputs as distractors: the same inputs under prefixed keys."""
+    refs = [replace(r, key=DISTRACTOR_PREFIX + r.key) for r in listing.refs]
+    return Listing(refs, [(DISTRACTOR_PREFIX + key, reason) for key, reason in listing.problems])
 
 
 KnownTars = dict[str, tuple[str, tuple[InputRef, ...]]]  # resolved path -> (stamp then, samples)

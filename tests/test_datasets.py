@@ -162,3 +162,16 @@ def test_ftp_download_resumes_with_rest(tmp_path, archives):
     assert rests == [1000] and dest.read_bytes() == data
     assert seen[0] == (len(data), 1000) and sum(n for _, n in seen[1:]) == len(data) - 1000
     assert not (tmp_path / "jpg1.tar.gz.part").exists()
+
+
+def test_distractor_sets_fetch_for_use_with_distractors(tmp_path, archives):
+    r1m = benchmarks.lookup("revisitop1m")
+    assert r1m.protocol == benchmarks.DISTRACTORS and len(r1m.archives) == 100
+    assert r1m.archives[0].url == "http://ptak.felk.cvut.cz/revisitop/revisitop1m/jpg/revisitop1m.1.tar.gz"
+    www, sums, n = archives
+    root = tmp_path / "data"
+    with serve(www) as (base, _):
+        reg = _registry(tmp_path / "reg.yaml", base, sums, n, protocol="distractors")
+        out = embedpipe("datasets", "fetch", "mini", "--root", root, "--registry", reg)
+    assert out.returncode == 0, out.stderr
+    assert f"(use --distractors {root / 'mini'})" in out.stdout

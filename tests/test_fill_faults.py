@@ -1,5 +1,6 @@
-"""A Ray worker killed with -9 while it fills its part of an index: Ray runs the task again and the merged
-index is the same, code for code and id for id, as one process filling every part."""
+"""A Ray worker killed with -9 while it fills its part of an index, or while it searches its shard of a
+sharded index: Ray runs the task again and the merged index is the same, code for code and id for id, as
+one process filling every part; the merged top-k the same as one process searching every shard."""
 
 from __future__ import annotations
 
@@ -13,21 +14,24 @@ import psutil
 import pytest
 
 from embedpipe.flows.benchmarks.store import synthetic_store
-from embedpipe.storage.contracts.config import RayConfig
+from embedpipe.storage.contracts.config import IndexConfig, RayConfig
 from embedpipe.storage.features import read_features
+from embedpipe.storage.index_folder import read_version
 from embedpipe.workers.engines.ray_stages import ray_session
+from embedpipe.workers.evaluate.search import ShardedIndex
 from embedpipe.workers.index import ann
-from embedpipe.workers.index.build import fill_from_store
+from embedpipe.workers.index.build import fill_from_store, publish_store_index
 
 pytestmark = pytest.mark.slow
 
 
-def _kill_first_fill(killed: list[int], stop: threading.Event) -> None:
-    """Kill -9 the first worker process seen running a fill task (Ray titles it ``ray::_ray_fill``)."""
+def _kill_first(title: str, killed: list[int], stop: threading.Event) -> None:
+    """Kill -9 the first worker process seen running a task of ``title`` (Ray titles the worker
+    ``ray::<function>`` while it runs one)."""
     while not stop.is_set():
         for proc in psutil.process_iter(["pid", "cmdline"]):
             cmd = " ".join(proc.info["cmdline"] or ())
-            if cmd.startswith("ray::_ray_fill"):
+            if cmd.startswith(title):
                 os.kill(proc.info["pid"], signal.SIGKILL)
                 killed.append(proc.info["pid"])
                 return
@@ -42,7 +46,7 @@ def test_worker_killed_during_the_index_fill_gives_the_same_index(tmp_path):
     killed: list[int] = []
     stop = threading.Event()
     with ray_session(RayConfig(num_cpus=2)):
-        killer = threading.Thread(target=_kill_first_fill, args=(killed, stop))
+        killer = threading.Thread(target=_kill_first, args=("ray::_ray_fill", killed, stop))
         killer.start()
         try:
             index, ids = fill_from_store(store, trained, "ray", max_retries=3)
@@ -54,3 +58,30 @@ def test_worker_killed_during_the_index_fill_gives_the_same_index(tmp_path):
     for ours, theirs in zip(ann.codes_of(index), ann.codes_of(reference), strict=True):
         assert np.array_equal(ours, theirs)
     assert ids.equals(ref_ids)
+
+
+def test_worker_killed_during_the_sharded_search_gives_the_same_ranking(tmp_path):
+    store = synthetic_store(tmp_path / "store", 80_000, 64, 4)
+    _, x = read_features(store)
+    cfg = IndexConfig(factory="Flat", layout="sharded", engine="local")
+    _, _, version = publish_store_index(tmp_path / "index", store, cfg, 0, load=False)
+    queries = x[::20]  # 4,000 queries: each shard's search takes long enough to be caught
+    killed: list[int] = []
+    stop = threading.Event()
+    with ray_session(RayConfig(num_cpus=2)):
+        sharded = ShardedIndex(version, 1, 16, max_retries=3)
+        want_scores, want_ids = sharded.search(queries, 50)
+        killer = threading.Thread(target=_kill_first, args=("ray::_search_shard", killed, stop))
+        killer.start()
+        try:
+            scores, ids = sharded.search(queries, 50)
+        finally:
+            stop.set()
+            killer.join()
+    assert len(killed) == 1  # a shard's search lost its worker, ran again: the same bytes
+    assert np.array_equal(ids, want_ids) and np.array_equal(scores, want_scores)
+    # and the ranking of one process searching the shards together, up to float rounding and the
+    # order of exact ties (broken here by the smaller id)
+    local_scores, local_ids = ann.search(read_version(version), queries, 50)
+    assert np.allclose(scores, local_scores, rtol=0, atol=1e-5)
+    assert (ids == local_ids).mean() > 0.999

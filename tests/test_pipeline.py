@@ -265,6 +265,7 @@ def test_labels_protocol_run(tmp_path, demo_images):
         assert row["map"] >= 0.9 and row["p@1"] >= 0.9 and row["fewshot@1"] >= 0.9, row
         assert row["fewshot@10"] is None  # seven images per class: not enough for 10 shots
         assert row["fewshot@10_classes"] == 0 and row["fewshot@1_classes"] == 4, row  # the four classes
+        assert row["probe@full"] is not None and row["probe@10"] is None, row  # linear probes beside them
     assert all("fewshot@1" not in r for r in metrics["results"] if r["rerank"] == "aqe")
 
 

@@ -24,6 +24,7 @@ from embedpipe.storage.artifacts import load_npz, save_blob, save_npz
 from embedpipe.storage.contracts.errors import RunFailed
 from embedpipe.storage.contracts.layout import RunLayout
 from embedpipe.storage.features import (
+    fit_part_rows,
     part_files,
     part_row_counts,
     read_part,
@@ -108,10 +109,14 @@ def _add_moments(a: Moments, b: Moments) -> Moments:
     return a[0] + b[0], a[1] + b[1], a[2] + b[2]
 
 
-def store_moments(directory: Path, scheduler: str, address: str | None = None) -> Moments:
-    """Column sums and Gram matrix of the whole store in one pass: one Dask task per part file, partial
-    moments summed pairwise in a tree, so memory holds a few parts and D×D partial sums at a time."""
-    level = [dask.delayed(_part_moments)(str(p)) for p, rows in part_row_counts(directory) if rows]
+def store_moments(
+    directory: Path, scheduler: str, address: str | None = None, include_distractors: bool = True
+) -> Moments:
+    """Column sums and Gram matrix of the store (its distractors' parts left out unless
+    ``include_distractors``) in one pass: one Dask task per part file, partial moments summed pairwise
+    in a tree, so memory holds a few parts and D×D partial sums at a time."""
+    parts = fit_part_rows(directory, include_distractors)
+    level = [dask.delayed(_part_moments)(str(p)) for p, rows in parts if rows]
     if not level:
         raise RunFailed(f"feature store {directory} has no rows")
     while len(level) > 1:
@@ -135,15 +140,21 @@ def _usable(scheduler: str) -> str:
 
 
 def sample_store(
-    directory: Path, n: int, seed: int, scheduler: str, address: str | None = None
+    directory: Path,
+    n: int,
+    seed: int,
+    scheduler: str,
+    address: str | None = None,
+    include_distractors: bool = True,
 ) -> np.ndarray:
-    """Dask job: a seeded sample of ``min(n, rows)`` vectors of the store -> (n, dim) float32.
+    """Dask job: a seeded sample of ``min(n, rows)`` vectors of the store (of its collection's parts
+    alone unless ``include_distractors``) -> (n, dim) float32.
 
     Each part gives rows in proportion to its size (``sample_quotas``), drawn by a generator seeded
     with (``seed``, part number) in one Dask task that reads that part alone and returns only its rows;
     the blocks are concatenated in part order. Same store and seed -> the same bytes, whatever the
     scheduler or the number of workers; memory holds the sample and the parts being read."""
-    counts = part_row_counts(directory)
+    counts = fit_part_rows(directory, include_distractors)
     quotas = sample_quotas([c for _, c in counts], n)
     tasks = [
         dask.delayed(sample_part)(str(path), take, seed, part)
@@ -162,7 +173,7 @@ def fit_pca_whitening(directory: Path, cfg: FitConfig) -> tuple[dict[str, np.nda
     """One pass over the store: column sums and Gram matrix in Dask, then eigh in numpy.
 
     Returns the whitening arrays and the number of rows it was fitted on."""
-    total, gram, n = store_moments(directory, cfg.scheduler, cfg.dask_address)
+    total, gram, n = store_moments(directory, cfg.scheduler, cfg.dask_address, cfg.include_distractors)
     model = pca_whitening_from_moments(total, gram, n, cfg.dim, cfg.shrinkage)
     if cfg.dim and model["proj"].shape[0] < cfg.dim:
         log.warning(
@@ -178,7 +189,7 @@ def sample_local(source: Path, feature: str, cfg: Config) -> np.ndarray:
 
     tasks = [
         dask.delayed(sample_part)(str(p), feature, cfg.bow.sample_per_image, cfg.seed)
-        for p in part_files(source)
+        for p, _ in fit_part_rows(source, cfg.fit.include_distractors)
     ]
     with dask_scheduler(cfg.fit.scheduler, cfg.fit.dask_address) as kwargs:
         blocks = list(dask.compute(*tasks, **kwargs))
@@ -290,7 +301,10 @@ def adapt_codebook(layout: RunLayout, cfg: Config, feature: str, k: int) -> dict
     if kept is not None:
         return kept
     shared = dask.delayed(blob)
-    level = [dask.delayed(word_sums_part)(str(p), feature, shared, k) for p in part_files(source)]
+    level = [
+        dask.delayed(word_sums_part)(str(p), feature, shared, k)
+        for p, _ in fit_part_rows(source, cfg.fit.include_distractors)
+    ]
     if not level:
         raise RunFailed(f"local-feature store {source} has no parts to adapt the codebook to")
     while len(level) > 1:  # same reduction as the moments: (sums, counts, n) added pairwise

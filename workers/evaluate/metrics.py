@@ -73,16 +73,20 @@ def compute_map(
     return out
 
 
-def ns_score(ranks: np.ndarray, groups: np.ndarray, top: int = 4) -> float:
+def ns_score(ranks: np.ndarray, groups: np.ndarray, queries: np.ndarray | None = None, top: int = 4) -> float:
     """UKBench N-S score (Nistér & Stewénius): mean number of the query's group among its top 4 results,
     the query itself included (it is in the database). In [0, 4].
 
-    ranks: (n_images, n_ranked) with query i = database image i; groups: (n_images,) group of each image."""
+    ranks: (n_queries, n_ranked) database rows; groups: (n_database,) group of each database image
+    (-1 for distractors); queries: the database row of each query (default: query i = row i, every
+    image a query)."""
     ranks = np.asarray(ranks)[:, :top]
     groups = np.asarray(groups)
-    if ranks.shape[0] != groups.shape[0]:
-        raise ValueError(f"ukbench ranks need one row per image ({groups.shape[0]}), got {ranks.shape[0]}")
-    return float((groups[ranks] == groups[:, None]).sum(axis=1).mean())
+    queries = np.arange(len(groups)) if queries is None else np.asarray(queries)
+    if ranks.shape[0] != queries.shape[0]:
+        raise ValueError(f"ukbench ranks need one row per query ({queries.shape[0]}), got {ranks.shape[0]}")
+    found = np.where(ranks >= 0, groups[np.maximum(ranks, 0)], -2)
+    return float((found == groups[queries][:, None]).sum(axis=1).mean())
 
 
 def precision_at_k(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePath
 
 import numpy as np
@@ -29,6 +29,39 @@ class GroundTruth:
     group_names: tuple[str, ...] = ()  # name of each group id, when the layout has names
     query_keys: tuple[str, ...] = ()
     setups: dict[str, GroundTruth] | None = None  # revisited protocols: easy / medium / hard
+
+
+def on_positions(
+    gt: GroundTruth, positions: np.ndarray, n_total: int, external: bool | None = None
+) -> GroundTruth:
+    """``gt`` computed over a subset of a database (its row i = row ``positions[i]`` of the whole, of
+    ``n_total`` rows), restated over the whole; rows numbered past the subset (positives missing from
+    the database) stay past the whole. External queries (``query_keys``, or ``external``) keep their
+    numbers."""
+    external = bool(gt.query_keys) if external is None else external
+    positions = np.asarray(positions, np.int64)
+    n = len(positions)
+
+    def move(rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        inside = rows < n
+        return np.where(inside, positions[np.where(inside, rows, 0)] if n else rows, rows - n + n_total)
+
+    groups = None
+    if gt.groups is not None:
+        groups = np.full(n_total, -1, np.asarray(gt.groups).dtype)
+        groups[positions] = gt.groups
+    setups = None
+    if gt.setups:
+        setups = {name: on_positions(one, positions, n_total, external) for name, one in gt.setups.items()}
+    return replace(
+        gt,
+        queries=gt.queries if external else move(gt.queries),
+        positives=[move(p) for p in gt.positives],
+        junk=[move(j) for j in gt.junk],
+        groups=groups,
+        setups=setups,
+    )
 
 
 def holidays_imno(path: str) -> int | None:

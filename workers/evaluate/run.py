@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from embedpipe.storage.contracts.layout import RunLayout
+from embedpipe.storage.dataset import read_manifest
+from embedpipe.storage.inputs import is_distractor
 from embedpipe.storage.quarantine import read_quarantine
 from embedpipe.workers.descriptors.local import encoding_of
 from embedpipe.workers.evaluate.bow import evaluate_bow
@@ -15,16 +17,34 @@ if TYPE_CHECKING:
     from embedpipe.storage.contracts.config import Config
 
 
+def distractor_count(layout: RunLayout) -> int:
+    """Distractors usable in the run's database, from its dataset manifest (rows that carry their own
+    count, from the feature store they searched, keep it)."""
+    manifest = read_manifest(layout.dataset)
+    if manifest is None:
+        return 0
+    keys, status = (manifest.column(c).to_pylist() for c in ("key", "status"))
+    return sum(is_distractor(k) for k, s in zip(keys, status, strict=True) if s == "ok")
+
+
 def evaluate_run(cfg: Config, layout: RunLayout, n_images: int, incremental: bool = False) -> dict[str, Any]:
     """Index and evaluate every descriptor of ``cfg`` (``incremental``: update the live indices, no
     retraining); the result is the content of ``report/metrics.json``."""
-    results, n_queries = [], 0
+    results, n_queries, curve = [], 0, []
+    n_distractors = distractor_count(layout)
     for name in cfg.extract.descriptors:
         if encoding_of(name)[0] == "bow":
             rows, n_queries = evaluate_bow(layout, cfg, name)
         else:
-            rows, n_queries = index_and_evaluate(layout, cfg, name, incremental)
-        results.extend(rows)
+            rows, n_queries = index_and_evaluate(layout, cfg, name, incremental, curve)
+        results.extend({"distractors": n_distractors, **row} for row in rows)
+    # the curve's last points are the results themselves, over every distractor
+    curve += [
+        {k: row[k] for k in ("distractors", "descriptor", "post", "rerank", "map")}
+        for row in results
+        if row.get("distractors") and row.get("map") is not None
+    ]
+    curve.sort(key=lambda p: (p["descriptor"], p["post"], p["rerank"], p["distractors"]))
     return {
         "protocol": cfg.protocol,
         "dataset": {
@@ -34,4 +54,5 @@ def evaluate_run(cfg: Config, layout: RunLayout, n_images: int, incremental: boo
             "n_quarantined": read_quarantine(layout.quarantine).num_rows,
         },
         "results": results,
+        "distractor_curve": curve,
     }

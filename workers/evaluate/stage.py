@@ -19,8 +19,9 @@ from embedpipe.storage.artifacts import load_npz, save_npy, save_npz
 from embedpipe.storage.contracts.errors import InputError, RunFailed
 from embedpipe.storage.contracts.layout import RunLayout, write_json_atomic
 from embedpipe.storage.dataset import labels_by_key
-from embedpipe.storage.features import read_features, read_store_manifest
+from embedpipe.storage.features import read_features, read_parts, read_store_manifest
 from embedpipe.storage.index_folder import index_layout
+from embedpipe.storage.inputs import is_distractor
 from embedpipe.workers.descriptors.local import is_classical
 from embedpipe.workers.evaluate.metrics import (
     compute_map,
@@ -29,11 +30,13 @@ from embedpipe.workers.evaluate.metrics import (
     ns_score,
     precision_at_k,
 )
+from embedpipe.workers.evaluate.probes import linear_probe_scores
 from embedpipe.workers.evaluate.protocols import (
     BENCHMARK_PROTOCOLS,
     GroundTruth,
     benchmark_layout,
     ground_truth,
+    on_positions,
 )
 from embedpipe.workers.evaluate.rerank import (
     alpha_qe,
@@ -42,6 +45,7 @@ from embedpipe.workers.evaluate.rerank import (
     merge_neighbours,
     pair_similarities,
 )
+from embedpipe.workers.evaluate.search import ShardedIndex, StoreRows
 from embedpipe.workers.fit.whitening import apply_whitening, learned_whitening_file, subspace_drift
 from embedpipe.workers.index.ann import build_index, bytes_per_vector, make_index, search, set_search_params
 from embedpipe.workers.index.build import (
@@ -65,13 +69,37 @@ SHOTS = (1, 5, 10)
 
 def run_ground_truth(layout: RunLayout, cfg: Config, paths: list[str]) -> GroundTruth | None:
     """The protocol's ground truth for a run's database ``paths`` (labels from its dataset manifest,
-    Oxford/Paris ground truth from the benchmark's files)."""
+    Oxford/Paris ground truth from the benchmark's files). Distractors (``distractors:``) are never
+    queries or positives: the ground truth is that of the collection's rows, restated over all rows."""
     images = cfg.images
     root = str(Path(images).resolve()) if images and Path(images).is_dir() else None
     bench = None
     if cfg.protocol in BENCHMARK_PROTOCOLS:
         bench = benchmark_layout(cfg.protocol, str(ground_truth_path(cfg)))
-    return ground_truth(cfg.protocol, paths, root, labels_by_key(layout.dataset), bench)
+    collection, _ = database_split(paths)
+    if len(collection) == len(paths):
+        return ground_truth(cfg.protocol, paths, root, labels_by_key(layout.dataset), bench)
+    gt = ground_truth(
+        cfg.protocol, [paths[i] for i in collection], root, labels_by_key(layout.dataset), bench
+    )
+    return None if gt is None else on_positions(gt, collection, len(paths))
+
+
+def database_split(paths: list[str], ids: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(positions of the collection's rows, positions of the distractors' rows); the distractors in
+    the order the distractor curve adds them: by content id (``ids``), else as stored."""
+    flags = np.fromiter((is_distractor(p) for p in paths), bool, len(paths))
+    distractors = np.flatnonzero(flags)
+    if ids is not None and distractors.size:
+        distractors = distractors[np.argsort(np.array([ids[i] for i in distractors]), kind="stable")]
+    return np.flatnonzero(~flags), distractors
+
+
+def ranking_depth(cfg: Config, n_database: int) -> int:
+    """Results ranked per query: ``eval.top_k``, or (0) the whole database up to ``FULL_RANKING_MAX``
+    rows and ``AUTO_TOP_K`` beyond."""
+    k = cfg.eval.top_k or (n_database if n_database <= FULL_RANKING_MAX else AUTO_TOP_K)
+    return max(1, min(k, n_database))
 
 
 def query_vectors(layout: RunLayout, cfg: Config, descriptor: str, gt: GroundTruth) -> dict[str, np.ndarray]:
@@ -85,6 +113,10 @@ def query_vectors(layout: RunLayout, cfg: Config, descriptor: str, gt: GroundTru
 
 
 THIS_COLLECTION = "this collection"
+# eval.top_k 0: whole rankings up to this many database rows (every collection the tests and the demo
+# use), the top 1,000 beyond, as revisitop ranks R1M
+FULL_RANKING_MAX = 100_000
+AUTO_TOP_K = 1000
 
 
 def provenance(cfg: Config, descriptor: str, post: str, factory: str, dim: int) -> dict[str, Any]:
@@ -167,12 +199,23 @@ def variants(
     out = [("l2", vectors)]
     if cfg.fit.whiten:
         arrays, _ = load_npz(layout.model(whitening_name(descriptor)))
-        out.append(
-            (
-                f"{'lw' if 'learned' in arrays else 'pcaw'}{arrays['proj'].shape[0]}",
-                apply_whitening(vectors, arrays["mean"], arrays["proj"]),
-            )
-        )
+        out.append((whitened_post(arrays), apply_whitening(vectors, arrays["mean"], arrays["proj"])))
+    return out
+
+
+def whitened_post(arrays: dict[str, np.ndarray]) -> str:
+    """The post-processing name of a whitening: ``pcaw<dim>``, or ``lw<dim>`` for a learned one."""
+    return f"{'lw' if 'learned' in arrays else 'pcaw'}{arrays['proj'].shape[0]}"
+
+
+def database_variants(layout: RunLayout, cfg: Config, descriptor: str) -> list[tuple[str, StoreRows]]:
+    """(post-processing name, the store's rows under it, read as needed) pairs, as ``variants``."""
+    store = layout.feature_dir(descriptor)
+    out = [("l2", StoreRows(store, None, int(read_store_manifest(store)["dim"])))]
+    if cfg.fit.whiten:
+        arrays, _ = load_npz(layout.model(whitening_name(descriptor)))
+        transform = arrays["mean"], arrays["proj"]
+        out.append((whitened_post(arrays), StoreRows(store, transform, int(arrays["proj"].shape[0]))))
     return out
 
 
@@ -192,10 +235,11 @@ def exact_scores(queries: np.ndarray, db: np.ndarray, idx: np.ndarray) -> np.nda
 
 
 def neighbours(
-    index: faiss.Index, queries: np.ndarray, db: np.ndarray, k: int
+    index: faiss.Index, queries: np.ndarray, db: np.ndarray, k: int, allowed: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (similarities, ids) from ``index``, similarities exact when the index ranks by distance."""
-    sims, idx = search(index, queries, k)
+    """Top-k (similarities, ids) from ``index`` (among ``allowed`` ids when given), similarities exact
+    when the index ranks by distance."""
+    sims, idx = search(index, queries, k, allowed)
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         sims = exact_scores(queries, db, idx)
     return sims, idx
@@ -207,13 +251,16 @@ def protocol_extras(
     """Scores a protocol adds to mAP: UKBench's N-S score; for labels, precision@k and (on the features
     themselves, ``x``) kNN few-shot classification accuracy at 1, 5 and 10 shots."""
     if cfg.protocol == "ukbench":
-        return {"ns_score": ns_score(ranks, gt.groups)}
+        return {"ns_score": ns_score(ranks, gt.groups, gt.queries)}
     if cfg.protocol == "labels":
         out = precision_at_k(ranks, gt.positives, gt.junk, KAPPAS)
         if x is not None:
+            labelled = gt.groups >= 0  # distractors have no class
+            x, classes = x[labelled], gt.groups[labelled]
             for s in SHOTS:
-                out[f"fewshot@{s}"] = few_shot_accuracy(x, gt.groups, s, seed=cfg.seed)
-                out[f"fewshot@{s}_classes"] = few_shot_classes(gt.groups, s)
+                out[f"fewshot@{s}"] = few_shot_accuracy(x, classes, s, seed=cfg.seed)
+                out[f"fewshot@{s}_classes"] = few_shot_classes(classes, s)
+            out.update(linear_probe_scores(x, classes, seed=cfg.seed))
         return out
     return {}
 
@@ -322,19 +369,27 @@ def rerank_ranks(
     gt: GroundTruth,
     augmented: Callable[[], tuple[np.ndarray, faiss.Index]],
     queries: np.ndarray,
+    depth: int,
+    allowed: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Rankings of every query after αQE, DBA or both (DBA first, then αQE on the augmented database).
+    """Top-``depth`` rankings of every query after αQE, DBA or both (DBA first, then αQE on the
+    augmented database); ``allowed``: the database rows searched (all when None; not with DBA).
 
     ``queries``: the query vectors. ``augmented`` gives the DBA database and its index (computed once
     per variant by the caller).
     Queries keep their original vectors under DBA; neighbours used for αQE never include the query's
     own junk (the query itself when it is in the database)."""
     db, db_index = augmented() if method.startswith("dba") else (x, index)
+    if method == "none":
+        return search(db_index, queries, depth, allowed)[1]
     if method.endswith("aqe"):
-        sims, idx = neighbours(db_index, queries, db, r.aqe_k + max((len(j) for j in gt.junk), default=0))
+        k = r.aqe_k + max((len(j) for j in gt.junk), default=0)
+        sims, idx = neighbours(db_index, queries, db, k, allowed)
         sims, idx = drop_excluded(sims, idx, gt.junk, r.aqe_k)
-        queries = alpha_qe(queries, db, sims, idx, r.aqe_alpha)
-    return search(db_index, queries, db_index.ntotal)[1]
+        used = np.unique(idx[idx >= 0])  # the database rows the expansion adds, read once
+        local = np.where(idx >= 0, np.searchsorted(used, np.maximum(idx, 0)), -1)
+        queries = alpha_qe(queries, db[used], sims, local, r.aqe_alpha)
+    return search(db_index, queries, depth, allowed)[1]
 
 
 def auto_index(layout: RunLayout, cfg: Config, name: str, x: np.ndarray, gt: GroundTruth | None) -> Config:
@@ -389,29 +444,41 @@ def variant_index(
             log.info("index %s: %d added, %d removed, no retraining", name, added, removed)
             factory = _previous_factory(layout, descriptor, post, cfg.index.factory)
             return live, StoreOrderIndex(live, ids, store), factory
-    index, _, _ = publish_store_index(root, store, cfg.index, cfg.seed, transform, cfg.fit)
-    return index, index, cfg.index.factory
+    icfg = cfg.index
+    remote = icfg.layout == "sharded" and icfg.engine == "ray"  # searched where it lies, shard by shard
+    index, _, version = publish_store_index(root, store, icfg, cfg.seed, transform, cfg.fit, load=not remote)
+    if remote:
+        sharded = ShardedIndex(version, icfg.nprobe, icfg.efsearch, cfg.ray.max_retries)
+        return sharded.trained, sharded, icfg.factory
+    return index, index, icfg.factory
 
 
 def index_and_evaluate(
-    layout: RunLayout, cfg: Config, descriptor: str, incremental: bool = False
+    layout: RunLayout,
+    cfg: Config,
+    descriptor: str,
+    incremental: bool = False,
+    curve: list[dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
     """Build (or, ``incremental``, update) and save one index per variant, search every query (plain
-    and re-ranked), compute the protocol's metrics. Returns the result rows (metrics.json contract) and
-    the number of queries."""
-    meta, vectors = read_features(layout.feature_dir(descriptor))
+    and re-ranked) to ``ranking_depth``, compute the protocol's metrics. Returns the result rows
+    (metrics.json contract) and the number of queries; the distractor curve's points below the full
+    set of distractors (``eval.distractor_steps``) are appended to ``curve``."""
+    meta = read_parts(layout.feature_dir(descriptor), ["id", "path"])  # no vectors: they stay in the store
     store = read_store_manifest(layout.feature_dir(descriptor))
-    paths = meta.column("path").to_pylist()
+    paths = [] if meta is None else meta.column("path").to_pylist()
     gt = run_ground_truth(layout, cfg, paths)
+    collection, distractors = database_split(paths, [] if meta is None else meta.column("id").to_pylist())
+    depth = ranking_depth(cfg, len(paths))
     external = query_vectors(layout, cfg, descriptor, gt) if gt is not None else {}
     rows = []
     run_cfg = cfg
-    for post, x in variants(layout, run_cfg, descriptor, vectors):
+    for post, x in database_variants(layout, run_cfg, descriptor):
         name = f"{descriptor}-{post}"
         start = time.perf_counter()
         live = incremental and index_versions.current(layout.index_dir(name)) is not None
         auto = run_cfg.index.factory == "auto" and not live
-        cfg = auto_index(layout, run_cfg, name, x, gt) if auto else run_cfg
+        cfg = auto_index(layout, run_cfg, name, x.all(), gt) if auto else run_cfg
         built, index, factory = variant_index(layout, cfg, descriptor, post, incremental)
         base = {
             "descriptor": descriptor,
@@ -421,14 +488,19 @@ def index_and_evaluate(
             "index": factory,
             "bytes_per_vector": bytes_per_vector(built),
             **provenance(cfg, descriptor, post, factory, int(x.shape[1])),
+            "distractors": int(distractors.size),
         }
         if gt is None:
             rows.append({**base, "rerank": "none", "time_s": round(time.perf_counter() - start, 4)})
             continue
         layout.report_dir.mkdir(parents=True, exist_ok=True)
+        few_shot = cfg.protocol == "labels"  # classified on the features themselves
         augmented = functools.cache(
             lambda x=x, index=index, cfg=cfg, name=name, factory=factory: augment_database(
-                cfg, x, index, dba_neighbours(layout, cfg, name, x, index, factory, meta, incremental)
+                cfg,
+                x.all(),
+                index,
+                dba_neighbours(layout, cfg, name, x.all(), index, factory, meta, incremental),
             )
         )
         queries = external[post] if external else x[gt.queries]
@@ -436,9 +508,9 @@ def index_and_evaluate(
             if method != "none":
                 start = time.perf_counter()
             ranks = (
-                search(index, queries, index.ntotal)[1]
+                search(index, queries, depth)[1]
                 if method == "none"
-                else rerank_ranks(method, cfg.rerank, x, index, gt, augmented, queries)
+                else rerank_ranks(method, cfg.rerank, x, index, gt, augmented, queries, depth)
             )
             suffix = "" if method == "none" else f"-{method.replace('+', '-')}"
             save_npy(layout.report_dir / f"ranks-{name}{suffix}.npy", ranks)
@@ -449,15 +521,24 @@ def index_and_evaluate(
                     "rerank": method,
                     "map": result["map"],
                     **{f"mp@{k}": result[f"mp@{k}"] for k in KAPPAS},
-                    **protocol_extras(cfg, gt, ranks, x if method == "none" else None),
+                    **protocol_extras(cfg, gt, ranks, x.all() if few_shot and method == "none" else None),
                     **setup_scores(gt, ranks),
                     "ranks_file": f"ranks-{name}{suffix}.npy",
+                    "top_k": int(ranks.shape[1]),
                     "time_s": round(time.perf_counter() - start, 4),
                 }
             )
             log.info(
                 "evaluate: %s%s mAP %.4f over %d queries", name, suffix, result["map"], result["n_queries"]
             )
+        if curve is not None and distractors.size:
+            steps = [s for s in cfg.eval.distractor_steps if s < distractors.size]
+            for step in steps:
+                allowed = np.sort(np.concatenate([collection, distractors[:step]]))
+                for method in ("none", *(m for m in cfg.rerank.methods if not m.startswith("dba"))):
+                    ranks = rerank_ranks(method, cfg.rerank, x, index, gt, augmented, queries, depth, allowed)
+                    point = {"distractors": step, "descriptor": descriptor, "post": post, "rerank": method}
+                    curve.append({**point, "map": compute_map(ranks, gt.positives, gt.junk, KAPPAS)["map"]})
     # NaN (e.g. too few images per class for a shot count) is not JSON: write null
     rows = [{k: None if isinstance(v, float) and v != v else v for k, v in r.items()} for r in rows]
     return rows, 0 if gt is None else int(gt.queries.size)

@@ -276,10 +276,48 @@ def remove_ids(index: faiss.Index, ids: np.ndarray) -> int:
     return int(index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, np.int64))))
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (scores, database ids) per query, best first; -1 pads where the index returns fewer."""
+def search(
+    index: faiss.Index, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores, database ids) per query, best first; -1 pads where the index returns fewer.
+    ``allowed`` (ids): search among those alone, with the index's own nprobe/efSearch, as though the
+    others were not there (FAISS ID selectors; a full ranking filtered where an index type has none)."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if allowed is not None and not isinstance(index, faiss.Index):  # a wrapper with its own ids
+        return index.search(queries, k, allowed)
+    if allowed is None:
+        with threads_for(len(queries) * index.ntotal):
+            return index.search(queries, min(k, index.ntotal))
+    allowed = np.ascontiguousarray(allowed, dtype=np.int64)
+    k = min(k, len(allowed))
+    selector = faiss.IDSelectorBatch(allowed)
+    params = _search_params(index, selector)
     with threads_for(len(queries) * index.ntotal):
-        return index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, index.ntotal))
+        try:
+            return index.search(queries, k, params=params)
+        except RuntimeError:  # no selector support (e.g. LSH): the whole ranking, filtered
+            scores, ids = index.search(queries, index.ntotal)
+    keep = np.isin(ids, allowed)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+def _search_params(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:
+    """Search parameters of ``index``'s type (every shard's alike) carrying ``selector`` and the index's
+    own nprobe / efSearch (a parameter object's defaults would replace them)."""
+    first = members(index)[0]
+    ivf, base = _ivf(first), _base(first)
+    if ivf is not None:
+        params = faiss.SearchParametersIVF()
+        params.nprobe = ivf.nprobe
+    elif isinstance(base, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = base.hnsw.efSearch
+    else:
+        params = faiss.SearchParameters()
+    params.sel = selector
+    params.keep_selector = selector  # the Python object lives as long as the parameters
+    return params
 
 
 def codes_of(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:

@@ -118,7 +118,8 @@ def train_on_store(
     if ann.make_index(cfg.factory, dim).is_trained:
         return ann.train_index(cfg.factory, np.empty((0, dim), np.float32), seed)
     scheduler, address = (fit.scheduler, fit.dask_address) if fit is not None else ("threads", None)
-    sample = sample_store(directory, cfg.train_size, seed, scheduler, address)
+    include = fit.include_distractors if fit is not None else True
+    sample = sample_store(directory, cfg.train_size, seed, scheduler, address, include)
     if transform is not None:
         sample = apply_whitening(sample, *transform)
     return ann.train_index(cfg.factory, sample, seed)
@@ -260,9 +261,11 @@ def publish_store_index(
     seed: int,
     transform: Transform = None,
     fit: FitConfig | None = None,
-) -> tuple[faiss.Index, pa.Table, Path]:
+    load: bool = True,
+) -> tuple[faiss.Index | None, pa.Table | None, Path]:
     """Train once, fill one index per part file, write them as a new version in ``cfg.layout`` and
-    return the live index as searched (merged, on-disk lists or shards), its ids and its version."""
+    return the live index as searched (merged, on-disk lists or shards), its ids and its version;
+    without ``load``, a sharded or on-disk index is not read back (None, None, version)."""
     if cfg.layout == "merged":
         index, ids = build_store_index(directory, cfg, seed, transform, fit=fit)
         return index, ids, save_version(root, index, ids)
@@ -270,15 +273,12 @@ def publish_store_index(
     trained = _trained(directory, cfg, seed, transform, fit)
     parts = fill_parts(directory, trained, cfg.engine, transform, cfg.factory)
     version = save_layout(root, parts, trained, cfg.layout)
+    n = sum(p.ntotal for p, _ in parts)
     del parts  # the shards in memory: the live index is read back from the version
+    log.info("index %s (%s): %d vectors in %.2fs", cfg.factory, cfg.layout, n, time.perf_counter() - start)
+    if not load:
+        return None, None, version
     index, ids, _ = load_current(root, cfg)
-    log.info(
-        "index %s (%s): %d vectors in %.2fs",
-        cfg.factory,
-        cfg.layout,
-        index.ntotal,
-        time.perf_counter() - start,
-    )
     return index, ids, version
 
 
@@ -456,6 +456,12 @@ class StoreOrderIndex:
         self.map[rows] = [position[k] for k in input_keys(ids).to_pylist()]
         self.index, self.ntotal, self.d, self.metric_type = index, index.ntotal, index.d, index.metric_type
 
-    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, rows = self.index.search(x, k)
+    def search(
+        self, x: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by store position; ``allowed``: store positions to search among (see ``ann.search``)."""
+        if allowed is None:
+            scores, rows = self.index.search(x, k)
+        else:
+            scores, rows = ann.search(self.index, x, k, np.flatnonzero(np.isin(self.map[:-1], allowed)))
         return scores, self.map[rows]

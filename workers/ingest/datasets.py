@@ -57,6 +57,9 @@ class Benchmark:
 
 _OX = "https://www.robots.ox.ac.uk/~vgg/data"
 _ROP = "http://cmp.felk.cvut.cz/revisitop/data/datasets"
+_R1M = "http://ptak.felk.cvut.cz/revisitop/revisitop1m/jpg"
+# the protocol of a set of distractors: added to another dataset's run with ``--distractors``
+DISTRACTORS = "distractors"
 BUILTIN: dict[str, dict[str, Any]] = {
     "holidays": {
         "protocol": "holidays",
@@ -104,6 +107,12 @@ BUILTIN: dict[str, dict[str, Any]] = {
             {"url": f"{_ROP}/rparis6k/gnd_rparis6k.pkl"},
         ],
         "counts": {"jpg/**/*.jpg": 6392, "gnd_rparis6k.pkl": 1},
+    },
+    "revisitop1m": {
+        "protocol": DISTRACTORS,
+        "description": "R1M: 1,001,001 distractor photos for ROxford/RParis (Radenovic et al. 2018)",
+        "archives": [{"url": f"{_R1M}/revisitop1m.{i}.tar.gz", "into": "jpg"} for i in range(1, 101)],
+        "counts": {"jpg/**/*.jpg": 1_001_001},
     },
     "ukbench": {
         "protocol": "ukbench",

@@ -14,8 +14,8 @@ from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
 from embedpipe.storage.contracts.errors import InputError
-from embedpipe.storage.dataset import ShardPlan, plan_listing
-from embedpipe.storage.inputs import InputRef, Listing
+from embedpipe.storage.dataset import ShardPlan, assign_shards, plan_listing
+from embedpipe.storage.inputs import InputRef, Listing, as_distractors, is_distractor
 from embedpipe.workers.evaluate.protocols import BENCHMARK_PROTOCOLS, BenchmarkLayout, benchmark_layout
 from embedpipe.workers.ingest.sources import list_inputs, remote_shard_limits
 
@@ -57,6 +57,36 @@ def _digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def with_distractors(plan: ShardPlan, cfg: Config, previous: dict[str, int] | None) -> ShardPlan:
+    """``plan`` with the inputs of ``cfg.distractors`` after the collection's, in shards of their own
+    (numbered after the collection's, stable against ``previous`` like any input), so that no part
+    file mixes the two: the collection's parts are those of a run without distractors."""
+    if not cfg.distractors:
+        return plan
+    extra = as_distractors(list_inputs(cfg.distractors))
+    if not extra.refs:
+        raise InputError(f"no distractor images found at {cfg.distractors}")
+    previous = previous or {}
+    collection = set(plan.shards) | {s for k, s in previous.items() if not is_distractor(k)}
+    known = {k: s for k, s in previous.items() if is_distractor(k)}
+    # new distractor shards start after every shard so far (a dummy key holds the collection's last);
+    # new collection inputs likewise go after every earlier shard, so the two never share one
+    base = {**known, "\0collection": max(collection, default=-1)}
+    shards = assign_shards([r.key for r in extra.refs], plan.shard_size, base)
+    digest = hashlib.sha256(f"{plan.fingerprint}\0{extra.fingerprint()}\0".encode())
+    digest.update(",".join(map(str, shards)).encode())
+    refs, shards = plan.refs + tuple(extra.refs), plan.shards + tuple(shards)
+    order = sorted(range(len(shards)), key=lambda i: (shards[i], i))  # stream order: by shard
+    return ShardPlan(
+        plan.source,
+        tuple(refs[i] for i in order),
+        tuple(shards[i] for i in order),
+        plan.problems + tuple(extra.problems),
+        plan.shard_size,
+        digest.hexdigest()[:16],
+    )
+
+
 def run_inputs(cfg: Config, previous: dict[str, int] | None = None) -> RunInputs:
     """The run's inputs for ``cfg`` (``previous``: key -> shard of an earlier plan of the same run); remote
     tar shards are listed with the reads' limits (``ingest.timeout_s``, ``ingest.retries``)."""
@@ -70,6 +100,7 @@ def _run_inputs(cfg: Config, previous: dict[str, int] | None) -> RunInputs:
     shard_size = cfg.extract.shard_size
     if cfg.protocol not in BENCHMARK_PROTOCOLS:
         plan = plan_listing(list_inputs(cfg.images), str(cfg.images), shard_size, previous)
+        plan = with_distractors(plan, cfg, previous)
         return RunInputs(plan, fingerprint=plan.fingerprint)
     gt_path = ground_truth_path(cfg)
     bench = benchmark_layout(cfg.protocol, str(gt_path))
@@ -85,7 +116,7 @@ def _run_inputs(cfg: Config, previous: dict[str, int] | None) -> RunInputs:
     if bench.database_is_imlist:  # revisited: the database is imlist; query images are not part of it
         wanted = set(bench.imlist)
         listing = Listing([r for r in listing.refs if PurePath(r.key).stem in wanted], listing.problems)
-    plan = plan_listing(listing, str(source), shard_size, previous)
+    plan = with_distractors(plan_listing(listing, str(source), shard_size, previous), cfg, previous)
     fingerprint = hashlib.sha256(f"{plan.fingerprint}\0{_digest(gt_path)}".encode()).hexdigest()[:16]
     return RunInputs(
         plan,

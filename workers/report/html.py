@@ -43,6 +43,7 @@ COLUMNS = [
     ("post", "post-processing"),
     ("rerank", "re-ranking"),
     ("backbone", "backbone"),
+    ("validation", "fine-tuning validation"),
     ("dim", "dim"),
     ("index", "index"),
     ("bytes_per_vector", "bytes/vector"),
@@ -58,6 +59,10 @@ COLUMNS = [
     ("fewshot@1", "1-shot acc"),
     ("fewshot@5", "5-shot acc"),
     ("fewshot@10", "10-shot acc"),
+    ("probe@1", "1-shot probe"),
+    ("probe@5", "5-shot probe"),
+    ("probe@10", "10-shot probe"),
+    ("probe@full", "linear probe"),
     ("sv_shortlist", "SV shortlist"),
     ("sv_inliers", "SV inliers (best)"),
     ("sv_verified", "SV verified/query"),
@@ -253,14 +258,34 @@ def _adapted_backbone(config: Any) -> list[str]:
     name = str(config.extract.backbone)
     if not is_finetuned(name):
         return []
-    training = read_finetuned(name)["training"]
+    info = read_finetuned(name)
+    training = info["training"]
     loss = html.escape(training["config"]["loss"])
     return [
         f"<p id='adapted'>Backbone fine-tuned by <code>embedpipe finetune</code> ({html.escape(name)}) "
         f"on the training collection <code>{html.escape(str(training['images']))}</code> "
         f"({training['n_images']} images, {training['epochs']} epochs, {loss} loss), "
-        "evaluated on the collection above.</p>"
+        f"evaluated on the collection above. Weights: {html.escape(_validation_text(info))}.</p>"
     ]
+
+
+def _validation_text(info: dict[str, Any]) -> str:
+    """A fine-tuned folder's validation result (``backbone.json``), for its rows and the note above."""
+    from embedpipe.workers.train.report import kept_text
+
+    val = info.get("validation")
+    return kept_text(info) + (f" on {val['images']}" if val else "")
+
+
+def _with_validation(results: list[dict[str, Any]], config: Any) -> list[dict[str, Any]]:
+    """Rows extracted with a fine-tuned backbone folder carry its validation result."""
+    from embedpipe.workers.descriptors.backbones import is_finetuned, read_finetuned
+
+    name = str(config.extract.backbone)
+    if not is_finetuned(name):
+        return results
+    text = _validation_text(read_finetuned(name))
+    return [{**r, "validation": text} if r.get("backbone") == name else r for r in results]
 
 
 def _transductive_note(results: list[dict[str, Any]]) -> list[str]:
@@ -276,11 +301,48 @@ def _transductive_note(results: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def _ranking_note(results: list[dict[str, Any]]) -> list[str]:
+    """Where rankings were truncated (``eval.top_k``), say at what depth and over how big a database."""
+    cut = sorted({(r["top_k"], r.get("distractors", 0)) for r in results if r.get("top_k")})
+    if not cut:
+        return []
+    depths = ", ".join(str(k) for k in sorted({k for k, _ in cut}))
+    return [
+        f"<p class='muted' id='top-k'>Each query's ranking holds its top {depths} results (eval.top_k); "
+        "positives ranked below count as missed, as revisitop scores truncated rankings.</p>"
+    ]
+
+
+def _distractor_section(curve: list[dict[str, Any]]) -> list[str]:
+    """mAP as distractors are added, one line per descriptor × post-processing × re-ranking."""
+    if not curve:
+        return []
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for p in curve:
+        label = f"{p['descriptor']} {p['post']}" + ("" if p["rerank"] == "none" else f" +{p['rerank']}")
+        lines.setdefault(label, []).append((p["distractors"], p["map"]))
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.subplots()
+    for label, points in sorted(lines.items()):
+        xs, ys = zip(*sorted(points), strict=True)
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set(xlabel="distractors in the database", ylabel="mAP", ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    steps = sorted({p["distractors"] for p in curve})
+    rows = [[label, *(dict(points).get(s) for s in steps)] for label, points in sorted(lines.items())]
+    return [
+        "<h2 id='distractors'>mAP against distractors</h2>",
+        f"<figure><img alt='mAP against distractors' src='{_figure_png(fig)}'></figure>",
+        _table(["descriptor", *(f"{s} distractors" for s in steps)], rows),
+    ]
+
+
 def build_report(layout: RunLayout, config: Any) -> str:
     """Render ``report/index.html`` from the run directory (metrics.json, ranks, features, manifest)."""
     metrics = json.loads(layout.metrics.read_text())
     manifest = layout.read_manifest()
-    results = metrics["results"]
+    results = _with_validation(metrics["results"], config)
     ds = metrics["dataset"]
     evaluated = [r for r in results if r.get("map") is not None]
     best = max(range(len(results)), key=lambda i: map_of(results[i])) if evaluated else None
@@ -307,6 +369,8 @@ def build_report(layout: RunLayout, config: Any) -> str:
         "<p class='muted'>mAP: trapezoidal AP as in revisitop's compute_map; junk (for Holidays the query "
         "itself) removed before counting. mP@k caps k at the rank of the last positive.</p>",
         *_transductive_note(results),
+        *_ranking_note(results),
+        *_distractor_section(metrics.get("distractor_curve") or []),
     ]
     if best is not None:
         parts += _evaluation_sections(layout, config, metrics, results, best)

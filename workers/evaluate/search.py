@@ -1,0 +1,119 @@
+"""The database side of evaluation where it lies: store rows read by position as they are needed, and a
+sharded index searched one Ray task per shard file, each returning its top-k, merged exactly.
+
+Evaluation brings query vectors (and the few database rows that re-ranking adds to them) to the
+driver, never the whole store; a sharded index is searched without loading its shards in the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+
+from embedpipe.storage.features import part_row_counts, read_part, vectors_of
+from embedpipe.storage.index_folder import IDS_FILE, SHARDS_DIR, TRAINED_FILE, read_index, read_shards
+from embedpipe.workers.engines.ray_index import map_parts
+from embedpipe.workers.fit.whitening import apply_whitening
+from embedpipe.workers.index import ann
+
+log = logging.getLogger("embedpipe.evaluate")
+Transform = tuple[np.ndarray, np.ndarray] | None
+
+
+class StoreRows:
+    """A feature store's vectors (after ``transform``, the variant's PCA-whitening) read by store
+    position when asked: ``rows[positions]`` reads only the parts that hold them, each part
+    transformed whole, as the index fill transforms it. ``all()`` reads everything once, for the steps
+    that need the whole database (DBA, few-shot classification, the index choice)."""
+
+    def __init__(self, directory: Path, transform: Transform, dim: int):
+        counts = part_row_counts(directory)
+        self.parts = [p for p, _ in counts]
+        self.starts = np.concatenate([[0], np.cumsum([n for _, n in counts])]).astype(np.int64)
+        self.transform, self.dim = transform, dim
+        self._all: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self), self.dim
+
+    def _part(self, i: int) -> np.ndarray:
+        x = vectors_of(read_part(self.parts[i], ["descriptor"]))
+        if not len(x):  # a part of only quarantined inputs
+            return np.empty((0, self.dim), np.float32)
+        return apply_whitening(x, *self.transform) if self.transform is not None else x
+
+    def all(self) -> np.ndarray:
+        if self._all is None:
+            blocks = [self._part(i) for i in range(len(self.parts))]
+            self._all = np.concatenate(blocks) if blocks else np.empty((0, self.dim), np.float32)
+        return self._all
+
+    def __getitem__(self, positions: np.ndarray) -> np.ndarray:
+        positions = np.asarray(positions, np.int64)
+        if self._all is not None:
+            return self._all[positions]
+        flat = positions.reshape(-1)
+        out = np.empty((len(flat), self.dim), np.float32)
+        part = np.searchsorted(self.starts, flat, side="right") - 1
+        for i in np.unique(part):
+            where = np.flatnonzero(part == i)
+            out[where] = self._part(int(i))[flat[where] - self.starts[i]]
+        return out.reshape(*positions.shape, self.dim)
+
+
+def _search_shard(shared: tuple, path: str) -> tuple[np.ndarray, np.ndarray]:
+    """One shard file searched as a Ray task of one CPU: its top-k (scores, ids) per query."""
+    queries, k, allowed, nprobe, efsearch = shared
+    faiss.omp_set_num_threads(1)
+    index = read_index(Path(path))
+    ann.set_search_params(index, nprobe, efsearch)
+    scores, ids = ann.search(index, queries, k, allowed)
+    if scores.shape[1] < k:  # a shard smaller than k: padded, pads last
+        pad = k - scores.shape[1]
+        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=np.nan)
+        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+    return scores, ids
+
+
+def merge_topk(
+    parts: list[tuple[np.ndarray, np.ndarray]], k: int, metric: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exact top-k of per-shard top-k lists: best score first (largest inner product, smallest
+    distance), ties by smaller id, pads (-1) last. Each element: (scores (n, k'), ids (n, k'))."""
+    sign = 1.0 if metric == faiss.METRIC_INNER_PRODUCT else -1.0
+    scores = np.concatenate([s for s, _ in parts], axis=1)
+    ids = np.concatenate([i for _, i in parts], axis=1).astype(np.int64)
+    valid = ids >= 0
+    key = np.where(valid, scores * sign, -np.inf)
+    order = np.lexsort((np.where(valid, ids, np.iinfo(np.int64).max), -key), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+class ShardedIndex:
+    """A sharded index version searched where it lies: ``search`` sends the queries to one Ray task per
+    shard file (tasks retried when their worker dies) and merges their top-k exactly. Has what
+    ``ann.search`` and the evaluation read: ``search``, ``ntotal``, ``d``, ``metric_type``, and the
+    trained empty index (``trained``) for the code size."""
+
+    def __init__(self, version: Path, nprobe: int, efsearch: int, max_retries: int = 3):
+        self.files = [str(version / SHARDS_DIR / s["file"]) for s in read_shards(version)]
+        self.trained = read_index(version / TRAINED_FILE)
+        self.d, self.metric_type = int(self.trained.d), int(self.trained.metric_type)
+        self.ntotal = int(pq.ParquetFile(version / IDS_FILE).metadata.num_rows)
+        self.nprobe, self.efsearch, self.max_retries = nprobe, efsearch, max_retries
+
+    def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, self.ntotal if allowed is None else len(allowed))
+        shared = (np.ascontiguousarray(queries, np.float32), k, allowed, self.nprobe, self.efsearch)
+        parts = list(map_parts(_search_shard, [(f,) for f in self.files], shared, self.max_retries))
+        return merge_topk(parts, k, self.metric_type)
