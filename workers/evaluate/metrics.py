@@ -8,7 +8,7 @@ evaluation script (``holidays_map.py``) computes the same trapezoid AP.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -133,16 +133,27 @@ def few_shot_accuracy(
     mean over seeded episodes. Classes with ``shots`` images or fewer take no part (``few_shot_classes``
     counts those that do); NaN when fewer than two classes have enough images."""
     classes = np.asarray(classes)
+    accuracies = []
+    for support, test in few_shot_episodes(classes, shots, episodes, seed):
+        nearest = support[np.argmax(vectors[test] @ vectors[support].T, axis=1)]
+        accuracies.append(float((classes[nearest] == classes[test]).mean()))
+    return float(np.mean(accuracies)) if accuracies else float("nan")
+
+
+def few_shot_episodes(
+    classes: np.ndarray, shots: int, episodes: int, seed: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(support rows, test rows) of each seeded few-shot episode: ``shots`` support images drawn per class
+    with more than ``shots`` images, every other image of those classes to classify; no episode when
+    fewer than two classes have enough images."""
+    classes = np.asarray(classes)
     eligible = _shot_classes(classes, shots)
     if len(eligible) < 2:
-        return float("nan")
-    accuracies = []
+        return
     for episode in range(episodes):
         rng = np.random.default_rng([seed, shots, episode])
         support = np.concatenate(
             [rng.choice(np.flatnonzero(classes == c), shots, replace=False) for c in eligible]
         )
         test = np.flatnonzero(np.isin(classes, eligible) & ~np.isin(np.arange(len(classes)), support))
-        nearest = support[np.argmax(vectors[test] @ vectors[support].T, axis=1)]
-        accuracies.append(float((classes[nearest] == classes[test]).mean()))
-    return float(np.mean(accuracies))
+        yield support, test

@@ -18,7 +18,7 @@ import warnings
 
 import numpy as np
 
-from embedpipe.workers.evaluate.metrics import few_shot_classes
+from embedpipe.workers.evaluate.metrics import few_shot_classes, few_shot_episodes
 
 log = logging.getLogger("embedpipe.evaluate")
 
@@ -78,19 +78,11 @@ def few_shot_probe(
 ) -> float:
     """Mean probe accuracy over ``episodes`` seeded episodes of ``shots`` training images per class (the
     support draws of ``few_shot_accuracy``); NaN when fewer than two classes have more than ``shots``."""
-    names, counts = np.unique(classes, return_counts=True)
-    eligible = names[counts > shots]
-    if len(eligible) < 2:
-        return float("nan")
-    accuracies = []
-    for episode in range(episodes):
-        rng = np.random.default_rng([seed, shots, episode])
-        support = np.concatenate(
-            [rng.choice(np.flatnonzero(classes == c), shots, replace=False) for c in eligible]
-        )
-        test = np.flatnonzero(np.isin(classes, eligible) & ~np.isin(np.arange(len(classes)), support))
-        accuracies.append(probe_accuracy(vectors, classes, support, test, seed))
-    return float(np.mean(accuracies))
+    accuracies = [
+        probe_accuracy(vectors, classes, support, test, seed)
+        for support, test in few_shot_episodes(classes, shots, episodes, seed)
+    ]
+    return float(np.mean(accuracies)) if accuracies else float("nan")
 
 
 def linear_probe_scores(vectors: np.ndarray, classes: np.ndarray, seed: int) -> dict[str, float | int]:

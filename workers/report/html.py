@@ -301,15 +301,17 @@ def _transductive_note(results: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def _ranking_note(results: list[dict[str, Any]]) -> list[str]:
-    """Where rankings were truncated (``eval.top_k``), say at what depth and over how big a database."""
-    cut = sorted({(r["top_k"], r.get("distractors", 0)) for r in results if r.get("top_k")})
-    if not cut:
+def _ranking_note(results: list[dict[str, Any]], n_images: int) -> list[str]:
+    """How deep each query's ranking went (``eval.top_k``): the whole database, or truncated."""
+    depths = sorted({r["top_k"] for r in results if r.get("top_k")})
+    if not depths:
         return []
-    depths = ", ".join(str(k) for k in sorted({k for k, _ in cut}))
+    if depths[0] >= n_images:
+        return ["<p class='muted' id='top-k'>Each query ranks the whole database (eval.top_k).</p>"]
     return [
-        f"<p class='muted' id='top-k'>Each query's ranking holds its top {depths} results (eval.top_k); "
-        "positives ranked below count as missed, as revisitop scores truncated rankings.</p>"
+        f"<p class='muted' id='top-k'>Each query's ranking holds its top {', '.join(map(str, depths))} of "
+        f"{n_images} images (eval.top_k); positives ranked below count as missed, as revisitop scores "
+        "truncated rankings.</p>"
     ]
 
 
@@ -369,7 +371,7 @@ def build_report(layout: RunLayout, config: Any) -> str:
         "<p class='muted'>mAP: trapezoidal AP as in revisitop's compute_map; junk (for Holidays the query "
         "itself) removed before counting. mP@k caps k at the rank of the last positive.</p>",
         *_transductive_note(results),
-        *_ranking_note(results),
+        *_ranking_note(results, int(ds["n_images"])),
         *_distractor_section(metrics.get("distractor_curve") or []),
     ]
     if best is not None:
