@@ -1,6 +1,7 @@
 """A Ray worker killed with -9 while it fills its part of an index, or while it searches its shard of a
-sharded index: Ray runs the task again and the merged index is the same, code for code and id for id, as
-one process filling every part; the merged top-k the same as one process searching every shard."""
+sharded index (for the queries or for DBA's neighbour lists): Ray runs the task again and the merged
+index is the same, code for code and id for id, as one process filling every part; the merged top-k
+and the saved neighbour lists the same as an uninterrupted search's."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ import psutil
 import pytest
 
 from embedpipe.flows.benchmarks.store import synthetic_store
-from embedpipe.storage.contracts.config import IndexConfig, RayConfig
-from embedpipe.storage.features import read_features
+from embedpipe.storage.contracts.config import Config, IndexConfig, RayConfig
+from embedpipe.storage.contracts.layout import RunLayout
+from embedpipe.storage.features import read_features, read_parts
 from embedpipe.storage.index_folder import read_version
 from embedpipe.workers.engines.ray_stages import ray_session
 from embedpipe.workers.evaluate.search import ShardedIndex
+from embedpipe.workers.evaluate.stage import dba_neighbours, dba_neighbours_file
 from embedpipe.workers.index import ann
 from embedpipe.workers.index.build import fill_from_store, publish_store_index
 
@@ -85,3 +88,39 @@ def test_worker_killed_during_the_sharded_search_gives_the_same_ranking(tmp_path
     local_scores, local_ids = ann.search(read_version(version), queries, 50)
     assert np.allclose(scores, local_scores, rtol=0, atol=1e-5)
     assert (ids == local_ids).mean() > 0.999
+
+
+def test_worker_killed_during_dba_neighbour_lists_gives_the_same_lists(tmp_path):
+    """DBA's neighbour lists over a sharded index are searched by the shards' Ray tasks: a worker killed
+    mid-search changes nothing in the saved lists."""
+    store = synthetic_store(tmp_path / "store", 20_000, 64, 4)
+    meta = read_parts(store, ["id", "path"])
+    _, x = read_features(store)
+    _, _, version = publish_store_index(
+        tmp_path / "index",
+        store,
+        IndexConfig(factory="Flat", layout="sharded", engine="local"),
+        0,
+        load=False,
+    )
+    layout = RunLayout(tmp_path / "run")
+    layout.report_dir.mkdir(parents=True)
+    cfg = Config()
+    killed: list[int] = []
+    stop = threading.Event()
+    with ray_session(RayConfig(num_cpus=2)):
+        sharded = ShardedIndex(version, 1, 16, max_retries=3)
+        dba_neighbours(layout, cfg, "plain", x, sharded, "Flat", meta, reuse=False)
+        killer = threading.Thread(target=_kill_first, args=("ray::_search_shard", killed, stop))
+        killer.start()
+        try:
+            dba_neighbours(layout, cfg, "killed", x, sharded, "Flat", meta, reuse=False)
+        finally:
+            stop.set()
+            killer.join()
+    assert len(killed) == 1
+    plain = np.load(dba_neighbours_file(layout, "plain"))
+    again = np.load(dba_neighbours_file(layout, "killed"))
+    assert plain.files == again.files and all(np.array_equal(plain[k], again[k]) for k in plain.files)
+    assert plain["ids"].shape == (20_000, cfg.rerank.dba_k + 1)
+    assert (plain["ids"][:, 0] == np.arange(20_000)).mean() > 0.99  # each vector's nearest: itself
