@@ -1,6 +1,8 @@
 """Oxford/Paris layouts inside a run: box-cropped external queries, the original gt/ lists and revisitop's
-gnd pickle (Easy/Medium/Hard), on real photos; the run's own scores equal eval-ranks on its rankings."""
+gnd pickle (Easy/Medium/Hard), on real photos; the run's own scores equal eval-ranks on its rankings, and
+the compression study and the table read the run as it scored."""
 
+import json
 import pickle
 from pathlib import Path
 
@@ -13,6 +15,8 @@ from embedpipe.flows.config import load_config
 from embedpipe.flows.pipeline import pipeline
 from embedpipe.storage.features import read_features
 from embedpipe.workers.evaluate.eval_ranks import eval_ranks
+
+from .helpers import embedpipe
 
 pytestmark = pytest.mark.slow
 GROUPS = (1000, 1001, 1002)
@@ -115,3 +119,21 @@ def test_oxford_and_revisited_layouts(tmp_path, oxford_like):
             assert row[f"mp@10_{setup}"] == pytest.approx(reference[setup]["mp@10"], abs=1e-12)
     html = (tmp_path / "rox" / "report" / "index.html").read_text()
     assert "land1000_000000" in html  # the query grid shows the query's source photo
+
+    # the compression study searches the box crops' own descriptors: its exact row scores what the run
+    # scored, for each of the Easy/Medium/Hard setups; then the run goes into a table
+    out = embedpipe("study", "compression", "--run", tmp_path / "rox")
+    assert out.returncode == 0, out.stderr[-4000:]
+    rox = tmp_path / "rox" / "report"
+    study = {r["index"]: r for r in json.loads((rox / "compression.json").read_text())}
+    assert set(study) >= {"Flat", "PCA16,PQ16x4", "PQ32x4", "PQ64x4"}, sorted(study)  # 22 images
+    plain = rows[("l2", "none")]
+    for setup in ("easy", "medium", "hard"):
+        assert study["Flat"][f"map_{setup}"] == pytest.approx(plain[f"map_{setup}"], abs=1e-9), setup
+    assert all(r["map"] == r["map_medium"] and 0 <= r["map_hard"] <= 1 for r in study.values())
+    table = embedpipe("table", tmp_path / "rox", "--format", "json")
+    assert table.returncode == 0, table.stderr[-2000:]
+    doc = json.loads(table.stdout)
+    assert [c["label"] for c in doc["columns"]] == ["ROxf: oxford M", "ROxf: oxford H"]
+    (cells,) = [r["cells"] for r in doc["rows"] if (r["post"], r["rerank"]) == ("l2", "none")]
+    assert [c["value"] for c in cells] == [plain["map_medium"], plain["map_hard"]]

@@ -10,8 +10,7 @@ from embedpipe.storage.contracts.errors import InputError
 from embedpipe.workers.evaluate.stage import borrowed_whitening
 from embedpipe.workers.evaluate.study import candidates, pq_factory, pq_nbits
 
-from .helpers import SMALL_RUN, embedpipe
-from .test_benchmark_layouts import oxford_like  # noqa: F401 (the tiny Oxford-style layout fixture)
+from .helpers import embedpipe
 
 pytestmark = pytest.mark.slow
 
@@ -156,32 +155,3 @@ def test_index_layouts_in_a_run(flat_run, demo_images, layout, factory):
     set_search_params(ref, 4, 64)
     want = search(ref, x[gt.queries], ref.ntotal)[1]
     assert np.array_equal(np.load(run / "report" / "ranks-gem-l2.npy"), want)
-
-
-def test_study_compression_with_box_cropped_queries(tmp_path, oxford_like):  # noqa: F811
-    """Revisited Oxford layout: the queries are box crops held in the run's query store, not database
-    rows; the study searches their own descriptors. Its exact row scores what the run scored, for each
-    of the Easy/Medium/Hard setups; then the run goes into a table beside the contract examples."""
-    root, imlist = oxford_like
-    run = tmp_path / "rox"
-    sets = [x for s in SMALL_RUN for x in ("--set", s)]
-    out = embedpipe("run", "--images", root, "--protocol", "roxford5k", "--out", run, *sets)
-    assert out.returncode == 0, out.stderr[-4000:]
-    (row,) = json.loads((run / "report" / "metrics.json").read_text())["results"]
-    out = embedpipe("study", "compression", "--run", run)
-    assert out.returncode == 0, out.stderr[-4000:]
-    rows = json.loads((run / "report" / "compression.json").read_text())
-    by_index = {r["index"]: r for r in rows}
-    # 22 database images: no PCA-only candidate (PCA32 needs 33), 4-bit PQ codes of 8 to 64 bytes
-    assert sorted(by_index) == ["Flat", "PCA16,PQ16x4", "PQ128x4", "PQ32x4", "PQ64x4"]
-    for setup in ("easy", "medium", "hard"):
-        assert by_index["Flat"][f"map_{setup}"] == pytest.approx(row[f"map_{setup}"], abs=1e-9), setup
-    assert all(r["map"] == r["map_medium"] and 0 <= r["map_hard"] <= 1 for r in rows)
-    assert by_index["Flat"]["map_easy"] >= 0.8
-
-    table = embedpipe("table", run, "--format", "json")
-    assert table.returncode == 0, table.stderr[-2000:]
-    cols = json.loads(table.stdout)["columns"]
-    assert [c["label"] for c in cols] == ["ROxf: oxford M", "ROxf: oxford H"]
-    (cells,) = [r["cells"] for r in json.loads(table.stdout)["rows"]]
-    assert [c["value"] for c in cells] == [row["map_medium"], row["map_hard"]]
