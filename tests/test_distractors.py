@@ -1,6 +1,6 @@
-"""Distractors and truncated rankings: the maths on seeded data, then one collection run with and
-without a folder of distractors (real photos), whose curve at 0 distractors must equal the run
-without them."""
+"""Distractors and truncated rankings: the maths on seeded data, then a run of a small collection with a
+folder of distractors (real photos): models fitted on the collection alone, and a curve whose point at
+0 distractors is the collection searched alone."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ import json
 import numpy as np
 import pytest
 
+from embedpipe.storage.artifacts import load_npz
 from embedpipe.storage.contracts.config import Config
+from embedpipe.storage.features import read_features
 from embedpipe.workers.evaluate.metrics import compute_map, ns_score
 from embedpipe.workers.evaluate.protocols import holidays, on_positions
 from embedpipe.workers.evaluate.stage import ranking_depth
+from embedpipe.workers.fit.whitening import apply_whitening, pca_whitening_from_moments
 from embedpipe.workers.index.ann import build_index, search, set_search_params
 from embedpipe.workers.ingest.demo_data import load_photo, transform
 
@@ -86,54 +89,70 @@ def collection(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_distractors_curve_starts_at_the_run_without_them(collection):
+def test_distractors_curve_starts_at_the_collection_alone(collection):
     images, extra, root = collection
     sets = [s for s in SMALL_RUN if not s.startswith(("fit.", "rerank."))]
     sets += ["fit.dim=8", "rerank.methods=[aqe]", "eval.distractor_steps=[0,2]"]
-    args = [x for s in sets for x in ("--set", s)]
-    plain, with_d = root / "plain", root / "with"
-    out = embedpipe("run", "--images", images, "--out", plain, *args)
+    run = root / "with"
+    out = embedpipe(
+        "run",
+        "--images",
+        images,
+        "--distractors",
+        extra,
+        "--out",
+        run,
+        *[x for s in sets for x in ("--set", s)],
+    )
     assert out.returncode == 0, out.stderr[-4000:]
-    out = embedpipe("run", "--images", images, "--distractors", extra, "--out", with_d, *args)
-    assert out.returncode == 0, out.stderr[-4000:]
-    a = json.loads((plain / "report" / "metrics.json").read_text())
-    b = json.loads((with_d / "report" / "metrics.json").read_text())
-    assert a["dataset"]["n_queries"] == b["dataset"]["n_queries"] == 3  # 100900.jpg is not a query
-    assert a["distractor_curve"] == []
-    assert {r["distractors"] for r in a["results"]} == {0} and {r["distractors"] for r in b["results"]} == {6}
-    assert {r["top_k"] for r in b["results"]} == {15}  # 9 + 6: the whole database
-    # the models were fitted on the collection alone: the same whitening, byte for byte
-    assert (plain / "models" / "pcaw-gem.npz").read_bytes() == (
-        with_d / "models" / "pcaw-gem.npz"
-    ).read_bytes()
-    report = (with_d / "report" / "index.html").read_text()
+    metrics = json.loads((run / "report" / "metrics.json").read_text())
+    assert metrics["dataset"]["n_queries"] == 3  # 100900.jpg, a distractor, is not a query
+    assert {r["distractors"] for r in metrics["results"]} == {6}
+    assert {r["top_k"] for r in metrics["results"]} == {15}  # 9 + 6: the whole database
+    report = (run / "report" / "index.html").read_text()
     assert "id='distractors'" in report and "id='top-k'" in report
-    assert "id='distractors'" not in (plain / "report" / "index.html").read_text()
-    curve = b["distractor_curve"]
-    assert {(p["post"], p["rerank"]) for p in curve} == {
-        ("l2", "none"),
-        ("l2", "aqe"),
-        ("pcaw8", "none"),
-        ("pcaw8", "aqe"),
-    }
-    for row in a["results"]:
+
+    meta, x = read_features(run / "features" / "gem")
+    paths = meta.column("path").to_pylist()
+    mine = np.array([not p.startswith("distractor:") for p in paths])
+    assert mine.sum() == 9 and all(p.startswith("distractor:") for p in np.array(paths)[~mine])
+    # the whitening was fitted on the collection alone: what the collection's own moments give
+    arrays, fitted = load_npz(run / "models" / "pcaw-gem.npz")
+    xc = x[mine].astype(np.float64)
+    want = pca_whitening_from_moments(xc.sum(axis=0), xc.T @ xc, len(xc), 8, Config().fit.shrinkage)
+    assert fitted["n_train"] == 9
+    ours, theirs = (
+        apply_whitening(x[mine], arrays["mean"], arrays["proj"]),
+        apply_whitening(x[mine], want["mean"], want["proj"]),
+    )
+    assert np.allclose(ours @ ours.T, theirs @ theirs.T, atol=1e-4)  # the same whitening, up to axis signs
+
+    # each curve point at 0 distractors is the collection searched alone; the last, the run's row
+    curve = metrics["distractor_curve"]
+    pairs = {("l2", "none"), ("l2", "aqe"), ("pcaw8", "none"), ("pcaw8", "aqe")}
+    assert {(p["post"], p["rerank"]) for p in curve} == pairs
+    gt = holidays([paths[i] for i in np.flatnonzero(mine)])
+    for post, vectors in (("l2", x[mine]), ("pcaw8", ours)):
+        index = build_index(np.ascontiguousarray(vectors), "Flat", seed=0)
+        alone = compute_map(search(index, vectors[gt.queries], 9)[1], gt.positives, gt.junk)["map"]
+        points = {p["distractors"]: p["map"] for p in curve if (p["post"], p["rerank"]) == (post, "none")}
+        assert sorted(points) == [0, 2, 6]
+        assert points[0] == pytest.approx(alone, abs=1e-12)
+    for row in metrics["results"]:
         points = {
             p["distractors"]: p["map"]
             for p in curve
             if (p["post"], p["rerank"]) == (row["post"], row["rerank"])
         }
-        assert sorted(points) == [0, 2, 6]
-        assert points[0] == row["map"]  # at 0 distractors: the run without them
-        (full,) = [r for r in b["results"] if (r["post"], r["rerank"]) == (row["post"], row["rerank"])]
-        assert points[6] == full["map"]
+        assert points[6] == row["map"]
+    assert min(p["map"] for p in curve if p["post"] == "pcaw8") < 1.0  # distractors did get in the way
 
 
 def test_store_rows_read_by_position_as_the_whole_store(tmp_path):
     """Rows read by position (whitened part by part, empty parts included) are the rows of the whole."""
     from embedpipe.flows.benchmarks.store import synthetic_store
-    from embedpipe.storage.features import FeatureWriter, read_features
+    from embedpipe.storage.features import FeatureWriter
     from embedpipe.workers.evaluate.search import StoreRows
-    from embedpipe.workers.fit.whitening import apply_whitening
 
     store = synthetic_store(tmp_path / "store", 900, 16, 3)
     empty = FeatureWriter(tmp_path / "store", 16, 4, {"descriptor": "synthetic"})
