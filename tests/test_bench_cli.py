@@ -23,8 +23,8 @@ OWN = {
     "--components": {"pca"},
     "--factory": {"index"},
     "--growth": {"index"},
-    "--rows": {"pca", "index"},
-    "--dim": {"pca", "index"},
+    "--rows": {"pca", "index", "scale"},
+    "--dim": {"pca", "index", "scale"},
     "--parts": {"pca", "index"},
     "--store": {"pca", "index"},
     "--fraction": {"reindex"},
@@ -70,6 +70,7 @@ def test_one_sub_command_per_bench_in_order():
         "train",
         "ingest",
         "gpu",
+        "scale",
     ]
     assert list(_bench_parsers()) == list(BENCHES)
     for name in BENCHES:
@@ -97,6 +98,8 @@ def test_bench_defaults_are_per_bench():
     assert (index.rows, index.dim, index.factory, index.growth) == (None, None, "IVF1024,PQ32", "")
     reindex = parse(["bench", "reindex"])
     assert (reindex.fraction, reindex.held_back, reindex.sets) == (0.1, "spread", [])
+    scale = parse(["bench", "scale"])
+    assert (scale.rows, scale.dim) == ([200_000, 2_000_000], 256)
     assert parse(["bench", "ingest"]).max_side == 512 and parse(["bench", "extract"]).n == 2000
 
 

@@ -15,4 +15,5 @@ BENCHES = {
     "train": "fine-tuning steps: Ray Train workers vs a plain single-process PyTorch loop",
     "ingest": "the ingest stage vs img2dataset on the same photos served over HTTP from 127.0.0.1",
     "gpu": "one GPU: nvJPEG decode and the model apart and together, images/s and what limits them",
+    "scale": "plan, fit, index + evaluate and report at two collection sizes: driver/worker memory, time/row",
 }
