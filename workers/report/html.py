@@ -23,7 +23,7 @@ from PIL import Image
 from embedpipe.storage.contracts.errors import DecodeError
 from embedpipe.storage.contracts.layout import STAGES, RunLayout, atomic_path
 from embedpipe.storage.dataset import locations
-from embedpipe.storage.features import read_features
+from embedpipe.storage.features import read_features, read_parts
 from embedpipe.storage.quarantine import read_quarantine
 from embedpipe.workers.evaluate.metrics import compute_map
 from embedpipe.workers.evaluate.protocols import GroundTruth
@@ -173,7 +173,9 @@ def _ap_figure(aps: np.ndarray, names: list[str], label: str) -> str:
     return _figure_png(fig)
 
 
-def _tsne_figure(vectors: np.ndarray, gt: GroundTruth | None, seed: int) -> str | None:
+def _tsne_figure(vectors: Any, gt: GroundTruth | None, seed: int) -> str | None:
+    """t-SNE map of at most ``MAX_TSNE_POINTS`` seeded rows of ``vectors`` (an array, or store rows read
+    by position)."""
     from sklearn.manifold import TSNE
 
     n = len(vectors)
@@ -234,10 +236,10 @@ def _cell(path: str, locate: dict[str, tuple[str, int, int]], kind: str, caption
     return f"<div class='{kind}'>{img}{html.escape(caption)}</div>"
 
 
-def _result_vectors(
-    layout: RunLayout, config: Any, row: dict[str, Any]
-) -> tuple[list[str], np.ndarray | None]:
-    from embedpipe.workers.evaluate.stage import variants
+def _result_vectors(layout: RunLayout, config: Any, row: dict[str, Any]) -> tuple[list[str], Any]:
+    """The paths of the row's database and its vectors (for the t-SNE map): dense BoW rows when small
+    enough, else the store read by position (only the sampled rows are read)."""
+    from embedpipe.workers.evaluate.stage import database_variants
 
     if row.get("index") == "inverted-file":  # bag of words: the tf-idf rows, dense when small enough
         from embedpipe.workers.evaluate.bow import bow_vectors, read_bow
@@ -246,9 +248,9 @@ def _result_vectors(
         dense = len(words) * int(row["dim"]) <= MAX_DENSE_BOW
         x = bow_vectors(words, weights, int(row["dim"]), config)[0].toarray() if dense else None
         return meta.column("path").to_pylist(), x
-    meta, vectors = read_features(layout.feature_dir(row["descriptor"]))
-    chosen = dict(variants(layout, config, row["descriptor"], vectors)).get(row["post"], vectors)
-    return meta.column("path").to_pylist(), chosen
+    paths = read_parts(layout.feature_dir(row["descriptor"]), ["path"]).column("path").to_pylist()
+    chosen = dict(database_variants(layout, config, row["descriptor"]))
+    return paths, chosen.get(row["post"], chosen["l2"])
 
 
 def _adapted_backbone(config: Any) -> list[str]:
