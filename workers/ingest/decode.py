@@ -135,3 +135,29 @@ def decode_query_crop(
     factor = min(1.0, max_side / max(width, height))
     size = (max(1, round(crop.width * factor)), max(1, round(crop.height * factor)))
     return np.asarray(crop.resize(size, Image.Resampling.BICUBIC) if factor < 1.0 else crop), (width, height)
+
+
+# quality of the JPEG an input is stored as when it has to be re-encoded (``stored_bytes``)
+JPEG_QUALITY = 95
+
+
+def stored_bytes(
+    data: bytes, max_side: int, max_pixels: int = 89_478_485, exif: bool = True, rotate: int = 0
+) -> tuple[bytes, str, tuple[int, int]]:
+    """What the ingest stage stores for an input: its original bytes when it fits ``max_side`` and needs
+    no turning (EXIF applied at decode, no ``rotate``), else its decoded pixels as a JPEG of
+    ``JPEG_QUALITY`` (no ICC profile, comment or EXIF carried over). -> (bytes, extension, (width,
+    height)); ``DecodeError`` for an unusable input."""
+    image, (width, height) = decode_pil(data, max_side, max_pixels, exif, rotate)
+    if max(width, height) <= max_side and exif and not rotate:
+        return data, _extension(data), (width, height)
+    buf = io.BytesIO()
+    image.info = {}
+    image.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue(), "jpg", (width, height)
+
+
+def _extension(data: bytes) -> str:
+    with Image.open(io.BytesIO(data)) as img:
+        fmt = (img.format or "").lower()
+    return {"jpeg": "jpg", "tiff": "tif"}.get(fmt, fmt or "bin")

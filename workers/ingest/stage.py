@@ -10,7 +10,6 @@ same arguments redoes only the shards that were not finished.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
 from embedpipe.storage.contracts.errors import DecodeError
 from embedpipe.storage.contracts.layout import write_json_atomic
@@ -32,7 +30,7 @@ from embedpipe.workers.engines.ray_stages import (
     read_rows,
     row_rotation,
 )
-from embedpipe.workers.ingest.decode import content_id, decode_pil
+from embedpipe.workers.ingest.decode import JPEG_QUALITY, content_id, stored_bytes
 from embedpipe.workers.ingest.plan import plan_shards
 from embedpipe.workers.ingest.sources import read_rotations, remote_shard_limits, rotation_of
 from embedpipe.workers.progress import Progress
@@ -42,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("embedpipe.ingest")
 SHARDS_FILE = "_shards.json"
-JPEG_QUALITY = 95
 
 
 @dataclass(frozen=True)
@@ -73,14 +70,9 @@ def ingest_batch(batch: dict[str, np.ndarray], max_side: int, ingest: IngestConf
             data = reads[i].result()
             sizes[i], ids[i] = len(data), content_id(data)
             rotate, exif = row_rotation(batch, i), ingest.exif_orientation
-            image, (width[i], height[i]) = decode_pil(data, max_side, ingest.max_pixels, exif, rotate)
-            if max(width[i], height[i]) <= max_side and exif and not rotate:
-                payloads[i], exts[i] = data, _extension(data)
-            else:
-                buf = io.BytesIO()
-                image.info = {}  # pixels only: no ICC profile, comment or EXIF carried over
-                image.save(buf, format="JPEG", quality=JPEG_QUALITY)
-                payloads[i], exts[i] = buf.getvalue(), "jpg"
+            payloads[i], exts[i], (width[i], height[i]) = stored_bytes(
+                data, max_side, ingest.max_pixels, exif, rotate
+            )
         except DecodeError as err:
             errors[i] = str(err)
     return {
@@ -93,12 +85,6 @@ def ingest_batch(batch: dict[str, np.ndarray], max_side: int, ingest: IngestConf
         "ext": np.array(exts, dtype=object),
         "error": np.array(errors, dtype=object),
     }
-
-
-def _extension(data: bytes) -> str:
-    with Image.open(io.BytesIO(data)) as img:
-        fmt = (img.format or "").lower()
-    return {"jpeg": "jpg", "tiff": "tif"}.get(fmt, fmt or "bin")
 
 
 def _shard_fingerprints(plan: ShardPlan, max_side: int, cfg: Config) -> dict[int, str]:

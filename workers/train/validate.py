@@ -14,7 +14,6 @@ Validation collections are small (hundreds to a few thousand images): they are e
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -25,7 +24,7 @@ from embedpipe.storage.contracts.errors import InputError
 from embedpipe.workers.evaluate.metrics import compute_map
 from embedpipe.workers.evaluate.protocols import GroundTruth, ground_truth
 from embedpipe.workers.fit.whitening import apply_whitening, pca_whitening_from_moments
-from embedpipe.workers.ingest.decode import content_id, decode_image, decode_pil
+from embedpipe.workers.ingest.decode import content_id, decode_image, stored_bytes
 from embedpipe.workers.ingest.sources import list_inputs, read_input
 
 if TYPE_CHECKING:
@@ -33,8 +32,6 @@ if TYPE_CHECKING:
     from embedpipe.storage.inputs import InputRef
 
 log = logging.getLogger("embedpipe.train")
-
-JPEG_QUALITY = 95  # the ingest stage's (workers/ingest/stage.py)
 
 
 @dataclass(frozen=True)
@@ -95,13 +92,8 @@ def run_pixels(data: bytes, max_side: int, cfg: Config) -> np.ndarray:
     bytes of an image that fits and re-encodes a larger one as a resized JPEG; the extract stage decodes
     that."""
     exif = cfg.ingest.exif_orientation
-    image, (w, h) = decode_pil(data, max_side, cfg.ingest.max_pixels, exif)
-    if max(w, h) > max_side or not exif:
-        buf = io.BytesIO()
-        image.info = {}
-        image.save(buf, format="JPEG", quality=JPEG_QUALITY)
-        data = buf.getvalue()
-    return decode_image(data, max_side, cfg.ingest.max_pixels, exif)[0]
+    stored, _, _ = stored_bytes(data, max_side, cfg.ingest.max_pixels, exif)
+    return decode_image(stored, max_side, cfg.ingest.max_pixels, exif)[0]
 
 
 def load_validation_images(val: ValidationSet, max_side: int, cfg: Config) -> list[np.ndarray]:
