@@ -1,7 +1,7 @@
 """A Ray worker killed with -9 while it fills its part of an index, or while it searches its shard of a
-sharded index (for the queries or for DBA's neighbour lists): Ray runs the task again and the merged
-index is the same, code for code and id for id, as one process filling every part; the merged top-k
-and the saved neighbour lists the same as an uninterrupted search's."""
+sharded index, or while it computes DBA for its store part: Ray runs the task again and the merged
+index is the same, code for code and id for id, as one process filling every part; the merged top-k,
+and DBA's neighbour lists and vectors, the same as an uninterrupted run's."""
 
 from __future__ import annotations
 
@@ -16,12 +16,11 @@ import pytest
 
 from embedpipe.flows.benchmarks.store import synthetic_store
 from embedpipe.storage.contracts.config import Config, IndexConfig, RayConfig
-from embedpipe.storage.contracts.layout import RunLayout
-from embedpipe.storage.features import read_features, read_parts
+from embedpipe.storage.features import read_features
 from embedpipe.storage.index_folder import read_version
 from embedpipe.workers.engines.ray_stages import ray_session
-from embedpipe.workers.evaluate.search import ShardedIndex
-from embedpipe.workers.evaluate.stage import dba_neighbours, dba_neighbours_file
+from embedpipe.workers.evaluate.dba_parts import PARTS_DIR, augment_sharded, read_lists
+from embedpipe.workers.evaluate.search import ShardedIndex, StoreRows
 from embedpipe.workers.index import ann
 from embedpipe.workers.index.build import fill_from_store, publish_store_index
 
@@ -90,37 +89,31 @@ def test_worker_killed_during_the_sharded_search_gives_the_same_ranking(tmp_path
     assert (ids == local_ids).mean() > 0.999
 
 
-def test_worker_killed_during_dba_neighbour_lists_gives_the_same_lists(tmp_path):
-    """DBA's neighbour lists over a sharded index are searched by the shards' Ray tasks: a worker killed
-    mid-search changes nothing in the saved lists."""
-    store = synthetic_store(tmp_path / "store", 20_000, 64, 4)
-    meta = read_parts(store, ["id", "path"])
-    _, x = read_features(store)
-    _, _, version = publish_store_index(
-        tmp_path / "index",
-        store,
-        IndexConfig(factory="Flat", layout="sharded", engine="local"),
-        0,
-        load=False,
-    )
-    layout = RunLayout(tmp_path / "run")
-    layout.report_dir.mkdir(parents=True)
-    cfg = Config()
+def test_worker_killed_during_dba_parts_gives_the_same_lists_and_vectors(tmp_path):
+    """DBA over a sharded index runs one Ray task per store part (its rows searched against the
+    shards, augmented, written as a part): a worker killed mid-part changes nothing in the neighbour
+    lists or the augmented vectors the parts hold."""
+    store = synthetic_store(tmp_path / "store", 40_000, 64, 4)  # parts big enough to be caught working
+    icfg = IndexConfig(factory="Flat", layout="sharded", engine="local")
+    _, _, version = publish_store_index(tmp_path / "index", store, icfg, 0, load=False)
+    cfg = Config(index=icfg)
+    rows = StoreRows(store, None, 64)
     killed: list[int] = []
     stop = threading.Event()
     with ray_session(RayConfig(num_cpus=2)):
         sharded = ShardedIndex(version, 1, 16, max_retries=3)
-        dba_neighbours(layout, cfg, "plain", x, sharded, "Flat", meta, reuse=False)
-        killer = threading.Thread(target=_kill_first, args=("ray::_search_shard", killed, stop))
+        augment_sharded(tmp_path / "plain", cfg, rows, sharded)
+        killer = threading.Thread(target=_kill_first, args=("ray::dba_part", killed, stop))
         killer.start()
         try:
-            dba_neighbours(layout, cfg, "killed", x, sharded, "Flat", meta, reuse=False)
+            augment_sharded(tmp_path / "killed", cfg, rows, sharded)
         finally:
             stop.set()
             killer.join()
     assert len(killed) == 1
-    plain = np.load(dba_neighbours_file(layout, "plain"))
-    again = np.load(dba_neighbours_file(layout, "killed"))
-    assert plain.files == again.files and all(np.array_equal(plain[k], again[k]) for k in plain.files)
-    assert plain["ids"].shape == (20_000, cfg.rerank.dba_k + 1)
-    assert (plain["ids"][:, 0] == np.arange(20_000)).mean() > 0.99  # each vector's nearest: itself
+    plain, again = read_lists(tmp_path / "plain" / PARTS_DIR), read_lists(tmp_path / "killed" / PARTS_DIR)
+    assert all(np.array_equal(a, b) for a, b in zip(plain, again, strict=True))
+    assert plain[1].shape == (40_000, cfg.rerank.dba_k + 1)
+    assert (plain[1][:, 0] == np.arange(40_000)).mean() > 0.99  # each vector's nearest: itself
+    vectors = [StoreRows(tmp_path / run / PARTS_DIR, None, 64).all() for run in ("plain", "killed")]
+    assert np.array_equal(*vectors)

@@ -334,6 +334,18 @@ def main_row(metrics: dict[str, Any]) -> dict[str, Any]:
     raise RunFailed("bench scale: no gem pcaw row without re-ranking in the metrics")
 
 
+def dba_seconds(layout: Any) -> dict[str, dict[str, float]]:
+    """{variant: {"parts", "index"}} seconds of each DBA computed where the database lies."""
+    from embedpipe.workers.evaluate.dba_parts import DBA_DIR, read_state
+
+    out = {}
+    for root in sorted(layout.root.glob(f"index/*/{DBA_DIR}")):
+        seconds = read_state(root).get("seconds")
+        if seconds:
+            out[root.parent.name] = {k: seconds[k] for k in ("parts", "index")}
+    return out
+
+
 def one_size(rows: int, dim: int, factory: str, work: Path) -> dict[str, Any]:
     """Make one size's run directory and inputs, then time the stages under the memory sampler."""
     from embedpipe.storage.contracts.layout import RunLayout, write_json_atomic
@@ -397,6 +409,8 @@ def one_size(rows: int, dim: int, factory: str, work: Path) -> dict[str, Any]:
         "planted_queries": groups_for(rows),
         "distractors": counts["distractors"],
         "parts": counts["parts"],
+        # per variant: the DBA part tasks' seconds and the DBA index's (training + fill), from its dba.json
+        "dba_seconds": dba_seconds(layout),
     }
 
 

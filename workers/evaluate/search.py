@@ -28,10 +28,11 @@ class StoreRows:
     """A feature store's vectors (after ``transform``, the variant's PCA-whitening) read by store
     position when asked: ``rows[positions]`` reads only the parts that hold them, each part
     transformed whole, as the index fill transforms it. ``all()`` reads everything once, for the steps
-    that need the whole database (DBA, few-shot classification, the index choice)."""
+    that need the whole database (DBA computed in this process, few-shot classification, the index choice)."""
 
     def __init__(self, directory: Path, transform: Transform, dim: int):
         counts = part_row_counts(directory)
+        self.directory = Path(directory)
         self.parts = [p for p, _ in counts]
         self.starts = np.concatenate([[0], np.cumsum([n for _, n in counts])]).astype(np.int64)
         self.transform, self.dim = transform, dim
@@ -44,7 +45,8 @@ class StoreRows:
     def shape(self) -> tuple[int, int]:
         return len(self), self.dim
 
-    def _part(self, i: int) -> np.ndarray:
+    def part(self, i: int) -> np.ndarray:
+        """Part ``i``'s rows, transformed whole (as the index fill transforms them)."""
         x = vectors_of(read_part(self.parts[i], ["descriptor"]))
         if not len(x):  # a part of only quarantined inputs
             return np.empty((0, self.dim), np.float32)
@@ -52,7 +54,7 @@ class StoreRows:
 
     def all(self) -> np.ndarray:
         if self._all is None:
-            blocks = [self._part(i) for i in range(len(self.parts))]
+            blocks = [self.part(i) for i in range(len(self.parts))]
             self._all = np.concatenate(blocks) if blocks else np.empty((0, self.dim), np.float32)
         return self._all
 
@@ -60,27 +62,45 @@ class StoreRows:
         positions = np.asarray(positions, np.int64)
         if self._all is not None:
             return self._all[positions]
+        return self.take(positions)
+
+    def take(self, positions: np.ndarray, known: dict[int, np.ndarray] | None = None) -> np.ndarray:
+        """The rows at ``positions`` (any shape) -> (*shape, dim), each part that holds some read once,
+        one at a time; ``known``: parts already read (part number -> its rows), not read again."""
+        positions = np.asarray(positions, np.int64)
         flat = positions.reshape(-1)
         out = np.empty((len(flat), self.dim), np.float32)
         part = np.searchsorted(self.starts, flat, side="right") - 1
         for i in np.unique(part):
             where = np.flatnonzero(part == i)
-            out[where] = self._part(int(i))[flat[where] - self.starts[i]]
+            block = known[int(i)] if known and int(i) in known else self.part(int(i))
+            out[where] = block[flat[where] - self.starts[i]]
         return out.reshape(*positions.shape, self.dim)
+
+
+def padded(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A shard's top lists widened to k columns (a shard smaller than k): pads (NaN, -1) last."""
+    if scores.shape[1] < k:
+        pad = k - scores.shape[1]
+        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=np.nan)
+        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+    return scores, ids
+
+
+def search_shard_file(
+    path: str, queries: np.ndarray, k: int, allowed: np.ndarray | None, nprobe: int, efsearch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One shard file read and searched: its top-k (scores, ids) per query, padded to k."""
+    index = read_index(Path(path))
+    ann.set_search_params(index, nprobe, efsearch)
+    return padded(*ann.search(index, queries, k, allowed), k)
 
 
 def _search_shard(shared: tuple, path: str) -> tuple[np.ndarray, np.ndarray]:
     """One shard file searched as a Ray task of one CPU: its top-k (scores, ids) per query."""
     queries, k, allowed, nprobe, efsearch = shared
     faiss.omp_set_num_threads(1)
-    index = read_index(Path(path))
-    ann.set_search_params(index, nprobe, efsearch)
-    scores, ids = ann.search(index, queries, k, allowed)
-    if scores.shape[1] < k:  # a shard smaller than k: padded, pads last
-        pad = k - scores.shape[1]
-        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=np.nan)
-        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
-    return scores, ids
+    return search_shard_file(path, queries, k, allowed, nprobe, efsearch)
 
 
 def merge_topk(
@@ -104,6 +124,7 @@ class ShardedIndex:
     trained empty index (``trained``) for the code size."""
 
     def __init__(self, version: Path, nprobe: int, efsearch: int, max_retries: int = 3):
+        self.version = version
         self.files = [str(version / SHARDS_DIR / s["file"]) for s in read_shards(version)]
         self.trained = read_index(version / TRAINED_FILE)
         self.d, self.metric_type = int(self.trained.d), int(self.trained.metric_type)

@@ -23,6 +23,7 @@ from embedpipe.storage.features import read_features, read_parts, read_store_man
 from embedpipe.storage.index_folder import index_layout
 from embedpipe.storage.inputs import is_distractor
 from embedpipe.workers.descriptors.local import is_classical
+from embedpipe.workers.evaluate.dba_parts import DBA_DIR, augment_sharded
 from embedpipe.workers.evaluate.metrics import (
     compute_map,
     few_shot_accuracy,
@@ -361,13 +362,34 @@ def augment_database(
     return db, db_index
 
 
+def augmented_database(
+    layout: RunLayout,
+    cfg: Config,
+    name: str,
+    x: StoreRows,
+    index: Any,
+    factory: str,
+    meta: Any,
+    reuse: bool,
+) -> tuple[StoreRows | np.ndarray, Any]:
+    """The DBA database of a variant and its index. Searched as a sharded index: computed where the
+    database lies, part by part on Ray (``dba_parts.augment_sharded``: the driver holds neither the
+    vectors nor the neighbour lists). Otherwise in this process, over the whole database
+    (``dba_neighbours``, ``augment_database``)."""
+    if isinstance(index, ShardedIndex):
+        return augment_sharded(layout.index_dir(name) / DBA_DIR, cfg, x, index)
+    db = x.all()
+    graph = dba_neighbours(layout, cfg, name, db, index, factory, meta, reuse)
+    return augment_database(cfg, db, index, graph)
+
+
 def rerank_ranks(
     method: str,
     r: RerankConfig,
-    x: np.ndarray,
+    x: np.ndarray | StoreRows,
     index: faiss.Index,
     gt: GroundTruth,
-    augmented: Callable[[], tuple[np.ndarray, faiss.Index]],
+    augmented: Callable[[], tuple[np.ndarray | StoreRows, Any]],
     queries: np.ndarray,
     depth: int,
     allowed: np.ndarray | None = None,
@@ -376,7 +398,8 @@ def rerank_ranks(
     augmented database); ``allowed``: the database rows searched (all when None; not with DBA).
 
     ``queries``: the query vectors. ``augmented`` gives the DBA database and its index (computed once
-    per variant by the caller).
+    per variant by the caller). The databases (``x``, the DBA one) may be ``StoreRows``: αQE reads the
+    top-``aqe_k`` rows of each query alone, by position.
     Queries keep their original vectors under DBA; neighbours used for αQE never include the query's
     own junk (the query itself when it is in the database)."""
     db, db_index = augmented() if method.startswith("dba") else (x, index)
@@ -496,11 +519,8 @@ def index_and_evaluate(
         layout.report_dir.mkdir(parents=True, exist_ok=True)
         few_shot = cfg.protocol == "labels"  # classified on the features themselves
         augmented = functools.cache(
-            lambda x=x, index=index, cfg=cfg, name=name, factory=factory: augment_database(
-                cfg,
-                x.all(),
-                index,
-                dba_neighbours(layout, cfg, name, x.all(), index, factory, meta, incremental),
+            lambda x=x, index=index, cfg=cfg, name=name, factory=factory: augmented_database(
+                layout, cfg, name, x, index, factory, meta, incremental
             )
         )
         queries = external[post] if external else x[gt.queries]

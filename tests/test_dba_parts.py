@@ -1,0 +1,184 @@
+"""DBA computed part by part on Ray against a sharded index (``dba_parts``): on an exact index the
+neighbour lists, the augmented vectors and the DBA / DBA+αQE rankings are those of the in-driver
+computation over the whole database, byte for byte; on an approximate one the lists are the sharded
+search's. Parts written for the same inputs are kept when the stage runs again, others recomputed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from embedpipe.flows.benchmarks.scale import write_collection
+from embedpipe.flows.benchmarks.store import synthetic_store
+from embedpipe.storage.contracts.config import Config, IndexConfig, RayConfig, RerankConfig
+from embedpipe.storage.contracts.layout import RunLayout
+from embedpipe.storage.features import FeatureWriter, read_parts
+from embedpipe.workers.engines.ray_stages import ray_session
+from embedpipe.workers.evaluate.dba_parts import DBA_DIR, PARTS_DIR, augment_sharded, read_lists
+from embedpipe.workers.evaluate.protocols import GroundTruth
+from embedpipe.workers.evaluate.search import ShardedIndex, StoreRows
+from embedpipe.workers.evaluate.stage import (
+    augment_database,
+    dba_neighbours,
+    index_and_evaluate,
+    neighbours,
+    rerank_ranks,
+    run_ground_truth,
+)
+from embedpipe.workers.index.build import publish_store_index
+
+pytestmark = pytest.mark.slow
+ROWS, DIM = 2400, 32
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    with ray_session(RayConfig(num_cpus=2, object_store_mb=256)):
+        yield
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Four parts of clustered vectors and parts with no rows (as of only quarantined inputs)."""
+    path = synthetic_store(tmp_path_factory.mktemp("dba") / "store", ROWS, DIM, 4)
+    empty = FeatureWriter(path, DIM, 5, {"descriptor": "synthetic"})
+    empty.write(4, [], [], np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros((0, DIM), np.float32))
+    empty.close()
+    return path
+
+
+def _transform(whiten: bool):
+    if not whiten:
+        return None
+    rng = np.random.default_rng(5)
+    mean = rng.standard_normal(DIM).astype(np.float32) * 0.01
+    return mean, rng.standard_normal((24, DIM)).astype(np.float32)
+
+
+def _setup(tmp_path, store, factory: str, whiten: bool, alpha: float = 3.0, nprobe: int = 16):
+    transform = _transform(whiten)
+    cfg = Config(
+        index=IndexConfig(factory=factory, layout="sharded", engine="ray", train_size=2000, nprobe=nprobe),
+        rerank=RerankConfig(dba_k=3, dba_alpha=alpha, aqe_k=2),
+    )
+    cfg = cfg.model_copy(update={"fit": cfg.fit.model_copy(update={"scheduler": "threads"})})
+    _, _, version = publish_store_index(tmp_path / "ix", store, cfg.index, 0, transform, cfg.fit, load=False)
+    rows = StoreRows(store, transform, 24 if whiten else DIM)
+    sharded = ShardedIndex(version, cfg.index.nprobe, cfg.index.efsearch)
+    return cfg, rows, sharded
+
+
+@pytest.mark.parametrize("whiten", [False, True], ids=["l2", "whitened"])
+def test_dba_per_part_equals_the_in_driver_dba_on_an_exact_index(tmp_path, store, ray_cluster, whiten):
+    cfg, rows, sharded = _setup(tmp_path, store, "Flat", whiten)
+    db_rows, db_index = augment_sharded(tmp_path / "dba", cfg, rows, sharded)
+
+    # the reference: today's in-driver path over the whole database
+    x = rows.all()
+    layout = RunLayout(tmp_path / "run")
+    layout.report_dir.mkdir(parents=True)
+    meta = read_parts(store, ["id", "path"])
+    graph = dba_neighbours(layout, cfg, "ref", x, sharded, "Flat", meta, reuse=False)
+    db, index = augment_database(cfg, x, sharded, graph)
+
+    sims, ids = read_lists(tmp_path / "dba" / PARTS_DIR)
+    assert ids.shape == (ROWS, cfg.rerank.dba_k + 1)
+    assert np.array_equal(ids, graph[1]) and np.array_equal(sims, graph[0])
+    assert (ids[:, 0] == np.arange(ROWS)).mean() > 0.99  # each row's nearest: itself
+    assert np.array_equal(db_rows.all(), db)  # the augmented vectors, bit for bit
+    assert db_index.ntotal == ROWS
+
+    queries = x[::53]
+    positions = np.arange(0, ROWS, 53)
+    gt = GroundTruth(positions, [np.array([p]) for p in positions], [np.array([p]) for p in positions])
+    reference = TiesById(index)
+    # read by position: αQE reads its queries' top-k rows, never the whole database
+    lazy, lazy_db = StoreRows(store, rows.transform, rows.dim), StoreRows(db_rows.directory, None, rows.dim)
+    for method in ("aqe", "dba", "dba+aqe"):
+        ours = rerank_ranks(method, cfg.rerank, lazy, sharded, gt, lambda: (lazy_db, db_index), queries, 100)
+        theirs = rerank_ranks(method, cfg.rerank, x, sharded, gt, lambda: (db, reference), queries, 100)
+        assert np.array_equal(ours, theirs), method
+    assert lazy._all is None and lazy_db._all is None
+
+
+class TiesById:
+    """An in-process index whose exact ties are ranked by smaller id, as the sharded search ranks them
+    (FAISS's own order of equal scores is its heap's)."""
+
+    def __init__(self, index):
+        self.index, self.ntotal, self.d, self.metric_type = index, index.ntotal, index.d, index.metric_type
+
+    def search(self, queries, k, allowed=None):
+        scores, ids = self.index.search(queries, self.ntotal)
+        order = np.lexsort((ids, -scores), axis=1)[:, :k]
+        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+@pytest.mark.parametrize("factory", ["IVF16,PQ8", "PCA16,IVF16,SQ8", "LSH"])
+def test_dba_lists_per_part_are_the_sharded_search_elsewhere(tmp_path, store, ray_cluster, factory):
+    """An inverted file's coarse assignment computed once per part, every shard scanned with it: the
+    sharded search's lists; under a distance (LSH) the similarities are the exact inner products."""
+    cfg, rows, sharded = _setup(tmp_path, store, factory, whiten=False, nprobe=3)
+    augment_sharded(tmp_path / "dba", cfg, rows, sharded)
+    x = rows.all()
+    want_sims, want_ids = neighbours(sharded, x, x, cfg.rerank.dba_k + 1)
+    sims, ids = read_lists(tmp_path / "dba" / PARTS_DIR)
+    assert np.array_equal(ids, want_ids) and np.array_equal(sims, want_sims)
+
+
+def test_parts_are_kept_for_the_same_inputs_and_recomputed_for_others(tmp_path, store, ray_cluster):
+    cfg, rows, sharded = _setup(tmp_path, store, "Flat", whiten=False)
+    augment_sharded(tmp_path / "dba", cfg, rows, sharded)
+    parts = sorted((tmp_path / "dba" / PARTS_DIR).glob("part-*.parquet"))
+    assert len(parts) == len(rows.parts)  # one per store part, the empty ones too
+    before = [p.stat().st_mtime_ns for p in parts]
+    first = StoreRows(tmp_path / "dba" / PARTS_DIR, None, DIM).all()
+    parts[1].unlink()  # a run stopped before this part was written
+    db_rows, _ = augment_sharded(tmp_path / "dba", cfg, rows, sharded)
+    after = [p.stat().st_mtime_ns for p in parts]
+    assert [a == b for a, b in zip(before, after, strict=True)] == [i != 1 for i in range(len(parts))]
+    assert np.array_equal(db_rows.all(), first)
+    versions = sorted(p.name for p in (tmp_path / "dba").glob("v*"))
+    assert versions == ["v0002"]  # the augmented index of the earlier run replaced
+    cfg, rows, sharded = _setup(tmp_path / "other", store, "Flat", whiten=False, alpha=1.0)
+    db_rows, _ = augment_sharded(tmp_path / "dba", cfg, rows, sharded)  # another α: every part again
+    assert all(p.stat().st_mtime_ns != b for p, b in zip(parts, before, strict=True))
+    assert not np.array_equal(db_rows.all(), first)
+
+
+def test_a_run_on_the_sharded_index_ranks_as_a_run_on_the_merged_one(tmp_path, ray_cluster):
+    """A Holidays-style run evaluated on a merged Flat index (DBA in this process) and on a sharded one
+    searched on Ray (DBA part by part): the same mAP for every re-ranking, and DBA rankings that differ
+    only in the order of tied scores (equal up to float rounding; the sharded search ranks exact ties by
+    id, one FAISS index by its heap)."""
+    results, ranks = {}, {}
+    for layout_name, engine in (("merged", "local"), ("sharded", "ray")):
+        run = tmp_path / layout_name
+        write_collection(run, 3000, 32)
+        cfg = Config.model_validate(
+            {
+                "protocol": "holidays",
+                "out": str(run),
+                "extract": {"descriptors": ["gem"]},
+                "fit": {"whiten": False, "scheduler": "threads"},
+                "index": {"factory": "Flat", "layout": layout_name, "engine": engine},
+                "rerank": {"methods": ["aqe", "dba", "dba+aqe"]},
+                "eval": {"top_k": 0},
+            }
+        )
+        rows, _ = index_and_evaluate(RunLayout(run), cfg, "gem")
+        results[layout_name] = [(r["rerank"], r["map"], r["mp@10"]) for r in rows]
+        ranks[layout_name] = np.load(run / "report" / "ranks-gem-l2-dba.npy")
+    assert [r for r, _, _ in results["merged"]] == ["none", "aqe", "dba", "dba+aqe"]
+    assert results["sharded"] == results["merged"]
+    assert not (tmp_path / "merged" / "index" / "gem-l2" / DBA_DIR).exists()  # in this process
+    db = StoreRows(tmp_path / "sharded" / "index" / "gem-l2" / DBA_DIR / PARTS_DIR, None, 32).all()
+    store = tmp_path / "sharded" / "features" / "gem"
+    paths = read_parts(store, ["path"])["path"].to_pylist()
+    gt = run_ground_truth(RunLayout(tmp_path / "sharded"), cfg, paths)
+    queries = StoreRows(store, None, 32)[gt.queries]
+    ours, theirs = ranks["sharded"], ranks["merged"]
+    assert (ours == theirs).mean() > 0.999 and (np.sort(ours, axis=1) == np.sort(theirs, axis=1)).all()
+    row, col = np.nonzero(ours != theirs)
+    tied = np.einsum("nd,nd->n", queries[row], db[ours[row, col]] - db[theirs[row, col]])
+    assert np.abs(tied).max(initial=0) < 1e-6  # the two searches' float rounding of equal scores

@@ -1,0 +1,203 @@
+"""DBA where the database lies: one Ray task per store part searches that part's rows against the shard
+files of the variant's sharded index, augments them with their neighbours' vectors (read by position
+from the store) and writes them as a part of a derived store; the augmented index is then trained and
+filled from those parts like any index (``publish_store_index``: one Ray task per part).
+
+The driver holds the part names, never the vectors nor the neighbour lists: each augmented part keeps
+its rows' lists beside the vectors (``dba_ids``, ``dba_sims``). Under ``index/<variant>/dba/``:
+``parts/`` (the derived store), ``dba.json`` (what the parts were computed from: a part already
+written for the same inputs is kept when the stage runs again) and the augmented index's versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embedpipe.storage import index_versions
+from embedpipe.storage.contracts.layout import atomic_path, write_json_atomic
+from embedpipe.storage.features import MANIFEST, read_part, read_store_manifest
+from embedpipe.storage.index_folder import TRAINED_FILE, read_index
+from embedpipe.workers.engines.ray_index import map_parts
+from embedpipe.workers.evaluate.rerank import dba
+from embedpipe.workers.evaluate.search import (
+    ShardedIndex,
+    StoreRows,
+    Transform,
+    merge_topk,
+    padded,
+    search_shard_file,
+)
+from embedpipe.workers.index.build import publish_store_index
+from embedpipe.workers.progress import Progress
+
+if TYPE_CHECKING:
+    from embedpipe.storage.contracts.config import Config
+
+log = logging.getLogger("embedpipe.evaluate")
+DBA_DIR, PARTS_DIR, STATE_FILE = "dba", "parts", "dba.json"
+
+
+@dataclass(frozen=True)
+class DbaJob:
+    """What every part's task shares (put in the object store once): the store and the variant's
+    transform, the index's shard files and trained empty index, and DBA's parameters."""
+
+    store: str
+    transform: Transform
+    dim: int
+    shards: tuple[str, ...]
+    trained: str
+    k: int
+    alpha: float
+    nprobe: int
+    efsearch: int
+    metric: int
+    out: str
+
+
+def part_lists(job: DbaJob, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The exact merge of every shard's top-k for ``queries`` (what ``ShardedIndex.search`` gives), the
+    shards read one at a time. An inverted file's coarse assignment is computed once, with the trained
+    quantiser every shard was filled from, not once per shard."""
+    trained = read_index(Path(job.trained))  # FAISS reads an index back as its own class
+    lists = []
+    if isinstance(trained, faiss.IndexIVF):
+        nprobe = min(job.nprobe, trained.nlist)
+        coarse, assigned = trained.quantizer.search(queries, nprobe)
+        for path in job.shards:
+            shard = read_index(Path(path))
+            shard.nprobe = nprobe
+            k = min(job.k, shard.ntotal)
+            lists.append(padded(*shard.search_preassigned(queries, k, assigned, coarse), job.k))
+    else:
+        for path in job.shards:
+            lists.append(search_shard_file(path, queries, job.k, None, job.nprobe, job.efsearch))
+    return merge_topk(lists, job.k, job.metric)
+
+
+def dba_part(job: DbaJob, part: int) -> int:
+    """One store part as a Ray task of one CPU: its rows' ``k`` nearest database rows (themselves
+    included), their DBA vectors from those neighbours' vectors (read from the parts that hold them),
+    written as the derived store's part of the same name. Returns the part's rows."""
+    faiss.omp_set_num_threads(1)
+    rows = StoreRows(Path(job.store), job.transform, job.dim)
+    source = rows.parts[part]
+    x = rows.part(part)
+    sims, idx = part_lists(job, x) if len(x) else (np.empty((0, job.k), np.float32), np.empty((0, job.k)))
+    idx = idx.astype(np.int64)
+    used = np.unique(idx[idx >= 0])  # the neighbours' rows, read once each
+    local = np.where(idx >= 0, np.searchsorted(used, np.maximum(idx, 0)), -1)
+    vectors = rows.take(used, {part: x})
+    if job.metric != faiss.METRIC_INNER_PRODUCT and len(x):  # distances: DBA weighs by similarity
+        sims = np.einsum("nd,nkd->nk", x, vectors[np.maximum(local, 0)])
+        sims = np.where(idx >= 0, sims, -np.inf).astype(np.float32)
+    augmented = dba(vectors, sims, local, job.alpha) if len(x) else x
+    table = read_part(source, ["id", "path"])
+    table = table.append_column("descriptor", _fixed(augmented.astype(np.float32), job.dim))
+    table = table.append_column("dba_ids", _fixed(idx, job.k))
+    table = table.append_column("dba_sims", _fixed(sims.astype(np.float32), job.k))
+    with atomic_path(Path(job.out) / source.name) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return len(x)
+
+
+def _fixed(values: np.ndarray, width: int) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).reshape(-1)), width)
+
+
+def read_lists(directory: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's neighbour list (similarities, store positions) from an augmented store, in store
+    order (for tests and inspection: evaluation never gathers them)."""
+    tables = [pq.read_table(p, columns=["dba_sims", "dba_ids"]) for p in StoreRows(directory, None, 0).parts]
+    sims = [t.column("dba_sims").combine_chunks() for t in tables]
+    ids = [t.column("dba_ids").combine_chunks() for t in tables]
+    k = (sims[0].type.list_size) if sims else 0
+    return (
+        np.concatenate([s.values.to_numpy().reshape(-1, k) for s in sims]),
+        np.concatenate([i.values.to_numpy().reshape(-1, k) for i in ids]),
+    )
+
+
+def _fingerprint(rows: StoreRows, index: ShardedIndex, k: int, alpha: float) -> str:
+    """What a part's output depends on: the store's part files, the transform, the index's files and
+    search parameters, DBA's k and α."""
+    h = hashlib.sha256()
+    for path in rows.parts:
+        st = Path(path).stat()
+        h.update(f"{Path(path).name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    if rows.transform is not None:
+        for array in rows.transform:
+            h.update(np.ascontiguousarray(array).tobytes())
+    for path in (*index.files, str(index.version / TRAINED_FILE)):
+        h.update(f"{Path(path).name}:{Path(path).stat().st_size};".encode())
+    h.update(f"{k}:{alpha!r}:{index.nprobe}:{index.efsearch}:{index.metric_type}".encode())
+    return h.hexdigest()
+
+
+def read_state(root: Path) -> dict:
+    """``dba.json`` of a variant's DBA folder: the parts' fingerprint and, once the DBA index is
+    published, the seconds of the last run's part tasks and index build ({} when absent)."""
+    try:
+        return json.loads((root / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def augment_sharded(
+    root: Path, cfg: Config, rows: StoreRows, index: ShardedIndex
+) -> tuple[StoreRows, ShardedIndex]:
+    """DBA of a variant searched as a sharded index (``index``, its rows read by ``rows``): the
+    augmented parts written under ``root`` (``index/<variant>/dba``) by one Ray task per store part
+    (those already written for the same inputs kept), then the augmented index published beside them
+    in ``cfg.index``'s layout and factory. Returns the augmented rows and their sharded index."""
+    k = min(cfg.rerank.dba_k + 1, index.ntotal)
+    parts_dir = root / PARTS_DIR
+    fingerprint = _fingerprint(rows, index, k, cfg.rerank.dba_alpha)
+    if read_state(root).get("fingerprint") != fingerprint:
+        shutil.rmtree(parts_dir, ignore_errors=True)
+        parts_dir.mkdir(parents=True)
+        write_json_atomic(root / STATE_FILE, {"fingerprint": fingerprint})
+    job = DbaJob(
+        store=str(rows.directory),
+        transform=rows.transform,
+        dim=rows.dim,
+        shards=tuple(index.files),
+        trained=str(index.version / TRAINED_FILE),
+        k=k,
+        alpha=cfg.rerank.dba_alpha,
+        nprobe=index.nprobe,
+        efsearch=index.efsearch,
+        metric=index.metric_type,
+        out=str(parts_dir),
+    )
+    todo = [i for i, p in enumerate(rows.parts) if not (parts_dir / Path(p).name).is_file()]
+    start = time.perf_counter()
+    progress = Progress("dba", len(todo), log, unit="parts")
+    for _ in map_parts(dba_part, [(i,) for i in todo], job, cfg.ray.max_retries):
+        progress.update(1)
+    progress.finish()
+    kept = len(rows.parts) - len(todo)
+    parts_s = time.perf_counter() - start
+    log.info("dba: %d part(s) augmented in %.1fs, %d kept from an earlier run", len(todo), parts_s, kept)
+    write_json_atomic(parts_dir / MANIFEST, {"dim": rows.dim, "rows": len(rows), "n_parts": len(rows.parts)})
+    start = time.perf_counter()
+    _, _, version = publish_store_index(root, parts_dir, cfg.index, cfg.seed, None, cfg.fit, load=False)
+    for old in index_versions.versions(root)[:-1]:  # only the live augmented index is kept
+        shutil.rmtree(old, ignore_errors=True)
+    index_s = time.perf_counter() - start
+    seconds = {"parts": round(parts_s, 3), "index": round(index_s, 3), "parts_run": len(todo)}
+    write_json_atomic(root / STATE_FILE, {"fingerprint": fingerprint, "seconds": seconds})
+    augmented = ShardedIndex(version, cfg.index.nprobe, cfg.index.efsearch, cfg.ray.max_retries)
+    return StoreRows(parts_dir, None, int(read_store_manifest(parts_dir)["dim"])), augmented
