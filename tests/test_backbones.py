@@ -72,7 +72,7 @@ def test_channels_last_forward_equals_the_plain_layout(demo_images):
     """The embedder runs the backbone channels-last on every device; the descriptors are those of the
     default (NCHW) layout up to float rounding."""
     image = np.asarray(Image.open(demo_images / "100100.jpg").convert("RGB"))[:240, :320]
-    emb = Embedder(ExtractConfig(descriptors=("gem", "mac")))
+    emb = Embedder(ExtractConfig(descriptors=("gem", "mac"), runtime="torch"))
     out = emb(image)
     plain, _ = load_backbone("efficientnet_lite0")
     x = emb.preprocess(image).contiguous()
@@ -97,7 +97,10 @@ def alexnet_weights(tmp_path_factory):
 def test_fc_codes_come_from_the_same_forward_pass(alexnet_weights, demo_images):
     path, model = alexnet_weights
     cfg = ExtractConfig(
-        backbone="torchvision:alexnet", weights=path, descriptors=("fc6", "fc7", "gem", "rmac")
+        backbone="torchvision:alexnet",
+        weights=path,
+        descriptors=("fc6", "fc7", "gem", "rmac"),
+        runtime="torch",
     )
     emb = Embedder(cfg)
     image = np.asarray(Image.open(demo_images / "100100.jpg").convert("RGB"))[:180, :240]
@@ -124,15 +127,15 @@ def test_multi_scale_power_and_bf16(demo_images):
     from embedpipe.workers.extract.embed import rescale
 
     image = np.asarray(Image.open(demo_images / "100200.jpg").convert("RGB"))[:240, :320]
-    one = Embedder(ExtractConfig(descriptors=("gem",)))
-    multi = Embedder(ExtractConfig(descriptors=("gem",), scales=(1.0, 0.5), power=0.5))
+    one = Embedder(ExtractConfig(descriptors=("gem",), runtime="torch"))
+    multi = Embedder(ExtractConfig(descriptors=("gem",), scales=(1.0, 0.5), power=0.5, runtime="torch"))
     with torch.no_grad():
         parts = [l2n(gem(one.model(one.preprocess(rescale(image, s))))) for s in (1.0, 0.5)]
         total = parts[0] + parts[1]
         ref = l2n(total.sign() * total.abs().sqrt())[0].numpy()
     assert rescale(image, 0.5).shape == (120, 160, 3)
     assert np.allclose(multi(image)["gem"], ref, atol=1e-5)
-    fast = Embedder(ExtractConfig(descriptors=("gem",), precision="bf16"))(image)["gem"]
+    fast = Embedder(ExtractConfig(descriptors=("gem",), precision="bf16", runtime="torch"))(image)["gem"]
     assert float(fast @ one(image)["gem"]) > 0.99
 
 
@@ -179,7 +182,9 @@ def test_embed_many_stacks_each_shape_and_matches_one_image_at_a_time(demo_image
     crops = [(0, 200, 0, 300), (0, 300, 0, 200), (40, 240, 10, 310), (0, 160, 0, 240), (50, 350, 0, 200)]
     crops += [(20, 220, 30, 330)]
     images = [np.ascontiguousarray(photo[a:b, c:d]) for a, b, c, d in crops]
-    cfg = ExtractConfig(descriptors=("gem", "spoc", "rmac"), scales=(1.0, 0.5), forward_batch=4)
+    cfg = ExtractConfig(
+        descriptors=("gem", "spoc", "rmac"), scales=(1.0, 0.5), forward_batch=4, runtime="torch"
+    )
     stacked, alone = Embedder(cfg), Embedder(cfg.model_copy(update={"forward_batch": 1}))
     sizes: list[int] = []
     hook = stacked.model.register_forward_hook(lambda _m, args, _out: sizes.append(args[0].shape[0]))

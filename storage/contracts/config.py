@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 # (section, key) of settings that change how much runs at once, never what a stage writes: left out of
 # the stages' fingerprints (``Config.fingerprint``)
@@ -76,8 +76,19 @@ class ExtractConfig(_Frozen):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where the model actors run: auto (a GPU when Ray and torch see one), cpu, cuda"
     )
-    precision: Literal["fp32", "fp16", "bf16"] = Field(
-        "fp32", description="autocast dtype of the forward pass"
+    precision: Literal["fp32", "fp16", "bf16", "int8"] = Field(
+        "fp32",
+        description="numbers of the forward pass: fp32; bf16 (OpenVINO or torch autocast on CPUs, used by "
+        "runtime auto only when its descriptors reach cosine 0.9999 against fp32, else fp32); fp16 (torch "
+        "CUDA autocast); int8 (ONNX Runtime static quantisation, run by onnxruntime or openvino; lossy, "
+        "see docs/runtimes.md)",
+    )
+    runtime: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        "auto",
+        description="what runs the backbone up to its feature map (poolings and fc codes stay in torch): "
+        "auto (the fastest runtime of this machine whose descriptors match eager torch fp32 at cosine "
+        ">= 0.9999 on probe photos, kept in the run's models/runtime.json and a per-machine cache), torch, "
+        "onnxruntime or openvino (CPU; the backbone exported once to ONNX in the run's models/)",
     )
     batch_size: int = Field(8, ge=1, description="images per batch between Ray stages")
     forward_batch: int = Field(
@@ -94,6 +105,35 @@ class ExtractConfig(_Frozen):
         description="where images are decoded: in the model actors or a stage of their own "
         "(auto: in the actors on CPU nodes of fewer than 4 CPUs)",
     )
+
+    # where the exported models and the runtime decision of a run live (the run's models/ folder): set by
+    # the extract stage with ``with_models_dir``; private, so never in the config's dump or fingerprint
+    _models_dir: Path | None = PrivateAttr(None)
+
+    @property
+    def models_dir(self) -> Path | None:
+        return self._models_dir
+
+    def with_models_dir(self, folder: Path | str | None) -> ExtractConfig:
+        """A copy whose model actors keep their exported models and runtime decision in ``folder``."""
+        out = self.model_copy()
+        out._models_dir = Path(folder) if folder is not None else None
+        return out
+
+    @model_validator(mode="after")
+    def _runtime_precision(self) -> ExtractConfig:
+        if self.runtime == "torch" and self.precision == "int8":
+            raise ValueError("extract.precision int8 needs extract.runtime onnxruntime, openvino or auto")
+        if self.runtime in ("onnxruntime", "openvino"):
+            if self.precision == "fp16":
+                raise ValueError(f"extract.precision fp16 is torch CUDA autocast, not {self.runtime}")
+            if self.device == "cuda":
+                raise ValueError(f"extract.runtime {self.runtime} runs on the CPU: set extract.device cpu")
+        if self.runtime == "onnxruntime" and self.precision == "bf16":
+            raise ValueError("ONNX Runtime has no bf16 CPU kernels: use extract.runtime openvino or torch")
+        if self.precision == "int8" and self.device == "cuda":
+            raise ValueError("extract.precision int8 runs on CPU runtimes: set extract.device cpu")
+        return self
 
     @field_validator("scales")
     @classmethod

@@ -6,8 +6,10 @@ Used unchanged by the Ray model actor and by the plain-loop baseline of ``embedp
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,6 +18,7 @@ from PIL import Image
 from embedpipe.storage.contracts.errors import BackboneError
 from embedpipe.workers.descriptors.backbones import load_backbone
 from embedpipe.workers.descriptors.pooling import l2n, pool_all
+from embedpipe.workers.extract.runtimes import PARITY_POOLS, Resolver
 
 if TYPE_CHECKING:
     from embedpipe.storage.contracts.config import ExtractConfig
@@ -76,9 +79,17 @@ class Embedder:
     order), and the buckets are a function of the batch, which the shard plan fixes, so output bytes
     are still the same run after run; with one image per forward (the CPU default) they do not depend on
     the batch at all. With several scales, each scale's L2-normalised descriptor is summed before power
-    normalisation and the final L2 (as cnnimageretrieval-pytorch's multi-scale extraction)."""
+    normalisation and the final L2 (as cnnimageretrieval-pytorch's multi-scale extraction).
 
-    def __init__(self, cfg: ExtractConfig, threads: int = 0):
+    The trunk (backbone up to its conv map) runs on ``extract.runtime`` (see ``runtimes``): ``runtime``
+    and ``precision`` are what was resolved (``auto``'s choice; bf16 / int8 fall back to fp32 when no
+    runtime reaches parity), ``runtime_record`` the decision as the run keeps it. ``models_dir`` (or the
+    config's, set by the extract stage) holds the exported models and ``runtime.json``; without one they
+    live in this machine's cache. The torch module stays loaded as ``model`` (the reference, the fc
+    codes); a non-torch runtime runs the file it was exported to, so changing ``model``'s weights later
+    only changes what ``runtime`` torch computes."""
+
+    def __init__(self, cfg: ExtractConfig, threads: int = 0, *, models_dir: Path | str | None = None):
         self.threads = threads
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
@@ -98,6 +109,15 @@ class Embedder:
             self.spec.fc_codes.to(self.device)
         self.mean = torch.tensor(self.spec.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.spec.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        folder = Path(models_dir) if models_dir is not None else cfg.models_dir
+        if models_dir is None and folder is not None and not folder.parent.is_dir():
+            folder = None  # the stage's run folder, which this node cannot see: this machine's cache
+        self.runtime, self.precision, self.trunk = "torch", cfg.precision, None
+        self._meta: torch.nn.Module | None = None  # shapes-only copy of the module (``_check_shape``)
+        self._shapes: dict[tuple[int, ...], str] = {}
+        self.runtime_record: dict[str, Any] = {}
+        self.runtime_record, self.trunk = Resolver(self, folder).resolve()
+        self.runtime, self.precision = self.runtime_record["runtime"], self.runtime_record["precision"]
 
     def dims(self) -> dict[str, int]:
         fc = self.spec.fc_codes
@@ -131,14 +151,54 @@ class Embedder:
                 out[i] = {name: v[row] for name, v in vectors.items()}
         return out
 
+    def trunk_forward(
+        self, x: torch.Tensor, trunk: Any, precision: str, codes: bool = False
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A preprocessed batch -> (conv map (B, C, h, w), fc codes) on ``trunk`` (None: the torch
+        module, autocast to ``precision``); the fc codes (with ``codes``, or when extracted) always by
+        torch. A runtime's failure is a ``RuntimeError``."""
+        want = (codes or bool(self.fc)) and self.spec.fc_codes is not None
+        if trunk is None:
+            with precision_autocast(self.device, precision):
+                fmap = self.model(x)  # (B, C, h, w)
+                return fmap, (self.spec.fc_codes(fmap) if want else {})
+        self._check_shape(tuple(x.shape))
+        fmap = trunk(x)
+        return fmap, (self.spec.fc_codes(fmap) if want else {})
+
+    def _check_shape(self, shape: tuple[int, ...]) -> None:
+        """Raise torch's ``RuntimeError`` for an input the backbone cannot take (e.g. smaller than its
+        strides) before a runtime sees it: ONNX Runtime may crash the process on such input instead of
+        raising. Checked once per shape by running the module on the meta device (shapes only)."""
+        if shape not in self._shapes:
+            if self._meta is None:
+                self._meta = copy.deepcopy(self.model).to("meta")
+            try:
+                with torch.inference_mode():
+                    self._meta(torch.empty(shape, device="meta"))
+                self._shapes[shape] = ""
+            except NotImplementedError:  # an operator without a meta kernel: no check possible
+                self._shapes[shape] = ""
+            except RuntimeError as err:
+                self._shapes[shape] = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if self._shapes[shape]:
+            raise RuntimeError(self._shapes[shape])
+
+    def parity_descriptors(
+        self, fmap: torch.Tensor, codes: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """What the parity check compares: every pooling of ``PARITY_POOLS`` and the fc codes, whatever
+        this run extracts, so that one decision serves every descriptor choice."""
+        out = pool_all(fmap, PARITY_POOLS, self.gem_p)
+        out.update({name: l2n(v.float()) for name, v in codes.items()})
+        return out
+
     def _forward(self, images: list[np.ndarray]) -> dict[str, np.ndarray]:
         """Images of one shape -> {descriptor: (B, C) float32}."""
         total: dict[str, torch.Tensor] = {}
         for scale in self.cfg.scales:
             x = torch.cat([self.preprocess(rescale(image, scale)) for image in images])
-            with precision_autocast(self.device, self.cfg.precision):
-                fmap = self.model(x)  # (B, C, h, w)
-                codes = self.spec.fc_codes(fmap) if self.fc else {}
+            fmap, codes = self.trunk_forward(x, self.trunk, self.precision)
             pooled = pool_all(fmap, self.pools, self.gem_p)
             pooled.update({name: l2n(codes[name].float()) for name in self.fc})
             for name, v in pooled.items():

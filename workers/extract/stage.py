@@ -40,8 +40,16 @@ from embedpipe.workers.descriptors.local import (
     local_store,
     stored_features,
 )
-from embedpipe.workers.engines.ray_stages import SharedModels, input_result, stream_descriptors, stream_local
+from embedpipe.workers.engines.ray_stages import (
+    SharedModels,
+    cluster_pool,
+    input_result,
+    node_resources,
+    stream_descriptors,
+    stream_local,
+)
 from embedpipe.workers.evaluate.protocols import BENCHMARK_PROTOCOLS
+from embedpipe.workers.extract.runtimes import prepare_runtime
 from embedpipe.workers.ingest.sources import read_rotations
 from embedpipe.workers.progress import Progress
 
@@ -262,12 +270,22 @@ def cnn_config(cfg: Config) -> Config:
     return cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"descriptors": cnn})})
 
 
+def with_run_models(cfg: Config) -> Config:
+    """``cfg`` whose model actors keep their exported models and runtime decision in the run's
+    ``models/`` folder (``ExtractConfig.with_models_dir``; not part of any fingerprint)."""
+    return cfg.model_copy(update={"extract": cfg.extract.with_models_dir(RunLayout(cfg.out).root / "models")})
+
+
 def stage_models(cfg: Config) -> SharedModels:
-    """The model actors of an extraction stage (started on first use; ``close`` them at its end)."""
+    """The model actors of an extraction stage (started on first use; ``close`` them at its end). The
+    extract runtime is resolved here first (measured on first use; see ``runtimes.prepare_runtime``),
+    so that the actors read the run's decision and the log shows it."""
     ecfg = cnn_config(cfg).extract
+    config = with_run_models(cnn_config(cfg))
     if ecfg.descriptors:
         check_backbone(ecfg.backbone, ecfg.weights, ecfg.descriptors)
-    models = SharedModels(cnn_config(cfg))
+        prepare_runtime(config.extract, cluster_pool(config.extract, node_resources()).threads)
+    models = SharedModels(config)
     if _passes(cfg) == ["cnn"]:  # no local pass to give the CPUs to first: the actors load the model
         models.get()  # while the shard tasks are set up
     return models
@@ -390,7 +408,7 @@ def extract_queries(refs: tuple[InputRef, ...], boxes: tuple, cfg: Config, layou
     writers: dict[str, FeatureWriter] = {}
     for name in ecfg.descriptors:
         shutil.rmtree(layout.query_dir(name), ignore_errors=True)
-    for batch in stream_descriptors(refs, cfg, boxes):
+    for batch in stream_descriptors(refs, with_run_models(cfg), boxes):
         bad = (batch["error"] != "").nonzero()[0]
         if bad.size:
             i = int(bad[0])

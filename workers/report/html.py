@@ -27,6 +27,7 @@ from embedpipe.storage.features import read_features, read_parts
 from embedpipe.storage.quarantine import read_quarantine
 from embedpipe.workers.evaluate.metrics import compute_map
 from embedpipe.workers.evaluate.protocols import GroundTruth
+from embedpipe.workers.extract.runtimes import report_rows
 from embedpipe.workers.ingest.sources import read_input
 
 log = logging.getLogger("embedpipe.report")
@@ -385,6 +386,8 @@ def build_report(layout: RunLayout, config: Any) -> str:
             ["stage", "seconds"], [[s, float(stages[s].get("seconds", 0.0))] for s in STAGES if s in stages]
         ),
     ]
+    if runtime := report_rows(layout.root / "models"):  # the extract runtime, its parity (docs/runtimes.md)
+        parts += ["<h2 id='runtime'>Extraction runtime</h2>", _table(["", "value"], runtime)]
     quarantine = read_quarantine(layout.quarantine).to_pylist()
     parts.append("<h2 id='quarantine'>Quarantined inputs</h2>")
     parts.append(

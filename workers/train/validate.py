@@ -171,7 +171,11 @@ class Validator:
 
         self.cfg, self.val = cfg, val
         self.descriptor = "gem" if cfg.finetune.head == "gem" else "rmac"
-        self.embedder = Embedder(cfg.extract.model_copy(update={"descriptors": (self.descriptor,)}), threads)
+        # torch: the weights being trained are loaded into the embedder's module (an exported runtime would
+        # keep computing the weights it was exported with)
+        precision = "fp32" if cfg.extract.precision == "int8" else cfg.extract.precision
+        update = {"descriptors": (self.descriptor,), "runtime": "torch", "precision": precision}
+        self.embedder = Embedder(cfg.extract.model_copy(update=update), threads)
         self.base_p = self.embedder.gem_p
         self.base_state = {k: v.clone() for k, v in self.embedder.model.state_dict().items()}
         self.images = {
