@@ -77,6 +77,7 @@ def test_bench_ingest_against_img2dataset(tmp_path, img2dataset_py):
     # two of the three shards removed: only they are fetched again, to the same bytes
     assert result["resume"] == {**result["resume"], "shards": 3, "removed": 2, "written": 2, "kept": 1}
     assert result["resume"]["identical"] is True
+    assert result["fixed"]["ours_s"] > 0 and result["fixed"]["baseline_s"] > 0  # one photo each
 
 
 def test_bench_ingest_without_img2dataset_is_one_error_line(tmp_path, monkeypatch):

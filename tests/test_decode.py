@@ -186,6 +186,11 @@ def test_bench_decode_compares_both_paths_on_the_same_files(tmp_path):
     )
     assert result["ratio"] == pytest.approx(result["baseline"]["time_s"] / result["ours"]["time_s"], rel=1e-3)
     assert 0.9 < result["cosine"]["min"] <= result["cosine"]["mean"] <= 1.0 + 1e-6
+    same, fine = result["simplejpeg"]["same_scale"], result["simplejpeg"]["fine_scale"]
+    assert (
+        same["same_pixels"] and same["time_s"] > 0 and fine["time_s"] > 0 and result["simplejpeg"]["n"] == 3
+    )
+    assert 0.9 < fine["cosine"]["min"] <= fine["cosine"]["mean"] <= 1.0 + 1e-6
 
 
 def test_ingest_turns_listed_images_and_keeps_the_others(tmp_path, photo):
@@ -206,3 +211,37 @@ def test_ingest_turns_listed_images_and_keeps_the_others(tmp_path, photo):
     assert out["payload"][0] == photo  # small enough and not turned: the original bytes
     with Image.open(io.BytesIO(photo)) as img, Image.open(io.BytesIO(out["payload"][1])) as turned:
         assert turned.size == (img.height, img.width) and (out["width"][1], out["height"][1]) == turned.size
+
+
+def test_corrupt_jpeg_and_pixel_limit(photo):
+    """A truncated or corrupt JPEG is one line; the pixel limit is checked before decoding."""
+    for bad in (photo[: len(photo) // 2], photo[:200] + b"\0" * 2000 + photo[2200:]):
+        with pytest.raises(DecodeError, match="truncated or corrupt") as err:
+            decode_image(bad, 256)
+        assert "\n" not in str(err.value)
+    w, h = Image.open(io.BytesIO(photo)).size
+    with pytest.raises(DecodeError, match="ingest.max_pixels"):
+        decode_image(photo, 256, max_pixels=w * h - 1)
+
+
+def test_actor_decodes_one_batch_while_embedding_another(demo_images):
+    """On small CPU nodes an actor runs two calls at once (one decoding while the other embeds, one forward
+    at a time): the descriptors are those of the calls run one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from embedpipe.flows.config import load_config
+    from embedpipe.storage.contracts.config import ExtractConfig
+    from embedpipe.workers.engines.ray_stages import EmbedActor, _columns, input_items, pool_size
+
+    assert pool_size(ExtractConfig(), 2).calls == 2 and pool_size(ExtractConfig(), 8).calls == 1
+    assert pool_size(ExtractConfig(decode_in="stage"), 2).calls == 1
+    cfg = load_config(sets=["extract.max_side=96", "extract.descriptors=[gem]"])
+    paths = [str(p) for p in sorted(demo_images.rglob("*.jpg"))[:8]]
+    batches = [_columns(input_items(paths[i : i + 2], ingest=cfg.ingest)) for i in range(0, 8, 2)]
+    actor = EmbedActor(cfg.extract, 1, cfg.ingest)
+    alone = [actor(b) for b in batches]
+    with ThreadPoolExecutor(2) as calls:
+        together = list(calls.map(actor, batches))
+    for a, b in zip(alone, together, strict=True):
+        assert list(a["pos"]) == list(b["pos"]) and not any(a["error"])
+        assert np.array_equal(a["d_gem"], b["d_gem"])

@@ -7,7 +7,9 @@ virtual environment of its own (created once under the user's cache folder, or a
 ``--baseline-python``) as a subprocess with its WebDataset output, the same output size, shard size and
 number of processes as our ingest has CPUs. The sides run baseline, ours, ours, baseline, each into a
 fresh folder, so drift of a shared machine biases neither; then half of our shards are removed and our
-ingest re-run, to show that only those are fetched again, to the same bytes."""
+ingest re-run, to show that only those are fetched again, to the same bytes. Last, each side ingests a
+list of one photo: its fixed cost (process or Ray start-up and shut-down), which a larger ``--n``
+amortises."""
 
 from __future__ import annotations
 
@@ -272,6 +274,14 @@ def bench_ingest(
                 shutil.rmtree(out, ignore_errors=True)
         resume = resume_check(urls, work / f"out-{kept}-ours", cfg, max_side)
         shutil.rmtree(work / f"out-{kept}-ours", ignore_errors=True)
+        one = write_url_list(work / "one.txt", base, photos[:1])
+        fixed = {
+            "ours_s": run_ours(one, work / "fixed-ours", cfg, max_side)["time_s"],
+            "baseline_s": run_img2dataset(
+                baseline_python, one, work / "fixed-baseline", max_side, cpus, threads, per_shard
+            )["time_s"],
+            "note": "each side on a list of one photo: start-up and shut-down, next to nothing of the work",
+        }
     ours_sizes, base_sizes = runs["ours"][-1]["sizes"], runs["baseline"][-1]["sizes"]
     common = set(ours_sizes) & set(base_sizes)
     ours, baseline = _side_summary(runs["ours"], n), _side_summary(runs["baseline"], n)
@@ -284,7 +294,11 @@ def bench_ingest(
         "cpus": cpus,
         "shard_size": per_shard,
         "order": list(ORDER),
-        "ours": {**ours, "method": "embedpipe ingest (Ray Data tasks, WebDataset shards + manifest)"},
+        "ours": {
+            **ours,
+            "method": "embedpipe ingest (Ray Data tasks, libjpeg-turbo decode at the DCT scale, WebDataset "
+            "shards + manifest)",
+        },
         "baseline": {
             **baseline,
             "method": f"{IMG2DATASET} webdataset, keep_ratio_largest, resize_only_if_bigger",
@@ -301,6 +315,7 @@ def bench_ingest(
             max(abs(a - b) for a, b in zip(ours_sizes[u], base_sizes[u], strict=True)) > 1 for u in common
         ),
         "resume": resume,
+        "fixed": fixed,
     }
 
 

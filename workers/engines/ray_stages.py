@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
@@ -140,6 +141,7 @@ class Pool:
     actor_gpus: float
     decode_cpus: float  # per decode task; 0 when the actors decode themselves
     fused: bool  # decode inside the model actors instead of a separate stage
+    calls: int = 1  # batches each actor runs at once: 2 when it decodes one while embedding the other
 
 
 def pool_size(cfg: ExtractConfig, cpus: float, gpus: int = 0) -> Pool:
@@ -152,7 +154,9 @@ def pool_size(cfg: ExtractConfig, cpus: float, gpus: int = 0) -> Pool:
     together never reserve the CPUs of one decode task, so the stages cannot wait on each other. On
     smaller CPU nodes a separate decode
     stage only steals cycles from the model's threads (and their barriers stall on the busy core), so
-    each actor decodes its own batch, as a plain loop would (``extract.decode_in`` overrides)."""
+    each actor decodes its own batches (``extract.decode_in`` overrides), two at a time: it decodes the
+    next batch on one thread while the forward of the current one runs on another (the decoders and
+    torch release the GIL), so the cores the forward leaves idle decode."""
     on_gpu = gpus > 0 and cfg.device != "cpu"
     actors = cfg.actors or (gpus if on_gpu else max(1, int(cpus) // 4))
     fused = cfg.decode_in == "actor" or (cfg.decode_in == "auto" and not on_gpu and cpus < 4)
@@ -164,6 +168,7 @@ def pool_size(cfg: ExtractConfig, cpus: float, gpus: int = 0) -> Pool:
             min(1.0, gpus / actors) if on_gpu else 0.0,
             0.0,
             True,
+            2,
         )
     decode = 0.25 if cpus < 2 else 0.5 if cpus < 4 else 1.0
     actor_cpus = (cpus - decode) / actors
@@ -297,10 +302,15 @@ class EmbedActor:
         self.names = cfg.descriptors
         self.max_side = cfg.max_side
         self.ingest = ingest  # decode in the actor when given
+        self.forward_lock = threading.Lock()  # one forward at a time; decodes of other calls overlap it
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.ingest is not None:
+        if self.ingest is not None:  # outside the lock: overlaps the forward of another call
             batch = decode_batch(batch, self.max_side, self.ingest)
+        with self.forward_lock:
+            return self._descriptors(batch)
+
+    def _descriptors(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["path"])
         out = {name: np.zeros((n, dim), np.float32) for name, dim in self.embedder.dims().items()}
         errors = batch["error"].copy()
@@ -401,6 +411,7 @@ class ModelPool:
             num_gpus=pool.actor_gpus or None,
             max_restarts=retries,
             max_task_retries=retries,
+            max_concurrency=pool.calls,
         )
         ingest = config.ingest if pool.fused else None
         self.actors = [actor.remote(cfg, pool.threads, ingest) for _ in range(pool.actors)]
@@ -409,7 +420,7 @@ class ModelPool:
             if pool.fused
             else ray.remote(decode_batch).options(num_cpus=pool.decode_cpus, max_retries=retries)
         )
-        self.pool = ActorPool(self.actors)
+        self.pool = ActorPool(self.actors * pool.calls)  # an actor listed n times runs n calls at once
 
     def stream(
         self, refs: Sequence[InputRef | str], boxes: Sequence | None = None
