@@ -20,6 +20,7 @@ CONFIG_FLAGS = {"--preset", "--out", "--set", "--ray-address", "--dask-address"}
 # flags only some benches take: the benches that take each one
 OWN = {
     "--sweep": {"extract"},
+    "--peers": {"extract"},
     "--components": {"pca"},
     "--factory": {"index"},
     "--growth": {"index"},
@@ -31,7 +32,7 @@ OWN = {
     "--held-back": {"reindex"},
     "--steps": {"train"},
     "--max-side": {"ingest"},
-    "--baseline-python": {"ingest", "index"},
+    "--baseline-python": {"extract", "ingest", "index"},
     "--baseline": {"index"},
     "--budget-mb": {"index"},
     "--vectors": {"index"},
@@ -100,7 +101,7 @@ def test_bench_defaults_are_per_bench():
     assert (reindex.fraction, reindex.held_back, reindex.sets) == (0.1, "spread", [])
     scale = parse(["bench", "scale"])
     assert (scale.rows, scale.dim) == ([200_000, 2_000_000], 256)
-    assert parse(["bench", "ingest"]).max_side == 512 and parse(["bench", "extract"]).n == 2000
+    assert parse(["bench", "ingest"]).max_side == 512 and parse(["bench", "extract"]).n == 200
 
 
 def test_flags_of_another_bench_and_unknown_benches_exit_2(capsys):

@@ -47,6 +47,8 @@ def test_argparse_errors_exit_2():
 
 @pytest.mark.slow
 def test_bench_extract_writes_side_by_side_json(tmp_path, small_holidays):
+    """Ours against the eager loops and Ray Data on the same real photos (the Daft peer needs its own
+    environment: left out here, and said so in the JSON)."""
     out = embedpipe(
         "bench",
         "extract",
@@ -54,8 +56,8 @@ def test_bench_extract_writes_side_by_side_json(tmp_path, small_holidays):
         small_holidays,
         "--n",
         6,
-        "--sweep",
-        "1,2",
+        "--peers",
+        "eager,ray_data",
         "--set",
         "extract.max_side=256",
         "--set",
@@ -67,10 +69,26 @@ def test_bench_extract_writes_side_by_side_json(tmp_path, small_holidays):
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["name"] == "extract" and result["n_images"] == 6
     assert result["device"] == "cpu" and result["forward_batch"] == 4
-    assert 1 <= result["images_per_forward"] <= 4
-    for side in ("ours", "baseline"):
-        assert result[side]["time_s"] > 0 and result[side]["failed"] == 0
+    assert result["runtime"] and result["precision"]
+    peers = result["peers"]
+    assert set(peers) == {"eager_nchw", "eager_channels_last", "ray_data", "daft"}
+    assert peers["daft"] == {"skipped": "not asked for (--peers)"}
+    for name in ("eager_nchw", "eager_channels_last", "ray_data"):
+        side = peers[name]
+        assert side["images"] == 6 and side["failed"] == 0, name
+        assert side["ratio"] == pytest.approx(side["time_s"] / result["ours"]["time_s"], rel=1e-2), name
+        assert side["images_per_s"] > 0
+    assert 1 <= peers["eager_nchw"]["images_per_forward"] <= 4
+    # every side's descriptors against the eager NCHW loop's, image by image
+    assert result["cosine_reference"] == "eager_nchw"
+    assert result["cosine_min"] >= 0.9999 and set(result["cosine_min_by_descriptor"]) == {"gem", "spoc"}
+    assert peers["eager_channels_last"]["cosine_min"] >= 0.9999 and peers["ray_data"]["cosine_min"] >= 0.9999
+    assert result["same_images"] is True
+    assert result["ours"]["images"] == 6 and result["ours"]["failed"] == 0
     assert 0 < result["ours"]["first_batch_s"] <= result["ours"]["time_s"]
-    assert [r["actors"] for r in result["sweep"]] == [1, 2] and all(r["failed"] == 0 for r in result["sweep"])
-    assert result["ratio"] == pytest.approx(result["baseline"]["time_s"] / result["ours"]["time_s"], rel=1e-3)
+    faster = min(("eager_nchw", "eager_channels_last"), key=lambda k: peers[k]["time_s"])
+    assert result["baseline"]["side"] == faster and result["ratio"] == peers[faster]["ratio"]
+    assert result["ratio_engines"] == peers["ray_data"]["ratio"]
+    assert result["sweep"] == []
+    assert result["images"] == {"images": str(small_holidays), "distinct": 6}
     assert json.loads(out.stdout) == result

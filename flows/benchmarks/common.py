@@ -179,3 +179,136 @@ def check_side_python(python: Path, module: str) -> Path:
     if done.returncode != 0:
         raise InputError(f"--baseline-python {python} cannot import {module}")
     return python
+
+
+# Real photographs at their stored resolution that ship in a Debian package: the nature photographs of the
+# MATE desktop's backgrounds (1.8 to 4.9 megapixels; the one below PHOTO_MIN_PIXELS is left out)
+PHOTO_PACKAGE = "mate-backgrounds"
+PHOTO_FOLDER = "usr/share/backgrounds/mate/nature"
+PHOTO_MIN_PIXELS = 1_500_000
+# aspect ratios of the crops (cameras' and screens' own, landscape and portrait): images of one ratio
+# decode to one shape, as a camera's photos do
+PHOTO_ASPECTS = ((4, 3), (3, 2), (16, 10), (16, 9), (3, 4), (2, 3))
+
+
+def package_photos_source() -> tuple[Path, str]:
+    """The folder of ``PHOTO_PACKAGE``'s photographs, fetched once with ``apt-get download`` and unpacked
+    under ``cache_dir()``, and the package's file name (its version). ``InputError`` with one line where
+    apt cannot fetch it."""
+    root = cache_dir() / "packages" / PHOTO_PACKAGE
+    marker = root / ".embedpipe-deb"
+    if marker.is_file() and (root / PHOTO_FOLDER).is_dir():
+        return root / PHOTO_FOLDER, marker.read_text().strip()
+    hint = "pass --images with your own photos"
+    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
+        raise InputError(
+            f"the default photos come from the Debian package {PHOTO_PACKAGE}, but apt-get is missing: {hint}"
+        )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    log.info("fetching the photos of the Debian package %s (once) into %s", PHOTO_PACKAGE, root)
+    with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
+        try:
+            subprocess.run(
+                ["apt-get", "download", "-qq", PHOTO_PACKAGE],
+                cwd=tmp,
+                check=True,
+                capture_output=True,
+                timeout=600,
+            )
+            (deb,) = Path(tmp).glob(f"{PHOTO_PACKAGE}_*.deb")
+            subprocess.run(["dpkg", "-x", str(deb), str(Path(tmp) / "x")], check=True, timeout=600)
+        except (subprocess.SubprocessError, OSError, ValueError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise InputError(
+                f"cannot fetch the Debian package {PHOTO_PACKAGE} with apt-get ({reason}): {hint}"
+            ) from None
+        (Path(tmp) / "x" / ".embedpipe-deb").write_text(deb.name + "\n")
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(Path(tmp) / "x", root)
+    return root / PHOTO_FOLDER, marker.read_text().strip()
+
+
+def package_photos(n: int, seed: int = 0, min_pixels: int = PHOTO_MIN_PIXELS) -> tuple[Path, dict[str, Any]]:
+    """A folder of ``n`` distinct JPEG photos (quality 92) of at least ``min_pixels`` pixels each, made
+    deterministically (``seed``) from the real photographs of ``PHOTO_PACKAGE`` by cropping to one of
+    ``PHOTO_ASPECTS`` and mirroring only: nothing is upscaled. Made once under ``cache_dir()`` and reused.
+    Returns the folder and what it holds (package, sources, megapixels)."""
+    import numpy as np
+    from PIL import Image
+
+    source_dir, deb = package_photos_source()
+    folder = cache_dir() / "bench-photos" / f"{PHOTO_PACKAGE}-n{n}-seed{seed}-min{min_pixels}"
+    info_path = folder / "photos.json"
+    if info_path.is_file():
+        return folder, json.loads(info_path.read_text())
+    sources = []
+    for path in sorted(source_dir.glob("*.jpg")):
+        with Image.open(path) as img:
+            if img.width * img.height >= min_pixels:
+                sources.append((path, img.size))
+    if not sources:
+        raise InputError(f"no photo of {min_pixels} pixels or more in {source_dir}: pass --images")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".photos-", dir=folder.parent))
+    seen: set[tuple] = set()
+    megapixels = []
+    for i in range(n):
+        path, (width, height) = sources[i % len(sources)]
+        rng = np.random.default_rng([seed, i])
+        while True:
+            a, b = PHOTO_ASPECTS[int(rng.integers(len(PHOTO_ASPECTS)))]
+            k_max = min(width // a, height // b)
+            k_min = int(np.ceil(np.sqrt(min_pixels / (a * b))))
+            if k_min > k_max:
+                continue  # this ratio cannot give min_pixels from this photo
+            k = int(rng.integers(max(k_min, (3 * k_max) // 4), k_max + 1))  # 56 % of the largest crop or more
+            w, h = a * k, b * k
+            x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+            crop = (path.name, x, y, w, h, bool(rng.integers(2)))
+            if crop not in seen:
+                break
+        seen.add(crop)
+        with Image.open(path) as img:
+            out = img.convert("RGB").crop((x, y, x + w, y + h))
+        if crop[-1]:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        out.save(tmp / f"{i:05d}.jpg", quality=92)
+        megapixels.append(w * h / 1e6)
+    info = {
+        "package": deb,
+        "sources": [p.name for p, _ in sources],
+        "n": n,
+        "seed": seed,
+        "megapixels_min": round(min(megapixels), 2),
+        "megapixels_median": round(float(np.median(megapixels)), 2),
+        "megapixels_max": round(max(megapixels), 2),
+    }
+    (tmp / "photos.json").write_text(json.dumps(info, indent=2) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder, info
+
+
+def side_python_over_ours(requirement: str, module: str, venv: Path) -> Path:
+    """``side_python`` for a tool that needs other versions of a few of our packages (Daft: pyarrow) but
+    runs our code and models: the tool and its own dependencies in its own environment at ``venv``, which
+    also sees this environment's packages, after its own (a ``.pth`` file), so that its versions win where
+    both have one and torch and embedpipe come from ours. ``InputError`` with one line when it fails."""
+    import sysconfig
+
+    python = side_python(requirement, module, venv)
+    try:
+        done = subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError) as err:
+        raise InputError(f"cannot run the Python of {venv}: {err}") from None
+    line = f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n"
+    pth = Path(done.stdout.strip()) / "zz-embedpipe-shared.pth"  # read last: the tool's own packages first
+    if not pth.is_file() or pth.read_text() != line:
+        pth.write_text(line)
+    return check_side_python(python, f"{module}, embedpipe.workers.extract.eager")
