@@ -1,6 +1,7 @@
 """One image in, one vector per descriptor out: backbone forward + poolings. Engine-free.
 
-Used unchanged by the Ray model actor and by the plain-loop baseline of ``embedpipe bench extract``.
+Used unchanged by the Ray model actor and the query extraction; the trunk runs on ``extract.runtime``
+(``runtimes``). The peers of ``embedpipe bench extract`` use plain torch instead (``eager``).
 """
 
 from __future__ import annotations
