@@ -155,3 +155,22 @@ def demo_subset(demo_images, root, groups, extras):
         if imno // 100 in groups or imno in extras:
             shutil.copy(p, root / p.name)
     return root
+
+
+def decoded_batch(images, names):
+    """A batch of decoded images as the decode stage hands it to a model actor (``EmbedActor``)."""
+    import numpy as np
+
+    n = len(images)
+    return {
+        "pos": np.arange(n),
+        "path": np.array([f"{name}.jpg" for name in names], dtype=object),
+        "id": np.array(list(names), dtype=object),
+        "bytes": np.ones(n, dtype=np.int64),
+        "width": np.array([im.shape[1] for im in images]),
+        "height": np.array([im.shape[0] for im in images]),
+        "h": np.array([im.shape[0] for im in images]),
+        "w": np.array([im.shape[1] for im in images]),
+        "pixels": np.array([np.ascontiguousarray(im).tobytes() for im in images], dtype=object),
+        "error": np.array([""] * n, dtype=object),
+    }

@@ -11,6 +11,8 @@ from embedpipe.storage.contracts.errors import BackboneError
 from embedpipe.workers.descriptors.backbones import lite_classifier, load_backbone, load_in_order
 from embedpipe.workers.extract.embed import Embedder
 
+from .helpers import decoded_batch
+
 CAT_CLASSES = range(281, 286)  # ImageNet tabby, tiger cat, Persian, Siamese, Egyptian cat
 
 
@@ -207,18 +209,7 @@ def test_model_actor_gives_the_error_to_the_image_the_model_cannot_take(alexnet_
     cfg = ExtractConfig(backbone="torchvision:alexnet", weights=path, descriptors=("gem",), forward_batch=8)
     photo = np.asarray(Image.open(demo_images / "100100.jpg").convert("RGB"))
     images = [photo[:180, :240], photo[:10, :10], photo[20:200, :240]]  # alexnet cannot pool a 10x10 map
-    batch = {
-        "pos": np.arange(3),
-        "path": np.array(["a.jpg", "tiny.jpg", "b.jpg"], dtype=object),
-        "id": np.array(["a", "t", "b"], dtype=object),
-        "bytes": np.array([1, 1, 1]),
-        "width": np.array([im.shape[1] for im in images]),
-        "height": np.array([im.shape[0] for im in images]),
-        "h": np.array([im.shape[0] for im in images]),
-        "w": np.array([im.shape[1] for im in images]),
-        "pixels": np.array([np.ascontiguousarray(im).tobytes() for im in images], dtype=object),
-        "error": np.array(["", "", ""], dtype=object),
-    }
+    batch = decoded_batch(images, ["a", "t", "b"])
     out = EmbedActor(cfg, threads=1)(batch)  # a batch decoded by the decode stage
     assert out["error"][0] == "" and out["error"][2] == ""
     assert out["error"][1].startswith("model failed on image:")

@@ -18,7 +18,7 @@ from embedpipe.storage.contracts.errors import BackboneError
 from embedpipe.workers.extract import runtimes
 from embedpipe.workers.extract.embed import Embedder
 
-from .helpers import SMALL_RUN, embedpipe
+from .helpers import SMALL_RUN, decoded_batch, embedpipe
 
 POOLS = ("gem", "spoc", "mac", "rmac", "crow")
 
@@ -162,18 +162,7 @@ def test_fc_codes_and_per_image_errors_on_a_runtime(alexnet, demo_images, tmp_pa
     assert {k: v.shape for k, v in out.items()} == {"fc6": (4096,), "fc7": (4096,), "gem": (256,)}
     assert _cos(out, ref) >= 0.9999
     images = [photo[:180, :240], photo[:10, :10], photo[20:200, :240]]  # alexnet cannot pool a 10x10 map
-    batch = {
-        "pos": np.arange(3),
-        "path": np.array(["a.jpg", "tiny.jpg", "b.jpg"], dtype=object),
-        "id": np.array(["a", "t", "b"], dtype=object),
-        "bytes": np.array([1, 1, 1]),
-        "width": np.array([im.shape[1] for im in images]),
-        "height": np.array([im.shape[0] for im in images]),
-        "h": np.array([im.shape[0] for im in images]),
-        "w": np.array([im.shape[1] for im in images]),
-        "pixels": np.array([np.ascontiguousarray(im).tobytes() for im in images], dtype=object),
-        "error": np.array(["", "", ""], dtype=object),
-    }
+    batch = decoded_batch(images, ["a", "t", "b"])
     actor = EmbedActor(cfg, threads=1)  # the run's models folder travels with the config
     assert actor.embedder.runtime == "onnxruntime"
     got = actor(batch)
