@@ -8,12 +8,12 @@ Tests that use them skip, with the reason, where the package cannot be fetched (
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 from PIL import Image
+
+from embedpipe.flows.benchmarks.common import debian_package
+from embedpipe.storage.contracts.errors import InputError
 
 PACKAGE = "opencv-doc"
 DATA = Path("usr/share/doc/opencv-doc/examples/data")
@@ -57,24 +57,13 @@ def cache_root() -> Path:
 
 def opencv_examples() -> Path | None:
     """The unpacked example-data folder, fetched on first use; None when it cannot be fetched."""
-    root = cache_root()
-    data = root / DATA
+    data = cache_root() / DATA
     if (data / "graf3.png").is_file():
         return data
-    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
+    try:
+        debian_package(PACKAGE, cache_root(), "the multi-view tests skip")
+    except InputError:
         return None
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
-        try:
-            subprocess.run(
-                ["apt-get", "download", "-qq", PACKAGE], cwd=tmp, check=True, capture_output=True, timeout=600
-            )
-            (deb,) = Path(tmp).glob(f"{PACKAGE}_*.deb")
-            subprocess.run(["dpkg", "-x", str(deb), str(Path(tmp) / "x")], check=True, timeout=600)
-        except (subprocess.SubprocessError, OSError, ValueError):
-            return None
-        shutil.rmtree(root, ignore_errors=True)
-        os.replace(Path(tmp) / "x", root)
     return data if (data / "graf3.png").is_file() else None
 
 

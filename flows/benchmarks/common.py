@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from embedpipe.storage.contracts.errors import InputError
+from embedpipe.storage.contracts.layout import user_cache_dir
 
 if TYPE_CHECKING:
     from embedpipe.storage.contracts.config import Config
@@ -124,8 +125,8 @@ def with_demo_images(cfg: Config) -> Config:
 
 
 def cache_dir() -> Path:
-    """embedpipe's folder in the user's cache (``$XDG_CACHE_HOME/embedpipe``, or ``~/.cache/embedpipe``)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "embedpipe"
+    """embedpipe's folder in the user's cache (``user_cache_dir``)."""
+    return user_cache_dir()
 
 
 def side_python(
@@ -191,41 +192,43 @@ PHOTO_MIN_PIXELS = 1_500_000
 PHOTO_ASPECTS = ((4, 3), (3, 2), (16, 10), (16, 9), (3, 4), (2, 3))
 
 
-def package_photos_source() -> tuple[Path, str]:
-    """The folder of ``PHOTO_PACKAGE``'s photographs, fetched once with ``apt-get download`` and unpacked
-    under ``cache_dir()``, and the package's file name (its version). ``InputError`` with one line where
-    apt cannot fetch it."""
-    root = cache_dir() / "packages" / PHOTO_PACKAGE
+def debian_package(package: str, root: Path, hint: str) -> str:
+    """``package`` unpacked into ``root`` (``apt-get download`` + ``dpkg -x``), once: the name of its
+    ``.deb`` (its version), kept in a marker file. ``InputError`` with one line, ending in ``hint``,
+    where apt cannot fetch it."""
     marker = root / ".embedpipe-deb"
-    if marker.is_file() and (root / PHOTO_FOLDER).is_dir():
-        return root / PHOTO_FOLDER, marker.read_text().strip()
-    hint = "pass --images with your own photos"
+    if marker.is_file():
+        return marker.read_text().strip()
     if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
-        raise InputError(
-            f"the default photos come from the Debian package {PHOTO_PACKAGE}, but apt-get is missing: {hint}"
-        )
+        raise InputError(f"the Debian package {package} is needed, but apt-get is missing: {hint}")
     root.parent.mkdir(parents=True, exist_ok=True)
-    log.info("fetching the photos of the Debian package %s (once) into %s", PHOTO_PACKAGE, root)
+    log.info("fetching the Debian package %s (once) into %s", package, root)
     with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
         try:
             subprocess.run(
-                ["apt-get", "download", "-qq", PHOTO_PACKAGE],
-                cwd=tmp,
-                check=True,
-                capture_output=True,
-                timeout=600,
+                ["apt-get", "download", "-qq", package], cwd=tmp, check=True, capture_output=True, timeout=600
             )
-            (deb,) = Path(tmp).glob(f"{PHOTO_PACKAGE}_*.deb")
+            (deb,) = Path(tmp).glob(f"{package}_*.deb")
             subprocess.run(["dpkg", "-x", str(deb), str(Path(tmp) / "x")], check=True, timeout=600)
         except (subprocess.SubprocessError, OSError, ValueError) as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise InputError(
-                f"cannot fetch the Debian package {PHOTO_PACKAGE} with apt-get ({reason}): {hint}"
+                f"cannot fetch the Debian package {package} with apt-get ({reason}): {hint}"
             ) from None
         (Path(tmp) / "x" / ".embedpipe-deb").write_text(deb.name + "\n")
         shutil.rmtree(root, ignore_errors=True)
         os.replace(Path(tmp) / "x", root)
-    return root / PHOTO_FOLDER, marker.read_text().strip()
+    return marker.read_text().strip()
+
+
+def package_photos_source() -> tuple[Path, str]:
+    """The folder of ``PHOTO_PACKAGE``'s photographs, fetched once under ``cache_dir()``, and the
+    package's file name (its version). ``InputError`` with one line where apt cannot fetch it."""
+    root = cache_dir() / "packages" / PHOTO_PACKAGE
+    deb = debian_package(PHOTO_PACKAGE, root, "pass --images with your own photos")
+    if not (root / PHOTO_FOLDER).is_dir():
+        raise InputError(f"the Debian package {PHOTO_PACKAGE} has no {PHOTO_FOLDER}: pass --images")
+    return root / PHOTO_FOLDER, deb
 
 
 def package_photos(n: int, seed: int = 0, min_pixels: int = PHOTO_MIN_PIXELS) -> tuple[Path, dict[str, Any]]:

@@ -60,6 +60,12 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def user_cache_dir() -> Path:
+    """embedpipe's folder in the user's cache (``$XDG_CACHE_HOME/embedpipe``, or ``~/.cache/embedpipe``):
+    what a machine keeps between runs (runtime decisions, exported models, bench inputs)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "embedpipe"
+
+
 STAGES = ("extract", "fit", "evaluate")  # the resumable stages, in pipeline order
 
 

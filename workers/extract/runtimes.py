@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedpipe.storage.contracts.errors import BackboneError
+from embedpipe.storage.contracts.layout import user_cache_dir
 
 if TYPE_CHECKING:
     import torch
@@ -219,8 +220,8 @@ class OvTrunk:
 
 
 def cache_root() -> Path:
-    """embedpipe's folder in the user's cache (``$XDG_CACHE_HOME/embedpipe``, or ``~/.cache/embedpipe``)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "embedpipe" / "runtimes"
+    """This machine's runtime decisions and exported models: ``runtimes/`` in embedpipe's user cache."""
+    return user_cache_dir() / "runtimes"
 
 
 def weights_identity(backbone: str, weights: Path | str | None) -> str:
