@@ -31,7 +31,12 @@ OWN = {
     "--fraction": {"reindex"},
     "--held-back": {"reindex"},
     "--steps": {"train"},
-    "--max-side": {"ingest"},
+    "--max-side": {"ingest", "runtimes"},
+    "--backbone": {"runtimes"},
+    "--threads": {"runtimes"},
+    "--passes": {"runtimes"},
+    "--only": {"runtimes"},
+    "--demo": {"runtimes"},
     "--baseline-python": {"extract", "ingest", "index"},
     "--baseline": {"index"},
     "--budget-mb": {"index"},
@@ -63,6 +68,7 @@ def _flags(parser: argparse.ArgumentParser) -> set[str]:
 def test_one_sub_command_per_bench_in_order():
     assert list(BENCHES) == [
         "extract",
+        "runtimes",
         "decode",
         "codebook",
         "pca",

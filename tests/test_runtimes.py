@@ -189,3 +189,32 @@ def test_a_run_through_ray_on_a_runtime(small_holidays, tmp_path):
     html = (run / "report" / "index.html").read_text()
     assert "Extraction runtime" in html and "onnxruntime fp32" in html
     assert len(pd.read_parquet(run / "features" / "gem")) == len(list(small_holidays.glob("*.jpg")))
+
+
+def test_a_runtime_replaces_an_earlier_one_only_when_clearly_faster():
+    times = {"openvino fp32": 110.0, "onnxruntime fp32": 104.0, "torch fp32": 300.0}
+    assert runtimes.preferred(["openvino fp32", "onnxruntime fp32"], times) == "openvino fp32"
+    times["onnxruntime fp32"] = 95.0  # at most MARGIN of the kept one's time
+    assert runtimes.preferred(["openvino fp32", "onnxruntime fp32"], times) == "onnxruntime fp32"
+    assert runtimes.preferred(["onnxruntime fp32"], times) == "onnxruntime fp32"
+
+
+def test_bench_runtimes_measures_each_runtime_against_eager_torch(tmp_path):
+    out = tmp_path / "runtimes.json"
+    args = ("--max-side", 160, "--threads", 1, "--passes", 1, "--json", out)
+    done = embedpipe("bench", "runtimes", *args, "--only", "openvino fp32,openvino bf16", timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {f"{r['runtime']} {r['precision']}": r for r in result["rows"]}
+    # auto's fp32 choice (ours) is measured too, whatever --only names
+    assert list(rows)[:3] == ["torch fp32", "openvino fp32", "openvino bf16"]
+    assert result["ours"]["runtime"] in rows and len(rows) <= 4
+    assert rows["torch fp32"]["cosine_min"] >= 0.99999 and set(rows["torch fp32"]["cosine"]) == set(POOLS)
+    assert rows["openvino fp32"]["cosine_min"] >= runtimes.PARITY
+    # bf16 is lossy, but compiled per shape it stays close to fp32 on every pooling
+    assert 0.99 <= rows["openvino bf16"]["cosine_min"] < 1.0
+    assert all(r["deterministic"] for r in rows.values())
+    base, ours = result["baseline"]["ms_per_image"], rows[result["ours"]["runtime"]]["ms_per_image"]
+    assert result["ratio"] == round(base / ours, 3) and base == rows["torch fp32"]["ms_per_image"]
+    bad = embedpipe("bench", "runtimes", "--only", "tensorrt fp32", "--json", tmp_path / "x.json")
+    assert bad.returncode == 2 and "unknown tensorrt fp32" in bad.stderr

@@ -7,6 +7,7 @@ sub-command.
 # name -> one-line help, in the order ``embedpipe bench --help`` lists them
 BENCHES = {
     "extract": "the extraction stage on Ray vs a plain torch loop on the same images",
+    "runtimes": "the extraction trunk on torch, ONNX Runtime and OpenVINO at fp32/bf16/int8: ms, cosine, mAP",
     "decode": "DCT-domain JPEG downscale vs full decode + resize, with the descriptor cosine between them",
     "codebook": "faiss k-means vs scikit-learn's Lloyd k-means from the same start, on one Dask sample",
     "pca": "the PCA fit: Dask out-of-core vs in-memory numpy vs scikit-learn, time and peak RSS each",

@@ -7,18 +7,21 @@ and the fc6/fc7 codes are computed from that map in torch, the same code for eve
 * ``onnxruntime``: the trunk exported once to ONNX (opset 17, dynamic batch, height and width axes);
   fp32, or int8 by ONNX Runtime static quantisation (QDQ, per-channel int8 weights, uint8 activations,
   MinMax-calibrated on the probe photos; the shape arithmetic of dynamic padding stays float);
-* ``openvino``: the same ONNX files compiled by OpenVINO for the CPU: f32 or bf16 (its
-  ``INFERENCE_PRECISION_HINT``) as one dynamic-shape model; the int8 file compiled per input shape (an
-  LRU of a few), because OpenVINO computes its dynamic-shape form wrongly.
+* ``openvino``: the same ONNX files compiled by OpenVINO for the CPU: f32 as one dynamic-shape model;
+  bf16 (its ``INFERENCE_PRECISION_HINT``) and the int8 file compiled per input shape (an LRU of a few),
+  because OpenVINO computes their dynamic-shape forms far less exactly (bf16: conv-map cosine 0.93
+  against torch fp32 on non-square probes, 0.99 compiled per shape; int8: 0.12).
 
 ``auto`` runs every candidate of the configured precision on a fixed probe set (demo photos at
 ``extract.max_side``, three aspect ratios), timed alike (one warm-up pass, then the median of the
 timed passes), and keeps the fastest whose descriptors reach cosine >= ``PARITY`` against eager torch
 fp32 (int8: ``INT8_FLOOR``, a sanity floor); a runtime other than torch must also take at most
-``MARGIN`` of torch's time, so that timing noise never flips the choice. The decision is kept in the
-run's ``models/runtime.json`` (with the exported files beside it) and in a per-machine cache keyed by
-the backbone, its weights, precision, max_side, the CPU and the library versions, so resumed and later
-runs use the same runtime and write the same bytes. See docs/runtimes.md.
+``MARGIN`` of torch's time, and one runtime replaces another earlier in ``CANDIDATES`` only when it
+takes at most ``MARGIN`` of that one's time (``preferred``), so that timing noise never flips the
+choice. The decision is kept in the run's ``models/runtime.json`` (with the exported files beside it)
+and in a per-machine cache keyed by the backbone, its weights, precision, max_side, the CPU and the
+library versions, so resumed and later runs use the same runtime and write the same bytes. See
+docs/runtimes.md.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ MARGIN = 0.9  # a runtime replaces torch only when it takes at most this fractio
 PARITY_POOLS = ("gem", "spoc", "mac", "rmac", "crow")  # compared whatever the run extracts
 TIMED_PASSES = 3
 OV_SHAPE_CACHE = 8  # compiled models kept per actor when OpenVINO compiles per input shape
-DECISION_VERSION = 1  # bump when the choice rule changes: cached decisions are then made again
+DECISION_VERSION = 2  # bump when the choice rule changes: cached decisions are then made again
 RUN_FILE = "runtime.json"
 OPSET = 17
 
@@ -494,6 +497,17 @@ def cosine_min(outs: Sequence[dict], refs: Sequence[dict]) -> float:
     return worst
 
 
+def preferred(names: Sequence[str], times: dict[str, float]) -> str:
+    """The fastest of ``names`` (in order of preference), where a later one replaces the one kept only
+    when it takes at most ``MARGIN`` of its time: two runtimes of about the same speed give the same
+    choice on every measurement, so machines of one kind make the same choice and write the same bytes."""
+    best = names[0]
+    for name in names[1:]:
+        if times[name] <= MARGIN * times[best]:
+            best = name
+    return best
+
+
 def runtime_threads(threads: int) -> int:
     """Threads of a runtime: the actor's, or torch's when the embedder was given none."""
     import torch
@@ -509,7 +523,8 @@ def open_trunk(runtime: str, precision: str, folder: Path, stem: str, max_side: 
     path = folder / model_files(stem, precision, max_side)[-1]
     if runtime == "onnxruntime":
         return OrtTrunk(path, threads)
-    return OvTrunk(path, threads, "bf16" if precision == "bf16" else "f32", per_shape=precision == "int8")
+    per_shape = precision in ("int8", "bf16")
+    return OvTrunk(path, threads, "bf16" if precision == "bf16" else "f32", per_shape=per_shape)
 
 
 class Resolver:
@@ -724,7 +739,7 @@ class Resolver:
             if not quick:
                 why = f"auto: no other runtime at parity took under {MARGIN:.0%} of torch's time"
                 return "torch fp32", why
-            best = min(quick, key=lambda n: times[n])
+            best = preferred(quick, times)
             return best, f"auto: the fastest runtime at parity (cosine >= {PARITY} vs torch fp32)"
 
         evaluate("torch", "fp32")  # the reference
@@ -751,7 +766,7 @@ class Resolver:
             ok = passing(cands, floor)
             if ok:
                 timed(ok)
-                chosen = min(ok, key=lambda n: times[n])
+                chosen = preferred(ok, times)
                 reason = f"auto: the fastest {requested} runtime at cosine >= {floor} vs torch fp32"
             else:
                 chosen, why = fastest_fp32()
