@@ -25,11 +25,16 @@ def write_error(path: Path, err: OSError) -> WriteFailed:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, unique: bool = False) -> Iterator[Path]:
     """A temporary name beside ``path`` to write to: renamed onto ``path`` when the block succeeds,
     removed when it fails, so ``path`` is only ever absent, the previous complete file or the new
-    complete one. A write error (full disk, file too large, read-only disk) becomes ``WriteFailed``."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    complete one. A write error (full disk, file too large, read-only disk) becomes ``WriteFailed``.
+
+    The temporary name is fixed (``.<name>.tmp``: a writer killed half-way leaves one file, which the
+    next write replaces), or with ``unique`` its own per writer, for files that several processes may
+    write at once with the same bytes (the last rename wins)."""
+    suffix = f".{os.getpid()}-{os.urandom(4).hex()}.tmp" if unique else ".tmp"
+    tmp = path.with_name(f".{path.name}{suffix}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp

@@ -31,7 +31,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import platform
 import re
 import shutil
@@ -47,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedpipe.storage.contracts.errors import BackboneError
-from embedpipe.storage.contracts.layout import user_cache_dir
+from embedpipe.storage.contracts.layout import atomic_path, user_cache_dir
 
 if TYPE_CHECKING:
     import torch
@@ -265,20 +264,6 @@ def model_files(stem: str, precision: str, max_side: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """A unique temporary name beside ``path``, renamed onto it when the block succeeds: concurrent
-    writers (actors of one node) never see half a file, and the last rename wins with equal bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")  # unique per writer
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
 def _locked(name: str) -> Iterator[None]:
     """An exclusive lock of this machine (a lock file in the cache folder): one process measures and
     exports while the others of the node wait, then read what it wrote."""
@@ -299,7 +284,7 @@ def export_onnx(model: torch.nn.Module, path: Path, check: Callable[[Path], None
     import torch
 
     dummy = torch.zeros(1, 3, 224, 224)
-    with _atomic(path) as tmp, warnings.catch_warnings():
+    with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             with torch.no_grad():
@@ -356,7 +341,7 @@ def quantize_int8(src: Path, path: Path, calibration: Sequence[np.ndarray]) -> N
         def get_next(self):
             return next(self.items, None)
 
-    with tempfile.TemporaryDirectory(prefix="ep-int8-") as tmp, _atomic(path) as out:
+    with tempfile.TemporaryDirectory(prefix="ep-int8-") as tmp, atomic_path(path) as out:
         pre = Path(tmp) / "pre.onnx"
         try:
             with warnings.catch_warnings():
@@ -471,7 +456,7 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     with contextlib.suppress(OSError):
         if path.read_text() == text:
             return
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(text)
 
 
@@ -558,7 +543,7 @@ class Resolver:
             if not src.is_file():
                 self._build(name, src)
             if dst != src:
-                with _atomic(dst) as tmp:
+                with atomic_path(dst, unique=True) as tmp:
                     shutil.copyfile(src, tmp)
         return folder
 
@@ -828,7 +813,7 @@ def prepare_runtime(ecfg: ExtractConfig, threads: int) -> None:
                 if all((models_dir / n).is_file() or (store / n).is_file() for n in names):
                     for name in names:
                         if not (models_dir / name).is_file():
-                            with _atomic(models_dir / name) as tmp:
+                            with atomic_path(models_dir / name) as tmp:
                                 shutil.copyfile(store / name, tmp)
                     _write_json(models_dir / RUN_FILE, record)
                     log.info("%s; %s", describe(record, times), source)
