@@ -90,6 +90,13 @@ class ExtractConfig(_Frozen):
         ">= 0.9999 on probe photos, kept in the run's models/runtime.json and a per-machine cache), torch, "
         "onnxruntime or openvino (CPU; the backbone exported once to ONNX in the run's models/)",
     )
+    fp32_reference: Literal["auto"] | bool = Field(
+        "auto",
+        description="with a reduced precision (bf16, int8, fp16), also run the eager torch fp32 trunk on "
+        "every image into <descriptor>@fp32 feature stores, so that the report gives each result's mAP "
+        "change against fp32 on the same collection; costs one more torch fp32 trunk forward per image "
+        "(auto: when the precision is not fp32 and the protocol is not none)",
+    )
     batch_size: int = Field(8, ge=1, description="images per batch between Ray stages")
     forward_batch: int = Field(
         0,

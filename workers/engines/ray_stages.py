@@ -299,7 +299,7 @@ class EmbedActor:
         from embedpipe.workers.extract.embed import Embedder  # torch: imported by the processes that embed
 
         self.embedder = Embedder(cfg, threads)
-        self.names = cfg.descriptors
+        self.names = tuple(self.embedder.dims())  # with the fp32 references when computed
         self.max_side = cfg.max_side
         self.ingest = ingest  # decode in the actor when given
         self.forward_lock = threading.Lock()  # one forward at a time; decodes of other calls overlap it

@@ -11,7 +11,7 @@ from embedpipe.storage.inputs import is_distractor
 from embedpipe.storage.quarantine import read_quarantine
 from embedpipe.workers.descriptors.local import encoding_of
 from embedpipe.workers.evaluate.bow import evaluate_bow
-from embedpipe.workers.evaluate.stage import index_and_evaluate
+from embedpipe.workers.evaluate.stage import index_and_evaluate, precision_change
 
 if TYPE_CHECKING:
     from embedpipe.storage.contracts.config import Config
@@ -30,13 +30,13 @@ def distractor_count(layout: RunLayout) -> int:
 def evaluate_run(cfg: Config, layout: RunLayout, n_images: int, incremental: bool = False) -> dict[str, Any]:
     """Index and evaluate every descriptor of ``cfg`` (``incremental``: update the live indices, no
     retraining); the result is the content of ``report/metrics.json``."""
-    results, n_queries, curve = [], 0, []
+    results, n_queries, curve, changes = [], 0, [], []
     n_distractors = distractor_count(layout)
     for name in cfg.extract.descriptors:
         if encoding_of(name)[0] == "bow":
             rows, n_queries = evaluate_bow(layout, cfg, name)
         else:
-            rows, n_queries = index_and_evaluate(layout, cfg, name, incremental, curve)
+            rows, n_queries = index_and_evaluate(layout, cfg, name, incremental, curve, changes)
         results.extend({"distractors": n_distractors, **row} for row in rows)
     # the curve's last points are the results themselves, over every distractor
     curve += [
@@ -55,4 +55,5 @@ def evaluate_run(cfg: Config, layout: RunLayout, n_images: int, incremental: boo
         },
         "results": results,
         "distractor_curve": curve,
+        **precision_change(layout, changes),  # the mAP change of a reduced precision against fp32
     }

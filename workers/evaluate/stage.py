@@ -47,6 +47,7 @@ from embedpipe.workers.evaluate.rerank import (
     pair_similarities,
 )
 from embedpipe.workers.evaluate.search import ShardedIndex, StoreRows
+from embedpipe.workers.extract.reference import reference_stores, resolved_runtime
 from embedpipe.workers.fit.whitening import apply_whitening, learned_whitening_file, subspace_drift
 from embedpipe.workers.index.ann import build_index, bytes_per_vector, make_index, search, set_search_params
 from embedpipe.workers.index.build import (
@@ -476,17 +477,51 @@ def variant_index(
     return index, index, icfg.factory
 
 
+def post_kind(post: str) -> str:
+    """A post-processing name without its dimension: ``l2``, ``pcaw``, ``lw``."""
+    return post if post == "l2" else post.rstrip("0123456789")
+
+
+def reference_store(layout: RunLayout, cfg: Config, descriptor: str) -> str | None:
+    """The store of ``descriptor``'s fp32 reference (``extract.fp32_reference``) when the run's
+    resolved precision is not fp32 and the store is there, else None."""
+    record = resolved_runtime(layout.root / "models")
+    if record is None or record.get("precision", "fp32") == "fp32":
+        return None
+    store = dict(reference_stores(cfg)).get(descriptor)
+    return store if store is not None and layout.feature_dir(store).is_dir() else None
+
+
+def precision_change(layout: RunLayout, changes: list[dict[str, Any]]) -> dict[str, Any]:
+    """metrics.json's ``precision_change`` (beside ``results``): the run's resolved runtime and
+    precision and, per result row that has an fp32 reference, its mAP, the reference's and the change
+    (reduced minus fp32); empty when no row has one."""
+    record = resolved_runtime(layout.root / "models")
+    if not changes or record is None:
+        return {}
+    return {
+        "precision_change": {"precision": record["precision"], "runtime": record["runtime"], "rows": changes}
+    }
+
+
 def index_and_evaluate(
     layout: RunLayout,
     cfg: Config,
     descriptor: str,
     incremental: bool = False,
     curve: list[dict[str, Any]] | None = None,
+    changes: list[dict[str, Any]] | None = None,
+    variant_configs: dict[str, Config] | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
     """Build (or, ``incremental``, update) and save one index per variant, search every query (plain
     and re-ranked) to ``ranking_depth``, compute the protocol's metrics. Returns the result rows
     (metrics.json contract) and the number of queries; the distractor curve's points below the full
-    set of distractors (``eval.distractor_steps``) are appended to ``curve``."""
+    set of distractors (``eval.distractor_steps``) are appended to ``curve``.
+
+    With ``changes``, a descriptor extracted at a reduced precision with an fp32 reference store
+    (``reference_store``) has that store evaluated the same way (its own whitening, the same index
+    and search parameters per variant: ``variant_configs``, by ``post_kind``, the same re-ranking),
+    and each result row's ``{descriptor, post, rerank, map, map_fp32, change}`` appended to it."""
     meta = read_parts(layout.feature_dir(descriptor), ["id", "path"])  # no vectors: they stay in the store
     store = read_store_manifest(layout.feature_dir(descriptor))
     paths = [] if meta is None else meta.column("path").to_pylist()
@@ -496,12 +531,17 @@ def index_and_evaluate(
     external = query_vectors(layout, cfg, descriptor, gt) if gt is not None else {}
     rows = []
     run_cfg = cfg
+    used: dict[str, Config] = {}
     for post, x in database_variants(layout, run_cfg, descriptor):
         name = f"{descriptor}-{post}"
         start = time.perf_counter()
         live = incremental and index_versions.current(layout.index_dir(name)) is not None
         auto = run_cfg.index.factory == "auto" and not live
-        cfg = auto_index(layout, run_cfg, name, x.all(), gt) if auto else run_cfg
+        if variant_configs is not None and post_kind(post) in variant_configs:
+            cfg = variant_configs[post_kind(post)]
+        else:
+            cfg = auto_index(layout, run_cfg, name, x.all(), gt) if auto else run_cfg
+        used[post_kind(post)] = cfg
         built, index, factory = variant_index(layout, cfg, descriptor, post, incremental)
         base = {
             "descriptor": descriptor,
@@ -561,7 +601,36 @@ def index_and_evaluate(
                     curve.append({**point, "map": compute_map(ranks, gt.positives, gt.junk, KAPPAS)["map"]})
     # NaN (e.g. too few images per class for a shot count) is not JSON: write null
     rows = [{k: None if isinstance(v, float) and v != v else v for k, v in r.items()} for r in rows]
+    reference = (
+        reference_store(layout, run_cfg, descriptor) if changes is not None and gt is not None else None
+    )
+    if reference is not None:
+        for post in [r["post"] for r in rows if r["rerank"] == "none"]:
+            used[post_kind(post)] = _with_factory(used[post_kind(post)], rows, post)
+        fp32_rows, _ = index_and_evaluate(layout, run_cfg, reference, incremental, variant_configs=used)
+        fp32 = {(post_kind(r["post"]), r["rerank"]): r["map"] for r in fp32_rows}
+        for r in rows:
+            map_fp32 = fp32.get((post_kind(r["post"]), r["rerank"]))
+            if r.get("map") is None or map_fp32 is None:
+                continue
+            change = {"descriptor": descriptor, "post": r["post"], "rerank": r["rerank"], "map": r["map"]}
+            changes.append({**change, "map_fp32": map_fp32, "change": r["map"] - map_fp32})
+            log.info(
+                "evaluate: %s-%s%s mAP %.4f, at fp32 %.4f",
+                descriptor,
+                r["post"],
+                "" if r["rerank"] == "none" else f"-{r['rerank']}",
+                r["map"],
+                map_fp32,
+            )
     return rows, 0 if gt is None else int(gt.queries.size)
+
+
+def _with_factory(cfg: Config, rows: list[dict[str, Any]], post: str) -> Config:
+    """``cfg`` whose index factory is the one a variant's rows were evaluated with (a live index
+    updated in place keeps the factory it was built as)."""
+    factory = next(r["index"] for r in rows if r["post"] == post)
+    return cfg.model_copy(update={"index": cfg.index.model_copy(update={"factory": factory})})
 
 
 # old rows the drift check draws: a PCA fitted on half of them, the other half held out. A fixed sample

@@ -19,6 +19,7 @@ from PIL import Image
 from embedpipe.storage.contracts.errors import BackboneError
 from embedpipe.workers.descriptors.backbones import load_backbone
 from embedpipe.workers.descriptors.pooling import l2n, pool_all
+from embedpipe.workers.extract.reference import REFERENCE
 from embedpipe.workers.extract.runtimes import PARITY_POOLS, Resolver
 
 if TYPE_CHECKING:
@@ -88,7 +89,11 @@ class Embedder:
     config's, set by the extract stage) holds the exported models and ``runtime.json``; without one they
     live in this machine's cache. The torch module stays loaded as ``model`` (the reference, the fc
     codes); a non-torch runtime runs the file it was exported to, so changing ``model``'s weights later
-    only changes what ``runtime`` torch computes."""
+    only changes what ``runtime`` torch computes.
+
+    With ``extract.fp32_reference`` true (the extract stage resolves ``auto``), each descriptor also
+    comes as ``<descriptor>@fp32``: the same poolings of the eager torch fp32 trunk on the same input,
+    one more forward per image; when the resolved precision is fp32 already, a copy of the descriptor."""
 
     def __init__(self, cfg: ExtractConfig, threads: int = 0, *, models_dir: Path | str | None = None):
         self.threads = threads
@@ -119,13 +124,16 @@ class Embedder:
         self.runtime_record: dict[str, Any] = {}
         self.runtime_record, self.trunk = Resolver(self, folder).resolve()
         self.runtime, self.precision = self.runtime_record["runtime"], self.runtime_record["precision"]
+        self.reference = cfg.fp32_reference is True
 
     def dims(self) -> dict[str, int]:
+        """Output dimension of each descriptor (and of its fp32 reference when one is computed)."""
         fc = self.spec.fc_codes
-        return {
+        out = {
             d: (getattr(fc, d).out_features if d in FC_CODES else self.spec.channels)
             for d in self.cfg.descriptors
         }
+        return {**out, **{d + REFERENCE: dim for d, dim in out.items()}} if self.reference else out
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 -> (1, 3, H, W) float32, normalised for the backbone."""
@@ -194,14 +202,25 @@ class Embedder:
         out.update({name: l2n(v.float()) for name, v in codes.items()})
         return out
 
+    def _pool(self, fmap: torch.Tensor, codes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A conv map and fc codes -> {descriptor: (B, C)} of this run's CNN descriptors."""
+        pooled = pool_all(fmap, self.pools, self.gem_p)
+        pooled.update({name: l2n(codes[name].float()) for name in self.fc})
+        return pooled
+
     def _forward(self, images: list[np.ndarray]) -> dict[str, np.ndarray]:
         """Images of one shape -> {descriptor: (B, C) float32}."""
         total: dict[str, torch.Tensor] = {}
         for scale in self.cfg.scales:
             x = torch.cat([self.preprocess(rescale(image, scale)) for image in images])
             fmap, codes = self.trunk_forward(x, self.trunk, self.precision)
-            pooled = pool_all(fmap, self.pools, self.gem_p)
-            pooled.update({name: l2n(codes[name].float()) for name in self.fc})
+            pooled = self._pool(fmap, codes)
+            if self.reference and self.precision != "fp32":  # the same descriptors at eager torch fp32
+                pooled.update(
+                    {k + REFERENCE: v for k, v in self._pool(*self.trunk_forward(x, None, "fp32")).items()}
+                )
+            elif self.reference:
+                pooled.update({k + REFERENCE: v for k, v in pooled.items()})
             for name, v in pooled.items():
                 total[name] = total[name] + v if name in total else v
         return {

@@ -49,6 +49,7 @@ from embedpipe.workers.engines.ray_stages import (
     stream_local,
 )
 from embedpipe.workers.evaluate.protocols import BENCHMARK_PROTOCOLS
+from embedpipe.workers.extract.reference import fp32_reference, reference_name, reference_stores
 from embedpipe.workers.extract.runtimes import prepare_runtime
 from embedpipe.workers.ingest.sources import read_rotations
 from embedpipe.workers.progress import Progress
@@ -86,7 +87,8 @@ class StoreSpec:
 
 
 def store_specs(cfg: Config) -> list[StoreSpec]:
-    """The stores ``cfg.extract.descriptors`` need: CNN descriptors, local features, HOG."""
+    """The stores ``cfg.extract.descriptors`` need: CNN descriptors (and their fp32 references, see
+    ``reference``), local features, HOG."""
     ecfg, lcfg = cfg.extract, cfg.local
     specs = [
         StoreSpec(
@@ -102,6 +104,11 @@ def store_specs(cfg: Config) -> list[StoreSpec]:
         )
         for name in ecfg.descriptors
         if not is_classical(name)
+    ]
+    meta = {spec.name: spec.meta for spec in specs}
+    specs += [
+        StoreSpec(ref, "vector", {**meta[name], "descriptor": ref, "precision": "fp32"}, None)
+        for name, ref in reference_stores(cfg)
     ]
     for f in stored_features(ecfg.descriptors):
         meta = {
@@ -141,7 +148,8 @@ def config_fingerprint(cfg: Config) -> str:
     if cfg.ingest.rotations:
         rotations = sorted(read_rotations(cfg.ingest.rotations).items())
         digest += hashlib.sha256(json.dumps(rotations).encode()).hexdigest()[:16]
-    return cfg.fingerprint("extract", "local", "ingest") + (f"-{digest}" if digest else "")
+    reference = "-fp32ref" if fp32_reference(cfg) else ""  # ``auto`` also depends on the protocol
+    return cfg.fingerprint("extract", "local", "ingest") + (f"-{digest}" if digest else "") + reference
 
 
 def shard_inputs(plan: ShardPlan) -> dict[int, tuple[InputRef, ...]]:
@@ -265,9 +273,18 @@ def extract_shard(
 
 
 def cnn_config(cfg: Config) -> Config:
-    """``cfg`` with only the CNN descriptors (what the model actors compute)."""
+    """``cfg`` with only the CNN descriptors (what the model actors compute), its
+    ``extract.fp32_reference`` resolved (``reference_config``)."""
     cnn = tuple(d for d in cfg.extract.descriptors if not is_classical(d))
+    cfg = reference_config(cfg)
     return cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"descriptors": cnn})})
+
+
+def reference_config(cfg: Config) -> Config:
+    """``cfg`` whose ``extract.fp32_reference`` is what ``reference.fp32_reference`` resolves (true or
+    false, never auto): what the model actors read to compute the fp32 references or not."""
+    ecfg = cfg.extract.model_copy(update={"fp32_reference": fp32_reference(cfg)})
+    return cfg.model_copy(update={"extract": ecfg})
 
 
 def with_run_models(cfg: Config) -> Config:
@@ -347,6 +364,10 @@ def finish_extract(plan: ShardPlan, cfg: Config, layout: RunLayout, progress: Pr
         if spec.kind == "local":
             meta["keypoints"] = sum(i["keypoints"] for i in infos)
         finish_store(layout.feature_dir(spec.name), plan.n_shards, store_schema(spec, dim), meta)
+    wanted = {spec.name for spec in store_specs(cfg)}
+    for name in cfg.extract.descriptors:  # fp32 references of an earlier config of the run
+        if reference_name(name) not in wanted:
+            shutil.rmtree(layout.feature_dir(reference_name(name)), ignore_errors=True)
     records.prune(set(plan.shards))
     by_key = {k: v for r in per_shard.values() for k, v in r["inputs"].items()}
     inputs = {pos: by_key[ref.key] for pos, ref in enumerate(plan.refs)}
@@ -406,14 +427,15 @@ def extract_queries(refs: tuple[InputRef, ...], boxes: tuple, cfg: Config, layou
     ecfg = cfg.extract
     progress = Progress("extract queries", len(refs), log)
     writers: dict[str, FeatureWriter] = {}
-    for name in ecfg.descriptors:
+    names = [*ecfg.descriptors, *(ref for _, ref in reference_stores(cfg))]
+    for name in [*ecfg.descriptors, *(reference_name(d) for d in ecfg.descriptors)]:
         shutil.rmtree(layout.query_dir(name), ignore_errors=True)
-    for batch in stream_descriptors(refs, with_run_models(cfg), boxes):
+    for batch in stream_descriptors(refs, with_run_models(reference_config(cfg)), boxes):
         bad = (batch["error"] != "").nonzero()[0]
         if bad.size:
             i = int(bad[0])
             raise RunFailed(f"query image {batch['path'][i]} cannot be used: {batch['error'][i]}")
-        for name in ecfg.descriptors:
+        for name in names:
             vectors = batch[f"d_{name}"]
             if name not in writers:
                 meta = {

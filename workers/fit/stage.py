@@ -26,6 +26,7 @@ from embedpipe.workers.engines.dask_jobs import (
     fit_sampled_model,
 )
 from embedpipe.workers.evaluate.stage import borrowed_whitening, whitening_drift, whitening_name
+from embedpipe.workers.extract.reference import reference_stores
 
 if TYPE_CHECKING:
     from embedpipe.storage.contracts.config import Config
@@ -63,11 +64,12 @@ def fit_models(cfg: Config, layout: RunLayout, logger: logging.Logger | logging.
     for name in encoded_descriptors(cfg):
         fit_encoding(cfg, layout, name)
         fitted[name] = encode_descriptor(layout, cfg, name)["dim"]
-    dense = [d for d in cfg.extract.descriptors if encoding_of(d)[0] != "bow"]
-    for name in dense if cfg.fit.whiten else ():
+    dense = [(d, d) for d in cfg.extract.descriptors if encoding_of(d)[0] != "bow"]
+    dense += reference_stores(cfg)  # the fp32 references: whitened as their descriptor
+    for source, name in dense if cfg.fit.whiten else ():
         if cfg.fit.from_run is not None:  # learnt on another dataset
             dim = int(read_store_manifest(layout.feature_dir(name))["dim"])
-            model, n = borrowed_whitening(cfg.fit.from_run, name, dim, cfg.extract.backbone)
+            model, n = borrowed_whitening(cfg.fit.from_run, source, dim, cfg.extract.backbone)
         else:
             model, n = fit_pca_whitening(layout.feature_dir(name), cfg.fit)
         meta = {

@@ -343,6 +343,28 @@ def _distractor_section(curve: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def _precision_change_section(change: dict[str, Any] | None) -> list[str]:
+    """The mAP of each result row extracted at a reduced precision beside the same row from the eager
+    torch fp32 trunk on the same collection (``extract.fp32_reference``), and the change."""
+    if not change or not change.get("rows"):
+        return []
+    precision = html.escape(str(change.get("precision")))
+    rows = [
+        [r["descriptor"], r["post"], r["rerank"], f"{r['map']:.4f}", f"{r['map_fp32']:.4f}"]
+        + [f"{r['change']:+.4f}"]
+        for r in change["rows"]
+    ]
+    return [
+        f"<h3 id='precision-change'>mAP change of {precision} against fp32</h3>",
+        _table(
+            ["descriptor", "post-processing", "re-ranking", f"mAP {precision}", "mAP fp32", "change"], rows
+        ),
+        f"<p class='muted'>The same descriptors from the eager torch fp32 backbone on the same images "
+        f"(<code>extract.fp32_reference</code>), post-processed, indexed and re-ranked alike; change: "
+        f"{precision} ({html.escape(str(change.get('runtime')))}) minus fp32.</p>",
+    ]
+
+
 def build_report(layout: RunLayout, config: Any) -> str:
     """Render ``report/index.html`` from the run directory (metrics.json, ranks, features, manifest)."""
     metrics = json.loads(layout.metrics.read_text())
@@ -388,6 +410,7 @@ def build_report(layout: RunLayout, config: Any) -> str:
     ]
     if runtime := report_rows(layout.root / "models"):  # the extract runtime, its parity (docs/runtimes.md)
         parts += ["<h2 id='runtime'>Extraction runtime</h2>", _table(["", "value"], runtime)]
+    parts += _precision_change_section(metrics.get("precision_change"))
     quarantine = read_quarantine(layout.quarantine).to_pylist()
     parts.append("<h2 id='quarantine'>Quarantined inputs</h2>")
     parts.append(
