@@ -107,3 +107,29 @@ def test_threads_restored(clustered):
     before = faiss.omp_get_max_threads()
     choose_index(clustered[:300], budget=48, target=0.5)
     assert faiss.omp_get_max_threads() == before
+
+
+def test_the_choice_reads_only_its_sample_from_a_feature_store(clustered, tmp_path):
+    """On a feature store (as the evaluation gives it), the chooser reads the sample's rows part by part:
+    the same sample and recalls as on the array, and the whole store is never held."""
+    from embedpipe.storage.features import FeatureWriter
+    from embedpipe.workers.evaluate.search import StoreRows
+
+    writer = FeatureWriter(tmp_path / "gem", 32, 5, {"descriptor": "gem"})
+    for part, rows in enumerate(np.array_split(np.arange(len(clustered)), 5)):
+        zeros = np.zeros(len(rows))
+        writer.write(
+            part, [f"{i:064x}" for i in rows], [f"{i}.jpg" for i in rows], zeros, zeros, clustered[rows]
+        )
+    writer.close()
+    store = StoreRows(tmp_path / "gem", None, 32)
+    _, table = choose_index(store, budget=48, target=0.9, max_rows=1200)
+    assert store._all is None  # never read whole
+    _, expected = choose_index(clustered, budget=48, target=0.9, max_rows=1200)
+    assert table["sample"] == expected["sample"] and table["sample"]["of"] == len(clustered) == 2000
+    # the same vectors: every setting both measured has the same recall (which settings are measured
+    # depends on the QPS seen so far, a timing)
+    recalls = {(r["index"], r.get("value")): r.get("recall") for r in table["rows"]}
+    others = {(r["index"], r.get("value")): r.get("recall") for r in expected["rows"]}
+    both = recalls.keys() & others.keys()
+    assert len(both) >= 10 and all(recalls[key] == others[key] for key in both)

@@ -28,7 +28,7 @@ class StoreRows:
     """A feature store's vectors (after ``transform``, the variant's PCA-whitening) read by store
     position when asked: ``rows[positions]`` reads only the parts that hold them, each part
     transformed whole, as the index fill transforms it. ``all()`` reads everything once, for the steps
-    that need the whole database (DBA computed in this process, few-shot classification, the index choice)."""
+    that need the whole database (DBA computed in this process, few-shot classification)."""
 
     def __init__(self, directory: Path, transform: Transform, dim: int):
         counts = part_row_counts(directory)

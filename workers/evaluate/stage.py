@@ -416,9 +416,10 @@ def rerank_ranks(
     return search(db_index, queries, depth, allowed)[1]
 
 
-def auto_index(layout: RunLayout, cfg: Config, name: str, x: np.ndarray, gt: GroundTruth | None) -> Config:
+def auto_index(layout: RunLayout, cfg: Config, name: str, x: StoreRows, gt: GroundTruth | None) -> Config:
     """``index.factory: auto``: pick a factory and search parameter for this variant under the budget, on
-    a seeded sample of at most ``index.train_size`` rows with held-out sample queries (never the
+    a seeded sample of at most ``index.train_size`` rows (only those read from the store, part by part)
+    with held-out sample queries (never the
     protocol's queries, whose rows are kept out of them, nor its ground truth); the candidates' table
     goes to report/index-choice-<name>.json."""
     icfg = cfg.index
@@ -540,7 +541,7 @@ def index_and_evaluate(
         if variant_configs is not None and post_kind(post) in variant_configs:
             cfg = variant_configs[post_kind(post)]
         else:
-            cfg = auto_index(layout, run_cfg, name, x.all(), gt) if auto else run_cfg
+            cfg = auto_index(layout, run_cfg, name, x, gt) if auto else run_cfg
         used[post_kind(post)] = cfg
         built, index, factory = variant_index(layout, cfg, descriptor, post, incremental)
         base = {

@@ -302,7 +302,7 @@ def _pick(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def choose_index(
-    x: np.ndarray,
+    x: Any,
     budget: int,
     target: float,
     k: int = 10,
@@ -313,11 +313,12 @@ def choose_index(
     """The pick (a row: ``index``, ``param``, ``value``, ``recall``, ``qps``, ``bytes_per_vector``, …) and
     the whole table (settings, the sample it was chosen on, every row). ``budget``: bytes per vector;
     ``target``: recall@k to reach; ``max_rows``: the sample's size cap (SAMPLE_ROWS at most); ``exclude``:
-    rows never used as held-out queries."""
+    rows never used as held-out queries. ``x``: the vectors, an array or rows read by position
+    (``x[positions]``, e.g. ``StoreRows``): only the sample's rows are read."""
     started = time.perf_counter()
-    x = np.asarray(x, np.float32)
-    db_rows, query_rows = split_sample(len(x), min(max_rows, SAMPLE_ROWS), seed, exclude)
-    db, queries = np.ascontiguousarray(x[db_rows]), np.ascontiguousarray(x[query_rows])
+    n_all = len(x)
+    db_rows, query_rows = split_sample(n_all, min(max_rows, SAMPLE_ROWS), seed, exclude)
+    db, queries = (np.ascontiguousarray(np.asarray(x[r], np.float32)) for r in (db_rows, query_rows))
     dim, n = db.shape[1], len(db)
     k = min(k, n)
     threads = faiss.omp_get_max_threads()
@@ -378,7 +379,7 @@ def choose_index(
     )
     table = {
         "chosen_on": f"a seeded sample of {n} database vectors, {len(queries)} held-out sample queries "
-        f"(of {len(x)} vectors; seed {seed}); never the evaluated queries or their ground truth",
+        f"(of {n_all} vectors; seed {seed}); never the evaluated queries or their ground truth",
         "ground_truth": "exact inner-product search (Flat) of the held-out queries on the sample database",
         "recall": f"recall = {RECALL}, k = {k}",
         "bytes": "bytes_per_vector: what each vector adds (code, 8-byte id, HNSW link slots, level and "
@@ -390,7 +391,7 @@ def choose_index(
         "between machines, so can the pick",
         "budget_bytes_per_vector": budget,
         "target_recall": target,
-        "sample": {"database": n, "queries": len(queries), "of": len(x), "seed": seed, "dim": dim},
+        "sample": {"database": n, "queries": len(queries), "of": n_all, "seed": seed, "dim": dim},
         "threads": threads,
         "choice_s": round(seconds, 3),
         "pick": {key: pick[key] for key in ("index", "param", "value", "recall", "qps", "bytes_per_vector")},
