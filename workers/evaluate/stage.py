@@ -419,9 +419,8 @@ def rerank_ranks(
 def auto_index(layout: RunLayout, cfg: Config, name: str, x: StoreRows, gt: GroundTruth | None) -> Config:
     """``index.factory: auto``: pick a factory and search parameter for this variant under the budget, on
     a seeded sample of at most ``index.train_size`` rows (only those read from the store, part by part)
-    with held-out sample queries (never the
-    protocol's queries, whose rows are kept out of them, nor its ground truth); the candidates' table
-    goes to report/index-choice-<name>.json."""
+    with held-out sample queries (never the protocol's queries, whose rows are kept out of them, nor its
+    ground truth); the candidates' table goes to report/index-choice-<name>.json."""
     icfg = cfg.index
     exclude = gt.queries if gt is not None and not gt.query_keys else None  # box crops are not rows of x
     budget = icfg.budget_bytes_per_vector or np.iinfo(np.int32).max
