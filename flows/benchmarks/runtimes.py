@@ -24,8 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from embedpipe.flows.benchmarks.common import add_json_argument, write_result
 from embedpipe.storage.contracts.errors import BackboneError, RunFailed
 
@@ -86,20 +84,10 @@ def _embedder(backbone: str, max_side: int, threads: int, runtime: str, precisio
     return Embedder(cfg, threads=threads)
 
 
-def _cosines(out: list[dict[str, np.ndarray]], ref: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    worst: dict[str, float] = {}
-    for a, b in zip(out, ref, strict=True):
-        for name, r in b.items():
-            x, y = a[name].astype(np.float64), r.astype(np.float64)
-            c = float(x @ y / max(np.linalg.norm(x) * np.linalg.norm(y), 1e-30))
-            worst[name] = min(worst.get(name, 1.0), c)
-    return {name: round(c, 6) for name, c in worst.items()}
-
-
 def measure(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
     """One row per pair: the pairs' embedders are built first, then every timed pass runs each in turn
     over the probes, so that a change in the machine's load weighs on each alike (median over passes)."""
-    from embedpipe.workers.extract.runtimes import probe_images
+    from embedpipe.workers.extract.runtimes import cosines, probe_images
 
     probes = probe_images(args.max_side)
     built, rows = [], []
@@ -130,7 +118,7 @@ def measure(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> list[dict
                 emb(p)
                 samples[i].append(time.perf_counter() - start)
     for i, (row, _, descriptors) in enumerate(built):
-        cos = _cosines(descriptors, ref)
+        cos = {name: round(c, 6) for name, c in cosines(descriptors, ref).items()}
         row.update(
             ms_per_image=round(1000 * statistics.median(samples[i]), 1),
             cosine_min=min(cos.values()),

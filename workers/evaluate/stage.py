@@ -47,7 +47,8 @@ from embedpipe.workers.evaluate.rerank import (
     pair_similarities,
 )
 from embedpipe.workers.evaluate.search import ShardedIndex, StoreRows
-from embedpipe.workers.extract.reference import reference_stores, resolved_runtime
+from embedpipe.workers.extract.reference import reference_stores
+from embedpipe.workers.extract.runtimes import run_record
 from embedpipe.workers.fit.whitening import apply_whitening, learned_whitening_file, subspace_drift
 from embedpipe.workers.index.ann import build_index, bytes_per_vector, make_index, search, set_search_params
 from embedpipe.workers.index.build import (
@@ -485,7 +486,7 @@ def post_kind(post: str) -> str:
 def reference_store(layout: RunLayout, cfg: Config, descriptor: str) -> str | None:
     """The store of ``descriptor``'s fp32 reference (``extract.fp32_reference``) when the run's
     resolved precision is not fp32 and the store is there, else None."""
-    record = resolved_runtime(layout.root / "models")
+    record = run_record(layout.root / "models")
     if record is None or record.get("precision", "fp32") == "fp32":
         return None
     store = dict(reference_stores(cfg)).get(descriptor)
@@ -496,7 +497,7 @@ def precision_change(layout: RunLayout, changes: list[dict[str, Any]]) -> dict[s
     """metrics.json's ``precision_change`` (beside ``results``): the run's resolved runtime and
     precision and, per result row that has an fp32 reference, its mAP, the reference's and the change
     (reduced minus fp32); empty when no row has one."""
-    record = resolved_runtime(layout.root / "models")
+    record = run_record(layout.root / "models")
     if not changes or record is None:
         return {}
     return {

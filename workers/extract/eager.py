@@ -17,8 +17,14 @@ import numpy as np
 import torch
 
 from embedpipe.workers.descriptors.backbones import load_backbone
-from embedpipe.workers.descriptors.pooling import l2n, pool_all
-from embedpipe.workers.extract.embed import FC_CODES, power_normalise, rescale, shape_buckets
+from embedpipe.workers.extract.embed import (
+    FC_CODES,
+    descriptor_dims,
+    pooled_descriptors,
+    power_normalise,
+    rescale,
+    shape_buckets,
+)
 
 if TYPE_CHECKING:
     from embedpipe.storage.contracts.config import ExtractConfig
@@ -45,11 +51,7 @@ class EagerModel:
         self.forwards = 0
 
     def dims(self) -> dict[str, int]:
-        fc = self.spec.fc_codes
-        return {
-            d: (getattr(fc, d).out_features if d in FC_CODES else self.spec.channels)
-            for d in self.cfg.descriptors
-        }
+        return descriptor_dims(self.spec, self.cfg.descriptors)
 
     @torch.inference_mode()
     def embed_many(self, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
@@ -72,10 +74,8 @@ class EagerModel:
             x = ((x - self.mean) / self.std).contiguous(memory_format=self.format)  # (B, 3, H, W)
             fmap = self.model(x)  # (B, C, h, w)
             self.forwards += 1
-            pooled = pool_all(fmap, self.pools, self.gem_p)
-            if self.fc:
-                codes = self.fc_codes(fmap)
-                pooled.update({name: l2n(codes[name].float()) for name in self.fc})
+            codes = self.fc_codes(fmap) if self.fc else {}
+            pooled = pooled_descriptors(fmap, codes, self.pools, self.fc, self.gem_p)
             for name, v in pooled.items():
                 total[name] = total[name] + v if name in total else v
         return {

@@ -72,6 +72,23 @@ def shape_buckets(shapes: Sequence[tuple[int, ...]], size: int) -> list[list[int
     return [g[k : k + size] for g in groups.values() for k in range(0, len(g), size)]
 
 
+def descriptor_dims(spec: Any, descriptors: Sequence[str]) -> dict[str, int]:
+    """Output dimension of each CNN descriptor of a backbone (``spec``: its ``BackboneSpec``)."""
+    return {
+        d: (getattr(spec.fc_codes, d).out_features if d in FC_CODES else spec.channels) for d in descriptors
+    }
+
+
+def pooled_descriptors(
+    fmap: torch.Tensor, codes: dict[str, torch.Tensor], pools: Sequence[str], fc: Sequence[str], gem_p: float
+) -> dict[str, torch.Tensor]:
+    """A conv map and its fc codes -> {descriptor: (B, C)}: the poolings ``pools`` and the L2-normalised
+    fc codes ``fc``, before any multi-scale sum and power normalisation."""
+    pooled = pool_all(fmap, pools, gem_p)
+    pooled.update({name: l2n(codes[name].float()) for name in fc})
+    return pooled
+
+
 class Embedder:
     """Loads the backbone once; maps (H, W, 3) uint8 images to {descriptor: (C,) float32} each.
 
@@ -118,21 +135,15 @@ class Embedder:
         folder = Path(models_dir) if models_dir is not None else cfg.models_dir
         if models_dir is None and folder is not None and not folder.parent.is_dir():
             folder = None  # the stage's run folder, which this node cannot see: this machine's cache
-        self.runtime, self.precision, self.trunk = "torch", cfg.precision, None
         self._meta: torch.nn.Module | None = None  # shapes-only copy of the module (``_check_shape``)
         self._shapes: dict[tuple[int, ...], str] = {}
-        self.runtime_record: dict[str, Any] = {}
         self.runtime_record, self.trunk = Resolver(self, folder).resolve()
         self.runtime, self.precision = self.runtime_record["runtime"], self.runtime_record["precision"]
         self.reference = cfg.fp32_reference is True
 
     def dims(self) -> dict[str, int]:
         """Output dimension of each descriptor (and of its fp32 reference when one is computed)."""
-        fc = self.spec.fc_codes
-        out = {
-            d: (getattr(fc, d).out_features if d in FC_CODES else self.spec.channels)
-            for d in self.cfg.descriptors
-        }
+        out = descriptor_dims(self.spec, self.cfg.descriptors)
         return {**out, **{d + REFERENCE: dim for d, dim in out.items()}} if self.reference else out
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
@@ -204,9 +215,7 @@ class Embedder:
 
     def _pool(self, fmap: torch.Tensor, codes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A conv map and fc codes -> {descriptor: (B, C)} of this run's CNN descriptors."""
-        pooled = pool_all(fmap, self.pools, self.gem_p)
-        pooled.update({name: l2n(codes[name].float()) for name in self.fc})
-        return pooled
+        return pooled_descriptors(fmap, codes, self.pools, self.fc, self.gem_p)
 
     def _forward(self, images: list[np.ndarray]) -> dict[str, np.ndarray]:
         """Images of one shape -> {descriptor: (B, C) float32}."""

@@ -8,12 +8,9 @@ row against them (``precision_change`` in metrics.json). Engine-free and torch-f
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from embedpipe.workers.descriptors.local import is_classical
-from embedpipe.workers.extract.runtimes import RUN_FILE
 
 if TYPE_CHECKING:
     from embedpipe.storage.contracts.config import Config
@@ -40,11 +37,3 @@ def reference_stores(cfg: Config) -> list[tuple[str, str]]:
     if not fp32_reference(cfg):
         return []
     return [(d, reference_name(d)) for d in cfg.extract.descriptors if not is_classical(d)]
-
-
-def resolved_runtime(models_dir: Path) -> dict[str, Any] | None:
-    """The run's extract-runtime decision (``runtime``, ``precision``, ...), None when it has none."""
-    try:
-        return json.loads((Path(models_dir) / RUN_FILE).read_text())
-    except (OSError, ValueError):
-        return None

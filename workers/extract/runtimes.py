@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedpipe.storage.contracts.errors import BackboneError
-from embedpipe.storage.contracts.layout import atomic_path, user_cache_dir
+from embedpipe.storage.contracts.layout import atomic_path, user_cache_dir, write_json_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -451,13 +451,34 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def run_record(models_dir: Path) -> dict[str, Any] | None:
+    """A run's extract-runtime decision (``models/runtime.json``), None when it has none."""
+    return _read_json(Path(models_dir) / RUN_FILE)
+
+
+def _known_decision(
+    models_dir: Path | None, ecfg: ExtractConfig, identity: str, gem_p: float, key: dict[str, Any]
+) -> tuple[dict[str, Any] | None, dict[str, float] | None, str]:
+    """(record, times, where from) of a decision already made: the run's own when it matches the config,
+    else this machine's cached one for ``key``; (None, None, "") when neither."""
+    if models_dir is not None:
+        found = run_record(models_dir)
+        if found is not None and _matches(found, ecfg, identity, gem_p):
+            return found, None, "kept from the run's models/runtime.json"
+    cached = _read_json(cache_root() / "decisions" / f"{_key_hash(key)}.json")
+    if cached is not None and cached.get("key") == key:
+        return (
+            cached["record"],
+            cached.get("times"),
+            f"this machine's decision of {cached.get('measured', '?')}",
+        )
+    return None, None, ""
+
+
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    with contextlib.suppress(OSError):
-        if path.read_text() == text:
-            return
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    """``write_json_atomic``, skipped when the file already holds the same JSON (no rewrite, same bytes)."""
+    if _read_json(path) != obj:
+        write_json_atomic(path, obj)
 
 
 def describe(record: dict[str, Any], times: dict[str, float] | None = None) -> str:
@@ -472,14 +493,23 @@ def describe(record: dict[str, Any], times: dict[str, float] | None = None) -> s
     return f"extract runtime: {chosen} ({record['reason']}){detail}"
 
 
-def cosine_min(outs: Sequence[dict], refs: Sequence[dict]) -> float:
-    """Smallest cosine between the runtime's and the reference's descriptors over probes and poolings."""
-    worst = 1.0
+def cosines(outs: Sequence[dict], refs: Sequence[dict]) -> dict[str, float]:
+    """Per descriptor, the smallest cosine between ``outs`` and ``refs`` (tensors or arrays, one dict
+    per image) over the images."""
+    import torch
+
+    worst: dict[str, float] = {}
     for out, ref in zip(outs, refs, strict=True):
         for name, r in ref.items():
-            a, b = out[name].double().flatten(), r.double().flatten()
-            worst = min(worst, float(a @ b) / max(float(a.norm() * b.norm()), 1e-30))
+            a, b = torch.as_tensor(out[name]).double().flatten(), torch.as_tensor(r).double().flatten()
+            c = float(a @ b) / max(float(a.norm() * b.norm()), 1e-30)
+            worst[name] = min(worst.get(name, 1.0), c)
     return worst
+
+
+def cosine_min(outs: Sequence[dict], refs: Sequence[dict]) -> float:
+    """Smallest cosine between the runtime's and the reference's descriptors over probes and poolings."""
+    return min(cosines(outs, refs).values(), default=1.0)
 
 
 def preferred(names: Sequence[str], times: dict[str, float]) -> str:
@@ -619,16 +649,7 @@ class Resolver:
         khash = _key_hash(key)
         cached_at = cache_root() / "decisions" / f"{khash}.json"
         with _locked(khash):
-            record, times, source = None, None, ""
-            if self.models_dir is not None:
-                found = _read_json(self.models_dir / RUN_FILE)
-                if found is not None and _matches(found, ecfg, self.identity, self.emb.gem_p):
-                    record, source = found, "kept from the run's models/runtime.json"
-            if record is None:
-                cached = _read_json(cached_at)
-                if cached is not None and cached.get("key") == key:
-                    record, times = cached["record"], cached.get("times")
-                    source = f"this machine's decision of {cached.get('measured', '?')}"
+            record, times, source = _known_decision(self.models_dir, ecfg, self.identity, self.emb.gem_p, key)
             if record is None:
                 record, times = self._measure(base, cands)
                 measured = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -800,13 +821,7 @@ def prepare_runtime(ecfg: ExtractConfig, threads: int) -> None:
         store = cache_root() / "models"
         key = decision_key(ecfg, identity, gem_p)
         with _locked(_key_hash(key)):
-            record = _read_json(models_dir / RUN_FILE)
-            source, times = "kept from the run's models/runtime.json", None
-            if record is None or not _matches(record, ecfg, identity, gem_p):
-                cached = _read_json(cache_root() / "decisions" / f"{_key_hash(key)}.json")
-                record = cached["record"] if cached is not None and cached.get("key") == key else None
-                times = cached.get("times") if record is not None else None
-                source = f"this machine's decision of {cached.get('measured', '?')}" if record else ""
+            record, times, source = _known_decision(models_dir, ecfg, identity, gem_p, key)
             if record is not None:
                 names = model_files(stem, record["precision"], ecfg.max_side)
                 names = names if record["runtime"] != "torch" else []
@@ -826,7 +841,7 @@ def prepare_runtime(ecfg: ExtractConfig, threads: int) -> None:
 def report_rows(models_dir: Path) -> list[list[Any]]:
     """Rows (what, value) of the report's extraction-runtime table from ``models/runtime.json``; none
     when the run has no decision (a run of classical descriptors only, or one before runtimes)."""
-    record = _read_json(models_dir / RUN_FILE)
+    record = run_record(models_dir)
     if not record:
         return []
     requested = record.get("requested", {})
