@@ -9,8 +9,7 @@ and the fc6/fc7 codes are computed from that map in torch, the same code for eve
   MinMax-calibrated on the probe photos; the shape arithmetic of dynamic padding stays float);
 * ``openvino``: the same ONNX files compiled by OpenVINO for the CPU: f32 as one dynamic-shape model;
   bf16 (its ``INFERENCE_PRECISION_HINT``) and the int8 file compiled per input shape (an LRU of a few),
-  because OpenVINO computes their dynamic-shape forms far less exactly (bf16: conv-map cosine 0.93
-  against torch fp32 on non-square probes, 0.99 compiled per shape; int8: 0.12).
+  because OpenVINO computes their dynamic-shape forms far less exactly (docs/runtimes.md).
 
 ``auto`` runs every candidate of the configured precision on a fixed probe set (demo photos at
 ``extract.max_side``, three aspect ratios), timed alike (one warm-up pass, then the median of the
