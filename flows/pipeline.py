@@ -146,10 +146,11 @@ def extract_stage(cfg: Config, inputs: RunInputs, layout: RunLayout, ray: LazyRa
     dataset manifest and quarantine."""
     logger = get_run_logger()
     plan, orch = inputs.plan, cfg.orchestration
-    n_shards = len(set(plan.shards))
+    sizes = plan.shard_sizes()
+    n_shards = len(sizes)
     todo = pending_shards(plan, cfg, layout)
     logger.info("extract: %d of %d shard(s) to do", len(todo), n_shards)
-    progress = Progress("extract", sum(len(r) for r in todo.values()), logging.getLogger("embedpipe.extract"))
+    progress = Progress("extract", sum(sizes[s] for s in todo), logging.getLogger("embedpipe.extract"))
     run = extract_shard_task.with_options(
         retries=orch.retries,
         retry_delay_seconds=exponential_backoff(orch.retry_delay_s) if orch.retries else 0,
@@ -159,8 +160,8 @@ def extract_stage(cfg: Config, inputs: RunInputs, layout: RunLayout, ray: LazyRa
         ray.ensure()
         models = stage_models(cfg)
         try:
-            for shard, refs in todo.items():
-                run(refs, shard, plan.n_shards, cfg, layout, models, progress)
+            for shard in todo:
+                run(plan.refs_of(shard), shard, plan.n_shards, cfg, layout, models, progress)
         finally:
             models.close()
     result = finish_extract(plan, cfg, layout, progress)
@@ -256,13 +257,13 @@ def _start(layout: RunLayout, cfg: Config, inputs: RunInputs, logger) -> None:
         versions=versions(),
         input={
             "path": plan.source,
-            "n_files": len(plan.refs),
+            "n_files": len(plan),
             "n_rejected_at_listing": len(plan.problems),
             "fingerprint": plan.fingerprint,
             "n_shards": plan.n_shards,
         },
     )
-    logger.info("run %s: %d inputs in %d shard(s)", layout.root, len(plan.refs), plan.n_shards)
+    logger.info("run %s: %d inputs in %d shard(s)", layout.root, len(plan), plan.n_shards)
 
 
 def _extract(

@@ -12,73 +12,147 @@ and ``duplicate_of`` (the first input with the same bytes).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embedpipe.storage.contracts.layout import atomic_path, write_json_atomic
-from embedpipe.storage.inputs import InputRef, KnownTars, Listing
+from embedpipe.storage.inputs import CHUNK, REF_SCHEMA, InputRef, KnownTars, Listing, RefView
 
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """Inputs in stream order (by shard, then listing order) with their shard numbers."""
+    """Inputs in stream order (by shard, then listing order) with their shard numbers: one Arrow table
+    (``REF_SCHEMA`` and ``shard``), read back as ``InputRef``s a shard (or a chunk) at a time."""
 
     source: str
-    refs: tuple[InputRef, ...]
-    shards: tuple[int, ...]
+    table: pa.Table
     problems: tuple[tuple[str, str], ...]  # (key, reason) of entries unusable already at listing
     shard_size: int
     fingerprint: str
 
+    def __len__(self) -> int:
+        return self.table.num_rows
+
     @property
-    def paths(self) -> tuple[str, ...]:
-        return tuple(r.key for r in self.refs)
+    def refs(self) -> RefView:
+        return RefView(self.table)
+
+    @functools.cached_property
+    def shards(self) -> np.ndarray:
+        """The shard of each input, in stream order (so non-decreasing)."""
+        return self.table.column("shard").to_numpy().astype(np.int64)
+
+    @property
+    def paths(self) -> list[str]:
+        return self.table.column("key").to_pylist()
 
     @property
     def n_shards(self) -> int:
-        return max(self.shards, default=0) + 1
+        return int(self.shards[-1]) + 1 if len(self) else 1
+
+    def shard_numbers(self) -> list[int]:
+        """The shards that hold inputs, in order."""
+        return np.unique(self.shards).tolist()
+
+    def shard_sizes(self) -> dict[int, int]:
+        numbers, counts = np.unique(self.shards, return_counts=True)
+        return dict(zip(numbers.tolist(), counts.tolist(), strict=True))
+
+    def shard_rows(self, shard: int) -> RefView:
+        """The inputs of ``shard``, in plan order."""
+        lo, hi = np.searchsorted(self.shards, [shard, shard + 1])
+        return RefView(self.table.slice(int(lo), int(hi - lo)))
+
+    def refs_of(self, shard: int) -> tuple[InputRef, ...]:
+        return tuple(self.shard_rows(shard))
 
     def shard_of(self, position: int) -> int:
-        return self.shards[position]
+        return int(self.shards[position])
 
 
-def assign_shards(keys: list[str], shard_size: int, previous: dict[str, int] | None = None) -> list[int]:
-    """Shard of each key: its earlier shard when ``previous`` has it, else new shards after the last one,
-    ``shard_size`` new keys each, in the order given."""
-    previous = previous or {}
-    first_new = max(previous.values(), default=-1) + 1
-    out, n_new = [], 0
-    for key in keys:
-        if key in previous:
-            out.append(previous[key])
-        else:
-            out.append(first_new + n_new // shard_size)
-            n_new += 1
+def previous_table(previous: pa.Table | Mapping[str, int] | None) -> pa.Table | None:
+    """An earlier plan's ``key`` and ``shard`` columns, from a table (as it is) or a mapping."""
+    if previous is None or isinstance(previous, pa.Table):
+        return previous
+    return pa.table(
+        {"key": pa.array(list(previous), pa.string()), "shard": pa.array(list(previous.values()), pa.int64())}
+    )
+
+
+def assign_shards(
+    keys: Sequence[str] | pa.Array | pa.ChunkedArray,
+    shard_size: int,
+    previous: pa.Table | Mapping[str, int] | None = None,
+    after: int = -1,
+) -> np.ndarray:
+    """Shard of each key: its earlier shard when ``previous`` (``key``/``shard`` columns, or a mapping)
+    has it, else new shards after the last one (and after ``after``), ``shard_size`` new keys each, in
+    the order given."""
+    if not isinstance(keys, (pa.Array, pa.ChunkedArray)):
+        keys = pa.array(list(keys), pa.string())
+    previous = previous_table(previous)
+    out = np.empty(len(keys), np.int64)
+    known = np.zeros(len(keys), bool)
+    first_new = after + 1
+    if previous is not None and previous.num_rows:
+        old = previous.column("shard").to_numpy().astype(np.int64)
+        where = pc.index_in(keys, value_set=previous.column("key"))
+        known = where.is_valid().to_numpy(zero_copy_only=False)
+        out[known] = old[where.drop_null().to_numpy()]
+        first_new = max(first_new, int(old.max()) + 1)
+    out[~known] = first_new + np.arange(int((~known).sum())) // shard_size
     return out
 
 
+def _digest_shards(digest: Any, shards: np.ndarray) -> None:
+    """Feed ``digest`` the shard numbers as ``0,0,1,...`` (the plan fingerprint), a chunk at a time."""
+    for i in range(0, len(shards), CHUNK):
+        text = ",".join(map(str, shards[i : i + CHUNK].tolist()))
+        digest.update((("," if i else "") + text).encode())
+
+
+def ordered_plan(
+    source: str,
+    table: pa.Table,
+    shards: np.ndarray,
+    problems: Sequence,
+    shard_size: int,
+    digest: Any,
+    digested: np.ndarray | None = None,
+) -> ShardPlan:
+    """The plan of ``table``'s inputs in stream order (by shard, stably), its fingerprint ``digest`` fed
+    the shard numbers ``digested`` (default: the ordered shard numbers)."""
+    if np.all(shards[1:] >= shards[:-1]):  # already in stream order (a first plan): no copy
+        ordered = shards
+    else:
+        order = np.argsort(shards, kind="stable")
+        ordered, table = shards[order], table.take(pa.array(order))
+    _digest_shards(digest, ordered if digested is None else digested)
+    planned = table.append_column("shard", pa.chunked_array([ordered], pa.int32()))
+    return ShardPlan(source, planned, tuple(problems), shard_size, digest.hexdigest()[:16])
+
+
 def plan_listing(
-    listing: Listing, source: str, shard_size: int, previous: dict[str, int] | None = None
+    listing: Listing,
+    source: str,
+    shard_size: int,
+    previous: pa.Table | Mapping[str, int] | None = None,
 ) -> ShardPlan:
     """Cut the inputs of ``listing`` into shards (stable against ``previous``: key -> shard)."""
-    shards = assign_shards([r.key for r in listing.refs], shard_size, previous)
-    order = sorted(range(len(shards)), key=lambda i: (shards[i], i))
+    table = listing.table()
+    shards = assign_shards(table.column("key"), shard_size, previous)
     digest = hashlib.sha256(f"{listing.fingerprint()}\0{shard_size}\0".encode())
-    digest.update(",".join(str(shards[i]) for i in order).encode())
-    return ShardPlan(
-        source,
-        tuple(listing.refs[i] for i in order),
-        tuple(shards[i] for i in order),
-        tuple(listing.problems),
-        shard_size,
-        digest.hexdigest()[:16],
-    )
+    return ordered_plan(source, table, shards, listing.problems, shard_size, digest)
 
 
 MANIFEST_SCHEMA = pa.schema(
@@ -100,55 +174,97 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
+RESULT_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string()),
+        pa.field("bytes", pa.int64()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("reason", pa.string()),
+    ]
+)
+"""What reading an input gave (``results_batch``): its content id, byte size, image size, and the reason
+it was quarantined (null when it was not; every field null when the input was not read)."""
+
+
+def results_batch(results: Sequence[dict | None]) -> pa.RecordBatch:
+    """One ``RESULT_SCHEMA`` row per input (a dict with those keys, or None when unknown)."""
+    blank: dict = {}
+    rows = [r or blank for r in results]
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array([r.get("id") or None for r in rows], pa.string()),
+            pa.array([r.get("bytes") for r in rows], pa.int64()),
+            pa.array([r.get("width") for r in rows], pa.int32()),
+            pa.array([r.get("height") for r in rows], pa.int32()),
+            pa.array([r.get("reason") or None for r in rows], pa.string()),
+        ],
+        schema=RESULT_SCHEMA,
+    )
+
+
+def manifest_table(plan: ShardPlan, results: pa.Table) -> pa.Table:
+    """The dataset manifest: one row per planned input (``results``: its ``RESULT_SCHEMA`` row, in plan
+    order) plus the entries rejected at listing; ``duplicate_of`` set on repeated content (the first
+    input in plan order with the same id). Column work in Arrow: no Python object per input."""
+    t, n = plan.table, len(plan)
+    if results.num_rows != n:
+        raise ValueError(f"{results.num_rows} results for {n} planned inputs")
+    keys, ids, reason = t.column("key"), results.column("id"), results.column("reason")
+    bad = pc.is_valid(reason)
+    # the first position of each id (rows without one have no duplicate)
+    positions = pa.array(np.arange(n, dtype=np.int64))
+    firsts = (
+        pa.table({"id": ids, "pos": positions})
+        .filter(pc.is_valid(ids))
+        .group_by("id", use_threads=False)
+        .aggregate([("pos", "min")])
+    )
+    first = pc.take(firsts.column("pos_min"), pc.index_in(ids, value_set=firsts.column("id")))
+    duplicate = pc.if_else(pc.equal(first, positions), None, pc.take(keys, pc.fill_null(first, 0)))
+    no_size = pa.nulls(n, pa.int32())
+    columns = {
+        "key": keys,
+        "uri": pc.coalesce(pc.cast(t.column("uri"), pa.string()), keys),
+        "offset": t.column("offset"),
+        "length": t.column("length"),
+        "label": t.column("label"),
+        "shard": t.column("shard"),
+        "id": ids,
+        "bytes": results.column("bytes"),
+        "width": pc.if_else(bad, no_size, results.column("width")),
+        "height": pc.if_else(bad, no_size, results.column("height")),
+        "status": pc.if_else(bad, "quarantined", "ok"),
+        "reason": reason,
+        "duplicate_of": duplicate,
+    }
+    planned = pa.table(columns, schema=MANIFEST_SCHEMA)
+    listed = [
+        {
+            "key": key,
+            "uri": key,
+            "offset": -1,
+            "length": -1,
+            "shard": -1,
+            "status": "quarantined",
+            "reason": why,
+        }
+        for key, why in plan.problems
+    ]
+    return pa.concat_tables([planned, pa.Table.from_pylist(listed, schema=MANIFEST_SCHEMA)])
+
+
 def manifest_rows(plan: ShardPlan, results: dict[int, dict]) -> list[dict]:
-    """One manifest row per planned input (``results``: position -> {id, bytes, width, height, reason})
-    plus the entries rejected at listing; ``duplicate_of`` set on repeated content."""
-    rows, first_of = [], {}
-    for pos, (ref, shard) in enumerate(zip(plan.refs, plan.shards, strict=True)):
-        res = results.get(pos, {})
-        cid, reason = res.get("id") or None, res.get("reason") or None
-        duplicate = first_of.setdefault(cid, ref.key) if cid else None
-        rows.append(
-            {
-                "key": ref.key,
-                "uri": ref.uri,
-                "offset": ref.offset,
-                "length": ref.length,
-                "label": ref.label,
-                "shard": shard,
-                "id": cid,
-                "bytes": res.get("bytes"),
-                "width": res.get("width") if not reason else None,
-                "height": res.get("height") if not reason else None,
-                "status": "quarantined" if reason else "ok",
-                "reason": reason,
-                "duplicate_of": None if duplicate == ref.key else duplicate,
-            }
-        )
-    for key, reason in plan.problems:
-        rows.append(
-            {
-                "key": key,
-                "uri": key,
-                "offset": -1,
-                "length": -1,
-                "label": None,
-                "shard": -1,
-                "id": None,
-                "bytes": None,
-                "width": None,
-                "height": None,
-                "status": "quarantined",
-                "reason": reason,
-                "duplicate_of": None,
-            }
-        )
-    return rows
+    """``manifest_table``'s rows as dicts (``results``: position -> {id, bytes, width, height, reason})."""
+    table = pa.Table.from_batches([results_batch([results.get(i) for i in range(len(plan))])])
+    return manifest_table(plan, table).to_pylist()
 
 
-def write_manifest(path: Path, rows: list[dict]) -> None:
+def write_manifest(path: Path, manifest: pa.Table | list[dict]) -> None:
+    if not isinstance(manifest, pa.Table):
+        manifest = pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA)
     with atomic_path(path) as tmp:
-        pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), tmp, compression="zstd")
+        pq.write_table(manifest, tmp, compression="zstd")
 
 
 def read_manifest(path: Path) -> pa.Table | None:
@@ -159,8 +275,14 @@ def write_tar_stamps(path: Path, plan: ShardPlan, whole: bool = True) -> None:
     """The size:mtime stamp of each local tar shard of ``plan`` whose samples all entered the plan (none
     rejected at listing), as listed: what ``known_tars`` reads back for the next listing. ``whole``:
     the plan holds every listed input (False for a benchmark's image list: then no shard is recorded)."""
-    refs = plan.refs if whole else ()
-    stamps = {r.uri: r.stamp.rsplit(":", 1)[0] for r in refs if r.offset >= 0 and "://" not in r.uri}
+    stamps: dict[str, str] = {}
+    if whole:
+        table = plan.table.filter(pc.greater_equal(plan.table.column("offset"), 0))
+        table = table.set_column(1, "uri", pc.cast(table.column("uri"), pa.string()))
+        table = table.filter(pc.invert(pc.match_substring(table.column("uri"), "://")))
+        table = table.group_by("uri", use_threads=False).aggregate([("stamp", "first")])
+        for uri, stamp in zip(*(table.column(c).to_pylist() for c in ("uri", "stamp_first")), strict=True):
+            stamps[uri] = stamp.rsplit(":", 1)[0]
     for key, _ in plan.problems:  # "shard.tar/sample": a sample without an image, say
         for cut in (i for i, c in enumerate(key) if c == "/"):
             stamps.pop(key[:cut], None)
@@ -169,39 +291,37 @@ def write_tar_stamps(path: Path, plan: ShardPlan, whole: bool = True) -> None:
 
 def known_tars(dataset: Path, stamps: Path) -> KnownTars:
     """The local tar shards an earlier plan of the run took whole: resolved path -> (stamp then, its
-    samples in member order, rebuilt from the dataset manifest), for ``known_tar_listings``
-    (``workers.ingest.sources``; ``workers.ingest.plan.run_listings``)."""
+    samples in member order as ``REF_SCHEMA`` rows, rebuilt from the dataset manifest), for
+    ``known_tar_listings`` (``workers.ingest.sources``; ``workers.ingest.plan.run_listings``)."""
     try:
         recorded = json.loads(stamps.read_text())
     except (OSError, ValueError):
         return {}
-    table = read_manifest(dataset) if recorded and isinstance(recorded, dict) else None
-    if table is None:
+    if not recorded or not isinstance(recorded, dict) or not dataset.exists():
         return {}
-    table = table.select(["key", "uri", "offset", "length", "label"])
+    table = pq.read_table(dataset, columns=["key", "uri", "offset", "length", "label"])
     table = table.filter(pc.is_in(table.column("uri"), value_set=pa.array(list(recorded), pa.string())))
     table = table.filter(pc.greater_equal(table.column("offset"), 0))
-    members: dict[str, list[InputRef]] = {}
-    for key, uri, offset, length, label in zip(
-        *(table.column(c).to_pylist() for c in table.column_names), strict=True
-    ):
-        stamp = f"{recorded[uri]}:{length}"
-        members.setdefault(uri, []).append(InputRef(key, uri, offset, length, label, stamp))
-    return {
-        uri: (recorded[uri], tuple(sorted(refs, key=lambda r: r.offset))) for uri, refs in members.items()
-    }
+    table = table.sort_by([("uri", "ascending"), ("offset", "ascending")])
+    runs = pc.run_end_encode(table.column("uri").combine_chunks())
+    out, start = {}, 0
+    for uri, end in zip(runs.values.to_pylist(), runs.run_ends.to_pylist(), strict=True):
+        members = table.slice(start, end - start)
+        lengths = pc.cast(members.column("length"), pa.string())
+        stamp = pc.binary_join_element_wise(f"{recorded[uri]}:", lengths, "")
+        members = members.append_column("stamp", stamp)
+        out[uri] = (recorded[uri], members.select(REF_SCHEMA.names).cast(REF_SCHEMA))
+        start = end
+    return out
 
 
-def previous_shards(path: Path) -> dict[str, int]:
-    """key -> shard of an earlier manifest (empty when there is none)."""
-    table = read_manifest(path)
-    if table is None:
-        return {}
-    return {
-        k: s
-        for k, s in zip(table.column("key").to_pylist(), table.column("shard").to_pylist(), strict=True)
-        if s >= 0
-    }
+def previous_shards(path: Path) -> pa.Table | None:
+    """The ``key`` and ``shard`` columns of an earlier manifest's planned inputs (None when there is
+    none): what ``assign_shards`` keeps stable."""
+    if not Path(path).exists():
+        return None
+    table = pq.read_table(path, columns=["key", "shard"])
+    return table.filter(pc.greater_equal(table.column("shard"), 0))
 
 
 def labels_by_key(path: Path) -> dict[str, str]:
@@ -212,10 +332,15 @@ def labels_by_key(path: Path) -> dict[str, str]:
     return {k: lab for k, lab in zip(keys, labels, strict=True) if lab is not None}
 
 
-def locations(path: Path) -> dict[str, tuple[str, int, int]]:
-    """key -> (uri, offset, length) of every input of a manifest, to read one back (report thumbnails)."""
-    table = read_manifest(path)
-    if table is None:
+def locations(path: Path, keys: Iterable[str] | None = None) -> dict[str, tuple[str, int, int]]:
+    """key -> (uri, offset, length) of the inputs of a manifest (those named by ``keys``, else all), to
+    read one back (report thumbnails)."""
+    if not Path(path).exists():
         return {}
+    table = pq.read_table(path, columns=["key", "uri", "offset", "length"])
+    if keys is not None:
+        table = table.filter(
+            pc.is_in(table.column("key"), value_set=pa.array(sorted(set(keys)), pa.string()))
+        )
     cols = [table.column(c).to_pylist() for c in ("key", "uri", "offset", "length")]
     return {k: (u, o, n) for k, u, o, n in zip(*cols, strict=True)}

@@ -204,7 +204,7 @@ def test_ingest_turns_listed_images_and_keeps_the_others(tmp_path, photo):
     (tmp_path / "rot.txt").write_text("b.jpg 90\n")
     cfg = load_config(preset="default", sets=[f"ingest.rotations={tmp_path / 'rot.txt'}"])
     items = input_items(
-        list_inputs(tmp_path / "a.jpg").refs + list_inputs(tmp_path / "b.jpg").refs, ingest=cfg.ingest
+        [*list_inputs(tmp_path / "a.jpg").refs, *list_inputs(tmp_path / "b.jpg").refs], ingest=cfg.ingest
     )
     assert [it["rotate"] for it in items] == [0, 90]
     out = ingest_batch(_columns(items), 4096, cfg.ingest)

@@ -231,8 +231,9 @@ def test_http_reads_retry_and_time_out(tmp_path, small_holidays):
 
 
 def test_shard_plan_is_stable_when_files_are_added(tmp_path, small_holidays):
-    assert assign_shards(["a", "b", "c"], 2) == [0, 0, 1]
-    assert assign_shards(["a", "new", "b", "c", "z"], 2, {"a": 0, "b": 0, "c": 1}) == [0, 2, 0, 1, 2]
+    assert assign_shards(["a", "b", "c"], 2).tolist() == [0, 0, 1]
+    assert assign_shards(["a", "new", "b", "c", "z"], 2, {"a": 0, "b": 0, "c": 1}).tolist() == [0, 2, 0, 1, 2]
+    assert assign_shards(["a", "new"], 2, {"a": 0}, after=4).tolist() == [0, 5]
     root = tmp_path / "imgs"
     root.mkdir()
     files = sorted(small_holidays.glob("*.jpg"))
@@ -240,11 +241,13 @@ def test_shard_plan_is_stable_when_files_are_added(tmp_path, small_holidays):
         (root / f.name).write_bytes(f.read_bytes())
     first = plan_shards(root, 4)
     write_manifest(tmp_path / "dataset.parquet", manifest_rows(first, {}))
-    before = dict(zip(first.paths, first.shards, strict=True))
-    assert previous_shards(tmp_path / "dataset.parquet") == before
+    before = dict(zip(first.paths, first.shards.tolist(), strict=True))
+    previous = previous_shards(tmp_path / "dataset.parquet")
+    assert dict(zip(*(previous.column(c).to_pylist() for c in ("key", "shard")), strict=True)) == before
     for f in files[1::2]:  # new files sort between the old ones
         (root / f.name).write_bytes(f.read_bytes())
-    second = plan_shards(root, 4, before)
+    second = plan_shards(root, 4, previous)
+    assert plan_shards(root, 4, before).table.equals(second.table)  # a mapping plans alike
     after = dict(zip(second.paths, second.shards, strict=True))
     assert all(after[k] == s for k, s in before.items())
     assert min(after[k] for k in after if k not in before) == max(before.values()) + 1

@@ -470,7 +470,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.images is None:
         folder, photos = package_photos(args.n, cfg.seed)
         cfg = cfg.model_copy(update={"images": str(folder)})
-    refs = list_inputs(cfg.images).refs
+    refs = list(list_inputs(cfg.images).refs)
     if not refs:
         raise InputError(f"no usable inputs at {cfg.images}")
     daft_python = _daft_python(args) if "daft" in peers else None

@@ -18,7 +18,14 @@ import pyarrow.compute as pc
 
 from embedpipe.storage.contracts.errors import RunFailed
 from embedpipe.storage.contracts.layout import RunLayout
-from embedpipe.storage.dataset import ShardPlan, manifest_rows, write_manifest, write_tar_stamps
+from embedpipe.storage.dataset import (
+    RESULT_SCHEMA,
+    ShardPlan,
+    manifest_table,
+    results_batch,
+    write_manifest,
+    write_tar_stamps,
+)
 from embedpipe.storage.features import (
     FeatureWriter,
     feature_schema,
@@ -67,7 +74,7 @@ class ExtractResult:
     quarantined: list[dict[str, str | None]]
     seconds: float
     summary: str
-    inputs: dict[int, dict]  # position in the plan -> id, bytes, width, height, reason (dataset manifest)
+    inputs: pa.Table  # per input of the plan, in order: id, bytes, width, height, reason (RESULT_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -152,30 +159,22 @@ def config_fingerprint(cfg: Config) -> str:
     return cfg.fingerprint("extract", "local", "ingest") + (f"-{digest}" if digest else "") + reference
 
 
-def shard_inputs(plan: ShardPlan) -> dict[int, tuple[InputRef, ...]]:
-    """The inputs of each shard of ``plan``, in plan order."""
-    out: dict[int, list[InputRef]] = {}
-    for ref, shard in zip(plan.refs, plan.shards, strict=True):
-        out.setdefault(shard, []).append(ref)
-    return {s: tuple(refs) for s, refs in out.items()}
-
-
-def pending_shards(plan: ShardPlan, cfg: Config, layout: RunLayout) -> dict[int, tuple[InputRef, ...]]:
-    """The shards of ``plan`` (with their inputs) not extracted yet from exactly these inputs with this
-    config and weights, parts in place. The config fingerprint (which hashes the weight files) is
-    computed once for all shards."""
+def pending_shards(plan: ShardPlan, cfg: Config, layout: RunLayout) -> list[int]:
+    """The shards of ``plan`` not extracted yet from exactly these inputs with this config and weights,
+    parts in place (their inputs: ``plan.refs_of``, read a shard at a time). The config fingerprint
+    (which hashes the weight files) is computed once for all shards."""
     records = ShardRecords(layout.shard_records("extract"))
     cfg_fp, specs = config_fingerprint(cfg), store_specs(cfg)
 
-    def done(shard: int, refs: tuple[InputRef, ...]) -> bool:
+    def done(shard: int) -> bool:
         record = records.read(shard)
         return (
             record is not None
-            and record.get("fingerprint") == shard_fingerprint(cfg_fp, refs)
+            and record.get("fingerprint") == shard_fingerprint(cfg_fp, plan.shard_rows(shard))
             and all(find_part(layout.feature_dir(s.name), shard) is not None for s in specs)
         )
 
-    return {s: refs for s, refs in shard_inputs(plan).items() if not done(s, refs)}
+    return [s for s in plan.shard_numbers() if not done(s)]
 
 
 def _passes(cfg: Config) -> list[str]:
@@ -351,12 +350,28 @@ def finish_extract(plan: ShardPlan, cfg: Config, layout: RunLayout, progress: Pr
     shards gone removed, manifests), drop records of shards gone, and gather the dataset manifest entries
     and quarantine rows from the shard records."""
     records = ShardRecords(layout.shard_records("extract"))
-    per_shard = {s: records.read(s) for s in sorted(set(plan.shards))}
-    missing = [s for s, r in per_shard.items() if r is None]
+    missing, stores, kept = [], {}, 0
+    batches, quarantined = [], []
+    for shard in plan.shard_numbers():  # plan order; the Python objects of one shard at a time
+        record = records.read(shard)
+        if record is None:
+            missing.append(shard)
+            continue
+        for name, info in record["stores"].items():
+            stores.setdefault(name, []).append(info)
+        kept += record.get("reused", 0)
+        keys = plan.shard_rows(shard).keys().to_pylist()
+        results = [record["inputs"][key] for key in keys]
+        batches.append(results_batch(results))
+        quarantined += [
+            {"path": key, "id": res["id"], "stage": "extract", "reason": res["reason"]}
+            for key, res in zip(keys, results, strict=True)
+            if res["reason"]
+        ]
     if missing:
         raise RunFailed(f"extract: shard(s) {missing[:5]} have no record; re-run to finish them")
     for spec in store_specs(cfg):
-        infos = [r["stores"][spec.name] for r in per_shard.values() if spec.name in r["stores"]]
+        infos = stores.get(spec.name, [])
         dim = spec.dim or (infos[0]["dim"] if infos else None)
         if dim is None:
             continue
@@ -368,37 +383,25 @@ def finish_extract(plan: ShardPlan, cfg: Config, layout: RunLayout, progress: Pr
     for name in cfg.extract.descriptors:  # fp32 references of an earlier config of the run
         if reference_name(name) not in wanted:
             shutil.rmtree(layout.feature_dir(reference_name(name)), ignore_errors=True)
-    records.prune(set(plan.shards))
-    by_key = {k: v for r in per_shard.values() for k, v in r["inputs"].items()}
-    inputs = {pos: by_key[ref.key] for pos, ref in enumerate(plan.refs)}
-    quarantined = [
-        {
-            "path": ref.key,
-            "id": by_key[ref.key]["id"],
-            "stage": "extract",
-            "reason": by_key[ref.key]["reason"],
-        }
-        for ref in plan.refs
-        if by_key[ref.key]["reason"]
-    ]
-    n_ok = len(plan.refs) - len(quarantined)
-    ids = [v["id"] for v in inputs.values() if v["id"] and not v["reason"]]
-    duplicates = len(ids) - len(set(ids))
-    kept = sum(r.get("reused", 0) for r in per_shard.values())
+    records.prune(set(plan.shard_numbers()))
+    inputs = pa.Table.from_batches(batches, schema=RESULT_SCHEMA)
+    n_ok = len(plan) - len(quarantined)
+    ids = inputs.column("id").filter(pc.is_null(inputs.column("reason")))
+    duplicates = len(ids) - ids.null_count - pc.count_distinct(ids).as_py()
     summary = progress.finish(
         f"{n_ok} ok, {len(quarantined)} quarantined"
         + (f", {duplicates} exact duplicate(s)" if duplicates else "")
-        + (f", {len(plan.refs) - progress.done} up to date" if progress.done < len(plan.refs) else "")
+        + (f", {len(plan) - progress.done} up to date" if progress.done < len(plan) else "")
         + (f" ({kept} kept from changed shards)" if kept else "")
     )
-    return ExtractResult(len(plan.refs), n_ok, quarantined, progress.elapsed, summary, inputs)
+    return ExtractResult(len(plan), n_ok, quarantined, progress.elapsed, summary, inputs)
 
 
 def record_extract(plan: ShardPlan, cfg: Config, layout: RunLayout, result: ExtractResult) -> None:
     """The run's records of a finished extraction: the dataset manifest, the tar shards' stamps (not for
     benchmark layouts, whose listing is always read), and the quarantine (inputs rejected at listing
     included). No usable image at all fails the run."""
-    write_manifest(layout.dataset, manifest_rows(plan, result.inputs))
+    write_manifest(layout.dataset, manifest_table(plan, result.inputs))
     write_tar_stamps(layout.tar_stamps, plan, whole=cfg.protocol not in BENCHMARK_PROTOCOLS)
     listed = [{"path": k, "id": None, "stage": "ingest", "reason": r} for k, r in plan.problems]
     write_quarantine(layout.quarantine, result.quarantined + listed)
@@ -410,11 +413,12 @@ def extract_all(plan: ShardPlan, cfg: Config, layout: RunLayout) -> ExtractResul
     """Every shard of ``plan`` not yet up to date, one after the other, then ``finish_extract`` (inside a
     Ray session; the pipeline flow runs the same shards as Prefect tasks)."""
     todo = pending_shards(plan, cfg, layout)
-    progress = Progress("extract", sum(len(r) for r in todo.values()), log)
+    sizes = plan.shard_sizes()
+    progress = Progress("extract", sum(sizes[s] for s in todo), log)
     models = stage_models(cfg)
     try:
-        for shard, refs in todo.items():
-            extract_shard(refs, shard, plan.n_shards, cfg, layout, models, progress)
+        for shard in todo:
+            extract_shard(plan.refs_of(shard), shard, plan.n_shards, cfg, layout, models, progress)
     finally:
         models.close()
     return finish_extract(plan, cfg, layout, progress)

@@ -9,13 +9,18 @@ ground truth as ``gt/`` (the original ``*_query.txt``, ``_good/_ok/_junk`` lists
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from embedpipe.storage.contracts.errors import InputError
-from embedpipe.storage.dataset import ShardPlan, assign_shards, plan_listing
-from embedpipe.storage.inputs import InputRef, Listing, as_distractors, is_distractor
+from embedpipe.storage.dataset import ShardPlan, assign_shards, ordered_plan, plan_listing, previous_table
+from embedpipe.storage.inputs import DISTRACTOR_PREFIX, InputRef, Listing, as_distractors
 from embedpipe.workers.evaluate.protocols import BENCHMARK_PROTOCOLS, BenchmarkLayout, benchmark_layout
 from embedpipe.workers.ingest.sources import list_inputs, remote_shard_limits
 
@@ -57,44 +62,50 @@ def _digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def with_distractors(plan: ShardPlan, cfg: Config, previous: dict[str, int] | None) -> ShardPlan:
+def with_distractors(
+    plan: ShardPlan, cfg: Config, previous: pa.Table | Mapping[str, int] | None
+) -> ShardPlan:
     """``plan`` with the inputs of ``cfg.distractors`` after the collection's, in shards of their own
     (numbered after the collection's, stable against ``previous`` like any input), so that no part
     file mixes the two: the collection's parts are those of a run without distractors."""
     if not cfg.distractors:
         return plan
     extra = as_distractors(list_inputs(cfg.distractors))
-    if not extra.refs:
+    if not len(extra):
         raise InputError(f"no distractor images found at {cfg.distractors}")
-    previous = previous or {}
-    collection = set(plan.shards) | {s for k, s in previous.items() if not is_distractor(k)}
-    known = {k: s for k, s in previous.items() if is_distractor(k)}
-    # new distractor shards start after every shard so far (a dummy key holds the collection's last);
-    # new collection inputs likewise go after every earlier shard, so the two never share one
-    base = {**known, "\0collection": max(collection, default=-1)}
-    shards = assign_shards([r.key for r in extra.refs], plan.shard_size, base)
+    # new distractor shards start after every shard so far; new collection inputs likewise go after
+    # every earlier shard, so the two never share one
+    last = int(plan.shards[-1]) if len(plan) else -1
+    known, previous = None, previous_table(previous)
+    if previous is not None and previous.num_rows:
+        flags = pc.starts_with(previous.column("key"), DISTRACTOR_PREFIX)
+        earlier = pc.max(previous.filter(pc.invert(flags)).column("shard")).as_py()
+        last = max(last, -1 if earlier is None else int(earlier))
+        known = previous.filter(flags)
+    table = extra.table()
+    shards = assign_shards(table.column("key"), plan.shard_size, known, after=last)
     digest = hashlib.sha256(f"{plan.fingerprint}\0{extra.fingerprint()}\0".encode())
-    digest.update(",".join(map(str, shards)).encode())
-    refs, shards = plan.refs + tuple(extra.refs), plan.shards + tuple(shards)
-    order = sorted(range(len(shards)), key=lambda i: (shards[i], i))  # stream order: by shard
-    return ShardPlan(
+    both = pa.concat_tables([plan.table.drop_columns("shard"), table])
+    return ordered_plan(
         plan.source,
-        tuple(refs[i] for i in order),
-        tuple(shards[i] for i in order),
+        both,
+        np.concatenate([plan.shards, shards]),
         plan.problems + tuple(extra.problems),
         plan.shard_size,
-        digest.hexdigest()[:16],
+        digest,
+        digested=shards,  # the distractors' shards, in listing order
     )
 
 
-def run_inputs(cfg: Config, previous: dict[str, int] | None = None) -> RunInputs:
-    """The run's inputs for ``cfg`` (``previous``: key -> shard of an earlier plan of the same run); remote
-    tar shards are listed with the reads' limits (``ingest.timeout_s``, ``ingest.retries``)."""
+def run_inputs(cfg: Config, previous: pa.Table | None = None) -> RunInputs:
+    """The run's inputs for ``cfg`` (``previous``: the key and shard columns of an earlier plan of the
+    same run, ``storage.dataset.previous_shards``); remote tar shards are listed with the reads' limits
+    (``ingest.timeout_s``, ``ingest.retries``)."""
     with remote_shard_limits(cfg.ingest.timeout_s, cfg.ingest.retries):
         return _run_inputs(cfg, previous)
 
 
-def _run_inputs(cfg: Config, previous: dict[str, int] | None) -> RunInputs:
+def _run_inputs(cfg: Config, previous: pa.Table | None) -> RunInputs:
     if cfg.images is None:
         raise InputError("no images given (--images PATH or 'images:' in the config)")
     shard_size = cfg.extract.shard_size

@@ -5,14 +5,19 @@ without reading its unchanged tar shards again. The plan and the dataset manifes
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from pathlib import Path
+
+import pyarrow as pa
 
 from embedpipe.storage.contracts.layout import RunLayout
 from embedpipe.storage.dataset import ShardPlan, known_tars, plan_listing
 from embedpipe.workers.ingest.sources import known_tar_listings, list_inputs
 
 
-def plan_shards(source: str | Path, shard_size: int, previous: dict[str, int] | None = None) -> ShardPlan:
+def plan_shards(
+    source: str | Path, shard_size: int, previous: pa.Table | Mapping[str, int] | None = None
+) -> ShardPlan:
     """List ``source`` and cut it into shards (stable against ``previous``: key -> shard)."""
     return plan_listing(list_inputs(source), str(source), shard_size, previous)
 

@@ -142,17 +142,16 @@ def list_inputs(spec: str | Path) -> Listing:
     """Every input of ``spec`` (see the module doc). Raises ``InputError`` when ``spec`` names nothing."""
     spec = str(spec)
     if _shared_listings is not None and spec in _shared_listings:
-        done = _shared_listings[spec]
-        return Listing(list(done.refs), list(done.problems))
+        return _shared_listings[spec].copy()
     if not spec.strip():
         raise InputError("empty images path")
     listing = Listing()
     for one in expand_braces(spec):
         listing.extend(_list_one(one))
-    if not listing.refs and not listing.problems:
+    if not len(listing) and not listing.problems:
         raise InputError(f"no inputs found at {spec}")
     if _shared_listings is not None:
-        _shared_listings[spec] = Listing(list(listing.refs), list(listing.problems))
+        _shared_listings[spec] = listing.copy()
     return listing
 
 
@@ -219,7 +218,7 @@ def _list_folder(root: Path) -> Listing:
     base = root.resolve()
     for rel, entry in files:
         path = str(Path(entry.path).resolve() if entry.is_symlink() else base / rel)
-        listing.refs.append(InputRef(path, path, stamp=_stamp(entry)))
+        listing.add(InputRef(path, path, stamp=_stamp(entry)))
     return listing
 
 
@@ -247,7 +246,7 @@ def list_tar(path: Path) -> Listing:
     known = _known_tars().get(str(path))
     with contextlib.suppress(OSError):
         if known is not None and _stamp(path) == known[0]:
-            return Listing(list(known[1]))
+            return Listing.of_table(known[1])
     try:
         with tarfile.open(path, "r:") as tar:
             groups, extras = _tar_samples(tar)
@@ -299,7 +298,7 @@ def _tar_listing(
         if image is None:
             listing.problems.append((f"{uri}/{key}", "sample has no image member"))
             continue
-        listing.refs.append(
+        listing.add(
             InputRef(
                 f"{uri}/{image.name}",
                 uri,

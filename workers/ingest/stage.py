@@ -17,10 +17,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from embedpipe.storage.contracts.errors import DecodeError
 from embedpipe.storage.contracts.layout import write_json_atomic
-from embedpipe.storage.dataset import ShardPlan, manifest_rows, previous_shards, read_manifest, write_manifest
+from embedpipe.storage.dataset import (
+    ShardPlan,
+    manifest_table,
+    previous_shards,
+    read_manifest,
+    results_batch,
+    write_manifest,
+)
 from embedpipe.storage.tar_shards import ShardTarWriter, shard_name
 from embedpipe.workers.engines.ray_data import map_items
 from embedpipe.workers.engines.ray_stages import (
@@ -92,7 +101,7 @@ def _shard_fingerprints(plan: ShardPlan, max_side: int, cfg: Config) -> dict[int
     rotations = read_rotations(cfg.ingest.rotations) if cfg.ingest.rotations else {}
     settings = f"{max_side}\0{JPEG_QUALITY}\0{cfg.ingest.exif_orientation}\n".encode()
     digests: dict[int, Any] = {}
-    for ref, shard in zip(plan.refs, plan.shards, strict=True):
+    for ref, shard in zip(plan.refs, plan.shards.tolist(), strict=True):
         if shard not in digests:
             digests[shard] = hashlib.sha256(settings)
         digests[shard].update(ref.signature() + str(rotation_of(ref.key, rotations)).encode())
@@ -115,11 +124,9 @@ def run_ingest(source: str, out: Path, cfg: Config, max_side: int) -> IngestResu
         if done.get(str(s), {}).get("fingerprint") == fp and (out / shard_name(s)).exists()
     }
     previous = _previous_results(manifest_path, plan) if kept else {}
-    todo = [i for i, s in enumerate(plan.shards) if s not in kept]
-    log.info(
-        "ingest %s: %d inputs in %d shard(s), %d already done", source, len(plan.refs), len(fps), len(kept)
-    )
-    results: dict[int, dict] = {p: r for p, r in previous.items() if plan.shards[p] in kept}
+    todo = np.flatnonzero(~np.isin(plan.shards, sorted(kept)))
+    log.info("ingest %s: %d inputs in %d shard(s), %d already done", source, len(plan), len(fps), len(kept))
+    results: dict[int, dict] = {p: r for p, r in previous.items() if plan.shard_of(p) in kept}
     progress = Progress("ingest", len(todo), log)
     writers: dict[int, ShardTarWriter] = {}
     written: set[int] = set()
@@ -130,17 +137,18 @@ def run_ingest(source: str, out: Path, cfg: Config, max_side: int) -> IngestResu
         done[str(shard)] = {"fingerprint": fps[shard], "file": shard_name(shard)}
         write_json_atomic(done_file, done)
 
-    if todo:
+    if todo.size:
         with ray_session(cfg.ray):
-            items = input_items([plan.refs[i] for i in todo], ingest=cfg.ingest)
-            for row, pos in zip(items, todo, strict=True):
+            todo_refs = list(plan.refs.take(todo))
+            items = input_items(todo_refs, ingest=cfg.ingest)
+            for row, pos in zip(items, todo.tolist(), strict=True):
                 row["pos"] = pos
             batch_size = max(cfg.extract.batch_size, cfg.ingest.read_threads)  # a read per thread at least
             kwargs = {"max_side": max_side, "ingest": cfg.ingest}
             for batch in map_items(items, ingest_batch, kwargs, batch_size, cfg.ray, "ingest"):
                 for j, pos in enumerate(batch["pos"]):
                     pos = int(pos)
-                    shard, ref = plan.shards[pos], plan.refs[pos]
+                    shard, ref = plan.shard_of(pos), todo_refs[int(np.searchsorted(todo, pos))]
                     for s in [s for s in writers if s != shard]:
                         finish(s)
                     if shard not in writers:
@@ -159,26 +167,27 @@ def run_ingest(source: str, out: Path, cfg: Config, max_side: int) -> IngestResu
                 progress.update(len(batch["pos"]))
             for s in list(writers):
                 finish(s)
-        for s in sorted({plan.shards[p] for p in todo} - written):  # shards without a usable image
+        for s in sorted(set(np.unique(plan.shards[todo]).tolist()) - written):  # shards without an image
             ShardTarWriter(out / shard_name(s)).close()
             done[str(s)] = {"fingerprint": fps[s], "file": shard_name(s)}
         write_json_atomic(done_file, done)
-    rows = manifest_rows(plan, results)
-    write_manifest(manifest_path, rows)
-    n_bad = sum(r["status"] != "ok" for r in rows)
-    n_dup = sum(r["duplicate_of"] is not None for r in rows)
+    found = [results.get(i) for i in range(len(plan))]
+    manifest = manifest_table(plan, pa.Table.from_batches([results_batch(found)]))
+    write_manifest(manifest_path, manifest)
+    n, n_bad = manifest.num_rows, pc.sum(pc.not_equal(manifest.column("status"), "ok")).as_py() or 0
+    n_dup = n - manifest.column("duplicate_of").null_count
     summary = progress.finish(
-        f"{len(rows) - n_bad} ok, {n_bad} quarantined, {n_dup} exact duplicate(s), "
+        f"{n - n_bad} ok, {n_bad} quarantined, {n_dup} exact duplicate(s), "
         f"{len(fps) - len(kept)} shard(s) written, {len(kept)} kept, in {out}"
     )
-    return IngestResult(len(rows), len(rows) - n_bad, n_bad, n_dup, len(fps) - len(kept), len(kept), summary)
+    return IngestResult(n, n - n_bad, n_bad, n_dup, len(fps) - len(kept), len(kept), summary)
 
 
 def _previous_results(path: Path, plan: ShardPlan) -> dict[int, dict]:
     """Manifest rows of an earlier ingest, by position in ``plan`` (for the shards it completed)."""
     if not path.exists():
         return {}
-    position = {ref.key: i for i, ref in enumerate(plan.refs)}
+    position = {key: i for i, key in enumerate(plan.table.column("key").to_pylist())}
     out = {}
     for row in read_manifest(path).to_pylist():
         if row["key"] in position and row["shard"] >= 0:

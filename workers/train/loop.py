@@ -466,7 +466,7 @@ def train_loop(config: dict, ctx: TrainContext) -> None:
 def training_inputs(cfg: Config) -> tuple[list[InputRef], np.ndarray, str]:
     """The training images, their groups, and how positives are found: ``labels`` (groups of the labels
     or the Holidays layout) or ``verified`` (mined without labels; every image starts in its own group)."""
-    refs = list_inputs(cfg.images).refs
+    refs = list(list_inputs(cfg.images).refs)
     groups = groups_of([r.key for r in refs], [r.label for r in refs])
     has_groups = len(refs) > 0 and np.bincount(groups).max() >= 2
     mining = cfg.finetune.mining

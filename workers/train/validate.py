@@ -56,7 +56,7 @@ def validation_set(cfg: Config) -> ValidationSet:
     """The validation collection of ``finetune.validation``, its content ids and ground truth. Raises
     ``InputError`` when it has no query with a positive under ``finetune.validation_protocol``."""
     f = cfg.finetune
-    refs = list_inputs(f.validation).refs
+    refs = list(list_inputs(f.validation).refs)
     known = {r.key: r.label for r in refs if r.label is not None}
     keys = [r.key for r in refs]
     gt = ground_truth(f.validation_protocol, keys, str(f.validation), known)
@@ -82,7 +82,7 @@ def check_validation(cfg: Config) -> ValidationSet:
     """The validation collection of ``cfg``, checked: it has queries with positives and shares no image
     (by content) with the training collection ``cfg.images``."""
     val = validation_set(cfg)
-    train = list_inputs(cfg.images).refs
+    train = list(list_inputs(cfg.images).refs)
     check_disjoint(content_ids(train, cfg), [r.key for r in train], val)
     return val
 
