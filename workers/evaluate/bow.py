@@ -121,8 +121,7 @@ def evaluate_bow(layout: RunLayout, cfg: Config, descriptor: str) -> tuple[list[
     store = read_store_manifest(directory)
     k, m = int(store["dim"]), int(store["neighbours"])
     meta, words, weights = read_bow(directory)
-    paths = meta.column("path").to_pylist()
-    gt = run_ground_truth(layout, cfg, paths)
+    gt = run_ground_truth(layout, cfg, meta.column("path"))
     if gt is not None and gt.query_keys:
         raise InputError(f"{descriptor}: box-cropped queries ({cfg.protocol}) are not supported for BoW yet")
     start = time.perf_counter()

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import PurePath
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from embedpipe.storage.contracts.errors import InputError
 
 _HOLIDAYS_NAME = re.compile(r"^(\d{6})$")
+# a superset of the stems ``_HOLIDAYS_NAME`` accepts (Python's \d also takes non-ASCII digits, and its $
+# a final newline), for Arrow's RE2 to keep the rows that may be Holidays images
+_HOLIDAYS_CANDIDATE = r"^[0-9\x{80}-\x{10FFFF}]{6}\n?$"
+
+PathColumn = pa.Array | pa.ChunkedArray
 
 
 @dataclass(frozen=True)
@@ -64,27 +72,61 @@ def on_positions(
     )
 
 
+def string_column(values: PathColumn | Sequence[str]) -> pa.ChunkedArray:
+    """``values`` as one Arrow string column: an Arrow array as it is, a list of strings converted once."""
+    if isinstance(values, pa.ChunkedArray):
+        return values
+    if isinstance(values, pa.Array):
+        return pa.chunked_array([values])
+    return pa.chunked_array([pa.array(list(values), pa.string())])
+
+
+def flags(mask: PathColumn) -> np.ndarray:
+    """A boolean Arrow column as a numpy mask, nulls false."""
+    return np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool).reshape(-1)
+
+
+def file_stems(paths: PathColumn | Sequence[str]) -> pa.ChunkedArray:
+    """``PurePath(p).stem`` of every row, computed by Arrow: the last component that is neither empty
+    nor ``.``, less its last suffix (a dot with something before it and after it)."""
+    column = string_column(paths)
+    trimmed = pc.replace_substring_regex(column, r"(/\.?)*$", "")  # trailing "/" and "/." components
+    name = pc.replace_substring_regex(trimmed, r"(?s)^.*/", "")
+    name = pc.if_else(pc.equal(name, "."), pa.scalar("", name.type), name)  # "." or "./": no name
+    return pc.replace_substring_regex(name, r"(?s)^(.+)\.[^.]+$", r"\1")
+
+
 def holidays_imno(path: str) -> int | None:
     match = _HOLIDAYS_NAME.match(PurePath(path).stem)
     return int(match.group(1)) if match else None
 
 
-def holidays(paths: list[str]) -> GroundTruth:
+def holidays(paths: PathColumn | Sequence[str]) -> GroundTruth:
     """INRIA Holidays: ``NNNNNN.jpg``; query <=> imno % 100 == 0; group = imno // 100.
 
     Every image is in the database; a query's positives are the other images of its group and the query
     itself is removed from its own ranking (junk). Files not named in the layout stay in the database as
-    distractors."""
-    imnos = [holidays_imno(p) for p in paths]
-    groups = np.array([-1 if n is None else n // 100 for n in imnos])
-    queries = np.array([i for i, n in enumerate(imnos) if n is not None and n % 100 == 0], dtype=np.int64)
+    distractors. Over an Arrow path column (a list is converted), Arrow keeps the rows whose stem may be
+    an image number, and only those become Python strings (``holidays_imno`` decides on them)."""
+    column = string_column(paths)
+    candidates = np.flatnonzero(flags(pc.match_substring_regex(file_stems(column), _HOLIDAYS_CANDIDATE)))
+    imnos = [holidays_imno(p) for p in column.take(candidates).to_pylist()]
+    rows = candidates[np.array([n is not None for n in imnos], dtype=bool)]
+    numbers = np.array([n for n in imnos if n is not None], dtype=np.int64)
+    groups = np.full(len(column), -1, dtype=np.int64)
+    groups[rows] = numbers // 100
+    queries = rows[numbers % 100 == 0]
     if queries.size == 0:
         raise InputError(
             "holidays protocol: no query image (NNNNNN.jpg with NNNNNN % 100 == 0) among the inputs"
         )
+    order = np.argsort(groups[rows], kind="stable")  # each group's rows in database order
+    members, member_groups = rows[order], groups[rows][order]
+    starts = np.searchsorted(member_groups, groups[queries], side="left")
+    ends = np.searchsorted(member_groups, groups[queries], side="right")
     positives, junk = [], []
-    for q in queries:
-        same = np.flatnonzero(groups == groups[q])
+    for q, a, b in zip(queries, starts, ends, strict=True):
+        same = members[a:b]
         positives.append(same[same != q])
         junk.append(np.array([q], dtype=np.int64))
     return GroundTruth(queries, positives, junk, groups)
@@ -132,23 +174,26 @@ def labels(paths: list[str], root: str | None, known: dict[str, str] | None = No
 
 def ground_truth(
     protocol: str,
-    paths: list[str],
+    paths: PathColumn | Sequence[str],
     root: str | None = None,
     known_labels: dict[str, str] | None = None,
     benchmark: BenchmarkLayout | None = None,
 ) -> GroundTruth | None:
-    """The protocol's ground truth over the database ``paths`` (``root``: the dataset folder;
-    ``known_labels``: key -> label from the dataset manifest; ``benchmark``: the Oxford/Paris layout)."""
+    """The protocol's ground truth over the database ``paths``, an Arrow string column (a list is
+    converted) (``root``: the dataset folder; ``known_labels``: key -> label from the dataset manifest;
+    ``benchmark``: the Oxford/Paris layout). Holidays and Oxford/Paris turn only the rows their layout
+    may name into Python strings; UKBench and labels, where every row queries, all of them."""
+    column = string_column(paths)
     if protocol in BENCHMARK_PROTOCOLS:
         if benchmark is None:
             raise InputError(f"{protocol} protocol: no ground truth given")
-        return benchmark_ground_truth(benchmark, paths)
+        return benchmark_ground_truth(benchmark, column)
     if protocol == "holidays":
-        return holidays(paths)
+        return holidays(column)
     if protocol == "ukbench":
-        return ukbench(paths)
+        return ukbench(column.to_pylist())
     if protocol == "labels":
-        return labels(paths, root, known_labels)
+        return labels(column.to_pylist(), root, known_labels)
     if protocol == "none":
         return None
     raise InputError(f"unknown protocol '{protocol}'")
@@ -255,10 +300,25 @@ def benchmark_layout(protocol: str, gt_path: str) -> BenchmarkLayout:
     )
 
 
-def benchmark_ground_truth(layout: BenchmarkLayout, paths: list[str]) -> GroundTruth:
-    """Map the layout's image names onto database rows (by file stem). Revisited protocols give the
-    medium setup with easy/medium/hard in ``setups``; classic ones their single ok/junk setup."""
-    row = {PurePath(p).stem: i for i, p in enumerate(paths)}
+def benchmark_ground_truth(layout: BenchmarkLayout, paths: PathColumn | Sequence[str]) -> GroundTruth:
+    """Map the layout's image names onto database rows (by file stem; the last row of a name). Revisited
+    protocols give the medium setup with easy/medium/hard in ``setups``; classic ones their single
+    ok/junk setup. Over an Arrow path column (a list is converted), only the rows whose stem is one of
+    the layout's image names become Python strings."""
+    column = string_column(paths)
+    names = set(layout.imlist)
+    value_set = pa.array(sorted(names), column.type)
+    candidates = np.flatnonzero(flags(pc.is_in(file_stems(column), value_set=value_set)))
+    row = {}
+    for i, p in zip(candidates.tolist(), column.take(candidates).to_pylist(), strict=True):
+        stem = PurePath(p).stem
+        if stem in names:
+            row[stem] = i  # the last row of a name, as a dict over every row keeps it
+    return _benchmark_rows(layout, row, len(column))
+
+
+def _benchmark_rows(layout: BenchmarkLayout, row: dict[str, int], n: int) -> GroundTruth:
+    """The layout's ground truth with image names mapped to database rows by ``row`` (of ``n`` rows)."""
     missing: dict[str, int] = {}
 
     def rows_of(indices) -> np.ndarray:
@@ -268,7 +328,7 @@ def benchmark_ground_truth(layout: BenchmarkLayout, paths: list[str]) -> GroundT
             if name in row:
                 out.append(row[name])
             else:
-                out.append(missing.setdefault(name, len(paths) + len(missing)))
+                out.append(missing.setdefault(name, n + len(missing)))
         return np.asarray(out, dtype=np.int64)
 
     mapped = [

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import pyarrow.compute as pc
+
 from embedpipe.storage.contracts.layout import RunLayout
 from embedpipe.storage.dataset import read_manifest
-from embedpipe.storage.inputs import is_distractor
+from embedpipe.storage.inputs import DISTRACTOR_PREFIX
 from embedpipe.storage.quarantine import read_quarantine
 from embedpipe.workers.descriptors.local import encoding_of
 from embedpipe.workers.evaluate.bow import evaluate_bow
+from embedpipe.workers.evaluate.protocols import flags
 from embedpipe.workers.evaluate.stage import index_and_evaluate, precision_change
 
 if TYPE_CHECKING:
@@ -23,8 +27,10 @@ def distractor_count(layout: RunLayout) -> int:
     manifest = read_manifest(layout.dataset)
     if manifest is None:
         return 0
-    keys, status = (manifest.column(c).to_pylist() for c in ("key", "status"))
-    return sum(is_distractor(k) for k, s in zip(keys, status, strict=True) if s == "ok")
+    usable = pc.and_(
+        pc.starts_with(manifest.column("key"), DISTRACTOR_PREFIX), pc.equal(manifest.column("status"), "ok")
+    )
+    return int(np.count_nonzero(flags(usable)))
 
 
 def evaluate_run(cfg: Config, layout: RunLayout, n_images: int, incremental: bool = False) -> dict[str, Any]:

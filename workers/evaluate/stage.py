@@ -7,12 +7,13 @@ import json
 import logging
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
+import pyarrow.compute as pc
 
 from embedpipe.storage import index_versions
 from embedpipe.storage.artifacts import load_npz, save_npy, save_npz
@@ -21,7 +22,7 @@ from embedpipe.storage.contracts.layout import RunLayout, write_json_atomic
 from embedpipe.storage.dataset import labels_by_key
 from embedpipe.storage.features import read_features, read_parts, read_store_manifest
 from embedpipe.storage.index_folder import index_layout
-from embedpipe.storage.inputs import is_distractor
+from embedpipe.storage.inputs import DISTRACTOR_PREFIX
 from embedpipe.workers.descriptors.local import is_classical
 from embedpipe.workers.evaluate.dba_parts import DBA_DIR, augment_sharded
 from embedpipe.workers.evaluate.metrics import (
@@ -35,9 +36,12 @@ from embedpipe.workers.evaluate.probes import linear_probe_scores
 from embedpipe.workers.evaluate.protocols import (
     BENCHMARK_PROTOCOLS,
     GroundTruth,
+    PathColumn,
     benchmark_layout,
+    flags,
     ground_truth,
     on_positions,
+    string_column,
 )
 from embedpipe.workers.evaluate.rerank import (
     alpha_qe,
@@ -70,32 +74,42 @@ KAPPAS = (1, 5, 10)
 SHOTS = (1, 5, 10)
 
 
-def run_ground_truth(layout: RunLayout, cfg: Config, paths: list[str]) -> GroundTruth | None:
-    """The protocol's ground truth for a run's database ``paths`` (labels from its dataset manifest,
-    Oxford/Paris ground truth from the benchmark's files). Distractors (``distractors:``) are never
-    queries or positives: the ground truth is that of the collection's rows, restated over all rows."""
+def run_ground_truth(layout: RunLayout, cfg: Config, paths: PathColumn | Sequence[str]) -> GroundTruth | None:
+    """The protocol's ground truth for a run's database ``paths``, the store's Arrow path column (a list
+    is converted) (labels from its dataset manifest, Oxford/Paris ground truth from the benchmark's
+    files). Distractors (``distractor:``) are never queries or positives, nor Python strings: the
+    ground truth is that of the collection's rows, restated over all rows."""
+    column = string_column(paths)
     images = cfg.images
     root = str(Path(images).resolve()) if images and Path(images).is_dir() else None
     bench = None
     if cfg.protocol in BENCHMARK_PROTOCOLS:
         bench = benchmark_layout(cfg.protocol, str(ground_truth_path(cfg)))
-    collection, _ = database_split(paths)
-    if len(collection) == len(paths):
-        return ground_truth(cfg.protocol, paths, root, labels_by_key(layout.dataset), bench)
-    gt = ground_truth(
-        cfg.protocol, [paths[i] for i in collection], root, labels_by_key(layout.dataset), bench
-    )
-    return None if gt is None else on_positions(gt, collection, len(paths))
+    known = labels_by_key(layout.dataset) if cfg.protocol == "labels" else None
+    collection = np.flatnonzero(~_distractor_flags(column))
+    if len(collection) == len(column):
+        return ground_truth(cfg.protocol, column, root, known, bench)
+    gt = ground_truth(cfg.protocol, column.take(collection), root, known, bench)
+    return None if gt is None else on_positions(gt, collection, len(column))
 
 
-def database_split(paths: list[str], ids: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(positions of the collection's rows, positions of the distractors' rows); the distractors in
-    the order the distractor curve adds them: by content id (``ids``), else as stored."""
-    flags = np.fromiter((is_distractor(p) for p in paths), bool, len(paths))
-    distractors = np.flatnonzero(flags)
+def database_split(
+    paths: PathColumn | Sequence[str], ids: PathColumn | Sequence[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(positions of the collection's rows, positions of the distractors' rows), from the Arrow
+    ``path`` column; the distractors in the order the distractor curve adds them: by content id
+    (``ids``, ties in stored order), else as stored."""
+    distractor = _distractor_flags(string_column(paths))
+    distractors = np.flatnonzero(distractor)
     if ids is not None and distractors.size:
-        distractors = distractors[np.argsort(np.array([ids[i] for i in distractors]), kind="stable")]
-    return np.flatnonzero(~flags), distractors
+        order = pc.sort_indices(string_column(ids).take(distractors))  # a stable sort
+        distractors = distractors[order.to_numpy()]
+    return np.flatnonzero(~distractor), distractors
+
+
+def _distractor_flags(paths: PathColumn) -> np.ndarray:
+    """Whether each row of the Arrow ``path`` column is a distractor (``distractor:``)."""
+    return flags(pc.starts_with(paths, DISTRACTOR_PREFIX))
 
 
 def ranking_depth(cfg: Config, n_database: int) -> int:
@@ -525,9 +539,9 @@ def index_and_evaluate(
     and each result row's ``{descriptor, post, rerank, map, map_fp32, change}`` appended to it."""
     meta = read_parts(layout.feature_dir(descriptor), ["id", "path"])  # no vectors: they stay in the store
     store = read_store_manifest(layout.feature_dir(descriptor))
-    paths = [] if meta is None else meta.column("path").to_pylist()
+    paths = string_column([]) if meta is None else meta.column("path")
     gt = run_ground_truth(layout, cfg, paths)
-    collection, distractors = database_split(paths, [] if meta is None else meta.column("id").to_pylist())
+    collection, distractors = database_split(paths, None if meta is None else meta.column("id"))
     depth = ranking_depth(cfg, len(paths))
     external = query_vectors(layout, cfg, descriptor, gt) if gt is not None else {}
     rows = []

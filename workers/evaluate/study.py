@@ -101,13 +101,13 @@ def compression_study(
 ) -> list[dict[str, Any]]:
     """Rows {"descriptor", "dim", "index", "bytes_per_vector", "map", "time_s"} (and ``map_easy``,
     ``map_medium``, ``map_hard`` for the revisited protocols) for every descriptor and candidate, sorted by
-    descriptor then bytes per vector. ``gt_of(paths)`` gives the ground truth; ``queries_of(descriptor,
-    gt)`` the descriptors of external (box-cropped) queries, in query order, when the ground truth has
-    them."""
+    descriptor then bytes per vector. ``gt_of(paths)`` gives the ground truth of a store's Arrow ``path``
+    column (``run_ground_truth`` takes it as it is); ``queries_of(descriptor, gt)`` the descriptors of
+    external (box-cropped) queries, in query order, when the ground truth has them."""
     rows = []
     for descriptor, directory in feature_dirs.items():
         meta, x = read_features(directory)
-        gt = gt_of(meta.column("path").to_pylist())
+        gt = gt_of(meta.column("path"))
         queries = None
         if gt.query_keys:
             if queries_of is None:

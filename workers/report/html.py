@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -38,6 +39,7 @@ MAX_TSNE_POINTS = 2000
 # 250 early-exaggeration + 250 plain iterations: half scikit-learn's default and about half its time;
 # the map is drawn in every run and reindex
 TSNE_ITERATIONS = 500
+MAX_AP_NAMES = 60  # the per-query AP bars are named up to this many queries
 MAX_DENSE_BOW = 20_000_000  # BoW rows x vocabulary: above this the report draws no t-SNE map
 COLUMNS = [
     ("descriptor", "descriptor"),
@@ -168,7 +170,7 @@ def _ap_figure(aps: np.ndarray, names: list[str], label: str) -> str:
     ax = fig.subplots()
     ax.bar(range(len(aps)), np.nan_to_num(aps), color=["#1a9c44" if a >= 0.9 else "#d9822b" for a in aps])
     ax.set(ylabel="AP", ylim=(0, 1.02), title=f"per-query AP: {label}")
-    if len(names) <= 60:
+    if len(aps) <= MAX_AP_NAMES:
         ax.set_xticks(range(len(aps)), names, rotation=90, fontsize=7)
     ax.grid(axis="y", alpha=0.3)
     return _figure_png(fig)
@@ -212,21 +214,29 @@ def _grids(
     ranks: np.ndarray,
     gt: GroundTruth,
     aps: np.ndarray,
-    paths: list[str],
-    query_paths: list[str],
-    locate: dict[str, tuple[str, int, int]],
+    paths: pa.ChunkedArray,
+    query_paths: pa.ChunkedArray,
+    dataset: Path,
 ) -> str:
+    """The hardest queries' result grids; only the paths of the rows shown are read out of ``paths``
+    and ``query_paths`` (the database's and the queries' Arrow path columns), and only their locations
+    out of the ``dataset`` manifest."""
     order = np.argsort(np.nan_to_num(aps, nan=2.0), kind="stable")[:GRID_QUERIES]  # hardest first
+    shown = ranks[order, :GRID_RESULTS]
+    rows = np.where(shown < 0, shown + len(paths), shown)  # a -1 pad shows the last row, as list indexing
+    queries = query_paths.take(order).to_pylist()
+    results = paths.take(rows.reshape(-1)).to_pylist()
+    locate = locations(dataset, [*queries, *results])
     out = [
         "<p class='muted'>Hardest queries first. Borders: blue query, green positive, red negative, "
         "grey junk (ignored).</p>"
     ]
-    for qi in order:
-        cells = [_cell(query_paths[qi], locate, "q", f"query · AP {_fmt(float(aps[qi]))}")]
-        for rank, r in enumerate(ranks[qi][:GRID_RESULTS]):
+    for i, qi in enumerate(order):
+        cells = [_cell(queries[i], locate, "q", f"query · AP {_fmt(float(aps[qi]))}")]
+        row_paths = results[i * shown.shape[1] : (i + 1) * shown.shape[1]]
+        for rank, (r, path) in enumerate(zip(shown[i], row_paths, strict=True)):
             kind = "junk" if r in gt.junk[qi] else "pos" if r in gt.positives[qi] else "neg"
-            name = Path(paths[int(r)]).name
-            cells.append(_cell(paths[int(r)], locate, kind, f"#{rank + 1} {name}"))
+            cells.append(_cell(path, locate, kind, f"#{rank + 1} {Path(path).name}"))
         out.append("<div class='grid'>" + "".join(cells) + "</div>")
     return "\n".join(out)
 
@@ -237,9 +247,9 @@ def _cell(path: str, locate: dict[str, tuple[str, int, int]], kind: str, caption
     return f"<div class='{kind}'>{img}{html.escape(caption)}</div>"
 
 
-def _result_vectors(layout: RunLayout, config: Any, row: dict[str, Any]) -> tuple[list[str], Any]:
-    """The paths of the row's database and its vectors (for the t-SNE map): dense BoW rows when small
-    enough, else the store read by position (only the sampled rows are read)."""
+def _result_vectors(layout: RunLayout, config: Any, row: dict[str, Any]) -> tuple[pa.ChunkedArray, Any]:
+    """The Arrow path column of the row's database and its vectors (for the t-SNE map): dense BoW rows
+    when small enough, else the store read by position (only the sampled rows are read)."""
     from embedpipe.workers.evaluate.stage import database_variants
 
     if row.get("index") == "inverted-file":  # bag of words: the tf-idf rows, dense when small enough
@@ -248,8 +258,8 @@ def _result_vectors(layout: RunLayout, config: Any, row: dict[str, Any]) -> tupl
         meta, words, weights = read_bow(layout.feature_dir(row["descriptor"]))
         dense = len(words) * int(row["dim"]) <= MAX_DENSE_BOW
         x = bow_vectors(words, weights, int(row["dim"]), config)[0].toarray() if dense else None
-        return meta.column("path").to_pylist(), x
-    paths = read_parts(layout.feature_dir(row["descriptor"]), ["path"]).column("path").to_pylist()
+        return meta.column("path"), x
+    paths = read_parts(layout.feature_dir(row["descriptor"]), ["path"]).column("path")
     chosen = dict(database_variants(layout, config, row["descriptor"]))
     return paths, chosen.get(row["post"], chosen["l2"])
 
@@ -437,23 +447,23 @@ def _evaluation_sections(
     gt = run_ground_truth(layout, config, paths)
     assert gt is not None
     if gt.query_keys:  # external box-cropped queries: shown from their source images
-        query_paths = read_features(layout.query_dir(top["descriptor"]))[0].column("path").to_pylist()
+        query_paths = read_features(layout.query_dir(top["descriptor"]))[0].column("path")
     else:
-        query_paths = [paths[int(q)] for q in gt.queries]
+        query_paths = paths.take(gt.queries)
     curves = {}
     shown = [r for r in results if r.get("rerank", "none") == "none"] + [top]
     for r in shown[:9]:
         curves[row_label(r)] = pr_curve(np.load(layout.report_dir / r["ranks_file"]), gt)
     ranks = np.load(layout.report_dir / top["ranks_file"])
     aps = compute_map(ranks, gt.positives, gt.junk)["aps"]
-    names = [Path(p).stem for p in query_paths]
+    names = [Path(p).stem for p in query_paths.to_pylist()] if len(aps) <= MAX_AP_NAMES else []
     out = [
         "<h2 id='pr'>Precision–recall</h2>",
         f"<figure><img alt='precision-recall curves' src='{_pr_figure(curves)}'></figure>",
         "<h2 id='per-query'>Per-query AP</h2>",
         f"<figure><img alt='per-query AP' src='{_ap_figure(aps, names, row_label(top))}'></figure>",
         f"<h2 id='queries'>Example queries ({html.escape(row_label(top))})</h2>",
-        _grids(ranks, gt, aps, paths, query_paths, locations(layout.dataset)),
+        _grids(ranks, gt, aps, paths, query_paths, layout.dataset),
     ]
     tsne = None if vectors is None else _tsne_figure(vectors, gt, int(getattr(config, "seed", 0)))
     if tsne:
