@@ -72,15 +72,29 @@ def groups_for(rows: int) -> int:
     return min(GROUPS, rows // (20 * (1 + POSITIVES)))
 
 
-def factory_for(smallest: int, dim: int) -> str:
-    """One compressed IVF-PQ factory for every size (so time per row compares one index), trainable at
-    the smallest size: nlist a power of two with at least 39 training rows per list (at most 1024); PQ
-    with sub-vectors of at least 4 dims of the whitened variant (``whitened_dim``)."""
+ROWS_PER_LIST = 256  # database rows per inverted list (at least): nlist grows with the collection
+TRAIN_PER_LIST = 40  # training rows per list (faiss warns under 39)
+
+
+def nlist_for(rows: int) -> int:
+    """Inverted lists of a size's index: a power of two with at least ``ROWS_PER_LIST`` rows each, so a
+    query visiting ``nprobe`` lists scans about as many rows at every size."""
     nlist = 16
-    while nlist * 2 <= min(1024, smallest // 39):
+    while nlist * 2 * ROWS_PER_LIST <= rows:
         nlist *= 2
+    return nlist
+
+
+def factory_for(rows: int, dim: int) -> str:
+    """The compressed IVF-PQ factory of a size: ``nlist_for(rows)`` lists, PQ with sub-vectors of at
+    least 4 dims of the whitened variant (``whitened_dim``), the same code size at every size."""
     m = max(1, min(32, whitened_dim(dim) // 4))
-    return f"IVF{nlist},PQ{m}"
+    return f"IVF{nlist_for(rows)},PQ{m}"
+
+
+def train_size_for(rows: int) -> int:
+    """``index.train_size`` of a size: the default 100,000, or enough rows for every list."""
+    return max(100_000, TRAIN_PER_LIST * nlist_for(rows))
 
 
 def whitened_dim(dim: int) -> int:
@@ -319,7 +333,12 @@ def scale_config(run: Path, images: str, rows: int, dim: int, factory: str) -> A
             "seed": 0,
             "extract": {"descriptors": ["gem"], "shard_size": part_rows(rows)},
             "fit": {"whiten": True, "dim": whitened_dim(dim)},
-            "index": {"factory": factory, "layout": "sharded", "engine": "ray"},
+            "index": {
+                "factory": factory,
+                "train_size": train_size_for(rows),
+                "layout": "sharded",
+                "engine": "ray",
+            },
             "rerank": {"methods": ["aqe", "dba"]},
             "eval": {"top_k": TOP_K, "distractor_steps": [distractors // 4, distractors // 2]},
         }
@@ -367,7 +386,7 @@ def one_size(rows: int, dim: int, factory: str, work: Path) -> dict[str, Any]:
     with MemorySampler() as mem:
         start = time.perf_counter()
         plan = run_inputs(cfg).plan
-        inputs = len(plan.refs)
+        inputs = len(plan)
         del plan  # a run writes the plan to its dataset manifest and keeps no listing
         stages["plan"] = time.perf_counter() - start
         stage_rss["plan"] = mem.mark()
@@ -427,11 +446,12 @@ def _run_size(rows: int, dim: int, factory: str, work: Path) -> dict[str, Any]:
 
 def bench_scale(sizes: list[int], dim: int, work: Path) -> dict[str, Any]:
     started = time.gmtime()
-    factory = factory_for(sizes[0], dim)
     measured = []
     for rows in sizes:
         log.info("bench scale: %d rows", rows)
-        measured.append(_run_size(rows, dim, factory, work))
+        measured.append(
+            {**_run_size(rows, dim, factory_for(rows, dim), work), "factory": factory_for(rows, dim)}
+        )
     small, large = measured[0], measured[-1]
 
     def per_row(size: dict[str, Any]) -> float:
@@ -440,7 +460,8 @@ def bench_scale(sizes: list[int], dim: int, work: Path) -> dict[str, Any]:
     return {
         "name": "scale",
         "dim": dim,
-        "factory": factory,
+        "factory_rule": "IVF<nlist>,PQ<m> per size (sizes[].factory): nlist grows with the rows, "
+        f"{ROWS_PER_LIST}+ rows per list; index.train_size max(100000, {TRAIN_PER_LIST} x nlist)",
         "rerank": ["aqe", "dba"],
         "sizes": measured,
         "rss_ratio": round(large["driver_peak_rss_mb"] / small["driver_peak_rss_mb"], 4),
