@@ -53,10 +53,6 @@ class ShardPlan:
         return self.table.column("shard").to_numpy().astype(np.int64)
 
     @property
-    def paths(self) -> list[str]:
-        return self.table.column("key").to_pylist()
-
-    @property
     def n_shards(self) -> int:
         return int(self.shards[-1]) + 1 if len(self) else 1
 
@@ -252,12 +248,6 @@ def manifest_table(plan: ShardPlan, results: pa.Table) -> pa.Table:
         for key, why in plan.problems
     ]
     return pa.concat_tables([planned, pa.Table.from_pylist(listed, schema=MANIFEST_SCHEMA)])
-
-
-def manifest_rows(plan: ShardPlan, results: dict[int, dict]) -> list[dict]:
-    """``manifest_table``'s rows as dicts (``results``: position -> {id, bytes, width, height, reason})."""
-    table = pa.Table.from_batches([results_batch([results.get(i) for i in range(len(plan))])])
-    return manifest_table(plan, table).to_pylist()
 
 
 def write_manifest(path: Path, manifest: pa.Table | list[dict]) -> None:

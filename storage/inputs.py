@@ -3,7 +3,7 @@ input), ``Listing`` (the inputs of a source) and ``KnownTars`` (tar shards liste
 
 A listing keeps its inputs as Arrow record batches (``REF_SCHEMA``), not as one Python object per input:
 ``RefView`` reads them back as ``InputRef``s a chunk at a time, so a collection of millions of inputs costs
-its column bytes (about a hundred bytes an input) where a list of objects cost several times that.
+its column bytes, not an object and its strings per input (docs/scaling.md has the measurement).
 
 Listing itself (every form ``--images`` accepts) and reading inputs are in ``workers.ingest.sources``.
 """
@@ -38,6 +38,7 @@ class InputRef:
 
 
 def signature(key: str, uri: str, offset: int, length: int, label: str | None, stamp: str) -> bytes:
+    """``InputRef.signature`` from the fields themselves (a listing's columns need no object)."""
     return f"{key}\0{uri}\0{offset}\0{length}\0{label}\0{stamp}\n".encode()
 
 

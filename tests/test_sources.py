@@ -15,9 +15,10 @@ from embedpipe.storage.contracts.errors import DecodeError, InputError
 from embedpipe.storage.dataset import (
     assign_shards,
     known_tars,
-    manifest_rows,
+    manifest_table,
     plan_listing,
     previous_shards,
+    results_batch,
     write_manifest,
     write_tar_stamps,
 )
@@ -35,6 +36,12 @@ from embedpipe.workers.ingest.sources import (
 from tests.ftp_fixture import ftp_server
 from tests.helpers import write_webdataset
 from tests.http_fixture import HOSTILE, serve, write_tar
+
+
+def _manifest(plan, results: dict[int, dict]) -> pa.Table:
+    """The dataset manifest of ``plan`` with ``results`` (position -> what reading the input gave)."""
+    found = results_batch([results.get(i) for i in range(len(plan))])
+    return manifest_table(plan, pa.Table.from_batches([found]))
 
 
 def test_brace_expansion():
@@ -144,7 +151,7 @@ def test_unchanged_tar_shards_are_listed_from_the_last_plan(tmp_path, small_holi
             tar.addfile(info, io.BytesIO(data))
     listing = list_inputs(root)
     plan = plan_listing(listing, str(root), 4)
-    write_manifest(tmp_path / "dataset.parquet", manifest_rows(plan, {}))
+    write_manifest(tmp_path / "dataset.parquet", _manifest(plan, {}))
     write_tar_stamps(tmp_path / "stamps.json", plan)
     known = known_tars(tmp_path / "dataset.parquet", tmp_path / "stamps.json")
     assert sorted(known) == sorted(str(p.resolve()) for p in shards)  # not the shard with a problem
@@ -240,15 +247,15 @@ def test_shard_plan_is_stable_when_files_are_added(tmp_path, small_holidays):
     for f in files[::2]:
         (root / f.name).write_bytes(f.read_bytes())
     first = plan_shards(root, 4)
-    write_manifest(tmp_path / "dataset.parquet", manifest_rows(first, {}))
-    before = dict(zip(first.paths, first.shards.tolist(), strict=True))
+    write_manifest(tmp_path / "dataset.parquet", _manifest(first, {}))
+    before = dict(zip(first.table.column("key").to_pylist(), first.shards.tolist(), strict=True))
     previous = previous_shards(tmp_path / "dataset.parquet")
     assert dict(zip(*(previous.column(c).to_pylist() for c in ("key", "shard")), strict=True)) == before
     for f in files[1::2]:  # new files sort between the old ones
         (root / f.name).write_bytes(f.read_bytes())
     second = plan_shards(root, 4, previous)
     assert plan_shards(root, 4, before).table.equals(second.table)  # a mapping plans alike
-    after = dict(zip(second.paths, second.shards, strict=True))
+    after = dict(zip(second.table.column("key").to_pylist(), second.shards.tolist(), strict=True))
     assert all(after[k] == s for k, s in before.items())
     assert min(after[k] for k in after if k not in before) == max(before.values()) + 1
     assert list(second.shards) == sorted(second.shards)  # stream order is shard order
@@ -268,7 +275,7 @@ def test_manifest_marks_duplicates_and_quarantine(tmp_path, small_holidays):
         1: {"id": "h1", "bytes": 9, "width": 4, "height": 3},
         2: {"id": "h0", "bytes": 0, "reason": "empty file"},
     }
-    rows = manifest_rows(plan, results)
+    rows = _manifest(plan, results).to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok", "quarantined"]
     assert rows[1]["duplicate_of"] == rows[0]["key"] and rows[0]["duplicate_of"] is None
     assert rows[2]["reason"] == "empty file" and rows[2]["width"] is None
