@@ -250,9 +250,7 @@ def manifest_table(plan: ShardPlan, results: pa.Table) -> pa.Table:
     return pa.concat_tables([planned, pa.Table.from_pylist(listed, schema=MANIFEST_SCHEMA)])
 
 
-def write_manifest(path: Path, manifest: pa.Table | list[dict]) -> None:
-    if not isinstance(manifest, pa.Table):
-        manifest = pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA)
+def write_manifest(path: Path, manifest: pa.Table) -> None:
     with atomic_path(path) as tmp:
         pq.write_table(manifest, tmp, compression="zstd")
 

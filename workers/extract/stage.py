@@ -352,7 +352,8 @@ def finish_extract(plan: ShardPlan, cfg: Config, layout: RunLayout, progress: Pr
     records = ShardRecords(layout.shard_records("extract"))
     missing, stores, kept = [], {}, 0
     batches, quarantined = [], []
-    for shard in plan.shard_numbers():  # plan order; the Python objects of one shard at a time
+    numbers = plan.shard_numbers()
+    for shard in numbers:  # plan order; the Python objects of one shard at a time
         record = records.read(shard)
         if record is None:
             missing.append(shard)
@@ -383,7 +384,7 @@ def finish_extract(plan: ShardPlan, cfg: Config, layout: RunLayout, progress: Pr
     for name in cfg.extract.descriptors:  # fp32 references of an earlier config of the run
         if reference_name(name) not in wanted:
             shutil.rmtree(layout.feature_dir(reference_name(name)), ignore_errors=True)
-    records.prune(set(plan.shard_numbers()))
+    records.prune(set(numbers))
     inputs = pa.Table.from_batches(batches, schema=RESULT_SCHEMA)
     n_ok = len(plan) - len(quarantined)
     ids = inputs.column("id").filter(pc.is_null(inputs.column("reason")))
