@@ -1,7 +1,8 @@
-"""A Ray worker killed with -9 while it fills its part of an index, or while it searches its shard of a
-sharded index, or while it computes DBA for its store part: Ray runs the task again and the merged
-index is the same, code for code and id for id, as one process filling every part; the merged top-k,
-and DBA's neighbour lists and vectors, the same as an uninterrupted run's."""
+"""A Ray worker killed with -9 while it fills its part of an index (or writes its shard file), or while
+it searches its shard of a sharded index, or while it computes DBA for its store part: Ray runs the
+task again and the merged index is the same, code for code and id for id, as one process filling every
+part (the shard files byte for byte); the merged top-k, and DBA's neighbour lists and vectors, the same
+as an uninterrupted run's."""
 
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ import pytest
 from embedpipe.flows.benchmarks.store import synthetic_store
 from embedpipe.storage.contracts.config import Config, IndexConfig, RayConfig
 from embedpipe.storage.features import read_features
-from embedpipe.storage.index_folder import read_version
+from embedpipe.storage.index_folder import read_ids, read_version
 from embedpipe.workers.engines.ray_stages import ray_session
 from embedpipe.workers.evaluate.dba_parts import PARTS_DIR, augment_sharded, read_lists
 from embedpipe.workers.evaluate.search import ShardedIndex, StoreRows
 from embedpipe.workers.index import ann
-from embedpipe.workers.index.build import fill_from_store, publish_store_index
+from embedpipe.workers.index.build import fill_from_store, publish_shards, publish_store_index
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +61,33 @@ def test_worker_killed_during_the_index_fill_gives_the_same_index(tmp_path):
     for ours, theirs in zip(ann.codes_of(index), ann.codes_of(reference), strict=True):
         assert np.array_equal(ours, theirs)
     assert ids.equals(ref_ids)
+
+
+def test_worker_killed_during_the_sharded_fill_gives_the_same_shard_files(tmp_path):
+    """A sharded index's shards are written by the fill tasks themselves: one killed mid-part is run
+    again, and every shard file and the ids are those of one process filling every part."""
+    store = synthetic_store(tmp_path / "store", 120_000, 64, 4)
+    _, x = read_features(store)
+    trained = ann.serialize(ann.train_index("IVF64,PQ16", x[:20_000], seed=0))
+    reference = publish_shards(tmp_path / "local", store, trained, "local")
+    killed: list[int] = []
+    stop = threading.Event()
+    with ray_session(RayConfig(num_cpus=2)):
+        killer = threading.Thread(target=_kill_first, args=("ray::_ray_fill_shard", killed, stop))
+        killer.start()
+        try:
+            version = publish_shards(tmp_path / "ray", store, trained, "ray", max_retries=3)
+        finally:
+            stop.set()
+            killer.join()
+    assert len(killed) == 1
+    files = sorted(p.relative_to(version) for p in version.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
+    assert len([f for f in files if f.suffix == ".faiss"]) == 5  # four shards and the trained index
+    for name in files:
+        if name.suffix != ".parquet":
+            assert (version / name).read_bytes() == (reference / name).read_bytes(), name
+    assert read_ids(version).equals(read_ids(reference)) and read_ids(version).num_rows == 120_000
 
 
 def test_worker_killed_during_the_sharded_search_gives_the_same_ranking(tmp_path):

@@ -22,12 +22,14 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from embedpipe.storage import index_versions
 from embedpipe.storage.contracts.errors import InputError, RunFailed
 from embedpipe.storage.contracts.layout import atomic_dir, write_error
 from embedpipe.storage.features import part_row_counts, read_part, read_parts, read_store_manifest, vectors_of
 from embedpipe.storage.index_folder import (
+    IDS_FILE,
     INDEX_FILE,
     IVFDATA_FILE,
     SHARDS_DIR,
@@ -95,6 +97,22 @@ def _ray_fill(trained: np.ndarray, path: str, row0: int, transform: Transform, m
     faiss.omp_set_num_threads(1)  # one CPU per task
     out = fill_part(trained, path, row0, transform) if merge else gather_part(path, row0, transform)
     return *out, current_node()
+
+
+def fill_shard(trained: np.ndarray, path: str, row0: int, transform: Transform, out: str) -> pa.Table:
+    """One shard written where the part is read: a copy of the trained index filled with the part's
+    vectors, written to ``out`` (a shard file of a version being written). Returns the part's ids."""
+    ids, x = part_table(Path(path), row0, transform)
+    write_index(ann.fill(trained, x, ids.column("row").to_numpy()), Path(out))
+    return ids
+
+
+def _ray_fill_shard(trained: np.ndarray, path: str, row0: int, transform: Transform, out: str):
+    """``fill_shard`` as a Ray task of one CPU; also returns the node id it ran on."""
+    from embedpipe.workers.engines.ray_stages import current_node
+
+    faiss.omp_set_num_threads(1)
+    return fill_shard(trained, path, row0, transform, out), current_node()
 
 
 def _recorded(result: tuple) -> tuple:
@@ -224,6 +242,54 @@ def fill_parts(
     return parts
 
 
+def publish_shards(
+    root: Path,
+    directory: Path,
+    trained: np.ndarray,
+    engine: str,
+    transform: Transform = None,
+    label: str = "",
+    max_retries: int = 3,
+) -> Path:
+    """A new sharded version under ``root`` (published), one shard per non-empty part file: each part's
+    task (Ray, or in this process with engine 'local') fills a copy of the trained index and writes it
+    as the version's shard file itself; only the part's ids come back, appended to ``ids.parquet`` as
+    they arrive. The driver holds one part's ids at a time, never a shard."""
+    counts = part_row_counts(directory)
+    row0s = np.concatenate([[0], np.cumsum([c for _, c in counts])])[:-1].tolist()
+    filled = [(str(p), int(r), int(c)) for (p, c), r in zip(counts, row0s, strict=True) if c]
+    version = index_versions.new_version(root)
+    with atomic_dir(version):  # a version that could not be written whole is removed, never published
+        (version / SHARDS_DIR).mkdir()
+        files = [str(version / SHARDS_DIR / shard_name(i)) for i in range(len(filled))]
+        jobs = [(p, r, transform, f) for (p, r, _), f in zip(filled, files, strict=True)]
+        if engine == "ray":
+            results = (_recorded(x)[0] for x in map_parts(_ray_fill_shard, jobs, trained, max_retries))
+        else:
+            results = (fill_shard(trained, *job) for job in jobs)
+        progress = Progress(f"index {label}".rstrip(), len(jobs), log, unit="parts")
+        writer = None
+        try:
+            for ids in results:
+                writer = writer or pq.ParquetWriter(version / IDS_FILE, ids.schema)
+                writer.write_table(ids)
+                progress.update(1)
+        finally:
+            if writer is not None:
+                writer.close()
+        progress.finish()
+        if writer is None:
+            write_ids(version, empty_ids())
+        shards = [{"file": shard_name(i), "rows": [r, r + c]} for i, (_, r, c) in enumerate(filled)]
+        empty = ann.deserialize(trained)
+        if not shards:  # an empty store: one empty shard
+            shards = [{"file": shard_name(0), "rows": [0, 0]}]
+            write_index(empty, version / SHARDS_DIR / shards[0]["file"])
+        write_shards(version, empty, shards, [])
+    index_versions.publish(root, version)
+    return version
+
+
 def save_layout(
     root: Path, parts: list[tuple[faiss.Index, pa.Table]], trained: np.ndarray, layout: str
 ) -> Path:
@@ -271,10 +337,13 @@ def publish_store_index(
         return index, ids, save_version(root, index, ids)
     start = time.perf_counter()
     trained = _trained(directory, cfg, seed, transform, fit)
-    parts = fill_parts(directory, trained, cfg.engine, transform, cfg.factory)
-    version = save_layout(root, parts, trained, cfg.layout)
-    n = sum(p.ntotal for p, _ in parts)
-    del parts  # the shards in memory: the live index is read back from the version
+    if cfg.layout == "sharded":
+        version = publish_shards(root, directory, trained, cfg.engine, transform, cfg.factory)
+    else:
+        parts = fill_parts(directory, trained, cfg.engine, transform, cfg.factory)
+        version = save_layout(root, parts, trained, cfg.layout)
+        del parts  # the shards in memory: the live index is read back from the version
+    n = sum(c for _, c in part_row_counts(directory))
     log.info("index %s (%s): %d vectors in %.2fs", cfg.factory, cfg.layout, n, time.perf_counter() - start)
     if not load:
         return None, None, version
