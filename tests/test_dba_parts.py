@@ -5,6 +5,9 @@ search's. Parts written for the same inputs are kept when the stage runs again, 
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import faiss
 import numpy as np
 import pytest
 
@@ -14,7 +17,14 @@ from embedpipe.storage.contracts.config import Config, IndexConfig, RayConfig, R
 from embedpipe.storage.contracts.layout import RunLayout
 from embedpipe.storage.features import FeatureWriter, read_parts
 from embedpipe.workers.engines.ray_stages import ray_session
-from embedpipe.workers.evaluate.dba_parts import DBA_DIR, PARTS_DIR, augment_sharded, read_lists
+from embedpipe.workers.evaluate.dba_parts import (
+    DBA_DIR,
+    PARTS_DIR,
+    ROWS_DIR,
+    augment_sharded,
+    read_lists,
+    shard_groups,
+)
 from embedpipe.workers.evaluate.protocols import GroundTruth
 from embedpipe.workers.evaluate.search import ShardedIndex, StoreRows
 from embedpipe.workers.evaluate.stage import (
@@ -101,6 +111,12 @@ def test_dba_per_part_equals_the_in_driver_dba_on_an_exact_index(tmp_path, store
     assert lazy._all is None and lazy_db._all is None
 
 
+def _groups_of_two(cfg: Config, sharded: ShardedIndex) -> Config:
+    """``cfg`` with DBA's shard groups sized for two of ``sharded``'s largest shard files."""
+    group_mb = 2.5 * max(Path(f).stat().st_size for f in sharded.files) / 2**20
+    return cfg.model_copy(update={"rerank": cfg.rerank.model_copy(update={"dba_group_mb": group_mb})})
+
+
 class TiesById:
     """An in-process index whose exact ties are ranked by smaller id, as the sharded search ranks them
     (FAISS's own order of equal scores is its heap's)."""
@@ -114,16 +130,62 @@ class TiesById:
         return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
-@pytest.mark.parametrize("factory", ["IVF16,PQ8", "PCA16,IVF16,SQ8", "LSH"])
-def test_dba_lists_per_part_are_the_sharded_search_elsewhere(tmp_path, store, ray_cluster, factory):
-    """An inverted file's coarse assignment computed once per part, every shard scanned with it: the
-    sharded search's lists; under a distance (LSH) the similarities are the exact inner products."""
+@pytest.mark.parametrize(
+    ("factory", "groups"),
+    [
+        ("IVF16,PQ8", "one"),
+        ("IVF16,PQ8", "pairs"),
+        ("IVF16,Flat", "pairs"),
+        ("PCA16,IVF16,SQ8", "one"),
+        ("LSH", "one"),
+    ],
+)
+def test_dba_lists_per_part_are_the_sharded_search_elsewhere(tmp_path, store, ray_cluster, factory, groups):
+    """An inverted file's coarse assignment computed once per part, the shards merged into groups
+    (all in one, or two shards each) each scanned with it: the sharded search's lists; under a
+    distance (LSH) the similarities are the exact inner products."""
     cfg, rows, sharded = _setup(tmp_path, store, factory, whiten=False, nprobe=3)
+    if groups == "pairs":
+        cfg = _groups_of_two(cfg, sharded)
+        assert [len(g) for g in shard_groups(sharded.files, cfg.rerank.dba_group_mb)] == [2, 2]
     augment_sharded(tmp_path / "dba", cfg, rows, sharded)
     x = rows.all()
     want_sims, want_ids = neighbours(sharded, x, x, cfg.rerank.dba_k + 1)
     sims, ids = read_lists(tmp_path / "dba" / PARTS_DIR)
     assert np.array_equal(ids, want_ids) and np.array_equal(sims, want_sims)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,PQ8"])
+def test_exact_ties_rank_by_id_across_shards_and_groups(tmp_path, ray_cluster, factory):
+    """A store where every vector appears in four parts (exact ties at every rank): the sharded
+    search ranks equal scores by smaller id, as one full ranking sorted by (score, id) does, and DBA's
+    per-part lists (the shards merged two by two) are that search's."""
+    base = synthetic_store(tmp_path / "base", 150, DIM, 1)
+    x = StoreRows(base, None, DIM).all()
+    path = tmp_path / "ties"
+    writer = FeatureWriter(path, DIM, 4, {"descriptor": "synthetic"})
+    for part in range(4):
+        ids = [f"{part}-{i:04d}" for i in range(len(x))]
+        zeros = np.zeros(len(x), np.int32)
+        writer.write(part, ids, ids, zeros, zeros, x)
+    writer.close()
+    cfg, rows, sharded = _setup(tmp_path, path, factory, whiten=False, nprobe=3)
+    cfg = cfg.model_copy(update={"rerank": cfg.rerank.model_copy(update={"dba_k": 5})})
+    cfg = _groups_of_two(cfg, sharded)
+    db = rows.all()
+    sims, ids = sharded.search(db, 6)
+    assert (np.diff(sims, axis=1) == 0).mean() > 0.5  # ties across the rank cut, most of them
+    if factory == "Flat":  # exact: one full ranking of the whole database, ties by id
+        whole = faiss.IndexFlat(DIM, sharded.metric_type)
+        whole.add(db)
+        want_sims, want_ids = TiesById(whole).search(db, 6)
+        assert np.array_equal(ids, want_ids) and np.array_equal(sims, want_sims)
+    augment_sharded(tmp_path / "dba", cfg, rows, sharded)
+    got_sims, got_ids = read_lists(tmp_path / "dba" / PARTS_DIR)
+    assert np.array_equal(got_ids, ids) and np.array_equal(got_sims, sims)
+    order = np.lexsort((ids, -sims), axis=1)
+    assert (order == np.arange(6)).all()  # equal scores: smaller id first
+    assert (ids[:, 0] % 150 == np.arange(len(db)) % 150).all()  # a vector's own copies rank first
 
 
 def test_parts_are_kept_for_the_same_inputs_and_recomputed_for_others(tmp_path, store, ray_cluster):
@@ -138,6 +200,7 @@ def test_parts_are_kept_for_the_same_inputs_and_recomputed_for_others(tmp_path, 
     after = [p.stat().st_mtime_ns for p in parts]
     assert [a == b for a, b in zip(before, after, strict=True)] == [i != 1 for i in range(len(parts))]
     assert np.array_equal(db_rows.all(), first)
+    assert not (tmp_path / "dba" / ROWS_DIR).exists()  # the mapped rows go once every part is written
     versions = sorted(p.name for p in (tmp_path / "dba").glob("v*"))
     assert versions == ["v0002"]  # the augmented index of the earlier run replaced
     cfg, rows, sharded = _setup(tmp_path / "other", store, "Flat", whiten=False, alpha=1.0)

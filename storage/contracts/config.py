@@ -284,6 +284,13 @@ class RerankConfig(_Frozen):
     aqe_alpha: float = Field(3.0, ge=0, description="αQE: similarity exponent of the weights")
     dba_k: int = Field(2, ge=1, description="DBA: neighbours added to each database vector")
     dba_alpha: float = Field(3.0, ge=0, description="DBA: similarity exponent of the weights")
+    dba_group_mb: float = Field(
+        1024.0,
+        gt=0,
+        description="DBA on a sharded inverted-file index: each part's task merges the shard files into "
+        "in-memory indices of at most this many MB and searches each once (same lists; more memory per "
+        "task, far less work than one search per shard)",
+    )
 
 
 class LocalConfig(_Frozen):

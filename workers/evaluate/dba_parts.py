@@ -14,8 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +39,7 @@ from embedpipe.workers.evaluate.search import (
     Transform,
     merge_topk,
     padded,
+    ranked_topk,
     search_shard_file,
 )
 from embedpipe.workers.index.build import publish_store_index
@@ -46,7 +49,7 @@ if TYPE_CHECKING:
     from embedpipe.storage.contracts.config import Config
 
 log = logging.getLogger("embedpipe.evaluate")
-DBA_DIR, PARTS_DIR, STATE_FILE = "dba", "parts", "dba.json"
+DBA_DIR, PARTS_DIR, ROWS_DIR, STATE_FILE = "dba", "parts", "rows", "dba.json"
 
 
 @dataclass(frozen=True)
@@ -65,26 +68,88 @@ class DbaJob:
     efsearch: int
     metric: int
     out: str
+    rows: str
+    group_mb: float
 
 
 def part_lists(job: DbaJob, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The exact merge of every shard's top-k for ``queries`` (what ``ShardedIndex.search`` gives), the
-    shards read one at a time. An inverted file's coarse assignment is computed once, with the trained
-    quantiser every shard was filled from, not once per shard."""
+    """The exact merge of every shard's top-k for ``queries`` (what ``ShardedIndex.search`` gives).
+    An inverted file's shards are merged into in-memory indices of at most ``job.group_mb`` MB, each
+    searched once with the coarse assignment computed once (with the trained quantiser every shard was
+    filled from): a query's probed lists are scanned once per group, not once per shard, so a part's
+    work does not grow with the number of shards. Other indices: the shards read one at a time."""
     trained = read_index(Path(job.trained))  # FAISS reads an index back as its own class
+    if not isinstance(trained, faiss.IndexIVF):
+        lists = [search_shard_file(p, queries, job.k, None, job.nprobe, job.efsearch) for p in job.shards]
+        return merge_topk(lists, job.k, job.metric)
+    nprobe = min(job.nprobe, trained.nlist)
+    coarse, assigned = trained.quantizer.search(queries, nprobe)
     lists = []
-    if isinstance(trained, faiss.IndexIVF):
-        nprobe = min(job.nprobe, trained.nlist)
-        coarse, assigned = trained.quantizer.search(queries, nprobe)
-        for path in job.shards:
-            shard = read_index(Path(path))
-            shard.nprobe = nprobe
-            k = min(job.k, shard.ntotal)
-            lists.append(padded(*shard.search_preassigned(queries, k, assigned, coarse), job.k))
-    else:
-        for path in job.shards:
-            lists.append(search_shard_file(path, queries, job.k, None, job.nprobe, job.efsearch))
+    for group in shard_groups(job.shards, job.group_mb):
+        index = read_index(Path(job.trained))
+        for path in group:  # the shard's lists appended to the group's (and emptied)
+            index.merge_from(read_index(Path(path)), 0)
+        index.nprobe = nprobe
+
+        def search(rows: np.ndarray, kk: int, index: faiss.IndexIVF = index) -> tuple[np.ndarray, np.ndarray]:
+            return index.search_preassigned(queries[rows], kk, assigned[rows], coarse[rows])
+
+        lists.append(padded(*ranked_topk(search, len(queries), job.k, index.ntotal, job.metric), job.k))
+        del index
     return merge_topk(lists, job.k, job.metric)
+
+
+def shard_groups(files: Sequence[str], group_mb: float) -> list[list[str]]:
+    """Consecutive shard files in groups of at most ``group_mb`` MB on disk (a larger file alone)."""
+    groups: list[list[str]] = []
+    size = 0
+    for path in files:
+        mb = os.path.getsize(path) / 2**20
+        if not groups or size + mb > group_mb:
+            groups.append([])
+            size = 0
+        groups[-1].append(path)
+        size += mb
+    return groups
+
+
+class MappedParts(Mapping[int, np.ndarray]):
+    """Part number -> that part's transformed rows (``StoreRows.take``'s ``known``), memory-mapped from
+    the ``.npy`` files ``write_rows`` wrote, each when asked (those in ``read`` as given): taking a few
+    rows touches their pages, not the part."""
+
+    def __init__(self, directory: Path, parts: Sequence[Path], read: dict[int, np.ndarray] | None = None):
+        self.files = [directory / f"{Path(p).stem}.npy" for p in parts]
+        self.read = read or {}  # parts already in memory
+
+    def __getitem__(self, part: int) -> np.ndarray:
+        if part in self.read:
+            return self.read[part]
+        return np.load(self.files[part], mmap_mode="r")
+
+    def __contains__(self, part: object) -> bool:
+        return isinstance(part, int) and 0 <= part < len(self.files)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self.files)))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def write_rows(job: DbaJob, part: int) -> int:
+    """One store part's rows, transformed as the variant's index holds them, written once as a raw
+    ``.npy`` under ``rows/`` (kept while a run's DBA parts are not all written). The part tasks map these
+    files to read their rows' neighbours: each task reads the pages of its neighbours, not every part
+    of the store whole. Returns the part's rows."""
+    rows = StoreRows(Path(job.store), job.transform, job.dim)
+    target = MappedParts(Path(job.rows), rows.parts).files[part]
+    if target.is_file():
+        return int(rows.starts[part + 1] - rows.starts[part])
+    x = rows.part(part)
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        np.save(f, x)
+    return len(x)
 
 
 def dba_part(job: DbaJob, part: int) -> int:
@@ -99,7 +164,7 @@ def dba_part(job: DbaJob, part: int) -> int:
     idx = idx.astype(np.int64)
     used = np.unique(idx[idx >= 0])  # the neighbours' rows, read once each
     local = np.where(idx >= 0, np.searchsorted(used, np.maximum(idx, 0)), -1)
-    vectors = rows.take(used, {part: x})
+    vectors = rows.take(used, MappedParts(Path(job.rows), rows.parts, {part: x}))
     if job.metric != faiss.METRIC_INNER_PRODUCT and len(x):  # distances: DBA weighs by similarity
         sims = np.einsum("nd,nkd->nk", x, vectors[np.maximum(local, 0)])
         sims = np.where(idx >= 0, sims, -np.inf).astype(np.float32)
@@ -167,6 +232,7 @@ def augment_sharded(
     fingerprint = _fingerprint(rows, index, k, cfg.rerank.dba_alpha)
     if read_state(root).get("fingerprint") != fingerprint:
         shutil.rmtree(parts_dir, ignore_errors=True)
+        shutil.rmtree(root / ROWS_DIR, ignore_errors=True)
         parts_dir.mkdir(parents=True)
         write_json_atomic(root / STATE_FILE, {"fingerprint": fingerprint})
     job = DbaJob(
@@ -181,13 +247,20 @@ def augment_sharded(
         efsearch=index.efsearch,
         metric=index.metric_type,
         out=str(parts_dir),
+        rows=str(root / ROWS_DIR),
+        group_mb=cfg.rerank.dba_group_mb,
     )
     todo = [i for i, p in enumerate(rows.parts) if not (parts_dir / Path(p).name).is_file()]
     start = time.perf_counter()
+    if todo:
+        every = [(i,) for i in range(len(rows.parts))]
+        for _ in map_parts(write_rows, every, job, cfg.ray.max_retries):
+            pass
     progress = Progress("dba", len(todo), log, unit="parts")
     for _ in map_parts(dba_part, [(i,) for i in todo], job, cfg.ray.max_retries):
         progress.update(1)
     progress.finish()
+    shutil.rmtree(root / ROWS_DIR, ignore_errors=True)  # every part written: the mapped rows are done
     kept = len(rows.parts) - len(todo)
     parts_s = time.perf_counter() - start
     log.info("dba: %d part(s) augmented in %.1fs, %d kept from an earlier run", len(todo), parts_s, kept)

@@ -8,6 +8,7 @@ driver, never the whole store; a sharded index is searched without loading its s
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import faiss
@@ -64,9 +65,10 @@ class StoreRows:
             return self._all[positions]
         return self.take(positions)
 
-    def take(self, positions: np.ndarray, known: dict[int, np.ndarray] | None = None) -> np.ndarray:
+    def take(self, positions: np.ndarray, known: Mapping[int, np.ndarray] | None = None) -> np.ndarray:
         """The rows at ``positions`` (any shape) -> (*shape, dim), each part that holds some read once,
-        one at a time; ``known``: parts already read (part number -> its rows), not read again."""
+        one at a time; ``known``: parts already read or mapped (part number -> its rows), not read
+        from the store."""
         positions = np.asarray(positions, np.int64)
         flat = positions.reshape(-1)
         out = np.empty((len(flat), self.dim), np.float32)
@@ -90,10 +92,45 @@ def padded(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.
 def search_shard_file(
     path: str, queries: np.ndarray, k: int, allowed: np.ndarray | None, nprobe: int, efsearch: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One shard file read and searched: its top-k (scores, ids) per query, padded to k."""
+    """One shard file read and searched: its top-k (scores, ids) per query (exact ties by smaller id),
+    padded to k."""
     index = read_index(Path(path))
     ann.set_search_params(index, nprobe, efsearch)
-    return padded(*ann.search(index, queries, k, allowed), k)
+    limit = index.ntotal if allowed is None else len(allowed)
+
+    def top(rows: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        return ann.search(index, queries[rows], kk, allowed)
+
+    return padded(*ranked_topk(top, len(queries), k, limit, index.metric_type), k)
+
+
+Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+
+def ranked_topk(search: Search, n: int, k: int, limit: int, metric: int) -> tuple[np.ndarray, np.ndarray]:
+    """One index's top-k in the order ``merge_topk`` ranks (best score first, exact ties by smaller id),
+    not in the order of FAISS's heap, which keeps whichever tied candidate it met first.
+    ``search(rows, kk)`` gives the top kk of the queries at ``rows`` (of ``n``); ``limit``: how many
+    candidates the index holds. Searched for k + 1, then again with twice as many for the queries
+    whose last score still equals their k-th, until it does not or every candidate was returned."""
+    k = min(k, limit)
+    kk = min(k + 1, limit)
+    scores, ids = padded(*search(np.arange(n), kk), kk)
+    best_scores, best_ids = merge_topk([(scores, ids)], k, metric)
+    tied = _still_tied(scores, ids, k, kk, limit)
+    while len(tied):
+        kk = min(2 * kk, limit)
+        scores, ids = padded(*search(tied, kk), kk)
+        best_scores[tied], best_ids[tied] = merge_topk([(scores, ids)], k, metric)
+        tied = tied[_still_tied(scores, ids, k, kk, limit)]
+    return best_scores, best_ids
+
+
+def _still_tied(scores: np.ndarray, ids: np.ndarray, k: int, kk: int, limit: int) -> np.ndarray:
+    """Rows whose kk-th candidate scores as their k-th (more candidates may tie it)."""
+    if k == 0 or kk <= k or kk >= limit:
+        return np.empty(0, np.int64)
+    return np.flatnonzero((ids[:, kk - 1] >= 0) & (scores[:, kk - 1] == scores[:, k - 1]))
 
 
 def _search_shard(shared: tuple, path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -119,7 +156,8 @@ def merge_topk(
 
 class ShardedIndex:
     """A sharded index version searched where it lies: ``search`` sends the queries to one Ray task per
-    shard file (tasks retried when their worker dies) and merges their top-k exactly. Has what
+    shard file (tasks retried when their worker dies) and merges their top-k exactly as they come back
+    (the driver holds the merged (queries, k) lists and one shard's, whatever the shards). Has what
     ``ann.search`` and the evaluation read: ``search``, ``ntotal``, ``d``, ``metric_type``, and the
     trained empty index (``trained``) for the code size."""
 
@@ -136,5 +174,7 @@ class ShardedIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, self.ntotal if allowed is None else len(allowed))
         shared = (np.ascontiguousarray(queries, np.float32), k, allowed, self.nprobe, self.efsearch)
-        parts = list(map_parts(_search_shard, [(f,) for f in self.files], shared, self.max_retries))
-        return merge_topk(parts, k, self.metric_type)
+        merged: list[tuple[np.ndarray, np.ndarray]] = []
+        for part in map_parts(_search_shard, [(f,) for f in self.files], shared, self.max_retries):
+            merged = [merge_topk([*merged, part], k, self.metric_type)]  # (queries, k) held, not per shard
+        return merged[0]
