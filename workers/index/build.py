@@ -177,15 +177,20 @@ def build_store_index(
     return index, ids
 
 
+def _parts(directory: Path) -> list[tuple[str, int, int]]:
+    """(part file, its first row number, its rows) per part file of the store, in store order."""
+    counts = part_row_counts(directory)
+    row0s = np.concatenate([[0], np.cumsum([c for _, c in counts])])[:-1].tolist()
+    return [(str(p), int(r), int(c)) for (p, c), r in zip(counts, row0s, strict=True)]
+
+
 def _part_results(
     directory: Path, trained: np.ndarray, engine: str, transform: Transform, merge: bool, max_retries: int
 ) -> tuple[int, Iterator[tuple[np.ndarray, pa.Table]]]:
     """(number of parts, per part in part order: the filled copy of the trained index serialised, or
     with ``merge`` off its vectors, and its ids), as Ray tasks of one CPU each (engine 'ray'; a task
     whose worker dies is retried ``max_retries`` times) or in this process ('local')."""
-    counts = part_row_counts(directory)
-    row0s = np.concatenate([[0], np.cumsum([c for _, c in counts])])[:-1].tolist()
-    jobs = [(str(p), int(r)) for (p, _), r in zip(counts, row0s, strict=True)]
+    jobs = [(p, r) for p, r, _ in _parts(directory)]
     if engine == "ray":
         results = map_parts(_ray_fill, [(p, r, transform, merge) for p, r in jobs], trained, max_retries)
         return len(jobs), (_recorded(x) for x in results)  # in part order, each released once used
@@ -255,9 +260,7 @@ def publish_shards(
     task (Ray, or in this process with engine 'local') fills a copy of the trained index and writes it
     as the version's shard file itself; only the part's ids come back, appended to ``ids.parquet`` as
     they arrive. The driver holds one part's ids at a time, never a shard."""
-    counts = part_row_counts(directory)
-    row0s = np.concatenate([[0], np.cumsum([c for _, c in counts])])[:-1].tolist()
-    filled = [(str(p), int(r), int(c)) for (p, c), r in zip(counts, row0s, strict=True) if c]
+    filled = [part for part in _parts(directory) if part[2]]
     version = index_versions.new_version(root)
     with atomic_dir(version):  # a version that could not be written whole is removed, never published
         (version / SHARDS_DIR).mkdir()
