@@ -1,12 +1,14 @@
 """DBA where the database lies: one Ray task per store part searches that part's rows against the shard
 files of the variant's sharded index, augments them with their neighbours' vectors (read by position
-from the store) and writes them as a part of a derived store; the augmented index is then trained and
-filled from those parts like any index (``publish_store_index``: one Ray task per part).
+from the transformed rows, written once per part and mapped) and writes them as a part of a derived
+store; the augmented index is then trained and filled from those parts like any index
+(``publish_store_index``: one Ray task per part).
 
 The driver holds the part names, never the vectors nor the neighbour lists: each augmented part keeps
 its rows' lists beside the vectors (``dba_ids``, ``dba_sims``). Under ``index/<variant>/dba/``:
-``parts/`` (the derived store), ``dba.json`` (what the parts were computed from: a part already
-written for the same inputs is kept when the stage runs again) and the augmented index's versions.
+``parts/`` (the derived store), ``rows/`` (the transformed rows as ``.npy``, while parts are still to
+be written), ``dba.json`` (what the parts were computed from: a part already written for the same
+inputs is kept when the stage runs again) and the augmented index's versions.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ DBA_DIR, PARTS_DIR, ROWS_DIR, STATE_FILE = "dba", "parts", "rows", "dba.json"
 @dataclass(frozen=True)
 class DbaJob:
     """What every part's task shares (put in the object store once): the store and the variant's
-    transform, the index's shard files and trained empty index, and DBA's parameters."""
+    transform, the index's shard files and trained empty index, DBA's parameters, the derived store's
+    folder (``out``) and the mapped rows' (``rows``)."""
 
     store: str
     transform: Transform
@@ -154,7 +157,7 @@ def write_rows(job: DbaJob, part: int) -> int:
 
 def dba_part(job: DbaJob, part: int) -> int:
     """One store part as a Ray task of one CPU: its rows' ``k`` nearest database rows (themselves
-    included), their DBA vectors from those neighbours' vectors (read from the parts that hold them),
+    included), their DBA vectors from those neighbours' vectors (read from the mapped rows),
     written as the derived store's part of the same name. Returns the part's rows."""
     faiss.omp_set_num_threads(1)
     rows = StoreRows(Path(job.store), job.transform, job.dim)

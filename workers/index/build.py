@@ -1,5 +1,6 @@
 """Index engine: train once on a seeded sample of the feature store, fill one copy of the trained index
-per part file as Ray tasks (one CPU each), merge them in part order, and keep versions on disk.
+per part file as Ray tasks (one CPU each), merge them in part order (or, sharded, each task writes its
+part's shard file itself), and keep versions on disk.
 
 Row ids: the store's rows are numbered in store order (part by part); the FAISS id of a vector is its
 row, and ``ids.parquet`` beside the index maps ``row`` -> content ``id`` -> ``path``. Incremental adds
