@@ -118,16 +118,13 @@ def shard_groups(files: Sequence[str], group_mb: float) -> list[list[str]]:
 
 class MappedParts(Mapping[int, np.ndarray]):
     """Part number -> that part's transformed rows (``StoreRows.take``'s ``known``), memory-mapped from
-    the ``.npy`` files ``write_rows`` wrote, each when asked (those in ``read`` as given): taking a few
-    rows touches their pages, not the part."""
+    the ``.npy`` files ``write_rows`` wrote, each when asked: taking a few rows touches their pages, not
+    the part."""
 
-    def __init__(self, directory: Path, parts: Sequence[Path], read: dict[int, np.ndarray] | None = None):
+    def __init__(self, directory: Path, parts: Sequence[Path]):
         self.files = [directory / f"{Path(p).stem}.npy" for p in parts]
-        self.read = read or {}  # parts already in memory
 
     def __getitem__(self, part: int) -> np.ndarray:
-        if part in self.read:
-            return self.read[part]
         return np.load(self.files[part], mmap_mode="r")
 
     def __contains__(self, part: object) -> bool:
@@ -157,17 +154,19 @@ def write_rows(job: DbaJob, part: int) -> int:
 
 def dba_part(job: DbaJob, part: int) -> int:
     """One store part as a Ray task of one CPU: its rows' ``k`` nearest database rows (themselves
-    included), their DBA vectors from those neighbours' vectors (read from the mapped rows),
+    included), their DBA vectors from those neighbours' vectors (its rows and theirs read from the
+    mapped rows, the store part itself only for its ids and paths),
     written as the derived store's part of the same name. Returns the part's rows."""
     faiss.omp_set_num_threads(1)
     rows = StoreRows(Path(job.store), job.transform, job.dim)
     source = rows.parts[part]
-    x = rows.part(part)
+    mapped = MappedParts(Path(job.rows), rows.parts)
+    x = np.array(mapped[part])  # this part's rows as ``write_rows`` transformed them, in memory
     sims, idx = part_lists(job, x) if len(x) else (np.empty((0, job.k), np.float32), np.empty((0, job.k)))
     idx = idx.astype(np.int64)
     used = np.unique(idx[idx >= 0])  # the neighbours' rows, read once each
     local = np.where(idx >= 0, np.searchsorted(used, np.maximum(idx, 0)), -1)
-    vectors = rows.take(used, MappedParts(Path(job.rows), rows.parts, {part: x}))
+    vectors = rows.take(used, mapped)
     if job.metric != faiss.METRIC_INNER_PRODUCT and len(x):  # distances: DBA weighs by similarity
         sims = np.einsum("nd,nkd->nk", x, vectors[np.maximum(local, 0)])
         sims = np.where(idx >= 0, sims, -np.inf).astype(np.float32)
