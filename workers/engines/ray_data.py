@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 
 from embedpipe.storage.contracts.errors import RunFailed
 from embedpipe.workers.engines.ray_stages import (
@@ -42,9 +43,39 @@ def map_items(
 
     with ray_session(ray_cfg):
         configure_data_context(ray_cfg)
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), cluster_cpus() * 4)))
-        ds = ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=batch_size, batch_format="numpy", num_cpus=1)
-        yield from iterate_results(ds, what)
+        ds = ray.data.from_items(items, override_num_blocks=_blocks(len(items)))
+        yield from _map_batches(ds, fn, fn_kwargs, batch_size, what)
+
+
+def map_table(
+    table: pa.Table,
+    fn: Callable[..., dict[str, np.ndarray]],
+    fn_kwargs: dict[str, Any],
+    batch_size: int,
+    ray_cfg: RayConfig,
+    what: str,
+) -> Iterator[dict[str, Any]]:
+    """``map_items`` over the rows of an Arrow table (``input_table`` makes them): the rows go to Ray as
+    Arrow blocks, never as one Python object each."""
+    import ray.data
+
+    with ray_session(ray_cfg):
+        configure_data_context(ray_cfg)
+        step = max(1, -(-table.num_rows // _blocks(table.num_rows)))
+        ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, max(1, table.num_rows), step)])
+        yield from _map_batches(ds, fn, fn_kwargs, batch_size, what)
+
+
+def _blocks(rows: int) -> int:
+    """Blocks of a mapped dataset: up to four per cluster CPU."""
+    return max(1, min(rows, cluster_cpus() * 4))
+
+
+def _map_batches(
+    ds: Any, fn: Callable[..., dict[str, np.ndarray]], fn_kwargs: dict[str, Any], batch_size: int, what: str
+) -> Iterator[dict[str, Any]]:
+    ds = ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=batch_size, batch_format="numpy", num_cpus=1)
+    yield from iterate_results(ds, what)
 
 
 def read_and_decode(batch: dict[str, np.ndarray], max_side: int, ingest: IngestConfig) -> dict[str, Any]:

@@ -23,8 +23,11 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from embedpipe.storage.contracts.errors import DecodeError, RunFailed
+from embedpipe.storage.dataset import RESULT_SCHEMA
 from embedpipe.storage.inputs import InputRef
 from embedpipe.workers.descriptors.local import extract_local, grayscale, hog_dim, hog_of
 from embedpipe.workers.ingest.decode import content_id, decode_image, decode_query_crop
@@ -270,6 +273,48 @@ def input_result(batch: dict[str, np.ndarray], j: int) -> dict[str, Any]:
         "height": int(batch["height"][j]),
         "reason": batch["error"][j] or None,
     }
+
+
+def batch_results(batch: dict[str, np.ndarray]) -> pa.RecordBatch:
+    """``input_result`` of every row of a decoded batch at once: ``pos`` and the ``RESULT_SCHEMA``
+    columns, as Arrow (no Python object per row)."""
+    ids, errors = (np.asarray(batch[name], dtype=object) for name in ("id", "error"))
+    sizes = np.asarray(batch["bytes"], np.int64)
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array(np.asarray(batch["pos"], np.int64)),
+            pa.array(ids, pa.string(), mask=ids == ""),
+            pa.array(sizes, pa.int64(), mask=sizes < 0),
+            pa.array(np.asarray(batch["width"], np.int32)),
+            pa.array(np.asarray(batch["height"], np.int32)),
+            pa.array(errors, pa.string(), mask=errors == ""),
+        ],
+        schema=pa.schema([pa.field("pos", pa.int64()), *RESULT_SCHEMA]),
+    )
+
+
+def input_table(table: pa.Table, positions: np.ndarray, ingest: IngestConfig | None = None) -> pa.Table:
+    """``input_items`` of the rows of ``table`` (``REF_SCHEMA`` columns, a shard plan's) at ``positions``,
+    as one Arrow table whose ``pos`` is the row's position in ``table``: no Python object per input."""
+    rows = table.take(pa.array(positions, pa.int64()))
+    keys = rows.column("key")
+    columns = {
+        "pos": pa.array(positions, pa.int64()),
+        "path": keys,
+        "uri": pc.coalesce(pc.cast(rows.column("uri"), pa.string()), keys),
+        "offset": rows.column("offset"),
+        "length": rows.column("length"),
+    }
+    if ingest is not None and ingest.rotations:
+        rotations = read_rotations(ingest.rotations)
+        columns["rotate"] = pa.chunked_array(
+            [
+                pa.array([rotation_of(key, rotations) for key in chunk.to_pylist()], pa.int64())
+                for chunk in keys.chunks
+            ],
+            pa.int64(),
+        )
+    return pa.table(columns)
 
 
 def input_items(

@@ -23,18 +23,18 @@ import pyarrow.compute as pc
 from embedpipe.storage.contracts.errors import DecodeError
 from embedpipe.storage.contracts.layout import write_json_atomic
 from embedpipe.storage.dataset import (
+    RESULT_SCHEMA,
     ShardPlan,
     manifest_table,
     previous_shards,
     read_manifest,
-    results_batch,
     write_manifest,
 )
 from embedpipe.storage.tar_shards import ShardTarWriter, shard_name
-from embedpipe.workers.engines.ray_data import map_items
+from embedpipe.workers.engines.ray_data import map_table
 from embedpipe.workers.engines.ray_stages import (
-    input_items,
-    input_result,
+    batch_results,
+    input_table,
     ray_session,
     read_rows,
     row_rotation,
@@ -109,7 +109,8 @@ def _shard_fingerprints(plan: ShardPlan, max_side: int, cfg: Config) -> dict[int
 
 
 def run_ingest(source: str, out: Path, cfg: Config, max_side: int) -> IngestResult:
-    """Ingest ``source`` into ``out`` (see the module doc)."""
+    """Ingest ``source`` into ``out`` (see the module doc). The driver keeps the inputs and their results
+    as Arrow columns, never a Python object per input; the rows to read go to Ray as Arrow blocks."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.parquet"
@@ -123,13 +124,13 @@ def run_ingest(source: str, out: Path, cfg: Config, max_side: int) -> IngestResu
         for s, fp in fps.items()
         if done.get(str(s), {}).get("fingerprint") == fp and (out / shard_name(s)).exists()
     }
-    previous = _previous_results(manifest_path, plan) if kept else {}
+    found = [_previous_results(manifest_path, plan, kept)] if kept else []
     todo = np.flatnonzero(~np.isin(plan.shards, sorted(kept)))
     log.info("ingest %s: %d inputs in %d shard(s), %d already done", source, len(plan), len(fps), len(kept))
-    results: dict[int, dict] = {p: r for p, r in previous.items() if plan.shard_of(p) in kept}
     progress = Progress("ingest", len(todo), log)
     writers: dict[int, ShardTarWriter] = {}
     written: set[int] = set()
+    members = _ShardMembers(plan)
 
     def finish(shard: int) -> None:
         writers.pop(shard).close()
@@ -139,31 +140,28 @@ def run_ingest(source: str, out: Path, cfg: Config, max_side: int) -> IngestResu
 
     if todo.size:
         with ray_session(cfg.ray):
-            todo_refs = list(plan.refs.take(todo))
-            items = input_items(todo_refs, ingest=cfg.ingest)
-            for row, pos in zip(items, todo.tolist(), strict=True):
-                row["pos"] = pos
+            rows = input_table(plan.table, todo, ingest=cfg.ingest)
             batch_size = max(cfg.extract.batch_size, cfg.ingest.read_threads)  # a read per thread at least
             kwargs = {"max_side": max_side, "ingest": cfg.ingest}
-            for batch in map_items(items, ingest_batch, kwargs, batch_size, cfg.ray, "ingest"):
-                for j, pos in enumerate(batch["pos"]):
-                    pos = int(pos)
-                    shard, ref = plan.shard_of(pos), todo_refs[int(np.searchsorted(todo, pos))]
+            for batch in map_table(rows, ingest_batch, kwargs, batch_size, cfg.ray, "ingest"):
+                found.append(pa.Table.from_batches([batch_results(batch)]))
+                for j, pos in enumerate(batch["pos"].tolist()):
+                    shard = plan.shard_of(pos)
+                    key, label = members.of(shard, pos)
                     for s in [s for s in writers if s != shard]:
                         finish(s)
                     if shard not in writers:
                         writers[shard] = ShardTarWriter(out / shard_name(shard))
-                    results[pos] = res = input_result(batch, j)
-                    if res["reason"]:
-                        log.warning("quarantined %s: %s", ref.key, res["reason"])
+                    if batch["error"][j]:
+                        log.warning("quarantined %s: %s", key, batch["error"][j])
                     else:
                         meta = {
-                            "source": ref.key,
-                            "id": res["id"],
-                            "width": res["width"],
-                            "height": res["height"],
+                            "source": key,
+                            "id": batch["id"][j],
+                            "width": int(batch["width"][j]),
+                            "height": int(batch["height"][j]),
                         }
-                        writers[shard].add(ref.key, ref.label, batch["payload"][j], batch["ext"][j], meta)
+                        writers[shard].add(key, label, batch["payload"][j], batch["ext"][j], meta)
                 progress.update(len(batch["pos"]))
             for s in list(writers):
                 finish(s)
@@ -171,8 +169,7 @@ def run_ingest(source: str, out: Path, cfg: Config, max_side: int) -> IngestResu
             ShardTarWriter(out / shard_name(s)).close()
             done[str(s)] = {"fingerprint": fps[s], "file": shard_name(s)}
         write_json_atomic(done_file, done)
-    found = [results.get(i) for i in range(len(plan))]
-    manifest = manifest_table(plan, pa.Table.from_batches([results_batch(found)]))
+    manifest = manifest_table(plan, _in_plan_order(found, len(plan)))
     write_manifest(manifest_path, manifest)
     n, n_bad = manifest.num_rows, pc.sum(pc.not_equal(manifest.column("status"), "ok")).as_py() or 0
     n_dup = n - manifest.column("duplicate_of").null_count
@@ -183,13 +180,45 @@ def run_ingest(source: str, out: Path, cfg: Config, max_side: int) -> IngestResu
     return IngestResult(n, n - n_bad, n_bad, n_dup, len(fps) - len(kept), len(kept), summary)
 
 
-def _previous_results(path: Path, plan: ShardPlan) -> dict[int, dict]:
-    """Manifest rows of an earlier ingest, by position in ``plan`` (for the shards it completed)."""
-    if not path.exists():
-        return {}
-    position = {key: i for i, key in enumerate(plan.table.column("key").to_pylist())}
-    out = {}
-    for row in read_manifest(path).to_pylist():
-        if row["key"] in position and row["shard"] >= 0:
-            out[position[row["key"]]] = {k: row[k] for k in ("id", "bytes", "width", "height", "reason")}
-    return out
+class _ShardMembers:
+    """The keys and labels of one shard of ``plan`` at a time (the one being written), by plan position."""
+
+    def __init__(self, plan: ShardPlan):
+        self.plan, self.shard, self.start = plan, -1, 0
+        self.keys: list[str] = []
+        self.labels: list[str | None] = []
+
+    def of(self, shard: int, pos: int) -> tuple[str, str | None]:
+        if shard != self.shard:
+            rows = self.plan.shard_rows(shard).table
+            self.shard, self.start = shard, int(np.searchsorted(self.plan.shards, shard))
+            self.keys, self.labels = rows.column("key").to_pylist(), rows.column("label").to_pylist()
+        return self.keys[pos - self.start], self.labels[pos - self.start]
+
+
+RESULT_COLUMNS = ["pos", *RESULT_SCHEMA.names]
+
+
+def _in_plan_order(found: list[pa.Table], n: int) -> pa.Table:
+    """The ``RESULT_SCHEMA`` rows of the plan's ``n`` inputs in plan order, from ``found`` (tables with a
+    ``pos`` column); an input found nowhere gets a row of nulls."""
+    schema = pa.schema([pa.field("pos", pa.int64()), *RESULT_SCHEMA])
+    known = pa.concat_tables([schema.empty_table(), *(f.select(RESULT_COLUMNS).cast(schema) for f in found)])
+    every = pa.table({"pos": pa.array(np.arange(n, dtype=np.int64))})
+    joined = every.join(known, "pos", join_type="left outer", use_threads=False)
+    return joined.sort_by("pos").select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
+
+
+def _previous_results(path: Path, plan: ShardPlan, kept: set[int]) -> pa.Table:
+    """Manifest rows of an earlier ingest for the inputs of ``plan`` in the shards it completed
+    (``kept``), with each input's ``pos`` in ``plan``; column work in Arrow."""
+    schema = pa.schema([pa.field("pos", pa.int64()), *RESULT_SCHEMA])
+    table = read_manifest(path)
+    if table is None:
+        return schema.empty_table()
+    table = table.filter(pc.greater_equal(table.column("shard"), 0))
+    pos = pc.index_in(table.column("key"), value_set=plan.table.column("key"))
+    table = table.append_column("pos", pc.cast(pos, pa.int64())).filter(pc.is_valid(pos))
+    shards = pa.array(plan.shards).take(table.column("pos"))
+    table = table.filter(pc.is_in(shards, value_set=pa.array(sorted(kept), pa.int64())))
+    return table.select(RESULT_COLUMNS).cast(schema)
