@@ -108,3 +108,4 @@ def test_inverted_lists_grow_with_the_collection():
         assert train_size_for(rows) >= 39 * nlist_for(rows)
     assert factory_for(2_000_000, 256) == "IVF4096,PQ32" and train_size_for(2_000_000) == 163_840
     assert factory_for(200_000, 256) == "IVF512,PQ32" and train_size_for(200_000) == 100_000
+    assert factory_for(10_000_000, 256) == "IVF32768_HNSW32,PQ32" and train_size_for(10_000_000) == 1_310_720

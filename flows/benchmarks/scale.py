@@ -85,11 +85,18 @@ def nlist_for(rows: int) -> int:
     return nlist
 
 
+HNSW_FROM_NLIST = 16384  # from this many lists the coarse quantiser is an HNSW graph
+
+
 def factory_for(rows: int, dim: int) -> str:
     """The compressed IVF-PQ factory of a size: ``nlist_for(rows)`` lists, PQ with sub-vectors of at
-    least 4 dims of the whitened variant (``whitened_dim``), the same code size at every size."""
+    least 4 dims of the whitened variant (``whitened_dim``), the same code size at every size. From
+    ``HNSW_FROM_NLIST`` lists the coarse quantiser is ``HNSW32`` (as FAISS advises for 1M+ vectors):
+    a flat one's cost per assigned row grows with ``nlist`` and DBA assigns every row
+    (docs/scaling.md)."""
     m = max(1, min(32, whitened_dim(dim) // 4))
-    return f"IVF{nlist_for(rows)},PQ{m}"
+    nlist = nlist_for(rows)
+    return f"IVF{nlist}{'_HNSW32' if nlist >= HNSW_FROM_NLIST else ''},PQ{m}"
 
 
 def train_size_for(rows: int) -> int:
