@@ -65,10 +65,14 @@ def _transform(whiten: bool):
     return mean, rng.standard_normal((24, DIM)).astype(np.float32)
 
 
-def _setup(tmp_path, store, factory: str, whiten: bool, alpha: float = 3.0, nprobe: int = 16):
+def _setup(
+    tmp_path, store, factory: str, whiten: bool, alpha: float = 3.0, nprobe: int = 16, efsearch: int = 64
+):
     transform = _transform(whiten)
     cfg = Config(
-        index=IndexConfig(factory=factory, layout="sharded", engine="ray", train_size=2000, nprobe=nprobe),
+        index=IndexConfig(
+            factory=factory, layout="sharded", engine="ray", train_size=2000, nprobe=nprobe, efsearch=efsearch
+        ),
         rerank=RerankConfig(dba_k=3, dba_alpha=alpha, aqe_k=2),
     )
     cfg = cfg.model_copy(update={"fit": cfg.fit.model_copy(update={"scheduler": "threads"})})
@@ -137,14 +141,17 @@ class TiesById:
         ("IVF16,PQ8", "pairs"),
         ("IVF16,Flat", "pairs"),
         ("PCA16,IVF16,SQ8", "one"),
+        ("IVF16_HNSW4,PQ8", "pairs"),
         ("LSH", "one"),
     ],
 )
 def test_dba_lists_per_part_are_the_sharded_search_elsewhere(tmp_path, store, ray_cluster, factory, groups):
     """An inverted file's coarse assignment computed once per part, the shards merged into groups
     (all in one, or two shards each) each scanned with it: the sharded search's lists; under a
-    distance (LSH) the similarities are the exact inner products."""
-    cfg, rows, sharded = _setup(tmp_path, store, factory, whiten=False, nprobe=3)
+    distance (LSH) the similarities are the exact inner products. An HNSW coarse quantiser searches
+    with the sharded search's efSearch (3 here: an approximate assignment, which FAISS's default of 16
+    would not give)."""
+    cfg, rows, sharded = _setup(tmp_path, store, factory, whiten=False, nprobe=3, efsearch=3)
     if groups == "pairs":
         cfg = _groups_of_two(cfg, sharded)
         assert [len(g) for g in shard_groups(sharded.files, cfg.rerank.dba_group_mb)] == [2, 2]

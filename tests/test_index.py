@@ -1,5 +1,6 @@
 """FAISS factory indices: sharded Ray build == single-process build, incremental add, removal, versions."""
 
+import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -12,7 +13,7 @@ from embedpipe.storage.features import FeatureWriter, part_files
 from embedpipe.storage.index_folder import read_index, save_version
 from embedpipe.workers.engines.dask_jobs import sample_store
 from embedpipe.workers.engines.ray_stages import ray_session
-from embedpipe.workers.index import ann
+from embedpipe.workers.index import ann, build
 from embedpipe.workers.index.build import (
     add_part,
     build_store_index,
@@ -27,6 +28,8 @@ FACTORIES = [
     "IVF16,PQ8x4",
     "OPQ4,IVF16,PQ4x4",
     "PCA16,IVF8,PQ4x4",
+    "IVF16_HNSW8,PQ8x4",
+    "OPQ4,IVF16_HNSW8,PQ4x4",
     "PQ8x4",
     "LSH",
     "HNSW16",
@@ -179,3 +182,61 @@ def test_training_sample_on_dask_on_ray(store, ray_cluster):
     local threads draw."""
     on_ray = sample_store(store, 700, 4, "ray")
     assert on_ray.shape == (700, DIM) and on_ray.tobytes() == sample_store(store, 700, 4, "threads").tobytes()
+
+
+def _recall(index, data, queries, k=10):
+    exact = data @ queries.T
+    want = np.argsort(-exact, axis=0, kind="stable")[:k].T
+    got = ann.search(index, queries, k)[1]
+    return np.mean([len(set(a) & set(b)) / k for a, b in zip(got, want, strict=True)])
+
+
+def test_two_level_training_is_seeded_and_as_good_as_one_kmeans():
+    """Coarse centroids trained in two levels: nlist of them, the same bytes for the same seed, other
+    bytes for another, and the index finds what the one-k-means index finds (same recall +- 0.02)."""
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((60, DIM))
+    x = centres[rng.integers(0, 60, 8000)] + 0.4 * rng.standard_normal((8000, DIM))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    ivf = faiss.extract_index_ivf(ann.make_index("IVF64,Flat", DIM))
+    centroids = ann.two_level_centroids(x, 64, ivf.cp, ivf.metric_type)
+    assert centroids.shape == (64, DIM) and np.isfinite(centroids).all()
+    one, two, again = (
+        ann.train_index("IVF64,Flat", x, seed, level) for seed, level in ((0, 0), (0, 64), (0, 64))
+    )
+    assert ann.serialize(two).tobytes() == ann.serialize(again).tobytes() != ann.serialize(one).tobytes()
+    assert ann.serialize(ann.train_index("IVF64,Flat", x, 1, 64)).tobytes() != ann.serialize(two).tobytes()
+    recalls = []
+    for trained in (one, two):
+        index = ann.fill(ann.serialize(trained), x, np.arange(len(x), dtype=np.int64))
+        ann.set_search_params(index, 4, 64)
+        recalls.append(_recall(index, x, x[::40]))
+    assert recalls[1] >= recalls[0] - 0.02, recalls
+
+
+def test_hnsw_quantiser_is_the_same_graph_run_to_run_and_probes_at_least_nprobe(data):
+    """An IVF with an HNSW coarse quantiser: trained twice, the same bytes (its centroids added on one
+    thread); its quantiser searches with efSearch >= nprobe."""
+    a, b = (ann.serialize(ann.train_index("IVF32_HNSW8,Flat", data, 0)) for _ in range(2))
+    assert a.tobytes() == b.tobytes()
+    index = ann.fill(a, data, np.arange(len(data), dtype=np.int64))
+    ann.set_search_params(index, 24, 4)
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    assert quantizer.hnsw.efSearch == 24
+    assert _recall(index, data, data[::50]) > 0.95
+
+
+def test_a_large_training_sample_trains_in_a_ray_task(store, ray_cluster, monkeypatch):
+    """With engine 'ray' a training sample of TASK_SAMPLE_MB or more trains in one Ray task on the
+    node's CPUs, not in the driver: the same trained index as in this process."""
+    import os
+
+    from embedpipe.workers.engines.ray_index import run_on_node
+
+    pid, cpus = run_on_node(lambda cpus: (os.getpid(), cpus), (), 0)
+    assert pid != os.getpid() and cpus == 2
+    cfg = IndexConfig(factory="IVF16_HNSW8,PQ8x4", train_size=1000)
+    here, _ = build_store_index(store, cfg, seed=2, engine="local")
+    monkeypatch.setattr(build, "TASK_SAMPLE_MB", 0)
+    in_task, _ = build_store_index(store, cfg, seed=2, engine="ray")
+    assert all(np.array_equal(u, v) for u, v in zip(ann.codes_of(here), ann.codes_of(in_task), strict=True))

@@ -252,6 +252,13 @@ class IndexConfig(_Frozen):
         ge=1,
         description="rows sampled (seeded, by a Dask job over the store's parts) to train the index",
     )
+    two_level_nlist: int = Field(
+        8192,
+        ge=0,
+        description="IVF with at least this many lists: the coarse k-means runs in two levels (about "
+        "sqrt(nlist) clusters, then lists within each, as FAISS's two-level clustering), about "
+        "sqrt(nlist)/2 times less work than one k-means of nlist centroids; 0 = never",
+    )
     nprobe: int = Field(16, ge=1, description="IVF: inverted lists visited per query")
     efsearch: int = Field(64, ge=1, description="HNSW: search-time candidate list size")
     engine: Literal["ray", "local"] = Field(

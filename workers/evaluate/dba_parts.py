@@ -44,6 +44,7 @@ from embedpipe.workers.evaluate.search import (
     ranked_topk,
     search_shard_file,
 )
+from embedpipe.workers.index.ann import set_quantizer_search
 from embedpipe.workers.index.build import publish_store_index
 from embedpipe.workers.progress import Progress
 
@@ -85,7 +86,8 @@ def part_lists(job: DbaJob, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray
     if not isinstance(trained, faiss.IndexIVF):
         lists = [search_shard_file(p, queries, job.k, None, job.nprobe, job.efsearch) for p in job.shards]
         return merge_topk(lists, job.k, job.metric)
-    nprobe = min(job.nprobe, trained.nlist)
+    nprobe = trained.nprobe = min(job.nprobe, trained.nlist)
+    set_quantizer_search(trained, job.efsearch)  # as the sharded search probes (an HNSW quantiser)
     coarse, assigned = trained.quantizer.search(queries, nprobe)
     lists = []
     for group in shard_groups(job.shards, job.group_mb):

@@ -373,7 +373,7 @@ def augment_database(
     an index of the result."""
     sims, idx = graph
     db = dba(x, sims, idx, cfg.rerank.dba_alpha)
-    db_index = build_index(db, cfg.index.factory, cfg.seed)
+    db_index = build_index(db, cfg.index.factory, cfg.seed, cfg.index.two_level_nlist)
     set_search_params(db_index, cfg.index.nprobe, cfg.index.efsearch)
     return db, db_index
 

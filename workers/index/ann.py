@@ -152,8 +152,69 @@ def _centroids(index: faiss.Index) -> int:
     return max(sizes, default=0)
 
 
-def train_index(factory: str, sample: np.ndarray, seed: int = 0) -> faiss.Index:
-    """An empty index trained on ``sample`` (n, dim), ready for ``add_with_ids``."""
+def _flat(dim: int, metric: int) -> faiss.Index:
+    return faiss.IndexFlatIP(dim) if metric == faiss.METRIC_INNER_PRODUCT else faiss.IndexFlatL2(dim)
+
+
+def _kmeans(x: np.ndarray, k: int, cp: faiss.ClusteringParameters, metric: int, seed: int) -> np.ndarray:
+    """``k`` centroids of ``x`` by FAISS's k-means with ``cp`` (an IVF's own parameters) and ``seed``,
+    points assigned by exact search under ``metric``: what an IVF with a flat quantiser trains."""
+    dim = x.shape[1]
+    clustering = faiss.Clustering(dim, int(k), cp)
+    clustering.seed = seed
+    clustering.train(x, _flat(dim, metric))
+    return faiss.vector_to_array(clustering.centroids).reshape(int(k), dim)
+
+
+def two_level_centroids(x: np.ndarray, nlist: int, cp: faiss.ClusteringParameters, metric: int) -> np.ndarray:
+    """``nlist`` coarse centroids of ``x`` in two levels (FAISS's two-level clustering, rebalanced):
+    k-means of about sqrt(nlist) clusters, then each cluster's rows split into lists in proportion to
+    its size. About n x 2 sqrt(nlist) distance computations per iteration instead of n x nlist; needs
+    ``len(x) >= 2 * nlist`` (so that no cluster gets more lists than rows). Seeded by ``cp.seed``."""
+    top_k = max(2, int(round(np.sqrt(nlist))))
+    top = _kmeans(x, top_k, cp, metric, cp.seed)
+    flat = _flat(x.shape[1], metric)
+    flat.add(top)
+    assign = flat.search(x, 1)[1].ravel()
+    sizes = np.bincount(assign, minlength=top_k)
+    ends = np.cumsum(sizes) * nlist // len(x)
+    lists = np.diff(ends, prepend=0)  # at most ceil(size / 2) each, as len(x) >= 2 * nlist
+    order, starts = np.argsort(assign, kind="stable"), np.concatenate([[0], np.cumsum(sizes)])
+    out = [
+        _kmeans(x[order[starts[c] : starts[c + 1]]], lists[c], cp, metric, cp.seed + 1 + c)
+        for c in range(top_k)
+        if lists[c]
+    ]
+    return np.concatenate(out)
+
+
+def _train_coarse(ivf: faiss.IndexIVF, sample: np.ndarray, two_level_nlist: int) -> None:
+    """Train ``ivf``'s coarse quantiser here where FAISS's own training would not do: an HNSW quantiser
+    (k-means assigns with exact search, and the centroids are added to the graph on one thread, so the
+    graph, and with it every list assignment, is the same run to run), or ``nlist`` of at least
+    ``two_level_nlist`` (``two_level_centroids``). A flat quantiser below it trains as FAISS does."""
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    hnsw = isinstance(quantizer, faiss.IndexHNSW)
+    two_level = 0 < two_level_nlist <= ivf.nlist and len(sample) >= 2 * ivf.nlist
+    if not (hnsw or two_level) or quantizer.ntotal or len(sample) < ivf.nlist:
+        return
+    if two_level:
+        centroids = two_level_centroids(sample, ivf.nlist, ivf.cp, ivf.metric_type)
+    else:
+        centroids = _kmeans(sample, ivf.nlist, ivf.cp, ivf.metric_type, ivf.cp.seed)
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1 if hnsw else before)
+    try:
+        quantizer.train(centroids)
+        quantizer.add(centroids)
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def train_index(factory: str, sample: np.ndarray, seed: int = 0, two_level_nlist: int = 0) -> faiss.Index:
+    """An empty index trained on ``sample`` (n, dim), ready for ``add_with_ids``. An IVF of at least
+    ``two_level_nlist`` lists (0: never) trains its coarse quantiser in two levels; see ``_train_coarse``
+    for HNSW quantisers."""
     sample = np.ascontiguousarray(sample, dtype=np.float32)
     index = make_index(factory, sample.shape[1])
     if _ivf(index) is None:
@@ -169,12 +230,33 @@ def train_index(factory: str, sample: np.ndarray, seed: int = 0) -> faiss.Index:
         )
     if not index.is_trained:
         try:
-            index.train(sample)
+            _train(index, sample, two_level_nlist)
         except RuntimeError as err:
             raise InputError(
                 f"index '{factory}' cannot be trained on {len(sample)} vectors: {_first_line(err)}"
             ) from None
     return index
+
+
+def _train(index: faiss.Index, sample: np.ndarray, two_level_nlist: int) -> None:
+    """``index.train(sample)``, an IVF's coarse quantiser first trained by ``_train_coarse`` (after
+    the pre-transforms, trained in turn on the sample as FAISS trains them)."""
+    outer = faiss.downcast_index(index)
+    ivf = _ivf(index)
+    if ivf is None:
+        index.train(sample)
+        return
+    if isinstance(outer, faiss.IndexPreTransform):
+        x = sample
+        for i in range(outer.chain.size()):
+            transform = outer.chain.at(i)
+            if not transform.is_trained:
+                transform.train(x)
+            x = transform.apply(x)
+        _train_coarse(ivf, x, two_level_nlist)
+    else:
+        _train_coarse(ivf, sample, two_level_nlist)
+    index.train(sample)
 
 
 def serialize(index: faiss.Index) -> np.ndarray:
@@ -204,11 +286,14 @@ def merge(parts: list[faiss.Index]) -> faiss.Index:
     return merged
 
 
-def build_index(vectors: np.ndarray, factory: str = "Flat", seed: int = 0) -> faiss.Index:
+def build_index(
+    vectors: np.ndarray, factory: str = "Flat", seed: int = 0, two_level_nlist: int = 0
+) -> faiss.Index:
     """In-memory build: train on ``vectors`` and add them with ids 0..n-1."""
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     with threads_for(len(x)):
-        return fill(serialize(train_index(factory, x, seed)), x, np.arange(len(x), dtype=np.int64))
+        trained = train_index(factory, x, seed, two_level_nlist)
+        return fill(serialize(trained), x, np.arange(len(x), dtype=np.int64))
 
 
 def members(index: faiss.Index) -> list[faiss.Index]:
@@ -249,9 +334,18 @@ def set_search_params(index: faiss.Index, nprobe: int, efsearch: int) -> None:
     ivf = _ivf(index)
     if ivf is not None:
         ivf.nprobe = min(nprobe, ivf.nlist)
+        set_quantizer_search(ivf, efsearch)
     base = _base(index)
     if isinstance(base, faiss.IndexHNSW):
         base.hnsw.efSearch = efsearch
+
+
+def set_quantizer_search(ivf: faiss.IndexIVF, efsearch: int) -> None:
+    """An HNSW coarse quantiser searches with efSearch ``efsearch``, and never fewer than the lists
+    probed (``ivf.nprobe``)."""
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = max(int(efsearch), int(ivf.nprobe))
 
 
 def bytes_per_vector(index: faiss.Index) -> int:
