@@ -3,13 +3,16 @@ and ``CURRENT`` are ``storage.index_versions``), written and read back.
 
 Every layout has ``ids.parquet``, the map ``row`` -> content ``id`` -> ``path`` of the index's FAISS ids.
 Layouts of a version folder (``index.layout``): ``merged``: ``index.faiss``; ``ondisk`` (IVF only):
-``index.faiss`` whose inverted lists are ``lists.ivfdata`` beside it; ``sharded``: one index file per
-shard under ``shards/`` and ``shards.json`` (file and row range of each), searched together, with the
-trained empty index ``trained.faiss`` beside them (what later shards are filled from).
+``index.faiss`` whose inverted lists are ``lists.ivfdata`` beside it; ``sharded``: one file per shard
+under ``shards/`` and ``shards.json`` (file and row range of each), searched together, with the trained
+empty index ``trained.faiss`` beside them (what later shards are filled from). An inverted file's shard
+file holds its lists with an empty quantiser (``write_shard``; searched inside a copy of
+``trained.faiss``, ``read_shard``); other shards, and every shard of versions written before, are whole.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -43,6 +46,77 @@ def read_index(path: Path, ondisk: bool = False) -> faiss.Index:
     (wherever the folder was moved; the file also records its absolute path for other readers). The
     index file itself is read into memory: mapping it (``IO_FLAG_MMAP``) is not used for these."""
     return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR if ondisk else 0)
+
+
+def _inverted_file(index: faiss.Index) -> faiss.IndexIVF | None:
+    try:
+        return faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:
+        return None
+
+
+def _lists_only(ivf: faiss.IndexIVF | None) -> bool:
+    """An inverted file read from a shard file written by ``write_shard``: its quantiser is empty."""
+    return ivf is not None and ivf.nlist > 0 and ivf.quantizer.ntotal == 0
+
+
+def write_shard(index: faiss.Index, path: Path) -> None:
+    """A shard file of a sharded version. An inverted file's shard holds its lists: its coarse
+    quantiser is written as an empty flat index (the real one is the version's ``trained.faiss``, once,
+    so shard files do not grow with ``nlist``: a flat quantiser of 32,768 centroids of 256 floats is
+    32 MB). ``faiss.read_index`` opens it (``ntotal``, the lists); ``read_shard`` makes it searchable.
+    Other index types are written whole."""
+    ivf = _inverted_file(index)
+    if ivf is None:
+        write_index(index, path)
+        return
+    quantizer, owned = ivf.quantizer, ivf.own_fields
+    placeholder = faiss.IndexFlat(int(ivf.d), int(ivf.metric_type))
+    ivf.own_fields, ivf.quantizer = False, placeholder
+    try:
+        write_index(index, path)
+    finally:
+        ivf.quantizer, ivf.own_fields = quantizer, owned
+
+
+def read_shard(path: Path, trained: faiss.Index | None = None) -> faiss.Index:
+    """A shard file as a searchable index: the lists of an inverted file's shard moved into a copy of
+    ``trained`` (default: the ``trained.faiss`` of the shard's version, read once per process); a shard
+    written whole (other index types, and every shard of versions written before) as it is."""
+    shard = read_index(path)
+    lists = _inverted_file(shard)
+    if not _lists_only(lists):
+        return shard
+    if trained is None:
+        version = Path(path).parent.parent
+        trained = _trained(str(version / TRAINED_FILE), os.stat(version / TRAINED_FILE).st_mtime_ns)
+    index = faiss.clone_index(trained)
+    _move_lists(index, lists)
+    return index
+
+
+def merge_shard(index: faiss.Index, path: Path) -> None:
+    """Append the vectors of shard file ``path`` to ``index`` (a copy of the version's trained index),
+    as ``merge_from`` does; a lists-only shard needs no quantiser of its own for it."""
+    shard = read_index(path)
+    lists = _inverted_file(shard)
+    if _lists_only(lists):
+        _move_lists(index, lists)
+    else:
+        index.merge_from(shard, 0)
+
+
+def _move_lists(index: faiss.Index, source: faiss.IndexIVF) -> None:
+    """The entries of ``source``'s lists appended to ``index``'s inverted file (``source`` emptied)."""
+    n = int(source.ntotal)
+    ivf = _inverted_file(index)
+    ivf.invlists.merge_from(source.invlists, 0)
+    ivf.ntotal = index.ntotal = int(index.ntotal) + n
+
+
+@functools.lru_cache(maxsize=1)
+def _trained(path: str, mtime_ns: int) -> faiss.Index:
+    return read_index(Path(path))
 
 
 def shards_of(parts: list[faiss.Index]) -> faiss.IndexShards:
@@ -99,7 +173,7 @@ def write_shards(version: Path, trained: faiss.Index, shards: list[dict], parts:
     folder = version / SHARDS_DIR
     folder.mkdir(exist_ok=True)
     for part, entry in zip(parts, [s for s in shards if not (folder / s["file"]).exists()], strict=True):
-        write_index(part, folder / entry["file"])
+        write_shard(part, folder / entry["file"])
     if not (version / TRAINED_FILE).exists():
         write_index(trained, version / TRAINED_FILE)
     (version / SHARDS_FILE).write_text(json.dumps({"shards": shards}, indent=1) + "\n")
@@ -121,7 +195,9 @@ def read_version(version: Path) -> faiss.Index:
     """The index of a version folder as searched: merged, with its on-disk lists, or its shards."""
     layout = index_layout(version)
     if layout == "sharded":
-        return shards_of([read_index(version / SHARDS_DIR / s["file"]) for s in read_shards(version)])
+        trained = read_index(version / TRAINED_FILE)
+        files = [version / SHARDS_DIR / s["file"] for s in read_shards(version)]
+        return shards_of([read_shard(f, trained) for f in files])
     return read_index(version / INDEX_FILE, ondisk=layout == "ondisk")
 
 

@@ -22,7 +22,7 @@ from embedpipe.storage.features import (
     sample_quotas,
     write_part_table,
 )
-from embedpipe.storage.index_folder import index_layout
+from embedpipe.storage.index_folder import TRAINED_FILE, index_layout, read_index, read_shard
 from embedpipe.workers.engines.dask_jobs import sample_store
 from embedpipe.workers.evaluate.stage import variant_index
 from embedpipe.workers.index import ann
@@ -134,7 +134,7 @@ def test_trained_index_is_identical_between_runs(store):
     assert np.array_equal(a, b) and np.array_equal(a, ref)
 
 
-LAYOUT_FACTORIES = ["Flat", "IVF16,Flat", "IVF16,PQ8x8"]
+LAYOUT_FACTORIES = ["Flat", "IVF16,Flat", "IVF16,PQ8x8", "IVF16_HNSW8,PQ8x8"]
 
 
 def _publish(root, store, factory, layout):
@@ -159,8 +159,10 @@ def test_layouts_search_alike(tmp_path, store, data, factory):
     if "sharded" in layouts:  # one file per non-empty part, each readable with faiss alone
         shards = json.loads((tmp_path / "sharded" / "v0001" / "shards.json").read_text())["shards"]
         assert len(shards) == sum(1 for s in SIZES if s)
-        first = faiss.read_index(str(tmp_path / "sharded" / "v0001" / "shards" / shards[0]["file"]))
-        assert first.ntotal == SIZES[0] and shards[0]["rows"] == [0, SIZES[0]]
+        first = tmp_path / "sharded" / "v0001" / "shards" / shards[0]["file"]
+        assert faiss.read_index(str(first)).ntotal == SIZES[0] and shards[0]["rows"] == [0, SIZES[0]]
+        if ann.is_ivf(factory):  # its lists: the coarse quantiser is the version's trained.faiss, once
+            assert _quantiser_size(first) == 0
 
 
 _PROBE = """
@@ -243,6 +245,34 @@ def test_sharded_update_links_untouched_shards(tmp_path, data):
     sd, si = ann.search(sharded, data[::41], 30)
     assert np.array_equal(mi, si) and np.allclose(md, sd, atol=1e-5)
     assert not {5, 950} & set(si.ravel().tolist())
+
+
+def _quantiser_size(path):
+    index = read_index(path)  # held while its inverted file is looked at
+    return faiss.downcast_index(faiss.extract_index_ivf(index)).quantizer.ntotal
+
+
+def test_a_version_of_whole_shard_files_still_searches_and_updates(tmp_path, store, data):
+    """Sharded versions written before shards held lists alone (every shard a whole index file, its
+    own quantiser) are read, searched and updated as they are; new shards are lists."""
+    index, _, version = _publish(tmp_path / "ix", store, "IVF16,PQ8x8", "sharded")
+    want = ann.search(index, data[::37], 25)
+    trained = read_index(version / TRAINED_FILE)
+    entries = json.loads((version / "shards.json").read_text())["shards"]
+    for entry in entries:  # rewritten as the older format had them, each with its own quantiser
+        path = version / "shards" / entry["file"]
+        whole = read_shard(path, trained)
+        path.unlink()
+        faiss.write_index(whole, str(path))
+    again, _, _ = load_current(tmp_path / "ix", IndexConfig(nprobe=4))
+    got = ann.search(again, data[::37], 25)
+    assert np.array_equal(got[1], want[1]) and np.allclose(got[0], want[0], atol=1e-5)
+    extra = _store(tmp_path / "extra", _vectors(50, 9), (50,), [f"new{i:04d}" for i in range(50)])
+    v2 = add_part(tmp_path / "ix", part_files(extra)[0])
+    files = [v2 / "shards" / s["file"] for s in json.loads((v2 / "shards.json").read_text())["shards"]]
+    quantisers = [_quantiser_size(f) for f in files]
+    assert quantisers == [16] * len(entries) + [0]  # the old shards linked as they are, the new one lists
+    assert load_current(tmp_path / "ix")[0].ntotal == sum(SIZES) + 50
 
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF16,PQ8x8"])

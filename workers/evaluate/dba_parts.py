@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from embedpipe.storage import index_versions
 from embedpipe.storage.contracts.layout import atomic_path, write_json_atomic
 from embedpipe.storage.features import MANIFEST, read_part, read_store_manifest
-from embedpipe.storage.index_folder import TRAINED_FILE, read_index
+from embedpipe.storage.index_folder import TRAINED_FILE, merge_shard, read_index
 from embedpipe.workers.engines.ray_index import map_parts
 from embedpipe.workers.evaluate.rerank import dba
 from embedpipe.workers.evaluate.search import (
@@ -92,8 +92,8 @@ def part_lists(job: DbaJob, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray
     lists = []
     for group in shard_groups(job.shards, job.group_mb):
         index = read_index(Path(job.trained))
-        for path in group:  # the shard's lists appended to the group's (and emptied)
-            index.merge_from(read_index(Path(path)), 0)
+        for path in group:  # the shard's lists appended to the group's
+            merge_shard(index, Path(path))
         index.nprobe = nprobe
 
         def search(rows: np.ndarray, kk: int, index: faiss.IndexIVF = index) -> tuple[np.ndarray, np.ndarray]:

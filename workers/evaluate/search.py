@@ -16,7 +16,14 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from embedpipe.storage.features import part_row_counts, read_part, vectors_of
-from embedpipe.storage.index_folder import IDS_FILE, SHARDS_DIR, TRAINED_FILE, read_index, read_shards
+from embedpipe.storage.index_folder import (
+    IDS_FILE,
+    SHARDS_DIR,
+    TRAINED_FILE,
+    read_index,
+    read_shard,
+    read_shards,
+)
 from embedpipe.workers.engines.ray_index import map_parts
 from embedpipe.workers.fit.whitening import apply_whitening
 from embedpipe.workers.index import ann
@@ -94,7 +101,7 @@ def search_shard_file(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One shard file read and searched: its top-k (scores, ids) per query (exact ties by smaller id),
     padded to k."""
-    index = read_index(Path(path))
+    index = read_shard(Path(path))
     ann.set_search_params(index, nprobe, efsearch)
     limit = index.ntotal if allowed is None else len(allowed)
 

@@ -41,12 +41,13 @@ from embedpipe.storage.index_folder import (
     live_version,
     read_ids,
     read_index,
+    read_shard,
     read_shards,
     read_version,
     save_version,
     shard_name,
     write_ids,
-    write_index,
+    write_shard,
     write_shards,
 )
 from embedpipe.workers.engines.dask_jobs import sample_store
@@ -104,7 +105,7 @@ def fill_shard(trained: np.ndarray, path: str, row0: int, transform: Transform, 
     """One shard written where the part is read: a copy of the trained index filled with the part's
     vectors, written to ``out`` (a shard file of a version being written). Returns the part's ids."""
     ids, x = part_table(Path(path), row0, transform)
-    write_index(ann.fill(trained, x, ids.column("row").to_numpy()), Path(out))
+    write_shard(ann.fill(trained, x, ids.column("row").to_numpy()), Path(out))
     return ids
 
 
@@ -314,7 +315,7 @@ def publish_shards(
         empty = ann.deserialize(trained)
         if not shards:  # an empty store: one empty shard
             shards = [{"file": shard_name(0), "rows": [0, 0]}]
-            write_index(empty, version / SHARDS_DIR / shards[0]["file"])
+            write_shard(empty, version / SHARDS_DIR / shards[0]["file"])
         write_shards(version, empty, shards, [])
     index_versions.publish(root, version)
     return version
@@ -402,6 +403,7 @@ def _next_sharded(
     try:
         (out / SHARDS_DIR).mkdir()
         link_file(version / TRAINED_FILE, out / TRAINED_FILE)
+        trained = read_index(out / TRAINED_FILE)
         kept, parts = [], []
         for entry in shards:
             lo, hi = entry["rows"]
@@ -411,12 +413,11 @@ def _next_sharded(
                 link_file(src, out / SHARDS_DIR / entry["file"])
                 kept.append(entry)
                 continue
-            part = read_index(src)
+            part = read_shard(src, trained)
             removed += ann.remove_ids(part, hit)
             if part.ntotal:
-                write_index(part, out / SHARDS_DIR / entry["file"])
+                write_shard(part, out / SHARDS_DIR / entry["file"])
                 kept.append(entry)
-        trained = read_index(out / TRAINED_FILE)
         if len(x) or not kept:
             number = 1 + max((int(s["file"][6:11]) for s in shards), default=-1)
             parts = [ann.fill(ann.serialize(trained), x, rows)] if len(x) else [trained]
