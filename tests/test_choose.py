@@ -10,10 +10,15 @@ import pytest
 from embedpipe.storage.contracts.errors import InputError
 from embedpipe.workers.index import ann
 from embedpipe.workers.index.choose import (
+    MATRIX_REUSE,
+    WORK_TIE,
+    _Coarse,
     auto_candidates,
+    build,
     choose_index,
     nlist_for,
     recall_at_k,
+    search_work,
     split_sample,
 )
 
@@ -75,6 +80,7 @@ def test_pick_within_budget_reaches_target_and_is_deterministic(clustered):
             "value",
             "recall",
             "qps",
+            "search_work",
             "bytes_per_vector",
             "build_s",
             "fits_budget",
@@ -87,8 +93,16 @@ def test_pick_within_budget_reaches_target_and_is_deterministic(clustered):
     sq8 = [r for r in rows if r["index"] == "IVF32,SQ8"]
     assert sq8[0]["bytes_per_vector"] == pytest.approx(40, abs=0.5) and sq8[0]["code_bytes"] == 32
     assert [r["value"] for r in sq8] == [2**i for i in range(len(sq8))]
-    again, _ = choose_index(x, budget=48, target=0.9, exclude=protocol)
+    # the pick and every row but the timings are counts: the same on a second run whatever the load
+    again, table2 = choose_index(x, budget=48, target=0.9, exclude=protocol)
     assert (again["index"], again["value"]) == (pick["index"], pick["value"])
+    untimed = [{k: v for k, v in r.items() if k not in ("qps", "build_s")} for r in rows]
+    assert untimed == [{k: v for k, v in r.items() if k not in ("qps", "build_s")} for r in table2["rows"]]
+    # the pick does the least work of the settings that qualify (ties within WORK_TIE go to fewer bytes)
+    good = [r for r in built if r["fits_budget"] and r["reaches_target"]]
+    assert pick["search_work"] <= WORK_TIE * min(r["search_work"] for r in good)
+    cheaper = [r for r in good if r["search_work"] <= pick["search_work"]]
+    assert all(r["bytes_per_vector"] >= pick["bytes_per_vector"] for r in cheaper)
 
 
 def test_hnsw_bytes_count_its_links(clustered):
@@ -96,6 +110,31 @@ def test_hnsw_bytes_count_its_links(clustered):
     hnsw = next(r for r in table["rows"] if r["index"] == "HNSW32")
     assert hnsw["code_bytes"] == 128 and hnsw["bytes_per_vector"] >= 128 + 8 + 4 * 64
     assert next(r for r in table["rows"] if r["index"] == "Flat")["recall"] == 1.0
+
+
+def test_search_work_counts_what_a_query_reads(clustered):
+    """IVF at nprobe = nlist scans every code; an exact Flat reads its database as a matrix product;
+    HNSW's work grows with efSearch; the counts do not depend on the thread count."""
+    db, queries = clustered[:1500], clustered[1500:1600]
+    ivf, fixed = build("IVF16,SQ8", db, 0, _Coarse())
+    ann.set_search_params(ivf, 16, 16)
+    faiss.cvar.indexIVF_stats.reset()
+    ivf.search(queries, 10)
+    assert search_work(ivf, queries, fixed) == pytest.approx(fixed / MATRIX_REUSE + 1500 * 32)
+    flat, fixed = build("Flat", db, 0, _Coarse())
+    assert search_work(flat, queries, fixed) == pytest.approx((fixed + 1500 * 128) / MATRIX_REUSE)
+    hnsw, fixed = build("HNSW32", db, 0, _Coarse())
+    work, before = [], faiss.omp_get_max_threads()
+    for ef, threads in ((16, 1), (16, 2), (128, 2)):
+        ann.set_search_params(hnsw, ef, ef)
+        faiss.cvar.hnsw_stats.reset()
+        faiss.omp_set_num_threads(threads)
+        try:
+            hnsw.search(queries, 10)
+        finally:
+            faiss.omp_set_num_threads(before)
+        work.append(search_work(hnsw, queries, fixed))
+    assert work[0] == work[1] < work[2]
 
 
 def test_no_candidate_fits(clustered):
@@ -127,9 +166,9 @@ def test_the_choice_reads_only_its_sample_from_a_feature_store(clustered, tmp_pa
     assert store._all is None  # never read whole
     _, expected = choose_index(clustered, budget=48, target=0.9, max_rows=1200)
     assert table["sample"] == expected["sample"] and table["sample"]["of"] == len(clustered) == 2000
-    # the same vectors: every setting both measured has the same recall (which settings are measured
-    # depends on the QPS seen so far, a timing)
-    recalls = {(r["index"], r.get("value")): r.get("recall") for r in table["rows"]}
-    others = {(r["index"], r.get("value")): r.get("recall") for r in expected["rows"]}
-    both = recalls.keys() & others.keys()
-    assert len(both) >= 10 and all(recalls[key] == others[key] for key in both)
+
+    # the same vectors: the same settings measured, with the same recall and search work
+    def counted(rows):
+        return [(r["index"], r.get("value"), r.get("recall"), r.get("search_work")) for r in rows]
+
+    assert counted(table["rows"]) == counted(expected["rows"]) and len(table["rows"]) >= 10

@@ -13,14 +13,19 @@ larger), HNSW over flat, SQ8 and PQ codes, and, when a scalar quantiser's full-s
 the same after PCA to the dimensions that do. Refinement stages (``RFlat``) are left out: the index
 engine's per-part fill and merge cannot build them. Each candidate within the budget is built (IVF
 candidates share one k-means) and its search parameter swept (``nprobe`` in powers of two up to
-``nlist``, ``efSearch`` 16..512); a row per setting gives recall@k, QPS (every FAISS thread, best of two
-timed passes), bytes per vector and build time.
+``nlist``, ``efSearch`` 16..512); a row per setting gives recall@k, search work, QPS (every FAISS thread,
+best of two timed passes; reported, not used), bytes per vector and build time.
 
-Pick: among settings within the budget that reach the target recall, the fastest; settings within
-``QPS_TIE`` of the fastest count as tied (QPS differs between runs and machines), and of those the fewest
-bytes per vector wins, then the higher recall, then the name. When none reaches the target, the highest
-recall within the budget (with a warning). QPS-based picks can differ between machines: the table written
-next to the run's report shows each setting's numbers.
+Search work (``search_work``) is what a query reads, counted by FAISS's search statistics: each code it
+compares (PQ code bytes ``PQ_LOOKUP`` times: a table lookup each), HNSW's links of each node visited, and
+the bytes a matrix product reads for the whole query batch (coarse centroids, codebooks, transforms, an
+exact Flat database) at 1 / ``MATRIX_REUSE``. Counts, not timings, so the pick is the same on every run
+and machine; timed picks changed between two runs on a loaded host.
+
+Pick: among settings within the budget that reach the target recall, the least search work; settings
+within ``WORK_TIE`` of it count as tied, and of those the fewest bytes per vector wins, then the higher
+recall, then the name. When none reaches the target, the highest recall within the budget (with a
+warning).
 
 Bytes per vector are what each vector adds to the index: its code, its 8-byte id (IVF lists keep ids;
 other indices are wrapped in ``IndexIDMap2`` as the pipeline builds them) and, for HNSW, its link slots,
@@ -47,8 +52,10 @@ SAMPLE_ROWS = 50_000  # the choice never looks at more database rows than this (
 HELD_OUT = 1_000  # sample rows held out as queries (a fifth of the sample when smaller)
 PER_LIST = 39  # training vectors per k-means centroid (FAISS's minimum without a warning)
 EFSEARCH = (16, 32, 64, 128, 256, 512)
-QPS_TIE = 0.75  # settings at or above this fraction of the best QPS count as tied
-PRUNE = 0.5  # a sweep stops once slower than this fraction of the best QPS already at the target
+MATRIX_REUSE = 16
+PQ_LOOKUP = 4
+WORK_TIE = 4 / 3  # settings within this factor of the least search work count as tied
+PRUNE = 2.0  # a sweep stops once its work exceeds this factor of the least work already at the target
 SATURATED = 0.002  # a sweep stops when doubling the parameter gains less recall than this
 OPQ_NITER, OPQ_POINTS = 10, 16_384  # the choice trains OPQ rotations briefly (FAISS: 50 on 65,536)
 RECALL = "k-recall@k: mean fraction of the exact top k found in the returned top k"
@@ -239,6 +246,40 @@ def timed_search(index: faiss.Index, queries: np.ndarray, k: int, threads: int) 
     return found, len(queries) / max(best, 1e-9)
 
 
+def search_work(index: faiss.Index, queries: np.ndarray, fixed: int) -> float:
+    """Work per query of the last search of ``queries``, from FAISS's search statistics (counts, not
+    timings: the same on every run, machine and thread count), in bytes of codes scanned:
+
+    - each code compared: inverted-list entries scanned, HNSW distance computations, every code of a
+      scalar-quantised flat index; a PQ code's bytes count PQ_LOOKUP times (a table lookup each);
+    - HNSW: the level-0 link list of each node visited;
+    - what a matrix product reads for the whole query batch (coarse centroids, codebooks, transforms:
+      the trained index's fixed bytes; the database of an exact Flat index) counts 1 / MATRIX_REUSE.
+    """
+    nq = len(queries)
+    base = ann._base(index)
+    per_code = code_bytes(index) * (PQ_LOOKUP if _is_pq(index) else 1)
+    matrix = fixed / MATRIX_REUSE
+    if ann._ivf(index) is not None:
+        return matrix + faiss.cvar.indexIVF_stats.ndis / nq * per_code
+    if isinstance(base, faiss.IndexHNSW):
+        stats = faiss.cvar.hnsw_stats
+        links = 4 * int(base.hnsw.nb_neighbors(0))
+        return matrix + (stats.ndis * per_code + stats.nhops * links) / nq
+    if isinstance(base, faiss.IndexFlat):
+        return matrix + index.ntotal * per_code / MATRIX_REUSE
+    return matrix + index.ntotal * per_code
+
+
+def _is_pq(index: faiss.Index) -> bool:
+    ivf = ann._ivf(index)
+    base = ann._base(index)
+    if ivf is None and isinstance(base, faiss.IndexHNSW):
+        base = faiss.downcast_index(base.storage)
+    inner = ivf if ivf is not None else base
+    return isinstance(inner, (faiss.IndexIVFPQ, faiss.IndexPQ))
+
+
 def measure(
     factory: str,
     db: np.ndarray,
@@ -247,13 +288,13 @@ def measure(
     k: int,
     target: float,
     seed: int,
-    best_qps: float,
+    least_work: float,
     coarse: _Coarse,
     threads: int,
 ) -> list[dict[str, Any]]:
     """Build one candidate on ``db`` and sweep its search parameter upwards; one row per setting. The
     sweep stops at the first setting that reaches ``target``, when recall stops growing, or when it is
-    already slower than PRUNE × ``best_qps`` (the best QPS at the target so far) without reaching it."""
+    its search work exceeds PRUNE × ``least_work`` (the least at the target so far) without reaching it."""
     start = time.perf_counter()
     index, fixed = build(factory, db, seed, coarse)
     build_s = time.perf_counter() - start
@@ -264,6 +305,10 @@ def measure(
         if name:
             ann.set_search_params(index, value, value)
         found, qps = timed_search(index, queries, k, threads)
+        faiss.cvar.indexIVF_stats.reset()
+        faiss.cvar.hnsw_stats.reset()
+        index.search(queries, k)
+        cost = search_work(index, queries, fixed)
         recall = round(recall_at_k(found, truth, k), 4)
         row = {
             "index": factory,
@@ -271,6 +316,7 @@ def measure(
             "value": value if name else None,
             "recall": recall,
             "qps": round(qps, 1),
+            "search_work": round(cost),
             "bytes_per_vector": round(added, 1),
             "code_bytes": code_bytes(index),
             "fixed_bytes": fixed,
@@ -283,8 +329,8 @@ def measure(
         if len(rows) >= 3 and recall - rows[-2]["recall"] < SATURATED:
             row["note"] = "sweep stopped: recall saturated"
             break
-        if qps < PRUNE * best_qps:
-            row["note"] = "sweep stopped: slower than the best setting at the target"
+        if cost > PRUNE * least_work:
+            row["note"] = "sweep stopped: more work than the best setting at the target"
             break
     return rows
 
@@ -292,13 +338,13 @@ def measure(
 def _pick(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     good = [r for r in rows if r["fits_budget"] and r["reaches_target"]]
     if good:
-        fastest = max(r["qps"] for r in good)
-        tied = [r for r in good if r["qps"] >= QPS_TIE * fastest]
+        least = min(r["search_work"] for r in good)
+        tied = [r for r in good if r["search_work"] <= WORK_TIE * least]
         return min(tied, key=lambda r: (r["bytes_per_vector"], -r["recall"], r["index"], r["value"] or 0))
     fits = [r for r in rows if r["fits_budget"] and "recall" in r]
     if not fits:
         return None
-    return max(fits, key=lambda r: (r["recall"], r["qps"], -r["bytes_per_vector"]))
+    return max(fits, key=lambda r: (r["recall"], -r["search_work"], -r["bytes_per_vector"], r["index"]))
 
 
 def choose_index(
@@ -327,7 +373,7 @@ def choose_index(
     truth = exact.search(queries, k)[1]
     rows: list[dict[str, Any]] = []
     coarse = _Coarse()
-    best_qps = 0.0
+    least_work = math.inf
     for factory in auto_candidates(dim, n, budget):
         try:
             estimate = estimated_bytes(factory, dim)
@@ -340,14 +386,14 @@ def choose_index(
             )
             continue
         try:
-            measured = measure(factory, db, queries, truth, k, target, seed, best_qps, coarse, threads)
+            measured = measure(factory, db, queries, truth, k, target, seed, least_work, coarse, threads)
         except (InputError, RuntimeError) as err:
             log.info("index auto: %s skipped (%s)", factory, ann._first_line(err))
             continue
         for row in measured:
             row["fits_budget"] = row["bytes_per_vector"] <= budget
             if row["fits_budget"] and row["reaches_target"]:
-                best_qps = max(best_qps, row["qps"])
+                least_work = min(least_work, row["search_work"])
         rows += measured
         log.debug(
             "index auto: %s built in %.1f s, %d settings, best recall %.3f",
@@ -385,16 +431,20 @@ def choose_index(
         "bytes": "bytes_per_vector: what each vector adds (code, 8-byte id, HNSW link slots, level and "
         "offset); code_bytes: the code alone; fixed_bytes: the serialized empty trained index (centroids, "
         "codebooks, transforms)",
-        "criterion": f"within the budget and reaching the target recall, the highest QPS ({threads} "
-        f"threads, best of 2 passes); settings within {QPS_TIE:.0%} of it tie, then fewest bytes per "
-        "vector, higher recall, name; without one reaching the target, the highest recall. QPS differ "
-        "between machines, so can the pick",
+        "criterion": "within the budget and reaching the target recall, the least search_work (bytes of "
+        f"code a query scans, counted by FAISS; matrix-product bytes count 1/{MATRIX_REUSE}, PQ code bytes "
+        f"{PQ_LOOKUP}x); settings within {WORK_TIE:.3g}x of it tie, then fewest bytes per vector, higher "
+        "recall, name; without one reaching the target, the highest recall. Counts, not timings: the same "
+        f"pick on every run and machine. qps ({threads} threads, best of 2 passes) is reported, not used",
         "budget_bytes_per_vector": budget,
         "target_recall": target,
         "sample": {"database": n, "queries": len(queries), "of": n_all, "seed": seed, "dim": dim},
         "threads": threads,
         "choice_s": round(seconds, 3),
-        "pick": {key: pick[key] for key in ("index", "param", "value", "recall", "qps", "bytes_per_vector")},
+        "pick": {
+            key: pick[key]
+            for key in ("index", "param", "value", "recall", "search_work", "qps", "bytes_per_vector")
+        },
         "rows": rows,
     }
     return pick, table
