@@ -92,6 +92,7 @@ def test_bench_scale_two_tiny_sizes(tmp_path, monkeypatch):
         assert len(size["dba_seconds"]) == 2, size["dba_seconds"]
         assert all(v["parts"] > 0 and v["index"] > 0 for v in size["dba_seconds"].values())
     assert [s["factory"] for s in sizes] == ["IVF16,PQ2", "IVF16,PQ2"]
+    assert [(s["nprobe"], s["dba_nprobe"]) for s in sizes] == [(16, 16), (16, 16)]
     small, large = sizes
     assert result["rss_ratio"] == round(large["driver_peak_rss_mb"] / small["driver_peak_rss_mb"], 4)
     per_row = [sum(s["stages"].values()) / s["rows"] for s in sizes]
@@ -101,7 +102,7 @@ def test_bench_scale_two_tiny_sizes(tmp_path, monkeypatch):
 def test_inverted_lists_grow_with_the_collection():
     """Each size's index keeps 256 to 511 rows per list, so a query's scan costs the same at every size
     (DBA searches every row: with one nlist for all sizes its work grew with the square of the rows)."""
-    from embedpipe.flows.benchmarks.scale import factory_for, nlist_for, train_size_for
+    from embedpipe.flows.benchmarks.scale import factory_for, nlist_for, nprobe_for, train_size_for
 
     for rows in (200_000, 2_000_000, 10_000_000):
         assert 256 <= rows / nlist_for(rows) < 512
@@ -109,3 +110,5 @@ def test_inverted_lists_grow_with_the_collection():
     assert factory_for(2_000_000, 256) == "IVF4096,PQ32" and train_size_for(2_000_000) == 163_840
     assert factory_for(200_000, 256) == "IVF512,PQ32" and train_size_for(200_000) == 100_000
     assert factory_for(10_000_000, 256) == "IVF32768_HNSW32,PQ32" and train_size_for(10_000_000) == 1_310_720
+    # queries probe 16 lists up to 2M rows, then the same fraction of the lists as at 2M
+    assert [nprobe_for(r) for r in (200_000, 2_000_000, 10_000_000)] == [16, 16, 128]

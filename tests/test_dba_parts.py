@@ -23,6 +23,7 @@ from embedpipe.workers.evaluate.dba_parts import (
     ROWS_DIR,
     augment_sharded,
     read_lists,
+    read_state,
     shard_groups,
 )
 from embedpipe.workers.evaluate.protocols import GroundTruth
@@ -35,6 +36,7 @@ from embedpipe.workers.evaluate.stage import (
     rerank_ranks,
     run_ground_truth,
 )
+from embedpipe.workers.index.ann import build_index, set_search_params
 from embedpipe.workers.index.build import publish_store_index
 
 pytestmark = pytest.mark.slow
@@ -160,6 +162,34 @@ def test_dba_lists_per_part_are_the_sharded_search_elsewhere(tmp_path, store, ra
     want_sims, want_ids = neighbours(sharded, x, x, cfg.rerank.dba_k + 1)
     sims, ids = read_lists(tmp_path / "dba" / PARTS_DIR)
     assert np.array_equal(ids, want_ids) and np.array_equal(sims, want_sims)
+
+
+def test_dba_nprobe_sets_the_neighbour_search_apart_from_the_queries(tmp_path, store, ray_cluster):
+    """``rerank.dba_nprobe``: DBA's neighbour lists probe that many lists (here all 16: exact), the
+    queries keep ``index.nprobe`` (1); per part on Ray and in the driver alike, and a changed value
+    recomputes the parts."""
+    cfg, rows, sharded = _setup(tmp_path, store, "IVF16,Flat", whiten=False, nprobe=1)
+    cfg = cfg.model_copy(update={"rerank": cfg.rerank.model_copy(update={"dba_nprobe": 16})})
+    augment_sharded(tmp_path / "dba", cfg, rows, sharded)
+    x = rows.all()
+    k = cfg.rerank.dba_k + 1
+    sims, ids = read_lists(tmp_path / "dba" / PARTS_DIR)
+    exact_sims, exact_ids = neighbours(ShardedIndex(sharded.version, 16, 64), x, x, k)
+    assert np.array_equal(ids, exact_ids) and np.array_equal(sims, exact_sims)
+    assert not np.array_equal(ids, neighbours(sharded, x, x, k)[1])  # one list is not enough here
+
+    merged = build_index(x, "IVF16,Flat", 0)
+    set_search_params(merged, 16, 64)
+    want = neighbours(merged, x, x, k)
+    set_search_params(merged, 1, 64)
+    graph = dba_neighbours(RunLayout(tmp_path / "run"), cfg, "merged", x, merged, "IVF16,Flat", None, False)
+    assert np.array_equal(graph[1], want[1]) and not np.array_equal(graph[1], neighbours(merged, x, x, k)[1])
+    assert faiss.extract_index_ivf(merged).nprobe == 1  # the queries' setting is back
+
+    state = read_state(tmp_path / "dba")["fingerprint"]
+    cfg = cfg.model_copy(update={"rerank": cfg.rerank.model_copy(update={"dba_nprobe": 2})})
+    augment_sharded(tmp_path / "dba", cfg, rows, sharded)
+    assert read_state(tmp_path / "dba")["fingerprint"] != state
 
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF16,PQ8"])

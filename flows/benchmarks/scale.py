@@ -99,6 +99,18 @@ def factory_for(rows: int, dim: int) -> str:
     return f"IVF{nlist}{'_HNSW32' if nlist >= HNSW_FROM_NLIST else ''},PQ{m}"
 
 
+QUERY_PROBE_FRACTION = 256  # queries visit at least 1/256 of the lists (16 of 4,096 at 2M rows)
+DBA_NPROBE = 16  # DBA's neighbour search (once per database row) visits this many lists at every size
+
+
+def nprobe_for(rows: int) -> int:
+    """``index.nprobe`` of a size: the default 16, or 1/``QUERY_PROBE_FRACTION`` of the lists, so the
+    queries probe the same fraction of the space from 2M rows up (a rule fixed before any size ran, not
+    tuned on the queries' scores). DBA's neighbour search keeps ``DBA_NPROBE`` (``rerank.dba_nprobe``):
+    it runs once per database row, the queries' once per query."""
+    return max(DBA_NPROBE, nlist_for(rows) // QUERY_PROBE_FRACTION)
+
+
 def train_size_for(rows: int) -> int:
     """``index.train_size`` of a size: the default 100,000, or enough rows for every list."""
     return max(100_000, TRAIN_PER_LIST * nlist_for(rows))
@@ -343,10 +355,11 @@ def scale_config(run: Path, images: str, rows: int, dim: int, factory: str) -> A
             "index": {
                 "factory": factory,
                 "train_size": train_size_for(rows),
+                "nprobe": nprobe_for(rows),
                 "layout": "sharded",
                 "engine": "ray",
             },
-            "rerank": {"methods": ["aqe", "dba"]},
+            "rerank": {"methods": ["aqe", "dba"], "dba_nprobe": DBA_NPROBE},
             "eval": {"top_k": TOP_K, "distractor_steps": [distractors // 4, distractors // 2]},
         }
     )
@@ -457,7 +470,12 @@ def bench_scale(sizes: list[int], dim: int, work: Path) -> dict[str, Any]:
     for rows in sizes:
         log.info("bench scale: %d rows", rows)
         measured.append(
-            {**_run_size(rows, dim, factory_for(rows, dim), work), "factory": factory_for(rows, dim)}
+            {
+                **_run_size(rows, dim, factory_for(rows, dim), work),
+                "factory": factory_for(rows, dim),
+                "nprobe": nprobe_for(rows),
+                "dba_nprobe": DBA_NPROBE,
+            }
         )
     small, large = measured[0], measured[-1]
 
@@ -468,7 +486,9 @@ def bench_scale(sizes: list[int], dim: int, work: Path) -> dict[str, Any]:
         "name": "scale",
         "dim": dim,
         "factory_rule": "IVF<nlist>,PQ<m> per size (sizes[].factory): nlist grows with the rows, "
-        f"{ROWS_PER_LIST}+ rows per list; index.train_size max(100000, {TRAIN_PER_LIST} x nlist)",
+        f"{ROWS_PER_LIST}+ rows per list; index.train_size max(100000, {TRAIN_PER_LIST} x nlist); queries "
+        f"probe max({DBA_NPROBE}, nlist / {QUERY_PROBE_FRACTION}) lists (sizes[].nprobe), DBA's neighbour "
+        f"search {DBA_NPROBE} (rerank.dba_nprobe)",
         "rerank": ["aqe", "dba"],
         "sizes": measured,
         "rss_ratio": round(large["driver_peak_rss_mb"] / small["driver_peak_rss_mb"], 4),

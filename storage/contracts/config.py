@@ -291,6 +291,13 @@ class RerankConfig(_Frozen):
     aqe_alpha: float = Field(3.0, ge=0, description="αQE: similarity exponent of the weights")
     dba_k: int = Field(2, ge=1, description="DBA: neighbours added to each database vector")
     dba_alpha: float = Field(3.0, ge=0, description="DBA: similarity exponent of the weights")
+    dba_nprobe: int = Field(
+        0,
+        ge=0,
+        description="DBA: inverted lists each database vector's neighbour search visits (0 = index.nprobe). "
+        "That search runs once per database vector, the queries' once per query: a large collection can "
+        "give its queries more lists (index.nprobe) than DBA's neighbour lists",
+    )
     dba_group_mb: float = Field(
         1024.0,
         gt=0,

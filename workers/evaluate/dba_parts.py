@@ -199,7 +199,7 @@ def read_lists(directory: Path) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def _fingerprint(rows: StoreRows, index: ShardedIndex, k: int, alpha: float) -> str:
+def _fingerprint(rows: StoreRows, index: ShardedIndex, k: int, alpha: float, nprobe: int) -> str:
     """What a part's output depends on: the store's part files, the transform, the index's files and
     search parameters, DBA's k and α."""
     h = hashlib.sha256()
@@ -211,7 +211,7 @@ def _fingerprint(rows: StoreRows, index: ShardedIndex, k: int, alpha: float) -> 
             h.update(np.ascontiguousarray(array).tobytes())
     for path in (*index.files, str(index.version / TRAINED_FILE)):
         h.update(f"{Path(path).name}:{Path(path).stat().st_size};".encode())
-    h.update(f"{k}:{alpha!r}:{index.nprobe}:{index.efsearch}:{index.metric_type}".encode())
+    h.update(f"{k}:{alpha!r}:{nprobe}:{index.efsearch}:{index.metric_type}".encode())
     return h.hexdigest()
 
 
@@ -232,8 +232,9 @@ def augment_sharded(
     (those already written for the same inputs kept), then the augmented index published beside them
     in ``cfg.index``'s layout and factory. Returns the augmented rows and their sharded index."""
     k = min(cfg.rerank.dba_k + 1, index.ntotal)
+    nprobe = cfg.rerank.dba_nprobe or index.nprobe
     parts_dir = root / PARTS_DIR
-    fingerprint = _fingerprint(rows, index, k, cfg.rerank.dba_alpha)
+    fingerprint = _fingerprint(rows, index, k, cfg.rerank.dba_alpha, nprobe)
     if read_state(root).get("fingerprint") != fingerprint:
         shutil.rmtree(parts_dir, ignore_errors=True)
         shutil.rmtree(root / ROWS_DIR, ignore_errors=True)
@@ -247,7 +248,7 @@ def augment_sharded(
         trained=str(index.version / TRAINED_FILE),
         k=k,
         alpha=cfg.rerank.dba_alpha,
-        nprobe=index.nprobe,
+        nprobe=nprobe,
         efsearch=index.efsearch,
         metric=index.metric_type,
         out=str(parts_dir),

@@ -342,7 +342,11 @@ def dba_neighbours(
     k = cfg.rerank.dba_k + 1
     exact = factory == "Flat" and index.metric_type == faiss.METRIC_INNER_PRODUCT
     if not exact or len(x) < k:
-        return neighbours(index, x, x, k)
+        set_search_params(index, cfg.rerank.dba_nprobe or cfg.index.nprobe, cfg.index.efsearch)
+        try:
+            return neighbours(index, x, x, k)
+        finally:
+            set_search_params(index, cfg.index.nprobe, cfg.index.efsearch)
     path = dba_neighbours_file(layout, name)
     keys = np.array([key.encode() for key in input_keys(meta).to_pylist()])
     kept = _kept_lists(path, keys, x, k) if reuse and path.exists() else None
