@@ -27,26 +27,6 @@ if TYPE_CHECKING:
     from embedpipe.storage.contracts.config import Config, ExtractConfig, IngestConfig, RayConfig
 
 
-def map_items(
-    items: list[dict[str, Any]],
-    fn: Callable[..., dict[str, np.ndarray]],
-    fn_kwargs: dict[str, Any],
-    batch_size: int,
-    ray_cfg: RayConfig,
-    what: str,
-) -> Iterator[dict[str, Any]]:
-    """``fn(batch, **fn_kwargs)`` over ``items`` (rows such as ``input_items`` makes) in numpy batches of
-    ``batch_size`` rows, one CPU per task, in up to four blocks per cluster CPU; yields the result batches
-    in input order. A Ray failure becomes one ``RunFailed`` line naming ``what``. Runs in the open
-    ``ray_session`` (or one of its own: open it around the loop to control when Ray stops)."""
-    import ray.data
-
-    with ray_session(ray_cfg):
-        configure_data_context(ray_cfg)
-        ds = ray.data.from_items(items, override_num_blocks=_blocks(len(items)))
-        yield from _map_batches(ds, fn, fn_kwargs, batch_size, what)
-
-
 def map_table(
     table: pa.Table,
     fn: Callable[..., dict[str, np.ndarray]],
@@ -55,27 +35,24 @@ def map_table(
     ray_cfg: RayConfig,
     what: str,
 ) -> Iterator[dict[str, Any]]:
-    """``map_items`` over the rows of an Arrow table (``input_table`` makes them): the rows go to Ray as
-    Arrow blocks, never as one Python object each."""
+    """``fn(batch, **fn_kwargs)`` over the rows of an Arrow table (``input_table`` makes them) in numpy
+    batches of ``batch_size`` rows, one CPU per task, in up to four blocks per cluster CPU; yields the
+    result batches in input order. The rows go to Ray as Arrow blocks, never as one Python object each.
+    A Ray failure becomes one ``RunFailed`` line naming ``what``. Runs in the open ``ray_session`` (or
+    one of its own: open it around the loop to control when Ray stops)."""
     import ray.data
 
     with ray_session(ray_cfg):
         configure_data_context(ray_cfg)
         step = max(1, -(-table.num_rows // _blocks(table.num_rows)))
         ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, max(1, table.num_rows), step)])
-        yield from _map_batches(ds, fn, fn_kwargs, batch_size, what)
+        ds = ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=batch_size, batch_format="numpy", num_cpus=1)
+        yield from iterate_results(ds, what)
 
 
 def _blocks(rows: int) -> int:
     """Blocks of a mapped dataset: up to four per cluster CPU."""
     return max(1, min(rows, cluster_cpus() * 4))
-
-
-def _map_batches(
-    ds: Any, fn: Callable[..., dict[str, np.ndarray]], fn_kwargs: dict[str, Any], batch_size: int, what: str
-) -> Iterator[dict[str, Any]]:
-    ds = ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=batch_size, batch_format="numpy", num_cpus=1)
-    yield from iterate_results(ds, what)
 
 
 def read_and_decode(batch: dict[str, np.ndarray], max_side: int, ingest: IngestConfig) -> dict[str, Any]:

@@ -163,19 +163,24 @@ def _trained(
     rows = min(cfg.train_size, sum(c for _, c in part_row_counts(directory)))
     sample_mb = rows * int(read_store_manifest(directory)["dim"]) * 4 / 2**20
     if cfg.engine == "ray" and sample_mb >= TASK_SAMPLE_MB:
-        return run_on_node(_train_serialized, (directory, cfg, seed, transform, fit), max_retries)
-    return _train_serialized(0, directory, cfg, seed, transform, fit)
+        return run_on_node(_train_serialized, (rows, directory, cfg, seed, transform, fit), max_retries)
+    return _train_serialized(0, rows, directory, cfg, seed, transform, fit)
 
 
 def _train_serialized(
-    threads: int, directory: Path, cfg: IndexConfig, seed: int, transform: Transform, fit: FitConfig | None
+    threads: int,
+    rows: int,
+    directory: Path,
+    cfg: IndexConfig,
+    seed: int,
+    transform: Transform,
+    fit: FitConfig | None,
 ) -> np.ndarray:
     """``train_on_store`` serialised, on ``threads`` FAISS threads (0: as set); one thread when the
-    sample is small (``ann.threads_for``)."""
+    sample (``rows``) is small (``ann.threads_for``)."""
     if threads:
         faiss.omp_set_num_threads(threads)
-    counts = part_row_counts(directory)
-    with ann.threads_for(min(cfg.train_size, sum(c for _, c in counts))):
+    with ann.threads_for(rows):
         return ann.serialize(train_on_store(directory, cfg, seed, transform, fit))
 
 
