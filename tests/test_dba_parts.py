@@ -19,8 +19,10 @@ from embedpipe.storage.features import FeatureWriter, read_parts
 from embedpipe.workers.engines.ray_stages import ray_session
 from embedpipe.workers.evaluate.dba_parts import (
     DBA_DIR,
+    GROUPS_DIR,
     PARTS_DIR,
     ROWS_DIR,
+    _group_files,
     augment_sharded,
     read_lists,
     read_state,
@@ -162,6 +164,11 @@ def test_dba_lists_per_part_are_the_sharded_search_elsewhere(tmp_path, store, ra
     want_sims, want_ids = neighbours(sharded, x, x, cfg.rerank.dba_k + 1)
     sims, ids = read_lists(tmp_path / "dba" / PARTS_DIR)
     assert np.array_equal(ids, want_ids) and np.array_equal(sims, want_sims)
+    # an inverted file's groups were merged once into files the part tasks read, removed once done
+    ivf = isinstance(sharded.trained, faiss.IndexIVF)
+    groups = _group_files(tmp_path / "g", sharded, cfg.rerank.dba_group_mb)
+    assert len(groups) == (len(shard_groups(sharded.files, cfg.rerank.dba_group_mb)) if ivf else 0)
+    assert ivf == factory.startswith("IVF") and not (tmp_path / "dba" / GROUPS_DIR).exists()
 
 
 def test_dba_nprobe_sets_the_neighbour_search_apart_from_the_queries(tmp_path, store, ray_cluster):
