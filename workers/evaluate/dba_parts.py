@@ -6,8 +6,9 @@ store; the augmented index is then trained and filled from those parts like any 
 
 The driver holds the part names, never the vectors nor the neighbour lists: each augmented part keeps
 its rows' lists beside the vectors (``dba_ids``, ``dba_sims``). Under ``index/<variant>/dba/``:
-``parts/`` (the derived store), ``rows/`` (the transformed rows as ``.npy``, while parts are still to
-be written), ``dba.json`` (what the parts were computed from: a part already written for the same
+``parts/`` (the derived store), ``rows/`` (the transformed rows as ``.npy``) and ``groups/`` (an inverted
+file's shards merged into groups, each one index file), both while parts are still to be written,
+``dba.json`` (what the parts were computed from: a part already written for the same
 inputs is kept when the stage runs again) and the augmented index's versions.
 """
 
@@ -117,7 +118,7 @@ def write_group(job: DbaJob, group: int) -> int:
     """Group ``group`` of ``shard_groups`` merged once (a Ray task) into ``job.groups[group]``, which
     every part's task then reads whole instead of merging the group's shard files itself: one read per
     task instead of one per shard (at 10M rows, 200 shard files of 32,768 lists each). Kept when
-    already written. Returns its vectors."""
+    already written. Returns ``group``."""
     target = Path(job.groups[group])
     if not target.is_file():
         write_index(merged_group(job.trained, shard_groups(job.shards, job.group_mb)[group]), target)
