@@ -61,7 +61,8 @@ class DbaJob:
     """What every part's task shares (put in the object store once): the store and the variant's
     transform, the index's shard files and trained empty index, DBA's parameters, the derived store's
     folder (``out``), the mapped rows' (``rows``) and, for an inverted file, the merged shard groups'
-    files (``groups``: one index file per group of ``shard_groups``, written once by ``write_group``)."""
+    files (``groups``: one index file per group of ``shard_groups``, written once by ``write_group``;
+    none for other indices)."""
 
     store: str
     transform: Transform
@@ -75,14 +76,13 @@ class DbaJob:
     metric: int
     out: str
     rows: str
-    group_mb: float
-    groups: tuple[str, ...] = ()
+    groups: tuple[str, ...]
 
 
 def part_lists(job: DbaJob, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The exact merge of every shard's top-k for ``queries`` (what ``ShardedIndex.search`` gives).
-    An inverted file's shards are merged into indices of at most ``job.group_mb`` MB (``job.groups``:
-    written once, read whole by each part's task; else merged here), each searched once with the
+    An inverted file's shards are merged into groups of at most ``rerank.dba_group_mb`` MB
+    (``job.groups``, written once by ``write_group``), each read whole and searched once with the
     coarse assignment computed once (with the trained quantiser every shard was filled from): a query's
     probed lists are scanned once per group, not once per shard, so a part's work does not grow with
     the number of shards. Other indices: the shards read one at a time."""
@@ -94,8 +94,8 @@ def part_lists(job: DbaJob, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray
     set_quantizer_search(trained, job.efsearch)  # as the sharded search probes (an HNSW quantiser)
     coarse, assigned = trained.quantizer.search(queries, nprobe)
     lists = []
-    for group in job.groups or shard_groups(job.shards, job.group_mb):
-        index = read_index(Path(group)) if job.groups else merged_group(job.trained, group)
+    for group in job.groups:
+        index = read_index(Path(group))
         index.nprobe = nprobe
 
         def search(rows: np.ndarray, kk: int, index: faiss.IndexIVF = index) -> tuple[np.ndarray, np.ndarray]:
@@ -106,23 +106,18 @@ def part_lists(job: DbaJob, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return merge_topk(lists, job.k, job.metric)
 
 
-def merged_group(trained: str, files: Sequence[str]) -> faiss.IndexIVF:
-    """A copy of the trained index with the lists of the shard files ``files`` appended, in order."""
-    index = read_index(Path(trained))
-    for path in files:
-        merge_shard(index, Path(path))
-    return index
-
-
-def write_group(job: DbaJob, group: int) -> int:
-    """Group ``group`` of ``shard_groups`` merged once (a Ray task) into ``job.groups[group]``, which
-    every part's task then reads whole instead of merging the group's shard files itself: one read per
-    task instead of one per shard (at 10M rows, 200 shard files of 32,768 lists each). Kept when
-    already written. Returns ``group``."""
-    target = Path(job.groups[group])
-    if not target.is_file():
-        write_index(merged_group(job.trained, shard_groups(job.shards, job.group_mb)[group]), target)
-    return group
+def write_group(job: DbaJob, target: str, files: tuple[str, ...]) -> str:
+    """One group of ``shard_groups`` merged once (a Ray task): a copy of the trained index with the
+    lists of the shard files ``files`` appended in order, written to ``target`` (one of ``job.groups``),
+    which every part's task then reads whole instead of merging the group's shard files itself: one
+    read per task instead of one per shard (at 10M rows, 200 shard files of 32,768 lists each). Kept
+    when already written. Returns ``target``."""
+    if not Path(target).is_file():
+        index = read_index(Path(job.trained))
+        for path in files:
+            merge_shard(index, Path(path))
+        write_index(index, Path(target))
+    return target
 
 
 def shard_groups(files: Sequence[str], group_mb: float) -> list[list[str]]:
@@ -236,15 +231,15 @@ def _fingerprint(rows: StoreRows, index: ShardedIndex, k: int, alpha: float, npr
     return h.hexdigest()
 
 
-def _group_files(directory: Path, index: ShardedIndex, group_mb: float) -> tuple[str, ...]:
-    """Where ``write_group`` writes each merged shard group of an inverted file (none for other
-    indices): under a folder named by the groups' shard files, so groups cut differently (another
-    ``rerank.dba_group_mb``) are never read for these."""
+def _group_files(directory: Path, index: ShardedIndex, group_mb: float) -> list[tuple[str, tuple[str, ...]]]:
+    """Each merged shard group of an inverted file (none for other indices): where ``write_group``
+    writes it and its shard files. The files lie under a folder named by the groups' shard files, so
+    groups cut differently (another ``rerank.dba_group_mb``) are never read for these."""
     if not isinstance(index.trained, faiss.IndexIVF):
-        return ()
+        return []
     groups = shard_groups(index.files, group_mb)
     name = hashlib.sha256(json.dumps([[Path(f).name for f in g] for g in groups]).encode()).hexdigest()[:16]
-    return tuple(str(directory / name / f"group-{g:05d}.faiss") for g in range(len(groups)))
+    return [(str(directory / name / f"group-{g:05d}.faiss"), tuple(files)) for g, files in enumerate(groups)]
 
 
 def read_state(root: Path) -> dict:
@@ -273,6 +268,7 @@ def augment_sharded(
         shutil.rmtree(root / GROUPS_DIR, ignore_errors=True)
         parts_dir.mkdir(parents=True)
         write_json_atomic(root / STATE_FILE, {"fingerprint": fingerprint})
+    groups = _group_files(root / GROUPS_DIR, index, cfg.rerank.dba_group_mb)
     job = DbaJob(
         store=str(rows.directory),
         transform=rows.transform,
@@ -286,8 +282,7 @@ def augment_sharded(
         metric=index.metric_type,
         out=str(parts_dir),
         rows=str(root / ROWS_DIR),
-        group_mb=cfg.rerank.dba_group_mb,
-        groups=_group_files(root / GROUPS_DIR, index, cfg.rerank.dba_group_mb),
+        groups=tuple(target for target, _ in groups),
     )
     todo = [i for i, p in enumerate(rows.parts) if not (parts_dir / Path(p).name).is_file()]
     start = time.perf_counter()
@@ -295,7 +290,6 @@ def augment_sharded(
         every = [(i,) for i in range(len(rows.parts))]
         for _ in map_parts(write_rows, every, job, cfg.ray.max_retries):
             pass
-        groups = [(g,) for g in range(len(job.groups))]
         for _ in map_parts(write_group, groups, job, cfg.ray.max_retries):
             pass
     progress = Progress("dba", len(todo), log, unit="parts")
