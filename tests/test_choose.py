@@ -120,9 +120,9 @@ def test_search_work_counts_what_a_query_reads(clustered):
     ann.set_search_params(ivf, 16, 16)
     faiss.cvar.indexIVF_stats.reset()
     ivf.search(queries, 10)
-    assert search_work(ivf, queries, fixed) == pytest.approx(fixed / MATRIX_REUSE + 1500 * 32)
+    assert search_work(ivf, len(queries), fixed) == pytest.approx(fixed / MATRIX_REUSE + 1500 * 32)
     flat, fixed = build("Flat", db, 0, _Coarse())
-    assert search_work(flat, queries, fixed) == pytest.approx((fixed + 1500 * 128) / MATRIX_REUSE)
+    assert search_work(flat, len(queries), fixed) == pytest.approx((fixed + 1500 * 128) / MATRIX_REUSE)
     hnsw, fixed = build("HNSW32", db, 0, _Coarse())
     work, before = [], faiss.omp_get_max_threads()
     for ef, threads in ((16, 1), (16, 2), (128, 2)):
@@ -133,7 +133,7 @@ def test_search_work_counts_what_a_query_reads(clustered):
             hnsw.search(queries, 10)
         finally:
             faiss.omp_set_num_threads(before)
-        work.append(search_work(hnsw, queries, fixed))
+        work.append(search_work(hnsw, len(queries), fixed))
     assert work[0] == work[1] < work[2]
 
 
