@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,22 +26,66 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embedpipe.storage.contracts.layout import atomic_path, write_json_atomic
-from embedpipe.storage.inputs import CHUNK, REF_SCHEMA, InputRef, KnownTars, Listing, RefView
+from embedpipe.storage.inputs import (
+    CHUNK,
+    REF_SCHEMA,
+    SPILL_SCHEMA,
+    InputRef,
+    KnownTars,
+    Listing,
+    RefView,
+    SpillFile,
+    as_refs,
+    as_spilled,
+)
+
+PLAN_SCHEMA = SPILL_SCHEMA.append(pa.field("shard", pa.int32(), nullable=False))  # as the file holds it
+_REF_PLAN = REF_SCHEMA.append(pa.field("shard", pa.int32(), nullable=False))  # as it is read back
 
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """Inputs in stream order (by shard, then listing order) with their shard numbers: one Arrow table
-    (``REF_SCHEMA`` and ``shard``), read back as ``InputRef``s a shard (or a chunk) at a time."""
+    """Inputs in stream order (by shard, then listing order) with their shard numbers, kept in a
+    ``SpillFile`` (``PLAN_SCHEMA``) of one record batch per shard: a shard's inputs are read back alone
+    (``shard_rows``, ``batches``), and the process holds a number and a count per shard, not the plan."""
 
     source: str
-    table: pa.Table
+    file: SpillFile
+    numbers: np.ndarray  # the shard of each of the file's batches, increasing
     problems: tuple[tuple[str, str], ...]  # (key, reason) of entries unusable already at listing
     shard_size: int
     fingerprint: str
 
     def __len__(self) -> int:
-        return self.table.num_rows
+        return sum(self.file.rows)
+
+    def shard_numbers(self) -> list[int]:
+        """The shards that hold inputs, in order."""
+        return self.numbers.tolist()
+
+    def shard_sizes(self) -> dict[int, int]:
+        return dict(zip(self.numbers.tolist(), self.file.rows, strict=True))
+
+    @property
+    def n_shards(self) -> int:
+        return int(self.numbers[-1]) + 1 if len(self.numbers) else 1
+
+    def shard_table(self, shard: int) -> pa.Table:
+        """The inputs of ``shard`` (``REF_SCHEMA`` and ``shard``), in plan order; empty when it has none."""
+        i = int(np.searchsorted(self.numbers, shard))
+        if i == len(self.numbers) or self.numbers[i] != shard:
+            return _REF_PLAN.empty_table()
+        return pa.Table.from_batches([as_refs(self.file.batch(i))])
+
+    def batches(self) -> Iterator[pa.Table]:
+        """Each shard's ``shard_table``, in order."""
+        for batch in self.file.batches():
+            yield pa.Table.from_batches([as_refs(batch)])
+
+    @property
+    def table(self) -> pa.Table:
+        """The whole plan in one table (``REF_SCHEMA`` and ``shard``): in memory, unlike the plan."""
+        return pa.concat_tables([_REF_PLAN.empty_table(), *self.batches()])
 
     @property
     def refs(self) -> RefView:
@@ -49,31 +93,55 @@ class ShardPlan:
 
     @functools.cached_property
     def shards(self) -> np.ndarray:
-        """The shard of each input, in stream order (so non-decreasing)."""
-        return self.table.column("shard").to_numpy().astype(np.int64)
-
-    @property
-    def n_shards(self) -> int:
-        return int(self.shards[-1]) + 1 if len(self) else 1
-
-    def shard_numbers(self) -> list[int]:
-        """The shards that hold inputs, in order."""
-        return np.unique(self.shards).tolist()
-
-    def shard_sizes(self) -> dict[int, int]:
-        numbers, counts = np.unique(self.shards, return_counts=True)
-        return dict(zip(numbers.tolist(), counts.tolist(), strict=True))
+        """The shard of each input, in stream order (so non-decreasing): one number per input."""
+        return np.repeat(self.numbers.astype(np.int64), self.file.rows)
 
     def shard_rows(self, shard: int) -> RefView:
         """The inputs of ``shard``, in plan order."""
-        lo, hi = np.searchsorted(self.shards, [shard, shard + 1])
-        return RefView(self.table.slice(int(lo), int(hi - lo)))
+        return RefView(self.shard_table(shard))
 
     def refs_of(self, shard: int) -> tuple[InputRef, ...]:
         return tuple(self.shard_rows(shard))
 
     def shard_of(self, position: int) -> int:
-        return int(self.shards[position])
+        ends = np.cumsum(self.file.rows)
+        return int(self.numbers[int(np.searchsorted(ends, position, side="right"))])
+
+
+class _PlanWriter:
+    """Writes a plan's file, one record batch per shard, from inputs given in stream order."""
+
+    def __init__(self) -> None:
+        self.file = SpillFile(PLAN_SCHEMA, "plan")
+        self.numbers: list[int] = []
+        self.pending: list[pa.Table] = []
+
+    def add(self, table: pa.Table | pa.RecordBatch, shards: np.ndarray) -> None:
+        """Inputs (``REF_SCHEMA`` columns) and their shards, continuing the stream order."""
+        table = pa.Table.from_batches([table]) if isinstance(table, pa.RecordBatch) else table
+        if not len(shards):
+            return
+        if self.numbers and shards[0] < self.numbers[-1] or np.any(shards[1:] < shards[:-1]):
+            raise ValueError("plan inputs out of stream order")
+        cuts = np.flatnonzero(shards[1:] != shards[:-1]) + 1
+        for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(shards)], strict=True):
+            shard = int(shards[lo])
+            if not self.numbers or shard != self.numbers[-1]:
+                self._emit()
+                self.numbers.append(shard)
+            rows = table.slice(lo, hi - lo).select(REF_SCHEMA.names)
+            self.pending.append(rows.append_column("shard", pa.array(np.full(hi - lo, shard, np.int32))))
+
+    def _emit(self) -> None:
+        if self.pending:
+            self.file.write(as_spilled(pa.concat_tables(self.pending), PLAN_SCHEMA))
+            self.pending = []
+
+    def plan(self, source: str, problems: Sequence, shard_size: int, digest: Any) -> ShardPlan:
+        self._emit()
+        self.file.close()
+        numbers = np.array(self.numbers, np.int64)
+        return ShardPlan(source, self.file, numbers, tuple(problems), shard_size, digest.hexdigest()[:16])
 
 
 def previous_table(previous: pa.Table | Mapping[str, int] | None) -> pa.Table | None:
@@ -110,32 +178,17 @@ def assign_shards(
     return out
 
 
-def _digest_shards(digest: Any, shards: np.ndarray) -> None:
-    """Feed ``digest`` the shard numbers as ``0,0,1,...`` (the plan fingerprint), a chunk at a time."""
-    for i in range(0, len(shards), CHUNK):
-        text = ",".join(map(str, shards[i : i + CHUNK].tolist()))
-        digest.update((("," if i else "") + text).encode())
+class ShardDigest:
+    """Feeds a digest shard numbers as ``0,0,1,...`` (the plan fingerprint), a chunk at a time."""
 
+    def __init__(self, digest: Any):
+        self.digest, self.first = digest, True
 
-def ordered_plan(
-    source: str,
-    table: pa.Table,
-    shards: np.ndarray,
-    problems: Sequence,
-    shard_size: int,
-    digest: Any,
-    digested: np.ndarray | None = None,
-) -> ShardPlan:
-    """The plan of ``table``'s inputs in stream order (by shard, stably), its fingerprint ``digest`` fed
-    the shard numbers ``digested`` (default: the ordered shard numbers)."""
-    if np.all(shards[1:] >= shards[:-1]):  # already in stream order (a first plan): no copy
-        ordered = shards
-    else:
-        order = np.argsort(shards, kind="stable")
-        ordered, table = shards[order], table.take(pa.array(order))
-    _digest_shards(digest, ordered if digested is None else digested)
-    planned = table.append_column("shard", pa.chunked_array([ordered], pa.int32()))
-    return ShardPlan(source, planned, tuple(problems), shard_size, digest.hexdigest()[:16])
+    def update(self, shards: np.ndarray) -> None:
+        for i in range(0, len(shards), CHUNK):
+            text = ",".join(map(str, shards[i : i + CHUNK].tolist()))
+            self.digest.update((("" if self.first else ",") + text).encode())
+            self.first = False
 
 
 def plan_listing(
@@ -143,12 +196,50 @@ def plan_listing(
     source: str,
     shard_size: int,
     previous: pa.Table | Mapping[str, int] | None = None,
+    after: int = -1,
+    digest: Any = None,
+    digest_stream_order: bool = True,
 ) -> ShardPlan:
-    """Cut the inputs of ``listing`` into shards (stable against ``previous``: key -> shard)."""
+    """Cut the inputs of ``listing`` into shards (stable against ``previous``: key -> shard; new shards
+    after ``after`` too). The fingerprint: ``digest`` (default: of the listing and ``shard_size``) fed the
+    shard numbers in stream order (``digest_stream_order``) or in listing order.
+
+    Without an earlier plan the listing is planned as it streams, a batch at a time (shards in listing
+    order): the process holds a batch. Against an earlier plan, its keys and the listing's are joined
+    in memory, and the plan is put in shard order there."""
+    if digest is None:
+        digest = hashlib.sha256(f"{listing.fingerprint()}\0{shard_size}\0".encode())
+    numbers, writer = ShardDigest(digest), _PlanWriter()
+    previous = previous_table(previous)
+    if previous is None or not previous.num_rows:
+        start = 0
+        for batch in listing.batches():
+            shards = after + 1 + (start + np.arange(batch.num_rows)) // shard_size
+            writer.add(batch, shards)
+            numbers.update(shards)
+            start += batch.num_rows
+        return writer.plan(source, listing.problems, shard_size, digest)
     table = listing.table()
-    shards = assign_shards(table.column("key"), shard_size, previous)
-    digest = hashlib.sha256(f"{listing.fingerprint()}\0{shard_size}\0".encode())
-    return ordered_plan(source, table, shards, listing.problems, shard_size, digest)
+    shards = assign_shards(table.column("key"), shard_size, previous, after)
+    order = np.argsort(shards, kind="stable")
+    numbers.update(shards[order] if digest_stream_order else shards)
+    table, shards = table.take(pa.array(order)), shards[order]
+    for i in range(0, len(shards), CHUNK):
+        writer.add(table.slice(i, CHUNK), shards[i : i + CHUNK])
+    return writer.plan(source, listing.problems, shard_size, digest)
+
+
+def merge_plans(first: ShardPlan, second: ShardPlan, digest: Any) -> ShardPlan:
+    """One plan of the shards of both (no shard in both), in shard order, with fingerprint ``digest``."""
+    if np.intersect1d(first.numbers, second.numbers).size:
+        raise ValueError("the plans to merge share a shard")
+    writer = _PlanWriter()
+    both = [(int(s), first, i) for i, s in enumerate(first.numbers)]
+    both += [(int(s), second, i) for i, s in enumerate(second.numbers)]
+    for shard, plan, i in sorted(both, key=lambda item: item[0]):
+        writer.numbers.append(shard)
+        writer.file.write(plan.file.batch(i))
+    return writer.plan(first.source, first.problems + second.problems, first.shard_size, digest)
 
 
 MANIFEST_SCHEMA = pa.schema(
@@ -264,13 +355,13 @@ def write_tar_stamps(path: Path, plan: ShardPlan, whole: bool = True) -> None:
     rejected at listing), as listed: what ``known_tars`` reads back for the next listing. ``whole``:
     the plan holds every listed input (False for a benchmark's image list: then no shard is recorded)."""
     stamps: dict[str, str] = {}
-    if whole:
-        table = plan.table.filter(pc.greater_equal(plan.table.column("offset"), 0))
+    for table in plan.batches() if whole else ():  # a shard at a time
+        table = table.filter(pc.greater_equal(table.column("offset"), 0))
         table = table.set_column(1, "uri", pc.cast(table.column("uri"), pa.string()))
         table = table.filter(pc.invert(pc.match_substring(table.column("uri"), "://")))
         table = table.group_by("uri", use_threads=False).aggregate([("stamp", "first")])
         for uri, stamp in zip(*(table.column(c).to_pylist() for c in ("uri", "stamp_first")), strict=True):
-            stamps[uri] = stamp.rsplit(":", 1)[0]
+            stamps.setdefault(uri, stamp.rsplit(":", 1)[0])
     for key, _ in plan.problems:  # "shard.tar/sample": a sample without an image, say
         for cut in (i for i, c in enumerate(key) if c == "/"):
             stamps.pop(key[:cut], None)

@@ -3,21 +3,31 @@ input), ``Listing`` (the inputs of a source) and ``KnownTars`` (tar shards liste
 
 A listing keeps its inputs as Arrow record batches (``REF_SCHEMA``), not as one Python object per input:
 ``RefView`` reads them back as ``InputRef``s a chunk at a time, so a collection of millions of inputs costs
-its column bytes, not an object and its strings per input (docs/scaling.md has the measurement).
+its column bytes, not an object and its strings per input (docs/scaling.md has the measurement). A listing
+made with ``spill=True`` (every source's, ``workers.ingest.sources.list_inputs``) writes its batches to a
+``SpillFile`` as it grows and reads them back one at a time: the process holds a chunk, not the listing.
 
 Listing itself (every form ``--images`` accepts) and reading inputs are in ``workers.ingest.sources``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import tempfile
+import threading
+import uuid
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, overload
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.ipc as ipc
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,117 @@ REF_SCHEMA = pa.schema(
     ]
 )
 CHUNK = 65_536  # inputs converted between Python objects and Arrow at a time
+# ``REF_SCHEMA`` as a spill file stores it: ``uri`` plain (an Arrow IPC file cannot change a dictionary
+# from one record batch to the next), dictionary-coded again as each batch is read back
+SPILL_SCHEMA = pa.schema([pa.field("uri", pa.string()) if f.name == "uri" else f for f in REF_SCHEMA])
+
+
+def as_spilled(batch: pa.RecordBatch | pa.Table, schema: pa.Schema = SPILL_SCHEMA) -> pa.RecordBatch:
+    """``batch`` (``REF_SCHEMA`` columns, maybe more) as one record batch of ``schema``."""
+    table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+    table = table.select(schema.names).cast(schema).combine_chunks()
+    batches = table.to_batches()
+    return batches[0] if batches else pa.RecordBatch.from_pylist([], schema=schema)
+
+
+def as_refs(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A spilled batch with ``uri`` dictionary-coded again (``REF_SCHEMA``, other columns kept)."""
+    i = batch.schema.get_field_index("uri")
+    return batch.set_column(i, pa.field("uri", URI_TYPE), batch.column(i).dictionary_encode())
+
+
+_spill_dir: Path | None = None
+_SPILL_PREFIX = "embedpipe-"
+SPILL_FOLDER = ".spill"  # the name of a run's spill folder (``storage.contracts.layout.spill_folder``)
+
+
+@contextlib.contextmanager
+def spill_to(folder: str | Path) -> Iterator[None]:
+    """Inside this scope, spill files (listings, shard plans) are made in ``folder`` (created; removed
+    again when it is left empty), not in the system's temporary folder. Files there of processes that
+    are gone (killed before removing theirs) are removed first."""
+    global _spill_dir
+    outer, folder = _spill_dir, Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(f"{_SPILL_PREFIX}*.arrow"):
+        pid = stale.name[len(_SPILL_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    _spill_dir = folder
+    try:
+        yield
+    finally:
+        _spill_dir = outer
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty: the files of plans still in use stay, and go with them
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SpillFile:
+    """An Arrow IPC file written one record batch at a time, then read back one batch at a time (random
+    access by batch number, through one open reader): data bigger than memory held on disk. The file is
+    removed when the object that made it is gone; a pickled copy reads the same file and owns none."""
+
+    def __init__(self, schema: pa.Schema, stem: str):
+        folder = _spill_dir or Path(tempfile.gettempdir())
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"{_SPILL_PREFIX}{os.getpid()}-{stem}-{uuid.uuid4().hex[:12]}.arrow"
+        self.schema = schema
+        self.rows: list[int] = []  # rows of each batch
+        self._writer: Any = ipc.new_file(str(self.path), schema)
+        self._reader: Any = None
+        self._lock = threading.Lock()
+        self._owner = weakref.finalize(self, _remove, self.path)
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if self._writer is None:
+            raise ValueError(f"{self.path} is complete: it is read, not written, now")
+        self._writer.write_batch(batch)
+        self.rows.append(batch.num_rows)
+
+    def close(self) -> None:
+        """Complete the file (no more batches); reading does it first."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, i: int) -> pa.RecordBatch:
+        with self._lock:
+            self.close()
+            if self._reader is None:
+                self._reader = ipc.open_file(pa.OSFile(str(self.path)))
+            return self._reader.get_batch(i)
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        for i in range(len(self.rows)):
+            yield self.batch(i)
+
+    def __getstate__(self) -> dict[str, Any]:
+        self.close()
+        return {"path": self.path, "schema": self.schema, "rows": self.rows}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _writer=None, _reader=None, _lock=threading.Lock(), _owner=None)
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+        # a run's folder left empty (never a temporary folder, nor one a scope is using): removed too
+        if path.parent.name == SPILL_FOLDER and path.parent != _spill_dir:
+            path.parent.rmdir()
 
 
 def refs_batch(refs: Sequence[InputRef]) -> pa.RecordBatch:
@@ -132,10 +253,14 @@ class RefView(Sequence[InputRef]):
 
 class Listing:
     """The inputs of a source, in a stable order (as Arrow record batches: ``add`` buffers ``CHUNK``
-    inputs, then converts them), and the entries found unusable while listing."""
+    inputs, then converts them), and the entries found unusable while listing. With ``spill`` the
+    batches go to a ``SpillFile`` as they are made, and once read the listing takes no more inputs."""
 
-    def __init__(self, refs: Iterable[InputRef] = (), problems: Iterable[tuple[str, str]] = ()):
+    def __init__(
+        self, refs: Iterable[InputRef] = (), problems: Iterable[tuple[str, str]] = (), spill: bool = False
+    ):
         self._batches: list[pa.RecordBatch] = []
+        self._spill: SpillFile | None = SpillFile(SPILL_SCHEMA, "listing") if spill else None
         self._pending: list[InputRef] = []
         self.problems: list[tuple[str, str]] = list(problems)  # (key, reason)
         for ref in refs:
@@ -154,36 +279,61 @@ class Listing:
 
     def _flush(self) -> None:
         if self._pending:
-            self._batches.append(refs_batch(self._pending))
+            self._append(refs_batch(self._pending))
             self._pending = []
+
+    def _append(self, batch: pa.RecordBatch) -> None:
+        if self._spill is None:
+            self._batches.append(batch)
+        elif batch.num_rows:
+            self._spill.write(as_spilled(batch))
 
     def extend(self, other: Listing) -> None:
         self._flush()
-        other._flush()
-        self._batches.extend(other._batches)
+        for batch in other.batches():
+            self._append(batch)
         self.problems.extend(other.problems)
 
-    def table(self) -> pa.Table:
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        """The inputs as ``REF_SCHEMA`` record batches, in order (a spilled listing's read one at a
+        time)."""
         self._flush()
-        return pa.Table.from_batches(self._batches, schema=REF_SCHEMA)
+        if self._spill is None:
+            yield from self._batches
+        else:
+            for batch in self._spill.batches():
+                yield as_refs(batch)
+
+    def table(self) -> pa.Table:
+        """Every input in one table: the whole listing in memory (``batches`` streams it)."""
+        return pa.Table.from_batches(list(self.batches()), schema=REF_SCHEMA)
 
     @property
     def refs(self) -> RefView:
         return RefView(self.table())
 
     def __len__(self) -> int:
-        return sum(b.num_rows for b in self._batches) + len(self._pending)
+        held = self._spill.rows if self._spill is not None else (b.num_rows for b in self._batches)
+        return sum(held) + len(self._pending)
 
     def copy(self) -> Listing:
-        return Listing.of_table(self.table(), self.problems)
+        """The same inputs and problems (a spilled listing's copy reads the same file)."""
+        if self._spill is None:
+            return Listing.of_table(self.table(), self.problems)
+        self._flush()
+        self._spill.close()
+        listing = Listing(problems=self.problems)
+        listing._spill = self._spill
+        return listing
 
     def fingerprint(self) -> str:
         """A digest of every input's ``InputRef.signature`` (read from the columns) and every problem."""
         digest = hashlib.sha256()
-        for batch in self.table().to_batches(max_chunksize=CHUNK):
-            cols = [batch.column(name).to_pylist() for name in REF_SCHEMA.names]
-            for key, uri, offset, length, label, stamp in zip(*cols, strict=True):
-                digest.update(signature(key, key if uri is None else uri, offset, length, label, stamp))
+        for whole in self.batches():
+            for batch in pa.Table.from_batches([whole]).to_batches(max_chunksize=CHUNK):
+                cols = [batch.column(name).to_pylist() for name in REF_SCHEMA.names]
+                for key, uri, offset, length, label, stamp in zip(*cols, strict=True):
+                    digest.update(signature(key, key if uri is None else uri, offset, length, label, stamp))
         for key, reason in self.problems:
             digest.update(f"!{key}\0{reason}\n".encode())
         return digest.hexdigest()[:16]
@@ -200,13 +350,14 @@ def is_distractor(key: str) -> bool:
 
 def as_distractors(listing: Listing) -> Listing:
     """``listing``'s inputs as distractors: the same inputs under prefixed keys (each read from where it
-    was, so a ``uri`` that was the key is kept)."""
-    table = listing.table()
-    keys = table.column("key")
-    uris = pc.coalesce(pc.cast(table.column("uri"), pa.string()), keys).dictionary_encode()
-    prefixed = pc.binary_join_element_wise(pa.scalar(DISTRACTOR_PREFIX), keys, "")
-    table = table.set_column(0, "key", prefixed).set_column(1, "uri", uris)
-    return Listing.of_table(table, [(DISTRACTOR_PREFIX + key, reason) for key, reason in listing.problems])
+    was, so a ``uri`` that was the key is kept), a batch at a time into a spilled listing."""
+    out = Listing([], [(DISTRACTOR_PREFIX + key, reason) for key, reason in listing.problems], spill=True)
+    for batch in listing.batches():
+        keys = batch.column("key")
+        uris = pc.coalesce(pc.cast(batch.column("uri"), pa.string()), keys).dictionary_encode()
+        prefixed = pc.binary_join_element_wise(pa.scalar(DISTRACTOR_PREFIX), keys, "")
+        out._append(batch.set_column(0, "key", prefixed).set_column(1, "uri", uris))
+    return out
 
 
 KnownTars = dict[str, tuple[str, pa.Table]]  # resolved path -> (stamp then, its samples as REF_SCHEMA rows)

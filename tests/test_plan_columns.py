@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import os
+import pickle
+import subprocess
+import sys
 import tracemalloc
 
 import pyarrow as pa
 import pytest
 
 from embedpipe.storage.dataset import assign_shards, plan_listing
-from embedpipe.storage.inputs import DISTRACTOR_PREFIX, InputRef, Listing, as_distractors
+from embedpipe.storage.inputs import DISTRACTOR_PREFIX, InputRef, Listing, as_distractors, spill_to
 
 N = 100_000
 
@@ -158,3 +162,48 @@ def test_distractors_join_the_plan_as_they_did(tmp_path, with_previous):
     assert plan.shards.tolist() == [shards[i] for i in order]
     new = [s for r, s in zip(extra_refs, extra_shards, strict=True) if r.key not in previous]
     assert min(new) > max(base.shards.tolist())  # no shard mixes the collection and distractors
+
+
+def test_a_spilled_listing_and_its_plan_hold_a_shard_not_the_collection(tmp_path):
+    """Listed as every source is (``spill=True``) and planned as it streams, a collection is held in its
+    spill files: the Arrow memory still held is a small part of the plan's bytes, and the plan is the one
+    planned in memory, byte for byte."""
+    n, folder = 150_000, tmp_path / ".spill"
+    with spill_to(folder):
+        plan_listing(Listing(_refs(100), spill=True), "/data", 10)  # first-use allocations, before measuring
+        gc.collect()
+        before = pa.total_allocated_bytes()
+        listing = Listing(spill=True)
+        for ref in _refs(n):
+            listing.add(ref)
+        plan = plan_listing(listing, "/data", 4096)
+        gc.collect()
+        held = pa.total_allocated_bytes() - before
+    whole = plan.table
+    assert held < whole.nbytes / 20, f"{held} bytes held for a plan of {whole.nbytes}"
+    in_memory = plan_listing(Listing(_refs(n)), "/data", 4096)
+    assert plan.fingerprint == in_memory.fingerprint and whole.equals(in_memory.table)
+    assert plan.refs_of(17) == in_memory.refs_of(17) and len(plan.refs_of(17)) == 4096
+    assert len(list(folder.iterdir())) == 2  # the listing's file and the plan's
+    copy = pickle.loads(pickle.dumps(plan))  # a copy reads the same file and owns none
+    assert copy.refs_of(36) == plan.refs_of(36)
+    del copy
+    gc.collect()
+    assert plan.refs_of(36) == in_memory.refs_of(36)
+    del listing, plan, whole
+    gc.collect()
+    assert not folder.exists()  # each file removed with its object, then the emptied folder
+
+
+def test_spill_files_of_processes_that_are_gone_are_removed(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    folder = tmp_path / ".spill"
+    folder.mkdir()
+    stale = folder / f"embedpipe-{int(gone.stdout)}-plan-0123456789ab.arrow"
+    mine = folder / f"embedpipe-{os.getpid()}-plan-0123456789ab.arrow"
+    other = folder / "notes.txt"
+    for path in (stale, mine, other):
+        path.write_bytes(b"x")
+    with spill_to(folder):
+        pass
+    assert sorted(p.name for p in folder.iterdir()) == sorted([mine.name, other.name])

@@ -74,6 +74,12 @@ def user_cache_dir() -> Path:
 STAGES = ("extract", "fit", "evaluate")  # the resumable stages, in pipeline order
 
 
+def spill_folder(root: str | Path) -> Path:
+    """Where a run (or an ingest) into ``root`` keeps its listing and shard plan while it works: files
+    removed when done with, in a hidden folder, so listing ``root`` as images never finds them."""
+    return Path(root) / ".spill"  # storage.inputs.SPILL_FOLDER
+
+
 @dataclass(frozen=True)
 class RunLayout:
     """Every path of a run directory; see the run-directory contract in docs/runs.md."""

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from embedpipe.storage.contracts.errors import InputError
-from embedpipe.storage.dataset import ShardPlan, assign_shards, ordered_plan, plan_listing, previous_table
-from embedpipe.storage.inputs import DISTRACTOR_PREFIX, InputRef, Listing, as_distractors
+from embedpipe.storage.contracts.layout import spill_folder
+from embedpipe.storage.dataset import ShardPlan, merge_plans, plan_listing, previous_table
+from embedpipe.storage.inputs import DISTRACTOR_PREFIX, InputRef, Listing, as_distractors, spill_to
 from embedpipe.workers.evaluate.protocols import BENCHMARK_PROTOCOLS, BenchmarkLayout, benchmark_layout
 from embedpipe.workers.ingest.sources import list_inputs, remote_shard_limits
 
@@ -75,33 +75,26 @@ def with_distractors(
         raise InputError(f"no distractor images found at {cfg.distractors}")
     # new distractor shards start after every shard so far; new collection inputs likewise go after
     # every earlier shard, so the two never share one
-    last = int(plan.shards[-1]) if len(plan) else -1
+    last = plan.n_shards - 1 if len(plan) else -1
     known, previous = None, previous_table(previous)
     if previous is not None and previous.num_rows:
         flags = pc.starts_with(previous.column("key"), DISTRACTOR_PREFIX)
         earlier = pc.max(previous.filter(pc.invert(flags)).column("shard")).as_py()
         last = max(last, -1 if earlier is None else int(earlier))
         known = previous.filter(flags)
-    table = extra.table()
-    shards = assign_shards(table.column("key"), plan.shard_size, known, after=last)
     digest = hashlib.sha256(f"{plan.fingerprint}\0{extra.fingerprint()}\0".encode())
-    both = pa.concat_tables([plan.table.drop_columns("shard"), table])
-    return ordered_plan(
-        plan.source,
-        both,
-        np.concatenate([plan.shards, shards]),
-        plan.problems + tuple(extra.problems),
-        plan.shard_size,
-        digest,
-        digested=shards,  # the distractors' shards, in listing order
+    # the fingerprint takes the distractors' shards in listing order
+    planned = plan_listing(
+        extra, plan.source, plan.shard_size, known, last, digest, digest_stream_order=False
     )
+    return merge_plans(plan, planned, digest)
 
 
 def run_inputs(cfg: Config, previous: pa.Table | None = None) -> RunInputs:
     """The run's inputs for ``cfg`` (``previous``: the key and shard columns of an earlier plan of the
     same run, ``storage.dataset.previous_shards``); remote tar shards are listed with the reads' limits
     (``ingest.timeout_s``, ``ingest.retries``)."""
-    with remote_shard_limits(cfg.ingest.timeout_s, cfg.ingest.retries):
+    with remote_shard_limits(cfg.ingest.timeout_s, cfg.ingest.retries), spill_to(spill_folder(cfg.out)):
         return _run_inputs(cfg, previous)
 
 

@@ -5,13 +5,14 @@ without reading its unchanged tar shards again. The plan and the dataset manifes
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pyarrow as pa
 
-from embedpipe.storage.contracts.layout import RunLayout
+from embedpipe.storage.contracts.layout import RunLayout, spill_folder
 from embedpipe.storage.dataset import ShardPlan, known_tars, plan_listing
+from embedpipe.storage.inputs import spill_to
 from embedpipe.workers.ingest.sources import known_tar_listings, list_inputs
 
 
@@ -22,8 +23,11 @@ def plan_shards(
     return plan_listing(list_inputs(source), str(source), shard_size, previous)
 
 
-def run_listings(root: Path) -> contextlib.AbstractContextManager:
-    """``known_tar_listings`` for the run directory ``root``: its earlier plan's unchanged tar shards are
-    not read again."""
+@contextlib.contextmanager
+def run_listings(root: Path) -> Iterator[None]:
+    """Listing for the run directory ``root``: its earlier plan's unchanged tar shards are not read again
+    (``known_tar_listings``), and listings and plans spill to files in the run's ``spill_folder``."""
     layout = RunLayout(root)
-    return known_tar_listings(lambda: known_tars(layout.dataset, layout.tar_stamps))
+    known = known_tar_listings(lambda: known_tars(layout.dataset, layout.tar_stamps))
+    with known, spill_to(spill_folder(root)):
+        yield

@@ -145,7 +145,7 @@ def list_inputs(spec: str | Path) -> Listing:
         return _shared_listings[spec].copy()
     if not spec.strip():
         raise InputError("empty images path")
-    listing = Listing()
+    listing = Listing(spill=True)
     for one in expand_braces(spec):
         listing.extend(_list_one(one))
     if not len(listing) and not listing.problems:

@@ -14,14 +14,14 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from embedpipe.storage.contracts.errors import DecodeError
-from embedpipe.storage.contracts.layout import write_json_atomic
+from embedpipe.storage.contracts.layout import spill_folder, write_json_atomic
 from embedpipe.storage.dataset import (
     RESULT_SCHEMA,
     ShardPlan,
@@ -30,6 +30,7 @@ from embedpipe.storage.dataset import (
     read_manifest,
     write_manifest,
 )
+from embedpipe.storage.inputs import spill_to
 from embedpipe.storage.tar_shards import ShardTarWriter, shard_name
 from embedpipe.workers.engines.ray_data import map_table
 from embedpipe.workers.engines.ray_stages import (
@@ -100,12 +101,13 @@ def _shard_fingerprints(plan: ShardPlan, max_side: int, cfg: Config) -> dict[int
     """shard -> fingerprint of its members and the output settings, in one pass over the plan."""
     rotations = read_rotations(cfg.ingest.rotations) if cfg.ingest.rotations else {}
     settings = f"{max_side}\0{JPEG_QUALITY}\0{cfg.ingest.exif_orientation}\n".encode()
-    digests: dict[int, Any] = {}
-    for ref, shard in zip(plan.refs, plan.shards.tolist(), strict=True):
-        if shard not in digests:
-            digests[shard] = hashlib.sha256(settings)
-        digests[shard].update(ref.signature() + str(rotation_of(ref.key, rotations)).encode())
-    return {s: d.hexdigest()[:16] for s, d in sorted(digests.items())}
+    out: dict[int, str] = {}
+    for shard in plan.shard_numbers():
+        digest = hashlib.sha256(settings)
+        for ref in plan.shard_rows(shard):
+            digest.update(ref.signature() + str(rotation_of(ref.key, rotations)).encode())
+        out[shard] = digest.hexdigest()[:16]
+    return out
 
 
 def run_ingest(source: str, out: Path, cfg: Config, max_side: int) -> IngestResult:
@@ -114,7 +116,7 @@ def run_ingest(source: str, out: Path, cfg: Config, max_side: int) -> IngestResu
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.parquet"
-    with remote_shard_limits(cfg.ingest.timeout_s, cfg.ingest.retries):
+    with remote_shard_limits(cfg.ingest.timeout_s, cfg.ingest.retries), spill_to(spill_folder(out)):
         plan = plan_shards(source, cfg.extract.shard_size, previous_shards(manifest_path))
     done_file = out / SHARDS_FILE
     done = json.loads(done_file.read_text()) if done_file.exists() else {}
