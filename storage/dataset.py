@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from embedpipe.storage.contracts.layout import atomic_path, write_json_atomic
 from embedpipe.storage.inputs import (
     CHUNK,
+    DISTRACTOR_PREFIX,
     REF_SCHEMA,
     SPILL_SCHEMA,
     InputRef,
@@ -144,38 +145,108 @@ class _PlanWriter:
         return ShardPlan(source, self.file, numbers, tuple(problems), shard_size, digest.hexdigest()[:16])
 
 
-def previous_table(previous: pa.Table | Mapping[str, int] | None) -> pa.Table | None:
-    """An earlier plan's ``key`` and ``shard`` columns, from a table (as it is) or a mapping."""
-    if previous is None or isinstance(previous, pa.Table):
-        return previous
-    return pa.table(
-        {"key": pa.array(list(previous), pa.string()), "shard": pa.array(list(previous.values()), pa.int64())}
-    )
+def key_digests(keys: pa.Array | pa.ChunkedArray | Sequence[str]) -> np.ndarray:
+    """A 128-bit digest of each key, as (n, 2) uint64: what an earlier plan is matched on."""
+    values = keys.to_pylist() if isinstance(keys, (pa.Array, pa.ChunkedArray)) else list(keys)
+    raw = b"".join(hashlib.blake2b(k.encode(), digest_size=16).digest() for k in values)
+    return np.frombuffer(raw, np.uint64).reshape(-1, 2)
+
+
+class PreviousPlan:
+    """An earlier plan's key -> shard, held as each key's 128-bit digest (sorted), its shard and whether
+    it is a distractor's: 25 bytes per input, not the keys. Built from the dataset manifest a batch at
+    a time (``previous_shards``), from a table with ``key``/``shard`` columns, or from a mapping."""
+
+    def __init__(self, digests: np.ndarray, shards: np.ndarray, distractor: np.ndarray):
+        order = np.lexsort((digests[:, 1], digests[:, 0]))  # stable: a repeated key keeps its first shard
+        self.hi, self.lo = digests[order, 0].copy(), digests[order, 1].copy()
+        self.shards, self.distractor = shards[order].astype(np.int64), distractor[order]
+
+    @classmethod
+    def of_batches(cls, batches: Iterable[pa.RecordBatch | pa.Table]) -> PreviousPlan:
+        digests, shards, flags = [np.empty((0, 2), np.uint64)], [np.empty(0, np.int64)], [np.empty(0, bool)]
+        for batch in batches:
+            keys = batch.column("key")
+            digests.append(key_digests(keys))
+            shards.append(np.asarray(batch.column("shard").to_numpy(zero_copy_only=False), np.int64))
+            flags.append(pc.starts_with(keys, DISTRACTOR_PREFIX).to_numpy(zero_copy_only=False))
+        return cls(np.concatenate(digests), np.concatenate(shards), np.concatenate(flags))
+
+    @classmethod
+    def of(cls, previous: PreviousPlan | pa.Table | Mapping[str, int] | None) -> PreviousPlan | None:
+        if previous is None or isinstance(previous, PreviousPlan):
+            return previous
+        if not isinstance(previous, pa.Table):
+            previous = pa.table(
+                {
+                    "key": pa.array(list(previous), pa.string()),
+                    "shard": pa.array(list(previous.values()), pa.int64()),
+                }
+            )
+        return cls.of_batches(previous.to_batches(max_chunksize=CHUNK))
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def last(self, distractor: bool | None = None) -> int:
+        """The last shard of the plan (of its distractors', or of the collection's), -1 when none."""
+        shards = self.shards if distractor is None else self.shards[self.distractor == distractor]
+        return int(shards.max()) if shards.size else -1
+
+    def part(self, distractor: bool) -> PreviousPlan:
+        """The distractors' inputs alone, or the collection's."""
+        keep = self.distractor == distractor
+        digests = np.stack([self.hi[keep], self.lo[keep]], axis=1)
+        return PreviousPlan(digests, self.shards[keep], self.distractor[keep])
+
+    def lookup(self, digests: np.ndarray) -> np.ndarray:
+        """The earlier shard of each key (``key_digests``), -1 for a key the plan did not have."""
+        out = np.full(len(digests), -1, np.int64)
+        if not len(self) or not len(digests):
+            return out
+        left = np.searchsorted(self.hi, digests[:, 0], "left")
+        right = np.searchsorted(self.hi, digests[:, 0], "right")
+        one = (right - left) == 1
+        hit = one & (self.lo[np.minimum(left, len(self) - 1)] == digests[:, 1])
+        out[hit] = self.shards[left[hit]]
+        for i in np.flatnonzero(right - left > 1).tolist():  # 64 bits alike: compare the rest
+            same = np.flatnonzero(self.lo[left[i] : right[i]] == digests[i, 1])
+            if same.size:
+                out[i] = self.shards[left[i] + same[0]]
+        return out
 
 
 def assign_shards(
     keys: Sequence[str] | pa.Array | pa.ChunkedArray,
     shard_size: int,
-    previous: pa.Table | Mapping[str, int] | None = None,
+    previous: PreviousPlan | pa.Table | Mapping[str, int] | None = None,
     after: int = -1,
 ) -> np.ndarray:
-    """Shard of each key: its earlier shard when ``previous`` (``key``/``shard`` columns, or a mapping)
-    has it, else new shards after the last one (and after ``after``), ``shard_size`` new keys each, in
-    the order given."""
+    """Shard of each key: its earlier shard when ``previous`` (a ``PreviousPlan``, ``key``/``shard``
+    columns, or a mapping) has it, else new shards after the last one (and after ``after``),
+    ``shard_size`` new keys each, in the order given."""
     if not isinstance(keys, (pa.Array, pa.ChunkedArray)):
         keys = pa.array(list(keys), pa.string())
-    previous = previous_table(previous)
-    out = np.empty(len(keys), np.int64)
-    known = np.zeros(len(keys), bool)
-    first_new = after + 1
-    if previous is not None and previous.num_rows:
-        old = previous.column("shard").to_numpy().astype(np.int64)
-        where = pc.index_in(keys, value_set=previous.column("key"))
-        known = where.is_valid().to_numpy(zero_copy_only=False)
-        out[known] = old[where.drop_null().to_numpy()]
-        first_new = max(first_new, int(old.max()) + 1)
-    out[~known] = first_new + np.arange(int((~known).sum())) // shard_size
-    return out
+    return _Assigner(shard_size, PreviousPlan.of(previous), after).shards(keys)
+
+
+class _Assigner:
+    """``assign_shards`` a chunk of keys at a time (new keys counted across chunks)."""
+
+    def __init__(self, shard_size: int, previous: PreviousPlan | None, after: int):
+        self.shard_size, self.new = shard_size, 0
+        self.previous = previous if previous is not None and len(previous) else None
+        self.first_new = max(after, previous.last() if previous is not None else -1) + 1
+
+    def shards(self, keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        if self.previous is None:  # a first plan: no key is looked at
+            out = np.full(len(keys), -1, np.int64)
+        else:
+            out = self.previous.lookup(key_digests(keys))
+        fresh = out < 0
+        out[fresh] = self.first_new + (self.new + np.arange(int(fresh.sum()))) // self.shard_size
+        self.new += int(fresh.sum())
+        return out
 
 
 class ShardDigest:
@@ -195,7 +266,7 @@ def plan_listing(
     listing: Listing,
     source: str,
     shard_size: int,
-    previous: pa.Table | Mapping[str, int] | None = None,
+    previous: PreviousPlan | pa.Table | Mapping[str, int] | None = None,
     after: int = -1,
     digest: Any = None,
     digest_stream_order: bool = True,
@@ -204,29 +275,57 @@ def plan_listing(
     after ``after`` too). The fingerprint: ``digest`` (default: of the listing and ``shard_size``) fed the
     shard numbers in stream order (``digest_stream_order``) or in listing order.
 
-    Without an earlier plan the listing is planned as it streams, a batch at a time (shards in listing
-    order): the process holds a batch. Against an earlier plan, its keys and the listing's are joined
-    in memory, and the plan is put in shard order there."""
+    The listing is read a batch at a time: its shards come first (a number per input), then the plan's
+    file is written in stream order, straight from the batches when the shards follow the listing's
+    order (a first plan, new tar shards after old ones), else a shard at a time, gathered from the
+    batches that hold its inputs."""
     if digest is None:
         digest = hashlib.sha256(f"{listing.fingerprint()}\0{shard_size}\0".encode())
+    assigner = _Assigner(shard_size, PreviousPlan.of(previous), after)
+    ends, parts = [0], []
+    for batch in listing.batches():
+        parts.append(assigner.shards(batch.column("key")).astype(np.int32))
+        ends.append(ends[-1] + batch.num_rows)
+    shards = np.concatenate([np.empty(0, np.int32), *parts])
+    del parts
     numbers, writer = ShardDigest(digest), _PlanWriter()
-    previous = previous_table(previous)
-    if previous is None or not previous.num_rows:
-        start = 0
-        for batch in listing.batches():
-            shards = after + 1 + (start + np.arange(batch.num_rows)) // shard_size
-            writer.add(batch, shards)
-            numbers.update(shards)
-            start += batch.num_rows
+    if np.all(shards[1:] >= shards[:-1]):  # already in stream order: written as the batches come
+        numbers.update(shards)
+        for i, batch in enumerate(listing.batches()):
+            writer.add(batch, shards[ends[i] : ends[i + 1]])
         return writer.plan(source, listing.problems, shard_size, digest)
-    table = listing.table()
-    shards = assign_shards(table.column("key"), shard_size, previous, after)
     order = np.argsort(shards, kind="stable")
     numbers.update(shards[order] if digest_stream_order else shards)
-    table, shards = table.take(pa.array(order)), shards[order]
-    for i in range(0, len(shards), CHUNK):
-        writer.add(table.slice(i, CHUNK), shards[i : i + CHUNK])
+    cuts = np.flatnonzero(np.diff(shards[order])) + 1
+    batches = _BatchCache(listing)
+    for run in np.split(order, cuts):
+        writer.add(batches.take(run, ends), np.full(len(run), shards[run[0]], np.int64))
     return writer.plan(source, listing.problems, shard_size, digest)
+
+
+class _BatchCache:
+    """Rows of a listing by position, read from its batches, the last few kept."""
+
+    KEEP = 4
+
+    def __init__(self, listing: Listing):
+        self.listing, self.kept = listing, {}
+
+    def batch(self, i: int) -> pa.RecordBatch:
+        if i not in self.kept:
+            if len(self.kept) >= self.KEEP:
+                self.kept.pop(next(iter(self.kept)))
+            self.kept[i] = self.listing.batch(i)
+        return self.kept[i]
+
+    def take(self, positions: np.ndarray, ends: list[int]) -> pa.Table:
+        """The rows at ``positions`` (increasing), in that order."""
+        which = np.searchsorted(ends, positions, side="right") - 1
+        pieces = []
+        for i in np.unique(which).tolist():
+            rows = positions[which == i] - ends[i]
+            pieces.append(pa.Table.from_batches([self.batch(i).take(pa.array(rows))]))
+        return pa.concat_tables(pieces)
 
 
 def merge_plans(first: ShardPlan, second: ShardPlan, digest: Any) -> ShardPlan:
@@ -290,26 +389,87 @@ def results_batch(results: Sequence[dict | None]) -> pa.RecordBatch:
     )
 
 
-def manifest_table(plan: ShardPlan, results: pa.Table) -> pa.Table:
-    """The dataset manifest: one row per planned input (``results``: its ``RESULT_SCHEMA`` row, in plan
-    order) plus the entries rejected at listing; ``duplicate_of`` set on repeated content (the first
-    input in plan order with the same id). Column work in Arrow: no Python object per input."""
-    t, n = plan.table, len(plan)
-    if results.num_rows != n:
-        raise ValueError(f"{results.num_rows} results for {n} planned inputs")
-    keys, ids, reason = t.column("key"), results.column("id"), results.column("reason")
+def duplicates(ids: Iterable[pa.Array | pa.ChunkedArray]) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, first positions) of the repeated ids among ``ids`` (chunks in order; a null id
+    repeats nothing): each id that occurred before, and where it first did, by position. Held: a 16-byte
+    digest and a position per id, not the ids."""
+    digests, positions, start = [], [], 0
+    for chunk in ids:
+        values = chunk.to_pylist()
+        valid = [i for i, v in enumerate(values) if v is not None]
+        digests.append(b"".join(hashlib.blake2b(values[i].encode(), digest_size=16).digest() for i in valid))
+        positions.append(start + np.array(valid, np.int64))
+        start += len(values)
+    pos = np.concatenate([np.empty(0, np.int64), *positions])
+    if not pos.size:
+        return pos, pos
+    halves = np.frombuffer(b"".join(digests), np.uint64).reshape(-1, 2)
+    order = np.lexsort((halves[:, 1], halves[:, 0]))  # stable: the first position leads each id's run
+    ordered = halves[order]
+    starts = np.ones(len(order), bool)
+    starts[1:] = np.any(ordered[1:] != ordered[:-1], axis=1)
+    first = pos[order][np.flatnonzero(starts)[np.cumsum(starts) - 1]]
+    repeated = np.flatnonzero(~starts)
+    at = np.argsort(pos[order][repeated], kind="stable")
+    return pos[order][repeated][at], first[repeated][at]
+
+
+def write_plan_manifest(path: Path, plan: ShardPlan, results: Sequence[pa.RecordBatch | pa.Table]) -> dict:
+    """Write the dataset manifest of ``plan`` (``results[i]``: the ``RESULT_SCHEMA`` rows of the plan's
+    i-th shard, in plan order) a shard at a time, plus the entries rejected at listing;
+    ``duplicate_of`` set on repeated content (the first input in plan order with the same id). Returns
+    the counts ``{"inputs", "quarantined", "duplicates"}`` of its rows."""
+    counts = plan.file.rows
+    if len(results) != len(counts) or any(results[i].num_rows != n for i, n in enumerate(counts)):
+        raise ValueError(f"results do not match the {len(counts)} shard(s) of the plan")
+    repeated, first = duplicates(results[i].column("id") for i in range(len(counts)))
+    ends = np.cumsum(np.array(counts, np.int64))
+    first_keys: dict[int, str] = {}  # the key of each first occurrence of a repeated id
+    where = np.searchsorted(ends, first, side="right")
+    for i in np.unique(where).tolist():
+        keys = plan.file.batch(i).column("key")
+        lo = int(ends[i - 1]) if i else 0
+        for at in np.unique(first[where == i]).tolist():
+            first_keys[at] = keys[at - lo].as_py()
+    n_bad, pending, size = 0, [], 0
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, MANIFEST_SCHEMA, compression="zstd") as writer:
+        for i, t in enumerate(plan.batches()):
+            lo = int(ends[i - 1]) if i else 0
+            res = results[i]
+            dup = [None] * t.num_rows
+            a, b = np.searchsorted(repeated, [lo, lo + t.num_rows])
+            for pos, at in zip(repeated[a:b].tolist(), first[a:b].tolist(), strict=True):
+                dup[pos - lo] = first_keys[at]
+            page = _manifest_rows(t, res, pa.array(dup, pa.string()))
+            n_bad += page.num_rows - page.column("reason").null_count
+            pending.append(page)
+            size += page.num_rows
+            if size >= CHUNK:
+                writer.write_table(pa.concat_tables(pending))
+                pending, size = [], 0
+        listed = [
+            {
+                "key": key,
+                "uri": key,
+                "offset": -1,
+                "length": -1,
+                "shard": -1,
+                "status": "quarantined",
+                "reason": why,
+            }
+            for key, why in plan.problems
+        ]
+        pending.append(pa.Table.from_pylist(listed, schema=MANIFEST_SCHEMA))
+        writer.write_table(pa.concat_tables(pending))
+    n = len(plan) + len(plan.problems)
+    return {"inputs": n, "quarantined": n_bad + len(plan.problems), "duplicates": len(repeated)}
+
+
+def _manifest_rows(t: pa.Table, results: pa.RecordBatch | pa.Table, duplicate: pa.Array) -> pa.Table:
+    """The manifest rows of the plan rows ``t`` (one shard) and what reading them gave."""
+    keys, reason = t.column("key"), results.column("reason")
     bad = pc.is_valid(reason)
-    # the first position of each id (rows without one have no duplicate)
-    positions = pa.array(np.arange(n, dtype=np.int64))
-    firsts = (
-        pa.table({"id": ids, "pos": positions})
-        .filter(pc.is_valid(ids))
-        .group_by("id", use_threads=False)
-        .aggregate([("pos", "min")])
-    )
-    first = pc.take(firsts.column("pos_min"), pc.index_in(ids, value_set=firsts.column("id")))
-    duplicate = pc.if_else(pc.equal(first, positions), None, pc.take(keys, pc.fill_null(first, 0)))
-    no_size = pa.nulls(n, pa.int32())
+    no_size = pa.nulls(t.num_rows, pa.int32())
     columns = {
         "key": keys,
         "uri": pc.coalesce(pc.cast(t.column("uri"), pa.string()), keys),
@@ -317,7 +477,7 @@ def manifest_table(plan: ShardPlan, results: pa.Table) -> pa.Table:
         "length": t.column("length"),
         "label": t.column("label"),
         "shard": t.column("shard"),
-        "id": ids,
+        "id": results.column("id"),
         "bytes": results.column("bytes"),
         "width": pc.if_else(bad, no_size, results.column("width")),
         "height": pc.if_else(bad, no_size, results.column("height")),
@@ -325,25 +485,7 @@ def manifest_table(plan: ShardPlan, results: pa.Table) -> pa.Table:
         "reason": reason,
         "duplicate_of": duplicate,
     }
-    planned = pa.table(columns, schema=MANIFEST_SCHEMA)
-    listed = [
-        {
-            "key": key,
-            "uri": key,
-            "offset": -1,
-            "length": -1,
-            "shard": -1,
-            "status": "quarantined",
-            "reason": why,
-        }
-        for key, why in plan.problems
-    ]
-    return pa.concat_tables([planned, pa.Table.from_pylist(listed, schema=MANIFEST_SCHEMA)])
-
-
-def write_manifest(path: Path, manifest: pa.Table) -> None:
-    with atomic_path(path) as tmp:
-        pq.write_table(manifest, tmp, compression="zstd")
+    return pa.table(columns, schema=MANIFEST_SCHEMA)
 
 
 def read_manifest(path: Path) -> pa.Table | None:
@@ -394,13 +536,13 @@ def known_tars(dataset: Path, stamps: Path) -> KnownTars:
     return out
 
 
-def previous_shards(path: Path) -> pa.Table | None:
-    """The ``key`` and ``shard`` columns of an earlier manifest's planned inputs (None when there is
-    none): what ``assign_shards`` keeps stable."""
+def previous_shards(path: Path) -> PreviousPlan | None:
+    """An earlier manifest's planned inputs as a ``PreviousPlan`` (None when there is none): what a new
+    plan keeps stable. Read a row group at a time: the keys are never held."""
     if not Path(path).exists():
         return None
-    table = pq.read_table(path, columns=["key", "shard"])
-    return table.filter(pc.greater_equal(table.column("shard"), 0))
+    batches = pq.ParquetFile(path).iter_batches(batch_size=CHUNK, columns=["key", "shard"])
+    return PreviousPlan.of_batches(b.filter(pc.greater_equal(b.column("shard"), 0)) for b in batches)
 
 
 def labels_by_key(path: Path) -> dict[str, str]:

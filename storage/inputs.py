@@ -159,6 +159,8 @@ class SpillFile:
                 self._reader = ipc.open_file(pa.OSFile(str(self.path)))
             return self._reader.get_batch(i)
 
+    __getitem__ = batch
+
     def batches(self) -> Iterator[pa.RecordBatch]:
         for i in range(len(self.rows)):
             yield self.batch(i)
@@ -303,6 +305,11 @@ class Listing:
         else:
             for batch in self._spill.batches():
                 yield as_refs(batch)
+
+    def batch(self, i: int) -> pa.RecordBatch:
+        """The ``i``-th of ``batches``."""
+        self._flush()
+        return self._batches[i] if self._spill is None else as_refs(self._spill.batch(i))
 
     def table(self) -> pa.Table:
         """Every input in one table: the whole listing in memory (``batches`` streams it)."""

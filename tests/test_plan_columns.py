@@ -12,10 +12,18 @@ import subprocess
 import sys
 import tracemalloc
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
-from embedpipe.storage.dataset import assign_shards, plan_listing
+from embedpipe.storage.dataset import (
+    assign_shards,
+    plan_listing,
+    previous_shards,
+    read_manifest,
+    results_batch,
+    write_plan_manifest,
+)
 from embedpipe.storage.inputs import DISTRACTOR_PREFIX, InputRef, Listing, as_distractors, spill_to
 
 N = 100_000
@@ -207,3 +215,79 @@ def test_spill_files_of_processes_that_are_gone_are_removed(tmp_path):
     with spill_to(folder):
         pass
     assert sorted(p.name for p in folder.iterdir()) == sorted([mine.name, other.name])
+
+
+def test_the_manifest_written_a_shard_at_a_time_marks_each_repeat_with_its_first_input(tmp_path):
+    """Repeated content across shards, inputs without an id, quarantined ones and entries rejected at
+    listing: every row as a plain walk over the plan in order gives it."""
+    refs = _refs(20_000)
+    plan = plan_listing(Listing(refs, [("/data/bad.jpg", "unreadable")]), "/data", 700)
+    rng = np.random.default_rng(0)
+    ids = [f"{rng.integers(0, 15_000):064x}" if i % 97 else None for i in range(len(plan))]
+    reasons = ["broken" if i % 41 == 0 else None for i in range(len(plan))]
+    found, start = [], 0
+    for n in plan.file.rows:
+        rows = range(start, start + n)
+        found.append(
+            results_batch(
+                [{"id": ids[i], "bytes": i, "width": 4, "height": 3, "reason": reasons[i]} for i in rows]
+            )
+        )
+        start += n
+    counts = write_plan_manifest(tmp_path / "dataset.parquet", plan, found)
+    rows = read_manifest(tmp_path / "dataset.parquet").to_pylist()
+
+    seen, expected = {}, []
+    for ref, shard, id_, reason in zip(plan.refs, plan.shards.tolist(), ids, reasons, strict=True):
+        first = seen.setdefault(id_, ref.key) if id_ is not None else ref.key
+        expected.append(
+            (
+                ref.key,
+                shard,
+                id_,
+                "quarantined" if reason else "ok",
+                None if reason else 4,
+                first if first != ref.key else None,
+            )
+        )
+    got = [(r["key"], r["shard"], r["id"], r["status"], r["width"], r["duplicate_of"]) for r in rows[:-1]]
+    assert got == expected
+    assert (
+        rows[-1]["key"] == "/data/bad.jpg" and rows[-1]["shard"] == -1 and rows[-1]["reason"] == "unreadable"
+    )
+    n_dup = sum(e[-1] is not None for e in expected)
+    assert n_dup > 1000 and counts == {
+        "inputs": len(plan) + 1,
+        "quarantined": reasons.count("broken") + 1,
+        "duplicates": n_dup,
+    }
+
+
+def test_a_plan_against_an_earlier_manifest_keeps_its_shards_and_holds_digests(tmp_path):
+    """A resumed or reindexed run: the earlier plan comes from its manifest as key digests, the new
+    inputs sit between the old ones in the listing, and the plan is the object-per-input plan's while
+    the Arrow memory held stays a small part of it."""
+    n = 60_000
+    refs = _refs(n)
+    manifest = tmp_path / "dataset.parquet"
+    with spill_to(tmp_path / ".spill"):
+        earlier = plan_listing(Listing([r for i, r in enumerate(refs) if i % 3]), "/data", 1000)
+        write_plan_manifest(manifest, earlier, [results_batch([None] * k) for k in earlier.file.rows])
+        previous = previous_shards(manifest)
+        assert (
+            previous.hi.nbytes + previous.lo.nbytes + previous.shards.nbytes + previous.distractor.nbytes
+        ) == 25 * len(previous)
+        gc.collect()
+        before = pa.total_allocated_bytes()
+        listing = Listing(spill=True)
+        for ref in refs:
+            listing.add(ref)
+        plan = plan_listing(listing, "/data", 1000, previous)
+        gc.collect()
+        held = pa.total_allocated_bytes() - before
+    old = dict(zip((r.key for r in earlier.refs), earlier.shards.tolist(), strict=True))
+    ordered, shards, fingerprint = _reference_plan(refs, 1000, old)
+    assert plan.fingerprint == fingerprint and plan.shards.tolist() == shards
+    assert list(plan.refs) == ordered
+    whole = plan.table.nbytes
+    assert held < whole / 20, f"{held} bytes held for a plan of {whole}"

@@ -14,12 +14,13 @@ import pytest
 from embedpipe.storage.contracts.errors import DecodeError, InputError
 from embedpipe.storage.dataset import (
     assign_shards,
+    key_digests,
     known_tars,
-    manifest_table,
     plan_listing,
     previous_shards,
+    read_manifest,
     results_batch,
-    write_manifest,
+    write_plan_manifest,
     write_tar_stamps,
 )
 from embedpipe.workers.ingest.plan import plan_shards
@@ -38,10 +39,15 @@ from tests.helpers import write_webdataset
 from tests.http_fixture import HOSTILE, serve, write_tar
 
 
-def _manifest(plan, results: dict[int, dict]) -> pa.Table:
-    """The dataset manifest of ``plan`` with ``results`` (position -> what reading the input gave)."""
-    found = results_batch([results.get(i) for i in range(len(plan))])
-    return manifest_table(plan, pa.Table.from_batches([found]))
+def _manifest(path, plan, results: dict[int, dict]) -> pa.Table:
+    """The dataset manifest of ``plan`` with ``results`` (position -> what reading the input gave),
+    written to ``path`` and read back."""
+    found, start = [], 0
+    for n in plan.file.rows:  # each shard's rows
+        found.append(results_batch([results.get(i) for i in range(start, start + n)]))
+        start += n
+    write_plan_manifest(path, plan, found)
+    return read_manifest(path)
 
 
 def test_brace_expansion():
@@ -151,7 +157,7 @@ def test_unchanged_tar_shards_are_listed_from_the_last_plan(tmp_path, small_holi
             tar.addfile(info, io.BytesIO(data))
     listing = list_inputs(root)
     plan = plan_listing(listing, str(root), 4)
-    write_manifest(tmp_path / "dataset.parquet", _manifest(plan, {}))
+    _manifest(tmp_path / "dataset.parquet", plan, {})
     write_tar_stamps(tmp_path / "stamps.json", plan)
     known = known_tars(tmp_path / "dataset.parquet", tmp_path / "stamps.json")
     assert sorted(known) == sorted(str(p.resolve()) for p in shards)  # not the shard with a problem
@@ -247,10 +253,12 @@ def test_shard_plan_is_stable_when_files_are_added(tmp_path, small_holidays):
     for f in files[::2]:
         (root / f.name).write_bytes(f.read_bytes())
     first = plan_shards(root, 4)
-    write_manifest(tmp_path / "dataset.parquet", _manifest(first, {}))
+    _manifest(tmp_path / "dataset.parquet", first, {})
     before = dict(zip(first.table.column("key").to_pylist(), first.shards.tolist(), strict=True))
     previous = previous_shards(tmp_path / "dataset.parquet")
-    assert dict(zip(*(previous.column(c).to_pylist() for c in ("key", "shard")), strict=True)) == before
+    assert len(previous) == len(before)  # what it holds: a digest per key, never the keys
+    assert previous.lookup(key_digests(list(before))).tolist() == list(before.values())
+    assert previous.lookup(key_digests(["/not/planned.jpg"])).tolist() == [-1]
     for f in files[1::2]:  # new files sort between the old ones
         (root / f.name).write_bytes(f.read_bytes())
     second = plan_shards(root, 4, previous)
@@ -275,7 +283,7 @@ def test_manifest_marks_duplicates_and_quarantine(tmp_path, small_holidays):
         1: {"id": "h1", "bytes": 9, "width": 4, "height": 3},
         2: {"id": "h0", "bytes": 0, "reason": "empty file"},
     }
-    rows = _manifest(plan, results).to_pylist()
+    rows = _manifest(tmp_path / "dataset.parquet", plan, results).to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok", "quarantined"]
     assert rows[1]["duplicate_of"] == rows[0]["key"] and rows[0]["duplicate_of"] is None
     assert rows[2]["reason"] == "empty file" and rows[2]["width"] is None

@@ -21,9 +21,9 @@ from embedpipe.storage.contracts.layout import RunLayout
 from embedpipe.storage.dataset import (
     RESULT_SCHEMA,
     ShardPlan,
-    manifest_table,
+    duplicates,
     results_batch,
-    write_manifest,
+    write_plan_manifest,
     write_tar_stamps,
 )
 from embedpipe.storage.features import (
@@ -35,7 +35,7 @@ from embedpipe.storage.features import (
     read_part,
     write_part_table,
 )
-from embedpipe.storage.inputs import InputRef
+from embedpipe.storage.inputs import InputRef, SpillFile
 from embedpipe.storage.local_features import local_schema, local_table
 from embedpipe.storage.quarantine import write_quarantine
 from embedpipe.storage.shards import ShardRecords, input_signature, shard_fingerprint
@@ -74,7 +74,7 @@ class ExtractResult:
     quarantined: list[dict[str, str | None]]
     seconds: float
     summary: str
-    inputs: pa.Table  # per input of the plan, in order: id, bytes, width, height, reason (RESULT_SCHEMA)
+    results: SpillFile  # per shard of the plan, in order, its inputs' RESULT_SCHEMA rows (id, bytes, ...)
 
 
 @dataclass(frozen=True)
@@ -351,7 +351,7 @@ def finish_extract(plan: ShardPlan, cfg: Config, layout: RunLayout, progress: Pr
     and quarantine rows from the shard records."""
     records = ShardRecords(layout.shard_records("extract"))
     missing, stores, kept = [], {}, 0
-    batches, quarantined = [], []
+    results, quarantined = SpillFile(RESULT_SCHEMA, "results"), []
     numbers = plan.shard_numbers()
     for shard in numbers:  # plan order; the Python objects of one shard at a time
         record = records.read(shard)
@@ -362,11 +362,11 @@ def finish_extract(plan: ShardPlan, cfg: Config, layout: RunLayout, progress: Pr
             stores.setdefault(name, []).append(info)
         kept += record.get("reused", 0)
         keys = plan.shard_rows(shard).keys().to_pylist()
-        results = [record["inputs"][key] for key in keys]
-        batches.append(results_batch(results))
+        found = [record["inputs"][key] for key in keys]
+        results.write(results_batch(found))
         quarantined += [
             {"path": key, "id": res["id"], "stage": "extract", "reason": res["reason"]}
-            for key, res in zip(keys, results, strict=True)
+            for key, res in zip(keys, found, strict=True)
             if res["reason"]
         ]
     if missing:
@@ -385,24 +385,24 @@ def finish_extract(plan: ShardPlan, cfg: Config, layout: RunLayout, progress: Pr
         if reference_name(name) not in wanted:
             shutil.rmtree(layout.feature_dir(reference_name(name)), ignore_errors=True)
     records.prune(set(numbers))
-    inputs = pa.Table.from_batches(batches, schema=RESULT_SCHEMA)
+    results.close()
     n_ok = len(plan) - len(quarantined)
-    ids = inputs.column("id").filter(pc.is_null(inputs.column("reason")))
-    duplicates = len(ids) - ids.null_count - pc.count_distinct(ids).as_py()
+    ok_ids = (pc.if_else(pc.is_null(b.column("reason")), b.column("id"), None) for b in results.batches())
+    n_dup = len(duplicates(ok_ids)[0])
     summary = progress.finish(
         f"{n_ok} ok, {len(quarantined)} quarantined"
-        + (f", {duplicates} exact duplicate(s)" if duplicates else "")
+        + (f", {n_dup} exact duplicate(s)" if n_dup else "")
         + (f", {len(plan) - progress.done} up to date" if progress.done < len(plan) else "")
         + (f" ({kept} kept from changed shards)" if kept else "")
     )
-    return ExtractResult(len(plan), n_ok, quarantined, progress.elapsed, summary, inputs)
+    return ExtractResult(len(plan), n_ok, quarantined, progress.elapsed, summary, results)
 
 
 def record_extract(plan: ShardPlan, cfg: Config, layout: RunLayout, result: ExtractResult) -> None:
     """The run's records of a finished extraction: the dataset manifest, the tar shards' stamps (not for
     benchmark layouts, whose listing is always read), and the quarantine (inputs rejected at listing
     included). No usable image at all fails the run."""
-    write_manifest(layout.dataset, manifest_table(plan, result.inputs))
+    write_plan_manifest(layout.dataset, plan, result.results)
     write_tar_stamps(layout.tar_stamps, plan, whole=cfg.protocol not in BENCHMARK_PROTOCOLS)
     listed = [{"path": k, "id": None, "stage": "ingest", "reason": r} for k, r in plan.problems]
     write_quarantine(layout.quarantine, result.quarantined + listed)

@@ -15,12 +15,11 @@ from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from embedpipe.storage.contracts.errors import InputError
 from embedpipe.storage.contracts.layout import spill_folder
-from embedpipe.storage.dataset import ShardPlan, merge_plans, plan_listing, previous_table
-from embedpipe.storage.inputs import DISTRACTOR_PREFIX, InputRef, Listing, as_distractors, spill_to
+from embedpipe.storage.dataset import PreviousPlan, ShardPlan, merge_plans, plan_listing
+from embedpipe.storage.inputs import InputRef, Listing, as_distractors, spill_to
 from embedpipe.workers.evaluate.protocols import BENCHMARK_PROTOCOLS, BenchmarkLayout, benchmark_layout
 from embedpipe.workers.ingest.sources import list_inputs, remote_shard_limits
 
@@ -63,7 +62,7 @@ def _digest(path: Path) -> str:
 
 
 def with_distractors(
-    plan: ShardPlan, cfg: Config, previous: pa.Table | Mapping[str, int] | None
+    plan: ShardPlan, cfg: Config, previous: PreviousPlan | pa.Table | Mapping[str, int] | None
 ) -> ShardPlan:
     """``plan`` with the inputs of ``cfg.distractors`` after the collection's, in shards of their own
     (numbered after the collection's, stable against ``previous`` like any input), so that no part
@@ -76,12 +75,10 @@ def with_distractors(
     # new distractor shards start after every shard so far; new collection inputs likewise go after
     # every earlier shard, so the two never share one
     last = plan.n_shards - 1 if len(plan) else -1
-    known, previous = None, previous_table(previous)
-    if previous is not None and previous.num_rows:
-        flags = pc.starts_with(previous.column("key"), DISTRACTOR_PREFIX)
-        earlier = pc.max(previous.filter(pc.invert(flags)).column("shard")).as_py()
-        last = max(last, -1 if earlier is None else int(earlier))
-        known = previous.filter(flags)
+    known, previous = None, PreviousPlan.of(previous)
+    if previous is not None and len(previous):
+        last = max(last, previous.last(distractor=False))
+        known = previous.part(distractor=True)
     digest = hashlib.sha256(f"{plan.fingerprint}\0{extra.fingerprint()}\0".encode())
     # the fingerprint takes the distractors' shards in listing order
     planned = plan_listing(
@@ -90,7 +87,7 @@ def with_distractors(
     return merge_plans(plan, planned, digest)
 
 
-def run_inputs(cfg: Config, previous: pa.Table | None = None) -> RunInputs:
+def run_inputs(cfg: Config, previous: PreviousPlan | pa.Table | None = None) -> RunInputs:
     """The run's inputs for ``cfg`` (``previous``: the key and shard columns of an earlier plan of the
     same run, ``storage.dataset.previous_shards``); remote tar shards are listed with the reads' limits
     (``ingest.timeout_s``, ``ingest.retries``)."""
@@ -98,7 +95,7 @@ def run_inputs(cfg: Config, previous: pa.Table | None = None) -> RunInputs:
         return _run_inputs(cfg, previous)
 
 
-def _run_inputs(cfg: Config, previous: pa.Table | None) -> RunInputs:
+def _run_inputs(cfg: Config, previous: PreviousPlan | pa.Table | None) -> RunInputs:
     if cfg.images is None:
         raise InputError("no images given (--images PATH or 'images:' in the config)")
     shard_size = cfg.extract.shard_size

@@ -25,10 +25,9 @@ from embedpipe.storage.contracts.layout import spill_folder, write_json_atomic
 from embedpipe.storage.dataset import (
     RESULT_SCHEMA,
     ShardPlan,
-    manifest_table,
     previous_shards,
     read_manifest,
-    write_manifest,
+    write_plan_manifest,
 )
 from embedpipe.storage.inputs import spill_to
 from embedpipe.storage.tar_shards import ShardTarWriter, shard_name
@@ -171,10 +170,10 @@ def run_ingest(source: str, out: Path, cfg: Config, max_side: int) -> IngestResu
             ShardTarWriter(out / shard_name(s)).close()
             done[str(s)] = {"fingerprint": fps[s], "file": shard_name(s)}
         write_json_atomic(done_file, done)
-    manifest = manifest_table(plan, _in_plan_order(found, len(plan)))
-    write_manifest(manifest_path, manifest)
-    n, n_bad = manifest.num_rows, pc.sum(pc.not_equal(manifest.column("status"), "ok")).as_py() or 0
-    n_dup = n - manifest.column("duplicate_of").null_count
+    ordered, ends = _in_plan_order(found, len(plan)), np.cumsum([0, *plan.file.rows])
+    per_shard = [ordered.slice(lo, hi - lo) for lo, hi in zip(ends[:-1], ends[1:], strict=True)]
+    counts = write_plan_manifest(manifest_path, plan, per_shard)
+    n, n_bad, n_dup = counts["inputs"], counts["quarantined"], counts["duplicates"]
     summary = progress.finish(
         f"{n - n_bad} ok, {n_bad} quarantined, {n_dup} exact duplicate(s), "
         f"{len(fps) - len(kept)} shard(s) written, {len(kept)} kept, in {out}"
