@@ -513,27 +513,67 @@ def write_tar_stamps(path: Path, plan: ShardPlan, whole: bool = True) -> None:
 def known_tars(dataset: Path, stamps: Path) -> KnownTars:
     """The local tar shards an earlier plan of the run took whole: resolved path -> (stamp then, its
     samples in member order as ``REF_SCHEMA`` rows, rebuilt from the dataset manifest), for
-    ``known_tar_listings`` (``workers.ingest.sources``; ``workers.ingest.plan.run_listings``)."""
+    ``known_tar_listings`` (``workers.ingest.sources``; ``workers.ingest.plan.run_listings``). A
+    ``ManifestTars``: each shard's samples are read when it is listed."""
     try:
         recorded = json.loads(stamps.read_text())
     except (OSError, ValueError):
         return {}
     if not recorded or not isinstance(recorded, dict) or not dataset.exists():
         return {}
-    table = pq.read_table(dataset, columns=["key", "uri", "offset", "length", "label"])
-    table = table.filter(pc.is_in(table.column("uri"), value_set=pa.array(list(recorded), pa.string())))
-    table = table.filter(pc.greater_equal(table.column("offset"), 0))
-    table = table.sort_by([("uri", "ascending"), ("offset", "ascending")])
-    runs = pc.run_end_encode(table.column("uri").combine_chunks())
-    out, start = {}, 0
-    for uri, end in zip(runs.values.to_pylist(), runs.run_ends.to_pylist(), strict=True):
-        members = table.slice(start, end - start)
+    return ManifestTars(dataset, recorded)
+
+
+class ManifestTars(Mapping[str, tuple[str, pa.Table]]):
+    """``known_tars`` read from the dataset manifest on demand: opening it reads the ``uri`` column a
+    row group at a time and keeps, per recorded tar shard, the row groups that hold its samples; a
+    shard's samples are then read from those groups (the last few groups read are kept, so a listing in
+    the manifest's order reads each group once). Held: the row groups of each shard, not its samples."""
+
+    KEEP = 2
+
+    def __init__(self, dataset: Path, recorded: dict[str, str]):
+        self.file, self.recorded = pq.ParquetFile(dataset), recorded
+        wanted = pa.array(list(recorded), pa.string())
+        self.groups: dict[str, list[int]] = {}
+        for g in range(self.file.num_row_groups):
+            uris = pc.unique(self.file.read_row_group(g, columns=["uri"]).column("uri"))
+            for uri in uris.filter(pc.is_in(uris, value_set=wanted)).to_pylist():
+                self.groups.setdefault(uri, []).append(g)
+        self._kept: dict[int, dict[str, pa.Table]] = {}
+
+    def _group(self, g: int) -> dict[str, pa.Table]:
+        """Row group ``g``'s samples of recorded shards, by shard, in member order."""
+        if g not in self._kept:
+            if len(self._kept) >= self.KEEP:
+                self._kept.pop(next(iter(self._kept)))
+            table = self.file.read_row_group(g, columns=["key", "uri", "offset", "length", "label"])
+            table = table.filter(pc.greater_equal(table.column("offset"), 0))
+            wanted = pa.array(list(self.recorded), pa.string())
+            table = table.filter(pc.is_in(table.column("uri"), value_set=wanted))
+            table = table.sort_by([("uri", "ascending"), ("offset", "ascending")])
+            runs = pc.run_end_encode(table.column("uri").combine_chunks())
+            out, start = {}, 0
+            for uri, end in zip(runs.values.to_pylist(), runs.run_ends.to_pylist(), strict=True):
+                out[uri], start = table.slice(start, end - start), end
+            self._kept[g] = out
+        return self._kept[g]
+
+    def __getitem__(self, uri: str) -> tuple[str, pa.Table]:
+        groups = self.groups[uri]
+        members = pa.concat_tables([self._group(g)[uri] for g in groups])
+        if len(groups) > 1:
+            members = members.sort_by("offset")
         lengths = pc.cast(members.column("length"), pa.string())
-        stamp = pc.binary_join_element_wise(f"{recorded[uri]}:", lengths, "")
+        stamp = pc.binary_join_element_wise(f"{self.recorded[uri]}:", lengths, "")
         members = members.append_column("stamp", stamp)
-        out[uri] = (recorded[uri], members.select(REF_SCHEMA.names).cast(REF_SCHEMA))
-        start = end
-    return out
+        return self.recorded[uri], members.select(REF_SCHEMA.names).cast(REF_SCHEMA)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.groups)
+
+    def __len__(self) -> int:
+        return len(self.groups)
 
 
 def previous_shards(path: Path) -> PreviousPlan | None:

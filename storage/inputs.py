@@ -19,7 +19,7 @@ import tempfile
 import threading
 import uuid
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
@@ -367,4 +367,5 @@ def as_distractors(listing: Listing) -> Listing:
     return out
 
 
-KnownTars = dict[str, tuple[str, pa.Table]]  # resolved path -> (stamp then, its samples as REF_SCHEMA rows)
+# resolved path -> (stamp then, its samples as REF_SCHEMA rows); a mapping that may read them on demand
+KnownTars = Mapping[str, tuple[str, pa.Table]]

@@ -161,6 +161,14 @@ def test_unchanged_tar_shards_are_listed_from_the_last_plan(tmp_path, small_holi
     write_tar_stamps(tmp_path / "stamps.json", plan)
     known = known_tars(tmp_path / "dataset.parquet", tmp_path / "stamps.json")
     assert sorted(known) == sorted(str(p.resolve()) for p in shards)  # not the shard with a problem
+    split = tmp_path / "split.parquet"  # a manifest whose shards span row groups, read a group at a time
+    pq.write_table(read_manifest(tmp_path / "dataset.parquet"), split, row_group_size=3)
+    across = known_tars(split, tmp_path / "stamps.json")
+    assert sorted(across) == sorted(known)
+    assert all(
+        across[k][0] == known[k][0] and across[k][1].equals(known[k][1]) for k in reversed(sorted(known))
+    )
+    assert sum(len(members) for _, members in known.values()) == len(listing) - 1  # all but a.jpg's
     with known_tar_listings(lambda: known):
         again = list_inputs(root)
     assert again.refs == listing.refs and again.fingerprint() == listing.fingerprint()

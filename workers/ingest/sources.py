@@ -23,6 +23,7 @@ the listing, not an error: the other inputs go on. Nothing downstream knows whic
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import functools
@@ -117,7 +118,7 @@ def known_tar_listings(load: Callable[[], KnownTars]) -> Iterator[None]:
     lists a tar shard: a scope whose inputs come from ``listing_once``'s shared listing never runs it."""
     global _known_tars
     outer = _known_tars
-    _known_tars = functools.cache(lambda: {**outer(), **load()})
+    _known_tars = functools.cache(lambda: collections.ChainMap(load(), outer()))  # nothing read yet
     try:
         yield
     finally:
