@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
+import socket
 import tempfile
 import threading
 import uuid
@@ -88,6 +90,7 @@ def as_refs(batch: pa.RecordBatch) -> pa.RecordBatch:
 _spill_dir: Path | None = None
 _SPILL_PREFIX = "embedpipe-"
 SPILL_FOLDER = ".spill"  # the name of a run's spill folder (``storage.contracts.layout.spill_folder``)
+_SPILL_NAME = re.compile(rf"^{_SPILL_PREFIX}(?P<pid>\d+)@(?P<host>.+)-[a-z]+-[0-9a-f]{{12}}\.arrow$")
 
 
 @contextlib.contextmanager
@@ -99,8 +102,8 @@ def spill_to(folder: str | Path) -> Iterator[None]:
     outer, folder = _spill_dir, Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(f"{_SPILL_PREFIX}*.arrow"):
-        pid = stale.name[len(_SPILL_PREFIX) :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        owner = _SPILL_NAME.match(stale.name)
+        if owner and owner["host"] == socket.gethostname() and not _alive(int(owner["pid"])):
             stale.unlink(missing_ok=True)
     _spill_dir = folder
     try:
@@ -129,7 +132,8 @@ class SpillFile:
     def __init__(self, schema: pa.Schema, stem: str):
         folder = _spill_dir or Path(tempfile.gettempdir())
         folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / f"{_SPILL_PREFIX}{os.getpid()}-{stem}-{uuid.uuid4().hex[:12]}.arrow"
+        owner = f"{os.getpid()}@{socket.gethostname()}"  # a run folder may be shared by several hosts
+        self.path = folder / f"{_SPILL_PREFIX}{owner}-{stem}-{uuid.uuid4().hex[:12]}.arrow"
         self.schema = schema
         self.rows: list[int] = []  # rows of each batch
         self._writer: Any = ipc.new_file(str(self.path), schema)

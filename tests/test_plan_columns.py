@@ -8,6 +8,7 @@ import gc
 import hashlib
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import tracemalloc
@@ -24,7 +25,15 @@ from embedpipe.storage.dataset import (
     results_batch,
     write_plan_manifest,
 )
-from embedpipe.storage.inputs import DISTRACTOR_PREFIX, InputRef, Listing, as_distractors, spill_to
+from embedpipe.storage.inputs import (
+    DISTRACTOR_PREFIX,
+    SPILL_SCHEMA,
+    InputRef,
+    Listing,
+    SpillFile,
+    as_distractors,
+    spill_to,
+)
 
 N = 100_000
 
@@ -207,14 +216,24 @@ def test_spill_files_of_processes_that_are_gone_are_removed(tmp_path):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
     folder = tmp_path / ".spill"
     folder.mkdir()
-    stale = folder / f"embedpipe-{int(gone.stdout)}-plan-0123456789ab.arrow"
-    mine = folder / f"embedpipe-{os.getpid()}-plan-0123456789ab.arrow"
+    host = socket.gethostname()
+    stale = folder / f"embedpipe-{int(gone.stdout)}@{host}-plan-0123456789ab.arrow"
+    mine = folder / f"embedpipe-{os.getpid()}@{host}-plan-0123456789ab.arrow"
+    elsewhere = (
+        folder / f"embedpipe-{int(gone.stdout)}@other-{host}-plan-0123456789ab.arrow"
+    )  # not ours to judge
     other = folder / "notes.txt"
-    for path in (stale, mine, other):
+    for path in (stale, mine, elsewhere, other):
         path.write_bytes(b"x")
     with spill_to(folder):
-        pass
-    assert sorted(p.name for p in folder.iterdir()) == sorted([mine.name, other.name])
+        made = SpillFile(SPILL_SCHEMA, "plan")
+    assert made.path.parent == folder and made.path.name.startswith(f"embedpipe-{os.getpid()}@{host}-plan-")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [mine.name, elsewhere.name, other.name, made.path.name]
+    )
+    del made
+    gc.collect()
+    assert sorted(p.name for p in folder.iterdir()) == sorted([mine.name, elsewhere.name, other.name])
 
 
 def test_the_manifest_written_a_shard_at_a_time_marks_each_repeat_with_its_first_input(tmp_path):
