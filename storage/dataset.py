@@ -569,6 +569,9 @@ class ManifestTars(Mapping[str, tuple[str, pa.Table]]):
         members = members.append_column("stamp", stamp)
         return self.recorded[uri], members.select(REF_SCHEMA.names).cast(REF_SCHEMA)
 
+    def __contains__(self, uri: object) -> bool:  # without reading the shard's samples
+        return uri in self.groups
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.groups)
 
