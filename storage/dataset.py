@@ -105,8 +105,7 @@ class ShardPlan:
         return tuple(self.shard_rows(shard))
 
     def shard_of(self, position: int) -> int:
-        ends = np.cumsum(self.file.rows)
-        return int(self.numbers[int(np.searchsorted(ends, position, side="right"))])
+        return int(self.shards[position])
 
 
 class _PlanWriter:
