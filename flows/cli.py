@@ -558,7 +558,8 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def _study(args: argparse.Namespace) -> int:
     from embedpipe.storage.contracts.layout import write_json_atomic
-    from embedpipe.workers.evaluate.stage import query_vectors, run_ground_truth
+    from embedpipe.workers.evaluate.database import run_ground_truth
+    from embedpipe.workers.evaluate.stage import query_vectors
     from embedpipe.workers.evaluate.study import compression_study, plot_compression
     from embedpipe.workers.report.html import fmt_metric
 

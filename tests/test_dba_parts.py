@@ -17,6 +17,7 @@ from embedpipe.storage.contracts.config import Config, IndexConfig, RayConfig, R
 from embedpipe.storage.contracts.layout import RunLayout
 from embedpipe.storage.features import FeatureWriter, read_parts
 from embedpipe.workers.engines.ray_stages import ray_session
+from embedpipe.workers.evaluate.database import run_ground_truth
 from embedpipe.workers.evaluate.dba_parts import (
     DBA_DIR,
     GROUPS_DIR,
@@ -36,10 +37,9 @@ from embedpipe.workers.evaluate.stage import (
     index_and_evaluate,
     neighbours,
     rerank_ranks,
-    run_ground_truth,
 )
 from embedpipe.workers.index.ann import build_index, set_search_params
-from embedpipe.workers.index.build import publish_store_index
+from embedpipe.workers.index.build import publish_store_index, store_keys
 
 pytestmark = pytest.mark.slow
 ROWS, DIM = 2400, 32
@@ -95,8 +95,7 @@ def test_dba_per_part_equals_the_in_driver_dba_on_an_exact_index(tmp_path, store
     x = rows.all()
     layout = RunLayout(tmp_path / "run")
     layout.report_dir.mkdir(parents=True)
-    meta = read_parts(store, ["id", "path"])
-    graph = dba_neighbours(layout, cfg, "ref", x, sharded, "Flat", meta, reuse=False)
+    graph = dba_neighbours(layout, cfg, "ref", x, sharded, "Flat", lambda: store_keys(store), reuse=False)
     db, index = augment_database(cfg, x, sharded, graph)
 
     sims, ids = read_lists(tmp_path / "dba" / PARTS_DIR)

@@ -16,7 +16,15 @@ import pytest
 from embedpipe.storage.contracts.config import Config
 from embedpipe.storage.contracts.errors import InputError
 from embedpipe.storage.contracts.layout import RunLayout
+from embedpipe.storage.features import FeatureWriter
 from embedpipe.storage.inputs import is_distractor
+from embedpipe.workers.evaluate.database import (
+    FirstById,
+    StorePaths,
+    database_split,
+    read_database,
+    run_ground_truth,
+)
 from embedpipe.workers.evaluate.protocols import (
     BenchmarkLayout,
     GroundTruth,
@@ -27,11 +35,11 @@ from embedpipe.workers.evaluate.protocols import (
     holidays,
     holidays_imno,
     labels,
+    named_rows,
     on_positions,
     ukbench,
 )
 from embedpipe.workers.evaluate.run import distractor_count
-from embedpipe.workers.evaluate.stage import database_split, run_ground_truth
 from embedpipe.workers.report.html import _grids
 
 ODD = [
@@ -250,6 +258,11 @@ def test_benchmark_from_the_column_is_the_list_ground_truth(revisited):
     got = on_positions(ground_truth(layout.protocol, column.take(rows), benchmark=layout), rows, len(paths))
     assert_same(got, _list_run_ground_truth(paths, lambda p: _benchmark_reference(layout, p)))
     assert (got.setups is not None) == revisited
+    # over the rows the layout may name alone (how the store is read a part at a time), restated
+    named = rows[named_rows(layout.protocol, column.take(rows), layout)]
+    assert 0 < len(named) < len(rows)
+    restated = ground_truth(layout.protocol, column.take(named), benchmark=layout)
+    assert_same(on_positions(restated, named, len(paths)), got)
 
 
 def test_distractor_rows_never_become_python_strings(tmp_path):
@@ -283,6 +296,60 @@ def test_distractor_rows_never_become_python_strings(tmp_path):
     assert [p.tolist() for p in gt.positives] == [[n // 2 + 1], [n // 2 + 3]]
     collection, ordered = database_split(column, ids)
     assert collection.tolist() == list(range(n // 2, n // 2 + 5)) and ordered.size == n
+
+
+def _store(directory, paths: list[str], ids: list[str], cuts: list[int]) -> None:
+    """A feature store of ``paths`` (4-d vectors) whose parts end at ``cuts`` (empty parts allowed)."""
+    bounds = [0, *cuts, len(paths)]
+    writer = FeatureWriter(directory, 4, len(bounds) - 1, {"descriptor": "gem", "backbone": "test"})
+    for part, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        if a < b:
+            sizes = np.full(b - a, 8, np.int32)
+            writer.write(part, ids[a:b], paths[a:b], sizes, sizes, np.ones((b - a, 4), np.float32))
+    writer.close()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reading_the_store_a_part_at_a_time_is_the_whole_column_reading(tmp_path, seed):
+    """``read_database`` (the evaluation's reading) against the ground truth and split of the whole path
+    column: the same rows, the same distractor order for every prefix asked, ids tied across parts."""
+    rng = np.random.default_rng(seed)
+    collection = _holidays_paths(seed)
+    distractors = [f"distractor:/r1m/{i:06d}.jpg" for i in range(60)]
+    paths = collection[:30] + distractors[:25] + collection[30:] + distractors[25:]  # mixed parts too
+    ids = [f"{int(v):02x}" for v in rng.integers(0, 20, len(paths))]  # ties within and across parts
+    cuts = sorted([*{int(c) for c in rng.integers(1, len(paths), 9)}, 30, 30])  # an empty part too
+    _store(tmp_path / "gem", paths, ids, cuts)
+    layout, cfg = RunLayout(tmp_path), _cfg("holidays")
+    want_gt = run_ground_truth(layout, cfg, pa.array(paths))
+    want_collection, want_order = database_split(pa.array(paths), pa.array(ids))
+    assert_same(want_gt, _list_run_ground_truth(paths, _holidays_reference))
+    for first in (0, 1, 7, 13, 59, 60, 500):
+        got = read_database(layout, cfg, tmp_path / "gem", first)
+        assert got.rows == len(paths) and got.n_distractors == len(distractors)
+        assert np.array_equal(got.collection, want_collection)
+        assert got.distractors.dtype == np.int64 and np.array_equal(got.distractors, want_order[:first])
+        assert_same(got.gt, want_gt)
+    assert read_database(layout, _cfg("none"), tmp_path / "gem").gt is None
+    everything = np.concatenate([rng.permutation(len(paths)), [3, 3, len(paths) - 1]])
+    assert StorePaths(tmp_path / "gem").take(everything).to_pylist() == [paths[i] for i in everything]
+    assert StorePaths(tmp_path / "gem").take(np.empty(0, np.int64)).to_pylist() == []
+
+
+def test_first_by_id_holds_a_bounded_number_of_rows():
+    """The first k rows by id (nulls last, ties by position) of rows added a part at a time, holding at
+    most 2k: the full sort's first k."""
+    rng = np.random.default_rng(9)
+    ids = [None if v == 0 else f"id{int(v):03d}" for v in rng.integers(0, 150, 5000)]
+    want = np.array(sorted(range(len(ids)), key=lambda i: (ids[i] is None, ids[i] or "", i)), np.int64)
+    for k in (1, 10, 333, 4990, 6000):
+        order, most = FirstById(k), 0
+        for a in range(0, len(ids), 97):
+            order.add(ids[a : a + 97], np.arange(a, min(a + 97, len(ids))))
+            most = max(most, order.held)
+        assert np.array_equal(order.first(), want[:k])
+        assert most < 2 * k + 97
+    assert FirstById(0).first().size == 0
 
 
 def test_distractor_count_from_the_manifest(tmp_path):

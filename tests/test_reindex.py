@@ -12,8 +12,8 @@ import pytest
 from embedpipe.flows.config import load_config
 from embedpipe.storage.contracts.layout import RunLayout
 from embedpipe.storage.features import read_features
+from embedpipe.workers.evaluate.database import run_ground_truth
 from embedpipe.workers.evaluate.metrics import compute_map
-from embedpipe.workers.evaluate.stage import run_ground_truth
 
 from .helpers import embedpipe
 

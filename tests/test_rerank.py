@@ -1,3 +1,5 @@
+import functools
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -15,6 +17,7 @@ from embedpipe.workers.evaluate.rerank import (
 )
 from embedpipe.workers.evaluate.stage import dba_neighbours, provenance
 from embedpipe.workers.index.ann import build_index, search
+from embedpipe.workers.index.build import input_keys
 
 
 def _unit(x):
@@ -113,7 +116,8 @@ def _graph_run(tmp_path, x, keys, reuse):
     layout = RunLayout(tmp_path / "run")
     path, cid = zip(*(key.decode().split("\0") for key in keys.tolist()), strict=True)
     meta = pa.table({"path": list(path), "id": list(cid)})
-    return dba_neighbours(layout, Config(), "gem-l2", x, build_index(x), "Flat", meta, reuse)
+    keys_of = functools.partial(input_keys, meta)
+    return dba_neighbours(layout, Config(), "gem-l2", x, build_index(x), "Flat", keys_of, reuse)
 
 
 def test_saved_dba_neighbours_give_what_a_full_search_gives(tmp_path):

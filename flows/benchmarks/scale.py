@@ -393,14 +393,13 @@ def exact_map(layout: Any, cfg: Any, dim: int) -> float:
     apart."""
     import faiss
 
-    from embedpipe.storage.features import read_parts
+    from embedpipe.workers.evaluate.database import read_database
     from embedpipe.workers.evaluate.metrics import compute_map
     from embedpipe.workers.evaluate.search import StoreRows, merge_topk
-    from embedpipe.workers.evaluate.stage import run_ground_truth
 
     store = layout.feature_dir("gem")
     rows = StoreRows(store, None, dim)
-    gt = run_ground_truth(layout, cfg, read_parts(store, ["path"]).column("path"))
+    gt = read_database(layout, cfg, store).gt
     queries = rows.take(gt.queries)
     queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     best: list[tuple[np.ndarray, np.ndarray]] = []

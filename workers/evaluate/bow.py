@@ -25,10 +25,11 @@ from embedpipe.workers.descriptors.bow import (
     tfidf,
 )
 from embedpipe.workers.descriptors.local import STORED_FEATURE, encoding_of, local_store
+from embedpipe.workers.evaluate.database import run_ground_truth
 from embedpipe.workers.evaluate.metrics import compute_map
 from embedpipe.workers.evaluate.protocols import GroundTruth
 from embedpipe.workers.evaluate.rerank import verified_inliers, verified_order, word_matches
-from embedpipe.workers.evaluate.stage import provenance, run_ground_truth
+from embedpipe.workers.evaluate.stage import provenance
 
 if TYPE_CHECKING:
     from embedpipe.storage.contracts.config import Config, VerifyConfig

@@ -101,6 +101,11 @@ def holidays_imno(path: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def holidays_candidates(column: pa.ChunkedArray) -> np.ndarray:
+    """Whether each row's file stem may be a Holidays image number (a superset: see ``holidays``)."""
+    return flags(pc.match_substring_regex(file_stems(column), _HOLIDAYS_CANDIDATE))
+
+
 def holidays(paths: PathColumn | Sequence[str]) -> GroundTruth:
     """INRIA Holidays: ``NNNNNN.jpg``; query <=> imno % 100 == 0; group = imno // 100.
 
@@ -109,7 +114,7 @@ def holidays(paths: PathColumn | Sequence[str]) -> GroundTruth:
     distractors. Over an Arrow path column (a list is converted), Arrow keeps the rows whose stem may be
     an image number, and only those become Python strings (``holidays_imno`` decides on them)."""
     column = string_column(paths)
-    candidates = np.flatnonzero(flags(pc.match_substring_regex(file_stems(column), _HOLIDAYS_CANDIDATE)))
+    candidates = np.flatnonzero(holidays_candidates(column))
     imnos = [holidays_imno(p) for p in column.take(candidates).to_pylist()]
     rows = candidates[np.array([n is not None for n in imnos], dtype=bool)]
     numbers = np.array([n for n in imnos if n is not None], dtype=np.int64)
@@ -197,6 +202,19 @@ def ground_truth(
     if protocol == "none":
         return None
     raise InputError(f"unknown protocol '{protocol}'")
+
+
+def named_rows(
+    protocol: str, column: pa.ChunkedArray, benchmark: BenchmarkLayout | None = None
+) -> np.ndarray:
+    """Whether each row of the Arrow path column may be a query, positive or junk row of the protocol
+    (a superset): ``ground_truth`` over these rows alone, restated over all rows (``on_positions``),
+    is its ground truth over all of them. Under UKBench and labels every row is."""
+    if protocol in BENCHMARK_PROTOCOLS and benchmark is not None:
+        return benchmark_candidates(benchmark, column)
+    if protocol == "holidays":
+        return holidays_candidates(column)
+    return np.ones(len(column), dtype=bool)
 
 
 def _as_index(values) -> np.ndarray:
@@ -300,6 +318,12 @@ def benchmark_layout(protocol: str, gt_path: str) -> BenchmarkLayout:
     )
 
 
+def benchmark_candidates(layout: BenchmarkLayout, column: pa.ChunkedArray) -> np.ndarray:
+    """Whether each row's file stem is one of the layout's image names."""
+    value_set = pa.array(sorted(set(layout.imlist)), column.type)
+    return flags(pc.is_in(file_stems(column), value_set=value_set))
+
+
 def benchmark_ground_truth(layout: BenchmarkLayout, paths: PathColumn | Sequence[str]) -> GroundTruth:
     """Map the layout's image names onto database rows (by file stem; the last row of a name). Revisited
     protocols give the medium setup with easy/medium/hard in ``setups``; classic ones their single
@@ -307,8 +331,7 @@ def benchmark_ground_truth(layout: BenchmarkLayout, paths: PathColumn | Sequence
     the layout's image names become Python strings."""
     column = string_column(paths)
     names = set(layout.imlist)
-    value_set = pa.array(sorted(names), column.type)
-    candidates = np.flatnonzero(flags(pc.is_in(file_stems(column), value_set=value_set)))
+    candidates = np.flatnonzero(benchmark_candidates(layout, column))
     row = {}
     for i, p in zip(candidates.tolist(), column.take(candidates).to_pylist(), strict=True):
         stem = PurePath(p).stem

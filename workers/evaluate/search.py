@@ -8,7 +8,7 @@ driver, never the whole store; a sharded index is searched without loading its s
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import faiss
@@ -32,22 +32,36 @@ log = logging.getLogger("embedpipe.evaluate")
 Transform = tuple[np.ndarray, np.ndarray] | None
 
 
-class StoreRows:
+class StoreParts:
+    """A feature store's parts and the store position each starts at (from the Parquet footers), to
+    read rows by position: only the parts that hold them, each once."""
+
+    def __init__(self, directory: Path):
+        counts = part_row_counts(directory)
+        self.directory = Path(directory)
+        self.parts = [p for p, _ in counts]
+        self.starts = np.concatenate([[0], np.cumsum([n for _, n in counts])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def by_part(self, flat: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """(part number, where in ``flat``) for each part that holds some of the store positions ``flat``."""
+        part = np.searchsorted(self.starts, flat, side="right") - 1
+        for i in np.unique(part):
+            yield int(i), np.flatnonzero(part == i)
+
+
+class StoreRows(StoreParts):
     """A feature store's vectors (after ``transform``, the variant's PCA-whitening) read by store
     position when asked: ``rows[positions]`` reads only the parts that hold them, each part
     transformed whole, as the index fill transforms it. ``all()`` reads everything once, for the steps
     that need the whole database (DBA computed in this process, few-shot classification)."""
 
     def __init__(self, directory: Path, transform: Transform, dim: int):
-        counts = part_row_counts(directory)
-        self.directory = Path(directory)
-        self.parts = [p for p, _ in counts]
-        self.starts = np.concatenate([[0], np.cumsum([n for _, n in counts])]).astype(np.int64)
+        super().__init__(directory)
         self.transform, self.dim = transform, dim
         self._all: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -79,10 +93,8 @@ class StoreRows:
         positions = np.asarray(positions, np.int64)
         flat = positions.reshape(-1)
         out = np.empty((len(flat), self.dim), np.float32)
-        part = np.searchsorted(self.starts, flat, side="right") - 1
-        for i in np.unique(part):
-            where = np.flatnonzero(part == i)
-            block = known[int(i)] if known and int(i) in known else self.part(int(i))
+        for i, where in self.by_part(flat):
+            block = known[i] if known and i in known else self.part(i)
             out[where] = block[flat[where] - self.starts[i]]
         return out.reshape(*positions.shape, self.dim)
 

@@ -7,23 +7,22 @@ import json
 import logging
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
-import pyarrow.compute as pc
+import pyarrow as pa
 
 from embedpipe.storage import index_versions
 from embedpipe.storage.artifacts import load_npz, save_npy, save_npz
 from embedpipe.storage.contracts.errors import InputError, RunFailed
 from embedpipe.storage.contracts.layout import RunLayout, write_json_atomic
-from embedpipe.storage.dataset import labels_by_key
-from embedpipe.storage.features import read_features, read_parts, read_store_manifest
+from embedpipe.storage.features import read_features, read_store_manifest
 from embedpipe.storage.index_folder import index_layout
-from embedpipe.storage.inputs import DISTRACTOR_PREFIX
 from embedpipe.workers.descriptors.local import is_classical
+from embedpipe.workers.evaluate.database import read_database
 from embedpipe.workers.evaluate.dba_parts import DBA_DIR, augment_sharded
 from embedpipe.workers.evaluate.metrics import (
     compute_map,
@@ -34,14 +33,7 @@ from embedpipe.workers.evaluate.metrics import (
 )
 from embedpipe.workers.evaluate.probes import linear_probe_scores
 from embedpipe.workers.evaluate.protocols import (
-    BENCHMARK_PROTOCOLS,
     GroundTruth,
-    PathColumn,
-    benchmark_layout,
-    flags,
-    ground_truth,
-    on_positions,
-    string_column,
 )
 from embedpipe.workers.evaluate.rerank import (
     alpha_qe,
@@ -58,13 +50,12 @@ from embedpipe.workers.index.ann import build_index, bytes_per_vector, make_inde
 from embedpipe.workers.index.build import (
     StoreOrderIndex,
     Transform,
-    input_keys,
     new_rows,
     publish_store_index,
+    store_keys,
     update_store_index,
 )
 from embedpipe.workers.index.choose import choose_index
-from embedpipe.workers.ingest.inputs import ground_truth_path
 
 if TYPE_CHECKING:
     from embedpipe.storage.contracts.config import Config, RerankConfig
@@ -72,44 +63,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("embedpipe.evaluate")
 KAPPAS = (1, 5, 10)
 SHOTS = (1, 5, 10)
-
-
-def run_ground_truth(layout: RunLayout, cfg: Config, paths: PathColumn | Sequence[str]) -> GroundTruth | None:
-    """The protocol's ground truth for a run's database ``paths``, the store's Arrow path column (a list
-    is converted) (labels from its dataset manifest, Oxford/Paris ground truth from the benchmark's
-    files). Distractors (``distractor:``) are never queries or positives, nor Python strings: the
-    ground truth is that of the collection's rows, restated over all rows."""
-    column = string_column(paths)
-    images = cfg.images
-    root = str(Path(images).resolve()) if images and Path(images).is_dir() else None
-    bench = None
-    if cfg.protocol in BENCHMARK_PROTOCOLS:
-        bench = benchmark_layout(cfg.protocol, str(ground_truth_path(cfg)))
-    known = labels_by_key(layout.dataset) if cfg.protocol == "labels" else None
-    collection = np.flatnonzero(~_distractor_flags(column))
-    if len(collection) == len(column):
-        return ground_truth(cfg.protocol, column, root, known, bench)
-    gt = ground_truth(cfg.protocol, column.take(collection), root, known, bench)
-    return None if gt is None else on_positions(gt, collection, len(column))
-
-
-def database_split(
-    paths: PathColumn | Sequence[str], ids: PathColumn | Sequence[str] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(positions of the collection's rows, positions of the distractors' rows), from the Arrow
-    ``path`` column; the distractors in the order the distractor curve adds them: by content id
-    (``ids``, ties in stored order), else as stored."""
-    distractor = _distractor_flags(string_column(paths))
-    distractors = np.flatnonzero(distractor)
-    if ids is not None and distractors.size:
-        order = pc.sort_indices(string_column(ids).take(distractors))  # a stable sort
-        distractors = distractors[order.to_numpy()]
-    return np.flatnonzero(~distractor), distractors
-
-
-def _distractor_flags(paths: PathColumn) -> np.ndarray:
-    """Whether each row of the Arrow ``path`` column is a distractor (``distractor:``)."""
-    return flags(pc.starts_with(paths, DISTRACTOR_PREFIX))
 
 
 def ranking_depth(cfg: Config, n_database: int) -> int:
@@ -328,13 +281,13 @@ def dba_neighbours(
     x: np.ndarray,
     index: Any,
     factory: str,
-    meta: Any,
+    keys_of: Callable[[], pa.Array],
     reuse: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each database vector's ``dba_k + 1`` nearest database vectors (itself included), as store
     positions. Under an exact index (``factory`` Flat) the lists are saved in
-    report/dba-neighbours-<name>.npz, keyed by input (path + content id, from the store's ``meta``
-    table). With ``reuse`` (a reindex
+    report/dba-neighbours-<name>.npz, keyed by input (path + content id: ``keys_of()``, read only
+    then, ``input_keys`` of the store's rows). With ``reuse`` (a reindex
     that kept the models), a row whose list still holds is searched against the rows new to the
     database alone and the two lists are merged; only new rows and rows that lost a neighbour are
     searched against the whole database: the work grows with the new rows, not with the square of
@@ -348,7 +301,7 @@ def dba_neighbours(
         finally:
             set_search_params(index, cfg.index.nprobe, cfg.index.efsearch)
     path = dba_neighbours_file(layout, name)
-    keys = np.array([key.encode() for key in input_keys(meta).to_pylist()])
+    keys = np.array([key.encode() for key in keys_of().to_pylist()])
     kept = _kept_lists(path, keys, x, k) if reuse and path.exists() else None
     if kept is None:
         sims, idx = neighbours(index, x, x, k)
@@ -389,7 +342,6 @@ def augmented_database(
     x: StoreRows,
     index: Any,
     factory: str,
-    meta: Any,
     reuse: bool,
 ) -> tuple[StoreRows | np.ndarray, Any]:
     """The DBA database of a variant and its index. Searched as a sharded index: computed where the
@@ -399,7 +351,7 @@ def augmented_database(
     if isinstance(index, ShardedIndex):
         return augment_sharded(layout.index_dir(name) / DBA_DIR, cfg, x, index)
     db = x.all()
-    graph = dba_neighbours(layout, cfg, name, db, index, factory, meta, reuse)
+    graph = dba_neighbours(layout, cfg, name, db, index, factory, lambda: store_keys(x.directory), reuse)
     return augment_database(cfg, db, index, graph)
 
 
@@ -541,12 +493,12 @@ def index_and_evaluate(
     (``reference_store``) has that store evaluated the same way (its own whitening, the same index
     and search parameters per variant: ``variant_configs``, by ``post_kind``, the same re-ranking),
     and each result row's ``{descriptor, post, rerank, map, map_fp32, change}`` appended to it."""
-    meta = read_parts(layout.feature_dir(descriptor), ["id", "path"])  # no vectors: they stay in the store
-    store = read_store_manifest(layout.feature_dir(descriptor))
-    paths = string_column([]) if meta is None else meta.column("path")
-    gt = run_ground_truth(layout, cfg, paths)
-    collection, distractors = database_split(paths, None if meta is None else meta.column("id"))
-    depth = ranking_depth(cfg, len(paths))
+    directory = layout.feature_dir(descriptor)
+    store = read_store_manifest(directory)
+    # ground truth, collection rows and the distractors the curve adds: read a part at a time
+    database = read_database(layout, cfg, directory, max(cfg.eval.distractor_steps, default=0))
+    gt, collection, distractors = database.gt, database.collection, database.distractors
+    depth = ranking_depth(cfg, database.rows)
     external = query_vectors(layout, cfg, descriptor, gt) if gt is not None else {}
     rows = []
     run_cfg = cfg
@@ -570,7 +522,7 @@ def index_and_evaluate(
             "index": factory,
             "bytes_per_vector": bytes_per_vector(built),
             **provenance(cfg, descriptor, post, factory, int(x.shape[1])),
-            "distractors": int(distractors.size),
+            "distractors": database.n_distractors,
         }
         if gt is None:
             rows.append({**base, "rerank": "none", "time_s": round(time.perf_counter() - start, 4)})
@@ -579,7 +531,7 @@ def index_and_evaluate(
         few_shot = cfg.protocol == "labels"  # classified on the features themselves
         augmented = functools.cache(
             lambda x=x, index=index, cfg=cfg, name=name, factory=factory: augmented_database(
-                layout, cfg, name, x, index, factory, meta, incremental
+                layout, cfg, name, x, index, factory, incremental
             )
         )
         queries = external[post] if external else x[gt.queries]
@@ -610,8 +562,8 @@ def index_and_evaluate(
             log.info(
                 "evaluate: %s%s mAP %.4f over %d queries", name, suffix, result["map"], result["n_queries"]
             )
-        if curve is not None and distractors.size:
-            steps = [s for s in cfg.eval.distractor_steps if s < distractors.size]
+        if curve is not None and database.n_distractors:
+            steps = [s for s in cfg.eval.distractor_steps if s < database.n_distractors]
             for step in steps:
                 allowed = np.sort(np.concatenate([collection, distractors[:step]]))
                 for method in ("none", *(m for m in cfg.rerank.methods if not m.startswith("dba"))):

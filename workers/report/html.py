@@ -24,7 +24,7 @@ from PIL import Image
 from embedpipe.storage.contracts.errors import DecodeError
 from embedpipe.storage.contracts.layout import STAGES, RunLayout, atomic_path
 from embedpipe.storage.dataset import locations
-from embedpipe.storage.features import read_features, read_parts
+from embedpipe.storage.features import read_features
 from embedpipe.storage.quarantine import read_quarantine
 from embedpipe.workers.evaluate.metrics import compute_map
 from embedpipe.workers.evaluate.protocols import GroundTruth
@@ -214,13 +214,13 @@ def _grids(
     ranks: np.ndarray,
     gt: GroundTruth,
     aps: np.ndarray,
-    paths: pa.ChunkedArray,
-    query_paths: pa.ChunkedArray,
+    paths: Any,
+    query_paths: pa.Array | pa.ChunkedArray,
     dataset: Path,
 ) -> str:
     """The hardest queries' result grids; only the paths of the rows shown are read out of ``paths``
-    and ``query_paths`` (the database's and the queries' Arrow path columns), and only their locations
-    out of the ``dataset`` manifest."""
+    (the database's, ``StorePaths``: read by position) and ``query_paths`` (the queries' Arrow path
+    column), and only their locations out of the ``dataset`` manifest."""
     order = np.argsort(np.nan_to_num(aps, nan=2.0), kind="stable")[:GRID_QUERIES]  # hardest first
     shown = ranks[order, :GRID_RESULTS]
     rows = np.where(shown < 0, shown + len(paths), shown)  # a -1 pad shows the last row, as list indexing
@@ -247,21 +247,19 @@ def _cell(path: str, locate: dict[str, tuple[str, int, int]], kind: str, caption
     return f"<div class='{kind}'>{img}{html.escape(caption)}</div>"
 
 
-def _result_vectors(layout: RunLayout, config: Any, row: dict[str, Any]) -> tuple[pa.ChunkedArray, Any]:
-    """The Arrow path column of the row's database and its vectors (for the t-SNE map): dense BoW rows
-    when small enough, else the store read by position (only the sampled rows are read)."""
+def _result_vectors(layout: RunLayout, config: Any, row: dict[str, Any]) -> Any:
+    """The row's database vectors (for the t-SNE map): dense BoW rows when small enough, else the store
+    read by position (only the sampled rows are read)."""
     from embedpipe.workers.evaluate.stage import database_variants
 
     if row.get("index") == "inverted-file":  # bag of words: the tf-idf rows, dense when small enough
         from embedpipe.workers.evaluate.bow import bow_vectors, read_bow
 
-        meta, words, weights = read_bow(layout.feature_dir(row["descriptor"]))
+        _, words, weights = read_bow(layout.feature_dir(row["descriptor"]))
         dense = len(words) * int(row["dim"]) <= MAX_DENSE_BOW
-        x = bow_vectors(words, weights, int(row["dim"]), config)[0].toarray() if dense else None
-        return meta.column("path"), x
-    paths = read_parts(layout.feature_dir(row["descriptor"]), ["path"]).column("path")
+        return bow_vectors(words, weights, int(row["dim"]), config)[0].toarray() if dense else None
     chosen = dict(database_variants(layout, config, row["descriptor"]))
-    return paths, chosen.get(row["post"], chosen["l2"])
+    return chosen.get(row["post"], chosen["l2"])
 
 
 def _adapted_backbone(config: Any) -> list[str]:
@@ -440,11 +438,13 @@ def build_report(layout: RunLayout, config: Any) -> str:
 def _evaluation_sections(
     layout: RunLayout, config: Any, metrics: dict[str, Any], results: list[dict[str, Any]], best: int
 ) -> list[str]:
-    top = results[best]
-    paths, vectors = _result_vectors(layout, config, top)
-    from embedpipe.workers.evaluate.stage import run_ground_truth
+    from embedpipe.workers.evaluate.database import StorePaths, read_database
 
-    gt = run_ground_truth(layout, config, paths)
+    top = results[best]
+    directory = layout.feature_dir(top["descriptor"])
+    vectors = _result_vectors(layout, config, top)
+    paths = StorePaths(directory)  # read by position: the queries' and the rows shown
+    gt = read_database(layout, config, directory).gt
     assert gt is not None
     if gt.query_keys:  # external box-cropped queries: shown from their source images
         query_paths = read_features(layout.query_dir(top["descriptor"]))[0].column("path")
