@@ -32,9 +32,7 @@ from embedpipe.workers.evaluate.metrics import (
     precision_at_k,
 )
 from embedpipe.workers.evaluate.probes import linear_probe_scores
-from embedpipe.workers.evaluate.protocols import (
-    GroundTruth,
-)
+from embedpipe.workers.evaluate.protocols import GroundTruth
 from embedpipe.workers.evaluate.rerank import (
     alpha_qe,
     dba,
@@ -286,8 +284,8 @@ def dba_neighbours(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each database vector's ``dba_k + 1`` nearest database vectors (itself included), as store
     positions. Under an exact index (``factory`` Flat) the lists are saved in
-    report/dba-neighbours-<name>.npz, keyed by input (path + content id: ``keys_of()``, read only
-    then, ``input_keys`` of the store's rows). With ``reuse`` (a reindex
+    report/dba-neighbours-<name>.npz, keyed by input (path + content id: ``keys_of()`` gives the
+    store rows' ``input_keys``, read only on this path). With ``reuse`` (a reindex
     that kept the models), a row whose list still holds is searched against the rows new to the
     database alone and the two lists are merged; only new rows and rows that lost a neighbour are
     searched against the whole database: the work grows with the new rows, not with the square of
