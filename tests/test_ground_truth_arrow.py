@@ -345,7 +345,7 @@ def test_first_by_id_holds_a_bounded_number_of_rows():
     for k in (1, 10, 333, 4990, 6000):
         order, most = FirstById(k), 0
         for a in range(0, len(ids), 97):
-            order.add(ids[a : a + 97], np.arange(a, min(a + 97, len(ids))))
+            order.add(ids[a : a + 97], np.arange(len(ids[a : a + 97])), a)
             most = max(most, order.held)
         assert np.array_equal(order.first(), want[:k])
         assert most < 2 * k + 97

@@ -61,8 +61,7 @@ class _NamedRows:
         the part's distractor flags."""
         distractor = distractor_flags(paths)
         if self.protocol != "none":
-            rows = np.flatnonzero(~distractor)
-            rows = rows[named_rows(self.protocol, paths.take(rows), self.bench)]
+            rows = np.flatnonzero(~distractor & named_rows(self.protocol, paths, self.bench))
             self.positions.append(rows + start)
             self.paths += paths.take(rows).chunks
         return distractor
@@ -89,10 +88,12 @@ class FirstById:
         self.held = 0
         self.last: pa.Scalar | None = None  # the k-th id kept, once k are
 
-    def add(self, ids: PathColumn | Sequence[str | None], positions: np.ndarray) -> None:
-        if not self.k or not len(positions):
+    def add(self, ids: PathColumn | Sequence[str | None], rows: np.ndarray, start: int = 0) -> None:
+        """Rows ``rows`` of a part's ``ids`` column (store positions from ``start``); the ids are read
+        only when some are to be kept."""
+        if not self.k or not len(rows):
             return
-        column = string_column(ids)
+        column, positions = string_column(ids).take(pa.array(rows)), rows + start if start else rows
         if self.last is not None:  # a later row sorts after the k-th kept unless its id is smaller
             keep = flags(pc.is_valid(column) if not self.last.is_valid else pc.less(column, self.last))
             column, positions = column.filter(pa.array(keep)), positions[keep]
@@ -145,7 +146,7 @@ def read_database(layout: RunLayout, cfg: Config, directory: Path, first_distrac
         distractor = named.add(table.column("path"), n)
         collection.append(np.flatnonzero(~distractor) + n)
         rows = np.flatnonzero(distractor)
-        order.add(table.column("id").take(rows), rows + n)
+        order.add(table.column("id"), rows, n)
         n, n_distractors = n + table.num_rows, n_distractors + rows.size
     positions = np.concatenate(collection) if collection else np.empty(0, np.int64)
     return Database(n, named.ground_truth(n), positions, n_distractors, order.first())
@@ -172,7 +173,7 @@ def database_split(
     distractors = np.flatnonzero(distractor)
     if ids is not None and distractors.size:
         order = FirstById(distractors.size)
-        order.add(string_column(ids).take(distractors), distractors)
+        order.add(ids, distractors)
         distractors = order.first()
     return np.flatnonzero(~distractor), distractors
 
